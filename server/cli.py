@@ -1,0 +1,49 @@
+"""`prefixserve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .tiny import TinyModelConfig, write_tiny_model
+
+
+def _tiny_model(args: argparse.Namespace) -> int:
+    cfg = TinyModelConfig(
+        vocab_size=args.vocab_size,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        n_embd=args.n_embd,
+        n_positions=args.n_positions,
+        seed=args.seed,
+    )
+    path = write_tiny_model(args.directory, cfg)
+    print(f"wrote a tiny GPT-2 checkpoint to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefixserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    tiny = sub.add_parser(
+        "tiny-model", help="write a small offline GPT-2 checkpoint (random weights, BPE tokenizer)"
+    )
+    tiny.add_argument("directory")
+    d = TinyModelConfig()
+    tiny.add_argument("--vocab-size", type=int, default=d.vocab_size)
+    tiny.add_argument("--n-layer", type=int, default=d.n_layer)
+    tiny.add_argument("--n-head", type=int, default=d.n_head)
+    tiny.add_argument("--n-embd", type=int, default=d.n_embd)
+    tiny.add_argument("--n-positions", type=int, default=d.n_positions)
+    tiny.add_argument("--seed", type=int, default=d.seed)
+    tiny.set_defaults(func=_tiny_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""AsyncEngine: the EngineCore stepping in a background thread, results streamed to asyncio callers.
+
+Callers never touch the core's state directly: `generate` validates in the caller's thread
+(`EngineCore.prepare` reads only immutable state), then posts the request to an inbox that the engine
+thread drains between steps. Each step's outputs are handed to the callers' event loops. A caller
+that stops iterating (client disconnect, task cancellation) aborts its request, which frees the slot
+at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ..errors import EngineOverloaded, PrefixServeError
+from .core import EngineCore, RequestOutput
+from .request import Request, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException]
+
+
+class EngineStopped(PrefixServeError):
+    kind = "unavailable"
+
+
+class AsyncEngine:
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._pending = 0  # requests posted but not yet in the scheduler (guarded by _lock)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ---- requests ------------------------------------------------------------------------------
+    async def generate(
+        self,
+        input: str | list[int],
+        params: SamplingParams | None = None,
+        prefix_id: str | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs (one per new token); the last one has a finish_reason."""
+        if not self.running:
+            raise EngineStopped("the engine is not running")
+        request = self.core.prepare(input, params, prefix_id, request_id)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._submit(request, stream)
+        done = False
+        try:
+            while not done:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                done = item.finished
+                yield item
+        finally:
+            if not done:
+                self.abort(request.request_id)
+            self._streams.pop(request.request_id, None)
+
+    def _submit(self, request: Request, stream: _Stream) -> None:
+        with self._lock:
+            waiting = self.core.scheduler.num_waiting + self._pending
+            if waiting >= self.core.config.max_waiting:
+                raise EngineOverloaded(waiting, self.core.config.max_waiting)
+            self._pending += 1
+        self._streams[request.request_id] = stream
+        self._inbox.put(("add", request))
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    # ---- the engine thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain_inbox()
+            if not self.core.has_work:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.core.step()
+            except Exception as exc:  # a failed step must not kill the engine; fail its requests
+                log.exception("engine step failed; failing %d requests", self.core.num_live)
+                for rid in self.core.fail_all():
+                    self._deliver(rid, exc)
+                continue
+            self.steps += 1
+            for out in outputs:
+                self._deliver(out.request_id, out)
+        for rid in self.core.fail_all():
+            self._deliver(rid, EngineStopped("the engine stopped"))
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                op, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if op == "abort":
+                self.core.abort(arg)
+                continue
+            with self._lock:
+                self._pending -= 1
+            try:
+                self.core.add(arg)
+            except PrefixServeError as exc:
+                self._deliver(arg.request_id, exc)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)

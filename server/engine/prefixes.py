@@ -1,0 +1,104 @@
+"""Prefixes the engine can serve, by id: resident on the device, or announced and still loading.
+
+This in-memory table is the engine's side of the prefix hook: the scheduler asks `is_ready`, the
+engine `acquire`s a prefix when a request arrives (pinning it) and `release`s it once the prefix
+K/V have been copied into the request's slot. The store's device pool implements the same calls
+with an async loader behind `is_ready`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InvalidPrefix, PrefixNotFound
+from ..model import ModelSpec
+
+
+@dataclass
+class _Entry:
+    length: int
+    kv: torch.Tensor | None  # [n_layer, 2, n_head, P, head_dim] on the device; None while loading
+    pins: int = 0
+
+
+class PrefixTable:
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device, max_len: int) -> None:
+        self.spec, self.dtype, self.device, self.max_len = spec, dtype, device, max_len
+        self._entries: dict[str, _Entry] = {}
+
+    def check(self, kv: torch.Tensor) -> None:
+        """Raise InvalidPrefix unless `kv` has the canonical shape for this model, finite values."""
+        if kv.dim() != 5:
+            raise InvalidPrefix(
+                f"prefix must have 5 dims [n_layer, 2, n_head, P, head_dim], got shape {list(kv.shape)}"
+            )
+        expected = self.spec.prefix_shape(kv.shape[3])
+        if tuple(kv.shape) != expected:
+            raise InvalidPrefix(f"prefix shape must be {list(expected)} for this model, got {list(kv.shape)}")
+        if not 1 <= kv.shape[3] <= self.max_len:
+            raise InvalidPrefix(f"prefix length must be in [1, {self.max_len}], got {kv.shape[3]}")
+        if not kv.is_floating_point():
+            raise InvalidPrefix(f"prefix dtype must be floating point, got {kv.dtype}")
+        if not bool(torch.isfinite(kv).all()):
+            raise InvalidPrefix("prefix contains NaN or Inf values")
+
+    def register(self, prefix_id: str, kv: torch.Tensor) -> None:
+        """Make a prefix resident (validated, in the model's dtype, on its device)."""
+        self.check(kv)
+        entry = self._entries.get(prefix_id)
+        tensor = kv.detach().to(device=self.device, dtype=self.dtype).contiguous()
+        if entry is None:
+            self._entries[prefix_id] = _Entry(kv.shape[3], tensor)
+        elif entry.length != kv.shape[3]:
+            raise InvalidPrefix(
+                f"prefix {prefix_id!r} was announced with length {entry.length}, got {kv.shape[3]}"
+            )
+        else:
+            entry.kv = tensor
+
+    def announce(self, prefix_id: str, length: int) -> None:
+        """Declare a prefix that exists but is not on the device yet; requests for it wait."""
+        if not 1 <= length <= self.max_len:
+            raise InvalidPrefix(f"prefix length must be in [1, {self.max_len}], got {length}")
+        self._entries.setdefault(prefix_id, _Entry(length, None))
+
+    def remove(self, prefix_id: str) -> None:
+        self._entries.pop(prefix_id, None)
+
+    def __contains__(self, prefix_id: str) -> bool:
+        return prefix_id in self._entries
+
+    def length(self, prefix_id: str) -> int:
+        return self._get(prefix_id).length
+
+    def is_ready(self, prefix_id: str) -> bool:
+        entry = self._entries.get(prefix_id)
+        return entry is not None and entry.kv is not None
+
+    def acquire(self, prefix_id: str) -> int:
+        """Pin a prefix for a request; returns its length."""
+        entry = self._get(prefix_id)
+        entry.pins += 1
+        return entry.length
+
+    def get(self, prefix_id: str) -> torch.Tensor:
+        entry = self._get(prefix_id)
+        if entry.kv is None:
+            raise RuntimeError(f"prefix {prefix_id!r} is not on the device yet")
+        return entry.kv
+
+    def release(self, prefix_id: str) -> None:
+        entry = self._entries.get(prefix_id)
+        if entry is not None and entry.pins > 0:
+            entry.pins -= 1
+
+    def pins(self, prefix_id: str) -> int:
+        return self._get(prefix_id).pins
+
+    def _get(self, prefix_id: str) -> _Entry:
+        entry = self._entries.get(prefix_id)
+        if entry is None:
+            raise PrefixNotFound(prefix_id)
+        return entry

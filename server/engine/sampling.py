@@ -1,0 +1,57 @@
+"""Per-row sampling: greedy rows share one argmax; sampling rows draw from their own generator.
+
+A sampling row's generator is seeded from the request's seed (or a random one), so its tokens depend
+only on its own logits and seed, never on which rows share the batch. Only rows that ask for top_p
+sort their logits (sorting 50k logits per row per step is expensive).
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import torch
+
+from .request import SamplingParams
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """The request's own RNG; None for greedy requests, which need none."""
+    if params.greedy:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+    return g
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top_k, then top_p on one row. logits `[V]` (float32) -> `[V]`."""
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)  # [V]
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already reach top_p (the first is always kept)
+        drop = probs.cumsum(-1) - probs >= params.top_p  # [V]
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def sample_rows(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> list[int]:
+    """Pick one token per row. logits `[B, V]`; returns B token ids."""
+    out = [0] * len(params)
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    if greedy:
+        picks = (
+            logits[greedy].argmax(-1).tolist() if len(greedy) < len(params) else logits.argmax(-1).tolist()
+        )
+        for i, t in zip(greedy, picks, strict=True):
+            out[i] = t
+    for i, p in enumerate(params):
+        if not p.greedy:
+            probs = filter_logits(logits[i].float(), p).softmax(-1)  # [V]
+            out[i] = int(torch.multinomial(probs, 1, generator=generators[i]))
+    return out

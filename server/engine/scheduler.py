@@ -1,0 +1,199 @@
+"""Continuous-batching scheduler: a pure CPU object with no tensors.
+
+Three-call cycle (as in vLLM v1): `schedule()` returns a plan, the runner executes it,
+`update(sampled)` records the sampled tokens and decides which sequences finished.
+
+Every scheduled row is the same kind of work: compute the tokens `[num_computed, num_computed + n)`
+of one sequence (prompt tokens while prefilling, in chunks if the step's token budget is short;
+the last sampled token while decoding). A row whose chunk reaches the last known token samples the
+next one. Running rows come first (so they never starve), then waiting requests in arrival order;
+a waiting request whose prefix is not on the device yet is skipped without blocking those behind it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .request import FinishReason
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_running: int = 32  # sequences in the batch (= KV slots)
+    max_tokens_per_step: int = 512  # tokens computed per forward pass, prefill chunks included
+
+    def __post_init__(self) -> None:
+        if self.max_running < 1:
+            raise ValueError(f"max_running must be >= 1, got {self.max_running}")
+        if self.max_tokens_per_step < self.max_running:
+            raise ValueError(
+                f"max_tokens_per_step ({self.max_tokens_per_step}) must be >= "
+                f"max_running ({self.max_running}) so that every running sequence can decode in each step"
+            )
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)  # identity semantics: `seq in list` compares objects, not fields
+class Sequence:
+    """The scheduler's view of one request: counts only."""
+
+    request_id: str
+    prefix_id: str | None
+    num_prompt_tokens: int
+    max_new_tokens: int
+    eos_token_id: int | None  # None: never stop on EOS
+    num_tokens: int = 0  # prompt + generated so far
+    num_computed: int = 0  # tokens whose K/V are in the slot
+    status: Status = Status.WAITING
+    finish_reason: FinishReason | None = None
+
+    def __post_init__(self) -> None:
+        self.num_tokens = self.num_prompt_tokens
+
+    @property
+    def num_generated(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    request_id: str
+    start: int  # index (into prompt + output tokens) of the first token computed
+    num_tokens: int
+    first: bool  # first chunk of this sequence: the runner opens its slot and places its prefix
+    sample: bool  # the chunk reaches the last known token: sample the next one
+
+
+@dataclass
+class SchedulePlan:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    freed: list[str] = field(default_factory=list)  # sequences that left the batch: free their slots
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def empty(self) -> bool:
+        return not self.chunks and not self.freed
+
+
+@dataclass(frozen=True)
+class Finished:
+    request_id: str
+    reason: FinishReason
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, prefix_ready: Callable[[str], bool]) -> None:
+        self.config = config
+        self._prefix_ready = prefix_ready
+        self._waiting: list[Sequence] = []  # arrival order
+        self._running: list[Sequence] = []  # admission order
+        self._by_id: dict[str, Sequence] = {}
+        self._to_free: list[str] = []  # left the batch since the last plan
+        self._last_plan: SchedulePlan | None = None
+
+    # ---- queries -------------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running or self._to_free)
+
+    def get(self, request_id: str) -> Sequence | None:
+        return self._by_id.get(request_id)
+
+    # ---- requests in and out -------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        if seq.request_id in self._by_id:
+            raise ValueError(f"request id {seq.request_id!r} is already scheduled")
+        self._by_id[seq.request_id] = seq
+        self._waiting.append(seq)
+
+    def finish(self, request_id: str, reason: FinishReason) -> bool:
+        """End a sequence now (stop string, cancel, error); its slot is freed by the next plan.
+
+        Returns False if the request is unknown or already finished.
+        """
+        seq = self._by_id.pop(request_id, None)
+        if seq is None:
+            return False
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        if seq in self._waiting:
+            self._waiting.remove(seq)  # never had a slot
+        else:
+            self._running.remove(seq)
+            self._to_free.append(request_id)
+        return True
+
+    # ---- the cycle -----------------------------------------------------------------------------
+    def schedule(self) -> SchedulePlan:
+        plan = SchedulePlan(freed=self._to_free)
+        self._to_free = []
+        budget = self.config.max_tokens_per_step
+        decoding = [s for s in self._running if s.num_computed >= s.num_prompt_tokens]
+        prefilling = [s for s in self._running if s.num_computed < s.num_prompt_tokens]
+        for seq in decoding + prefilling:  # decode rows first: one token each, always fits the budget
+            budget -= self._schedule_chunk(plan, seq, budget, first=False)
+        for seq in list(self._waiting):
+            if budget == 0 or len(self._running) >= self.config.max_running:
+                break
+            if seq.prefix_id is not None and not self._prefix_ready(seq.prefix_id):
+                continue  # keeps its place in line; does not block the requests behind it
+            self._waiting.remove(seq)
+            self._running.append(seq)
+            seq.status = Status.RUNNING
+            budget -= self._schedule_chunk(plan, seq, budget, first=True)
+        self._last_plan = plan
+        return plan
+
+    @staticmethod
+    def _schedule_chunk(plan: SchedulePlan, seq: Sequence, budget: int, first: bool) -> int:
+        n = min(seq.num_tokens - seq.num_computed, budget)
+        if n > 0:
+            done = seq.num_computed + n == seq.num_tokens
+            plan.chunks.append(ScheduledChunk(seq.request_id, seq.num_computed, n, first, sample=done))
+        return n
+
+    def update(self, sampled: dict[str, int]) -> list[Finished]:
+        """Record the last plan's results: K/V computed, one new token per sampling row."""
+        plan, self._last_plan = self._last_plan, None
+        if plan is None:
+            raise RuntimeError("update() called without a schedule() before it")
+        finished: list[Finished] = []
+        for chunk in plan.chunks:
+            seq = self._by_id.get(chunk.request_id)
+            if seq is None:  # finished by someone else while the step ran
+                continue
+            seq.num_computed += chunk.num_tokens
+            if not chunk.sample:
+                continue
+            token = sampled[chunk.request_id]
+            seq.num_tokens += 1
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self.finish(seq.request_id, reason)
+                finished.append(Finished(seq.request_id, reason))
+        return finished
+
+    @staticmethod
+    def _finish_reason(seq: Sequence, token: int) -> FinishReason | None:
+        if seq.eos_token_id is not None and token == seq.eos_token_id:
+            return FinishReason.EOS
+        if seq.num_generated >= seq.max_new_tokens:
+            return FinishReason.LENGTH
+        return None

@@ -1,0 +1,67 @@
+"""Named errors. Each message says what was expected and what was found.
+
+One boundary (the HTTP app) maps these to status codes; the engine and store only raise them.
+"""
+
+from __future__ import annotations
+
+
+class PrefixServeError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+    kind = "server_error"
+
+
+class InvalidRequest(PrefixServeError):
+    """A request parameter is out of range or malformed (HTTP 422)."""
+
+    kind = "invalid_request"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class ContextTooLong(InvalidRequest):
+    """prefix length + input tokens + max_new_tokens exceeds what the model can attend to."""
+
+    def __init__(self, prefix_len: int, input_len: int, max_new_tokens: int, limit: int, what: str) -> None:
+        total = prefix_len + input_len + max_new_tokens
+        super().__init__(
+            "input",
+            f"prefix length {prefix_len} + input tokens {input_len} + max_new_tokens {max_new_tokens}"
+            f" = {total} exceeds the {what} of {limit}",
+        )
+
+
+class PrefixNotFound(PrefixServeError):
+    """No prefix with this id is known (or the caller may not see it)."""
+
+    kind = "prefix_not_found"
+
+    def __init__(self, prefix_id: str) -> None:
+        super().__init__(f"prefix {prefix_id!r} not found")
+        self.prefix_id = prefix_id
+
+
+class InvalidPrefix(PrefixServeError):
+    """A prefix tensor does not fit the loaded model (shape, dtype, values)."""
+
+    kind = "invalid_prefix"
+
+
+class EngineOverloaded(PrefixServeError):
+    """The waiting queue is full; the caller should retry later (HTTP 429)."""
+
+    kind = "overloaded"
+
+    def __init__(self, waiting: int, limit: int) -> None:
+        super().__init__(f"engine queue is full: {waiting} requests waiting, limit {limit}")
+        self.waiting = waiting
+        self.limit = limit
+
+
+class UnsupportedModel(PrefixServeError):
+    """The checkpoint is not a GPT-2-family model this engine can run."""
+
+    kind = "unsupported_model"

@@ -1,0 +1,203 @@
+"""Load a frozen GPT-2-family checkpoint once and lay its weights out for serving.
+
+The Hugging Face model is used only as a loader: its weights are copied into `GPT2Weights`, laid out
+for `addmm` (GPT-2's Conv1D already stores `[in, out]`) with the LM head as a contiguous
+`[n_embd, vocab]` matrix, and the HF module is dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
+
+from .errors import InvalidRequest, UnsupportedModel
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu")
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """Map 'float32' / 'bfloat16' / 'float16' (or fp32/bf16/fp16) to a torch dtype."""
+    if isinstance(name, torch.dtype):
+        if name in DTYPES.values():
+            return name
+        raise InvalidRequest("dtype", f"expected one of float32, bfloat16, float16, got {name}")
+    if name not in DTYPES:
+        raise InvalidRequest("dtype", f"expected one of float32, bfloat16, float16, got {name!r}")
+    return DTYPES[name]
+
+
+def parse_device(name: str | torch.device) -> torch.device:
+    """Accept 'cpu', 'cuda' or 'cuda:N'; fail clearly when CUDA is asked for but absent."""
+    device = torch.device(name)
+    if device.type not in ("cpu", "cuda"):
+        raise InvalidRequest("device", f"expected 'cpu' or 'cuda[:N]', got {str(name)!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequest("device", "'cuda' was requested but torch sees no CUDA device")
+    return device
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The dimensions and options of a GPT-2-family model that the engine needs."""
+
+    n_layer: int
+    n_head: int
+    n_embd: int
+    n_positions: int
+    vocab_size: int
+    layer_norm_eps: float
+    activation: str
+    scale_attn_weights: bool
+    scale_attn_by_inverse_layer_idx: bool
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def prefix_shape(self, prefix_len: int) -> tuple[int, int, int, int, int]:
+        """Canonical prefix layout (DESIGN.md invariant 1): [n_layer, 2, n_head, P, head_dim]."""
+        return (self.n_layer, 2, self.n_head, prefix_len, self.head_dim)
+
+    def attn_scale(self, layer: int) -> float:
+        scale = self.head_dim**-0.5 if self.scale_attn_weights else 1.0
+        if self.scale_attn_by_inverse_layer_idx:
+            scale /= layer + 1
+        return scale
+
+    @classmethod
+    def from_config(cls, config: GPT2Config) -> ModelSpec:
+        if config.model_type != "gpt2":
+            raise UnsupportedModel(
+                f"expected a GPT-2-family checkpoint (model_type 'gpt2'), got {config.model_type!r}"
+            )
+        if getattr(config, "add_cross_attention", False):
+            raise UnsupportedModel("GPT-2 checkpoints with cross-attention are not supported")
+        if config.activation_function not in ACTIVATIONS:
+            raise UnsupportedModel(
+                f"activation {config.activation_function!r} is not supported; expected one of {ACTIVATIONS}"
+            )
+        if config.n_embd % config.n_head:
+            raise UnsupportedModel(f"n_embd {config.n_embd} is not divisible by n_head {config.n_head}")
+        return cls(
+            n_layer=config.n_layer,
+            n_head=config.n_head,
+            n_embd=config.n_embd,
+            n_positions=config.n_positions,
+            vocab_size=config.vocab_size,
+            layer_norm_eps=config.layer_norm_epsilon,
+            activation=config.activation_function,
+            scale_attn_weights=config.scale_attn_weights,
+            scale_attn_by_inverse_layer_idx=config.scale_attn_by_inverse_layer_idx,
+        )
+
+
+@dataclass
+class LayerWeights:
+    ln1_w: torch.Tensor  # [C]
+    ln1_b: torch.Tensor  # [C]
+    attn_w: torch.Tensor  # [C, 3C]
+    attn_b: torch.Tensor  # [3C]
+    proj_w: torch.Tensor  # [C, C]
+    proj_b: torch.Tensor  # [C]
+    ln2_w: torch.Tensor  # [C]
+    ln2_b: torch.Tensor  # [C]
+    fc_w: torch.Tensor  # [C, 4C]
+    fc_b: torch.Tensor  # [4C]
+    out_w: torch.Tensor  # [4C, C]
+    out_b: torch.Tensor  # [C]
+
+
+@dataclass
+class GPT2Weights:
+    wte: torch.Tensor  # [V, C]
+    wpe: torch.Tensor  # [n_positions, C]
+    layers: list[LayerWeights]
+    lnf_w: torch.Tensor  # [C]
+    lnf_b: torch.Tensor  # [C]
+    lm_head: torch.Tensor  # [C, V] contiguous (a transposed view of wte costs ~5%)
+
+    @classmethod
+    def from_hf(cls, model: GPT2LMHeadModel) -> GPT2Weights:
+        t = model.transformer
+
+        def w(p: torch.Tensor) -> torch.Tensor:
+            return p.detach().contiguous()
+
+        layers = [
+            LayerWeights(
+                ln1_w=w(b.ln_1.weight),
+                ln1_b=w(b.ln_1.bias),
+                attn_w=w(b.attn.c_attn.weight),
+                attn_b=w(b.attn.c_attn.bias),
+                proj_w=w(b.attn.c_proj.weight),
+                proj_b=w(b.attn.c_proj.bias),
+                ln2_w=w(b.ln_2.weight),
+                ln2_b=w(b.ln_2.bias),
+                fc_w=w(b.mlp.c_fc.weight),
+                fc_b=w(b.mlp.c_fc.bias),
+                out_w=w(b.mlp.c_proj.weight),
+                out_b=w(b.mlp.c_proj.bias),
+            )
+            for b in t.h
+        ]
+        return cls(
+            wte=w(t.wte.weight),
+            wpe=w(t.wpe.weight),
+            layers=layers,
+            lnf_w=w(t.ln_f.weight),
+            lnf_b=w(t.ln_f.bias),
+            lm_head=model.lm_head.weight.detach().t().contiguous(),
+        )
+
+
+@dataclass
+class LoadedModel:
+    """One frozen GPT-2, its tokenizer and its dimensions."""
+
+    name: str
+    spec: ModelSpec
+    weights: GPT2Weights
+    tokenizer: PreTrainedTokenizerBase
+    dtype: torch.dtype
+    device: torch.device
+    eos_token_id: int | None  # generation stops here unless a request sets ignore_eos
+
+
+def load_hf_model(name_or_path: str | Path, dtype: torch.dtype, device: torch.device) -> GPT2LMHeadModel:
+    """The checkpoint as a frozen HF module in eval mode (used by loaders, references and baselines)."""
+    config = AutoConfig.from_pretrained(str(name_or_path))
+    ModelSpec.from_config(config)  # reject non-GPT-2 checkpoints before loading weights
+    model = GPT2LMHeadModel.from_pretrained(str(name_or_path), dtype=dtype)
+    model.to(device).eval().requires_grad_(False)
+    return model
+
+
+def load_model(
+    name_or_path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu"
+) -> LoadedModel:
+    """Load any GPT-2-family checkpoint (hub id or local directory) once, frozen."""
+    torch_dtype = parse_dtype(dtype)
+    torch_device = parse_device(device)
+    hf = load_hf_model(name_or_path, torch_dtype, torch_device)
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    return LoadedModel(
+        name=str(name_or_path),
+        spec=ModelSpec.from_config(hf.config),
+        weights=GPT2Weights.from_hf(hf),
+        tokenizer=tokenizer,
+        dtype=torch_dtype,
+        device=torch_device,
+        eos_token_id=tokenizer.eos_token_id,
+    )

@@ -1,0 +1,188 @@
+"""Build a small GPT-2 checkpoint entirely offline (`prefixserve tiny-model DIR`).
+
+The result is a normal Hugging Face checkpoint directory: `config.json`, `model.safetensors` and a
+byte-level BPE tokenizer (`tokenizer.json`, `vocab.json`, `merges.txt`), loadable with
+`AutoModelForCausalLM` / `AutoTokenizer`. The tokenizer is trained on a small built-in corpus;
+weights are random (seeded), so two builds with the same arguments are identical.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import ByteLevelBPETokenizer
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+EOS = "<|endoftext|>"
+
+_NAMES = ["Aromi", "The Eagle", "Blue Spice", "The Mill", "Cotto", "Zizzi", "Fitzbillies", "The Punter"]
+_FOODS = ["Italian", "French", "Chinese", "Indian", "English", "Japanese", "fast food"]
+_AREAS = ["city centre", "riverside", "the north", "the old town"]
+_PRICES = ["cheap", "moderate", "high", "less than £20", "more than £30"]
+_WORDS = [
+    "the",
+    "a",
+    "an",
+    "of",
+    "to",
+    "in",
+    "and",
+    "is",
+    "was",
+    "for",
+    "on",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "it",
+    "that",
+    "this",
+    "be",
+    "are",
+    "or",
+    "which",
+    "has",
+    "have",
+    "not",
+    "restaurant",
+    "coffee",
+    "shop",
+    "pub",
+    "food",
+    "serves",
+    "located",
+    "near",
+    "area",
+    "price",
+    "range",
+    "rating",
+    "customer",
+    "family",
+    "friendly",
+    "question",
+    "answer",
+    "summary",
+    "translate",
+    "positive",
+    "negative",
+    "review",
+    "text",
+    "label",
+    "sentence",
+    "story",
+    "said",
+    "time",
+    "year",
+    "people",
+    "way",
+    "day",
+    "man",
+    "world",
+    "life",
+    "hand",
+    "part",
+    "child",
+    "eye",
+    "woman",
+    "place",
+    "work",
+    "week",
+    "case",
+    "point",
+    "number",
+    "group",
+    "good",
+    "new",
+    "first",
+    "last",
+    "long",
+    "great",
+    "little",
+    "own",
+    "other",
+    "old",
+    "right",
+    "big",
+    "high",
+    "different",
+    "small",
+    "large",
+    "next",
+    "early",
+]
+
+
+def _corpus(seed: int = 0, lines: int = 3000) -> list[str]:
+    """Deterministic training text: table-to-text style records, prose-like word salad, digits."""
+    rng = random.Random(seed)
+    out: list[str] = []
+    for i in range(lines):
+        name, food, area, price = (
+            rng.choice(_NAMES),
+            rng.choice(_FOODS),
+            rng.choice(_AREAS),
+            rng.choice(_PRICES),
+        )
+        if i % 3 == 0:
+            out.append(f"name : {name} | food : {food} | area : {area} | price : {price}")
+        elif i % 3 == 1:
+            out.append(f"{name} is a {price} {food} restaurant in {area}. It is {rng.choice(_WORDS)}.")
+        else:
+            words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 15)))
+            out.append(f"{words.capitalize()}, {rng.randint(0, 9999)} times.")
+    return out
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """Dimensions of the tiny checkpoint (defaults: ~0.2M parameters, builds in about a second)."""
+
+    vocab_size: int = 512
+    n_layer: int = 3
+    n_head: int = 4
+    n_embd: int = 64
+    n_positions: int = 256
+    # Larger than GPT-2's 0.02 so that a random model's logits are well separated and greedy
+    # decoding is not decided by rounding noise.
+    initializer_range: float = 0.15
+    seed: int = 0
+
+
+def _train_bpe(vocab_size: int, seed: int = 0) -> ByteLevelBPETokenizer:
+    """A byte-level BPE tokenizer (the GPT-2 scheme) trained on the built-in corpus."""
+    bpe = ByteLevelBPETokenizer(add_prefix_space=False)
+    bpe.train_from_iterator(_corpus(seed), vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS])
+    return bpe
+
+
+def write_tiny_model(directory: str | Path, config: TinyModelConfig | None = None) -> Path:
+    """Write the tiny GPT-2 checkpoint (weights + tokenizer) into `directory` and return its path."""
+    cfg = config or TinyModelConfig()
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    bpe = _train_bpe(cfg.vocab_size, cfg.seed)
+    tokenizer = GPT2TokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS
+    )
+    eos_id = tokenizer.convert_tokens_to_ids(EOS)
+    hf_config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=cfg.n_positions,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        initializer_range=cfg.initializer_range,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+    )
+    torch.manual_seed(cfg.seed)
+    model = GPT2LMHeadModel(hf_config)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    bpe.save_model(str(out))  # vocab.json + merges.txt, for loaders that predate tokenizer.json
+    return out

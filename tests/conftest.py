@@ -1,0 +1,27 @@
+"""Shared fixtures: the offline tiny GPT-2 (built once per run), loaded by the engine and by HF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from prefixserve.model import LoadedModel, load_model
+from prefixserve.tiny import write_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir: Path) -> LoadedModel:
+    return load_model(tiny_model_dir, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_model_dir: Path) -> GPT2LMHeadModel:
+    return GPT2LMHeadModel.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
