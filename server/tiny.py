@@ -8,12 +8,13 @@ weights are random (seeded), so two builds with the same arguments are identical
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import ByteLevelBPETokenizer
+from tokenizers import ByteLevelBPETokenizer, Tokenizer
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
 EOS = "<|endoftext|>"
@@ -154,9 +155,19 @@ class TinyModelConfig:
 
 
 def _train_bpe(vocab_size: int, seed: int = 0) -> ByteLevelBPETokenizer:
-    """A byte-level BPE tokenizer (the GPT-2 scheme) trained on the built-in corpus."""
+    """A byte-level BPE tokenizer (the GPT-2 scheme) trained on the built-in corpus.
+
+    The small corpus yields a few thousand merges at most; a larger vocab_size (e.g. GPT-2's 50257,
+    for benchmarks at real dimensions) is filled with plain tokens that decode like any other but
+    are never produced by the encoder.
+    """
     bpe = ByteLevelBPETokenizer(add_prefix_space=False)
     bpe.train_from_iterator(_corpus(seed), vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS])
+    if bpe.get_vocab_size() < vocab_size:
+        data = json.loads(bpe._tokenizer.to_str())
+        vocab: dict[str, int] = data["model"]["vocab"]
+        vocab.update({f"Ġ~{i}": i for i in range(len(vocab), vocab_size)})
+        bpe._tokenizer = Tokenizer.from_str(json.dumps(data))
     return bpe
 
 

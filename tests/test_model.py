@@ -82,3 +82,11 @@ def test_bad_dtype_device_and_model_are_named(tmp_path, tiny_model_dir):
         UnsupportedModel, match=r"expected a GPT-2-family checkpoint \(model_type 'gpt2'\), got 'llama'"
     ):
         load_model(bad)
+
+
+def test_fast_gelu_is_gpt2_gelu():
+    from prefixserve.engine.runner import gelu_tanh_
+
+    x = torch.linspace(-12, 12, 10001)
+    ref = torch.nn.functional.gelu(x.double(), approximate="tanh")
+    torch.testing.assert_close(gelu_tanh_(x.clone()).double(), ref, rtol=0, atol=2e-6)

@@ -14,6 +14,8 @@ against its own slot with a causal mask.
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,24 +37,48 @@ class RowInput:
 
 
 @dataclass
+class _PrefillGroup:
+    """Prefill chunks of one length and start position, consecutive in the step's tokens."""
+
+    offset: int  # index of the group's first token in the step
+    rows: int  # G
+    length: int  # n tokens per row
+    start: int  # position of each row's first token
+    slots: slice | torch.Tensor  # the rows' slots: a range when contiguous (a view, no gather)
+    mask: torch.Tensor  # [n, start + n] bool: causal with the offset `start`
+
+
+@dataclass
 class _Batch:
-    """Device-side index tensors for one step (N tokens; Bd decode rows first, then prefill chunks)."""
+    """Device-side inputs of one step: N tokens, the Bd decode rows first, then prefill groups."""
 
     ids: torch.Tensor  # [N]
     pos: torch.Tensor  # [N]
     slot: torch.Tensor  # [N]
-    num_decode: int
-    decode_slots: torch.Tensor | None  # [Bd] slot of each decode row (ascending)
-    decode_lens: torch.Tensor | None  # [n_used] attended length per slot (1 for non-decode slots)
-    decode_span: int  # max of decode_lens, known on the host (no device sync)
-    decode_dense: bool  # decode rows are exactly slots 0..n_used-1
-    prefills: list[tuple[int, int, int, int]]  # (token offset, length, slot, first position)
+    num_decode: int  # Bd
+    decode_span: int  # positions attended by the longest decode row
+    decode_bias: torch.Tensor | None  # [S_used * H, 1, span] additive mask: 0 or -inf
+    decode_q_slots: torch.Tensor | None  # [Bd] slot of each decode row; None when Bd == S_used
+    prefill_groups: list[_PrefillGroup]
     sample_idx: torch.Tensor  # [n_sample] token index whose logits are returned
 
 
+_GELU_K = 2.0 * math.sqrt(2.0 / math.pi)
+
+
+def gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh-approximate GELU, in place: 0.5x(1 + tanh(u)) == x * sigmoid(2u).
+
+    Same function as `F.gelu(x, approximate="tanh")` (within 5e-7 in fp32), about 3x faster on CPU.
+    """
+    u = torch.addcmul(x, x * x, x, value=0.044715)  # x + 0.044715 x^3
+    return x.mul_(u.mul_(_GELU_K).sigmoid_())
+
+
 def _activation(name: str):
+    """In-place activation of a fresh matmul output."""
     if name in ("gelu_new", "gelu_pytorch_tanh"):
-        return lambda x: F.gelu(x, approximate="tanh")
+        return gelu_tanh_
     if name == "gelu":
         return F.gelu
     return F.relu
@@ -67,9 +93,9 @@ class ModelRunner:
         self.w = model.weights
         self.device, self.dtype = model.device, model.dtype
         self.num_slots, self.max_seq_len = num_slots, max_seq_len
-        shape = (spec.n_layer, num_slots, spec.n_head, max_seq_len, spec.head_dim)
-        self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)  # [L, S, H, max_seq, D]
-        self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)  # [L, S, H, max_seq, D]
+        shape = (spec.n_layer, 2, num_slots, spec.n_head, max_seq_len, spec.head_dim)
+        self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)  # [L, 2, S, H, max_seq, D]
+        self.k, self.v = self.kv[:, 0], self.kv[:, 1]  # views: [L, S, H, max_seq, D]
         self._act = _activation(spec.activation)
         self._slot_of: dict[str, int] = {}
         self._row_in: list[str] = []  # request id per used slot, dense
@@ -81,7 +107,7 @@ class ModelRunner:
         return len(self._row_in)
 
     def cache_bytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return self.kv.numel() * self.kv.element_size()
 
     def _open(self, row: RowInput) -> int:
         if row.request_id in self._slot_of:
@@ -96,8 +122,7 @@ class ModelRunner:
         self._filled.append(0)
         if row.prefix is not None:
             p = row.prefix.shape[3]
-            self.k[:, slot, :, :p] = row.prefix[:, 0]  # [L, H, P, D]
-            self.v[:, slot, :, :p] = row.prefix[:, 1]  # [L, H, P, D]
+            self.kv[:, :, slot, :, :p] = row.prefix  # [L, 2, H, P, D]
             self._filled[slot] = p
         return slot
 
@@ -107,8 +132,7 @@ class ModelRunner:
         last = self.num_used - 1
         if slot != last:
             n = self._filled[last]
-            self.k[:, slot, :, :n] = self.k[:, last, :, :n]  # [L, H, n, D]
-            self.v[:, slot, :, :n] = self.v[:, last, :, :n]
+            self.kv[:, :, slot, :, :n] = self.kv[:, :, last, :, :n]  # [L, 2, H, n, D]
             moved = self._row_in[last]
             self._row_in[slot], self._filled[slot] = moved, n
             self._slot_of[moved] = slot
@@ -138,19 +162,20 @@ class ModelRunner:
         return [r.request_id for r in order if r.sample], logits
 
     def _prepare(self, rows: list[RowInput]) -> tuple[_Batch, list[RowInput]]:
-        decode = sorted((r for r in rows if len(r.tokens) == 1), key=lambda r: self._slot_of[r.request_id])
-        prefill = [r for r in rows if len(r.tokens) > 1]
+        slot_of = self._slot_of
+        decode = sorted((r for r in rows if len(r.tokens) == 1), key=lambda r: slot_of[r.request_id])
+        prefill = sorted(
+            (r for r in rows if len(r.tokens) > 1),
+            key=lambda r: (len(r.tokens), r.position, slot_of[r.request_id]),
+        )
         ids: list[int] = []
         pos: list[int] = []
         slot: list[int] = []
         sample_idx: list[int] = []
-        prefills: list[tuple[int, int, int, int]] = []
         for r in decode + prefill:
-            s, n = self._slot_of[r.request_id], len(r.tokens)
+            s, n = slot_of[r.request_id], len(r.tokens)
             if r.position + n > self.max_seq_len:
                 raise RuntimeError(f"row {r.request_id!r} would write past slot capacity {self.max_seq_len}")
-            if n > 1:
-                prefills.append((len(ids), n, s, r.position))
             ids += r.tokens
             pos += range(r.position, r.position + n)
             slot += [s] * n
@@ -158,76 +183,101 @@ class ModelRunner:
                 sample_idx.append(len(ids) - 1)
             self._filled[s] = r.position + n
         dev = self.device
-        num_decode = len(decode)
-        decode_slots = decode_lens = None
-        dense, span = False, 0
-        if num_decode:
-            lens = [1] * self.num_used  # non-decode slots attend to position 0 only; their output is dropped
-            for r in decode:
-                lens[self._slot_of[r.request_id]] = r.position + 1
-            dense, span = num_decode == self.num_used, max(lens)
-            decode_slots = torch.tensor(slot[:num_decode], device=dev)
-            decode_lens = torch.tensor(lens, device=dev)
-        batch = _Batch(
+        lens = [r.position + 1 for r in decode]
+        span = max(lens, default=0)
+        return _Batch(
             ids=torch.tensor(ids, device=dev),
             pos=torch.tensor(pos, device=dev),
             slot=torch.tensor(slot, device=dev),
-            num_decode=num_decode,
-            decode_slots=decode_slots,
-            decode_lens=decode_lens,
+            num_decode=len(decode),
             decode_span=span,
-            decode_dense=dense,
-            prefills=prefills,
+            decode_bias=self._decode_bias(slot[: len(decode)], lens, span) if decode else None,
+            decode_q_slots=None
+            if len(decode) == self.num_used
+            else torch.tensor(slot[: len(decode)], device=dev),
+            prefill_groups=self._prefill_groups(prefill, len(decode)),
             sample_idx=torch.tensor(sample_idx, device=dev, dtype=torch.long),
+        ), decode + prefill
+
+    def _decode_bias(self, slots: list[int], lens: list[int], span: int) -> torch.Tensor:
+        """Additive mask over the used slots, built once per step. -> `[S_used * H, 1, span]`."""
+        used, heads = self.num_used, self.spec.n_head
+        per_slot = [1] * used  # slots not decoding this step attend to position 0; their output is dropped
+        for s, n in zip(slots, lens, strict=True):
+            per_slot[s] = n
+        n = torch.tensor(per_slot, device=self.device)  # [S_used]
+        keep = torch.arange(span, device=self.device) < n[:, None]  # [S_used, span]
+        bias = torch.zeros(used, span, device=self.device, dtype=self.dtype).masked_fill_(
+            ~keep, float("-inf")
         )
-        return batch, decode + prefill
+        return bias[:, None, None, :].expand(used, heads, 1, span).reshape(used * heads, 1, span)
+
+    def _prefill_groups(self, prefill: list[RowInput], offset: int) -> list[_PrefillGroup]:
+        groups: list[_PrefillGroup] = []
+        for (n, start), members in itertools.groupby(prefill, key=lambda r: (len(r.tokens), r.position)):
+            slots = [self._slot_of[r.request_id] for r in members]
+            contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+            where = (
+                slice(slots[0], slots[0] + len(slots))
+                if contiguous
+                else torch.tensor(slots, device=self.device)
+            )
+            qpos = torch.arange(start, start + n, device=self.device)  # [n]
+            mask = torch.arange(start + n, device=self.device) <= qpos[:, None]  # [n, start + n]
+            groups.append(_PrefillGroup(offset, len(slots), n, start, where, mask))
+            offset += n * len(slots)
+        return groups
 
     def _block(self, layer: int, lw: LayerWeights, x: torch.Tensor, b: _Batch) -> torch.Tensor:
         spec = self.spec
         n, c = x.shape
         h = F.layer_norm(x, (c,), lw.ln1_w, lw.ln1_b, spec.layer_norm_eps)
         qkv = torch.addmm(lw.attn_b, h, lw.attn_w).view(n, 3, spec.n_head, spec.head_dim)  # [N, 3, H, D]
-        q, k, v = qkv.unbind(1)  # each [N, H, D]
-        self.k[layer][b.slot, :, b.pos] = k  # K/V written in place: [N, H, D] into [S, H, max_seq, D]
-        self.v[layer][b.slot, :, b.pos] = v
-        attn = self._attention(layer, q, b).reshape(n, c)  # [N, C]
-        x = x + torch.addmm(lw.proj_b, attn, lw.proj_w)  # [N, C]
+        # K and V written in place with one indexed assignment: [N, 2, H, D] into [2, S, H, max_seq, D]
+        self.kv[layer][:, b.slot, :, b.pos] = qkv[:, 1:]
+        attn = self._attention(layer, qkv[:, 0], b).reshape(n, c)  # [N, C]
+        x = torch.addmm(x.add_(lw.proj_b), attn, lw.proj_w)  # residual folded into the matmul: [N, C]
         h = F.layer_norm(x, (c,), lw.ln2_w, lw.ln2_b, spec.layer_norm_eps)
         h = self._act(torch.addmm(lw.fc_b, h, lw.fc_w))  # [N, 4C]
-        return x + torch.addmm(lw.out_b, h, lw.out_w)  # [N, C]
+        return torch.addmm(x.add_(lw.out_b), h, lw.out_w)  # [N, C]
 
     def _attention(self, layer: int, q: torch.Tensor, b: _Batch) -> torch.Tensor:
         """Each row attends to its own slot: prefix K/V then its tokens. q `[N, H, D]` -> `[N, H, D]`.
 
         This is the one place attention is computed, so other prefix kinds add their term here.
         """
-        out = torch.empty_like(q)  # [N, H, D]
         scale = self.spec.attn_scale(layer)
+        if not b.prefill_groups:
+            return self._decode_attention(layer, q, b, scale)
+        out = torch.empty_like(q)  # [N, H, D]
         if b.num_decode:
             out[: b.num_decode] = self._decode_attention(layer, q[: b.num_decode], b, scale)
-        for off, n, slot, start in b.prefills:
-            end = start + n
-            qs = q[off : off + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-            ks = self.k[layer, slot : slot + 1, :, :end]  # [1, H, end, D]
-            vs = self.v[layer, slot : slot + 1, :, :end]  # [1, H, end, D]
-            qpos = torch.arange(start, end, device=q.device)  # [n]
-            mask = torch.arange(end, device=q.device) <= qpos[:, None]  # [n, end] causal with offset
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)  # [1, H, n, D]
-            out[off : off + n] = o[0].transpose(0, 1)
+        for g in b.prefill_groups:
+            end = g.offset + g.rows * g.length
+            out[g.offset : end] = self._prefill_attention(layer, q[g.offset : end], g, scale)
         return out
 
     def _decode_attention(self, layer: int, q: torch.Tensor, b: _Batch, scale: float) -> torch.Tensor:
         """One query per decode row against the dense slot view. q `[Bd, H, D]` -> `[Bd, H, D]`."""
-        used = self.num_used
-        span = b.decode_span
-        if b.decode_dense:
-            qs = q.unsqueeze(2)  # [S_used, H, 1, D]
-        else:  # some used slots are prefilling this step: give them a dummy query, drop their output
-            qs = q.new_zeros(used, q.shape[1], 1, q.shape[2])  # [S_used, H, 1, D]
-            qs[b.decode_slots] = q.unsqueeze(2)
-        ks = self.k[layer, :used, :, :span]  # [S_used, H, span, D]
-        vs = self.v[layer, :used, :, :span]  # [S_used, H, span, D]
-        mask = torch.arange(span, device=q.device) < b.decode_lens[:, None]  # [S_used, span]
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask[:, None, None, :], scale=scale)
-        o = o.squeeze(2)  # [S_used, H, D]
-        return o if b.decode_dense else o[b.decode_slots]
+        used, heads, d, span = self.num_used, self.spec.n_head, self.spec.head_dim, b.decode_span
+        if b.decode_q_slots is not None:  # some used slots are prefilling: give them a dummy query
+            qs = q.new_zeros(used, heads, d)  # [S_used, H, D]
+            qs[b.decode_q_slots] = q
+            q = qs
+        k = self.k[layer, :used, :, :span].reshape(used * heads, span, d)  # a view: [S_used*H, span, D]
+        v = self.v[layer, :used, :, :span].reshape(used * heads, span, d)
+        scores = torch.baddbmm(b.decode_bias, q.reshape(used * heads, 1, d), k.transpose(1, 2), alpha=scale)
+        probs = (
+            scores.softmax(-1) if scores.dtype == torch.float32 else scores.float().softmax(-1).to(v.dtype)
+        )
+        o = torch.bmm(probs, v).view(used, heads, d)  # [S_used, H, D]
+        return o if b.decode_q_slots is None else o[b.decode_q_slots]
+
+    def _prefill_attention(self, layer: int, q: torch.Tensor, g: _PrefillGroup, scale: float) -> torch.Tensor:
+        """A group of G chunks, causal over each row's slot. q `[G*n, H, D]` -> `[G*n, H, D]`."""
+        end = g.start + g.length
+        qs = q.view(g.rows, g.length, *q.shape[1:]).transpose(1, 2)  # [G, H, n, D]
+        ks = self.k[layer][g.slots, :, :end]  # [G, H, end, D]
+        vs = self.v[layer][g.slots, :, :end]  # [G, H, end, D]
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=g.mask, scale=scale)  # [G, H, n, D]
+        return o.transpose(1, 2).reshape(-1, *q.shape[1:])

@@ -1,0 +1,274 @@
+"""Engine throughput: many prefixes in one batch vs one shared prefix vs HF generate vs the roofline.
+
+    python bench/engine.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--model DIR|ID]
+
+Workload (the issue's): 64 concurrent requests, 32 input tokens, 64 new tokens each (greedy, EOS
+ignored), prefix length 10, GPT-2-small dimensions (random weights unless --model names a checkpoint).
+Columns, measured side by side in one run, rounds interleaved so machine noise hits all alike:
+
+  mixed          the engine, 64 distinct prefixes
+  single         the engine, one shared prefix
+  hf_batched     HF generate, batch 64, one shared prefix as past_key_values
+  hf_sequential  HF generate one request at a time with its own prefix (how PEFT serves)
+  roofline       the same workload's matrix multiplications alone (prefill of 64x32 tokens with the
+                 LM head on the 64 last tokens, which yields the first new token, then 63 decode steps
+                 at batch 64): the limit on this machine
+
+tok/s counts generated tokens over wall time, prefill included, for every column. A second table
+splits the engine's time into its prefill step and its decode steps, next to the roofline's.
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, GPT2LMHeadModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
+from prefixserve.model import LoadedModel, load_hf_model, load_model, parse_dtype
+from prefixserve.tiny import TinyModelConfig, write_tiny_model
+
+GPT2_SMALL = TinyModelConfig(
+    vocab_size=50257, n_layer=12, n_head=12, n_embd=768, n_positions=1024, initializer_range=0.02
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    batch: int = 64
+    input_len: int = 32
+    new_tokens: int = 64
+    prefix_len: int = 10
+
+    @property
+    def generated(self) -> int:
+        return self.batch * self.new_tokens
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Bench:
+    def __init__(self, model: LoadedModel, hf: GPT2LMHeadModel, wl: Workload, seq_requests: int) -> None:
+        self.model, self.hf, self.wl, self.seq_requests = model, hf, wl, seq_requests
+        spec, dev = model.spec, model.device
+        g = torch.Generator().manual_seed(0)
+        self.prompts = torch.randint(0, spec.vocab_size, (wl.batch, wl.input_len), generator=g).tolist()
+        shape = (wl.batch, *spec.prefix_shape(wl.prefix_len))
+        # activations-sized values, as a trained prefix would have
+        self.prefixes = (torch.randn(shape, generator=g) * 0.5).to(dev, model.dtype)  # [B, L, 2, H, P, D]
+        self.params = SamplingParams(max_new_tokens=wl.new_tokens, ignore_eos=True)
+        self.engine = EngineCore(
+            model,
+            EngineConfig(  # default token budget: prefill runs in chunks
+                max_running=wl.batch,
+                max_waiting=wl.batch,
+                max_seq_len=wl.prefix_len + wl.input_len + wl.new_tokens,
+            ),
+        )
+        for i in range(wl.batch):
+            self.engine.prefixes.register(f"p{i}", self.prefixes[i])
+        self.hf.generation_config.eos_token_id = None  # generate exactly new_tokens, as the engine does
+        self.hf.generation_config.pad_token_id = 0
+        self.split: dict[str, tuple[float, float]] = {}
+
+    # ---- engine ------------------------------------------------------------------------------
+    def run_engine(self, distinct: bool, name: str) -> float:
+        eng = self.engine
+        for i, prompt in enumerate(self.prompts):
+            eng.add_request(prompt, self.params, prefix_id=f"p{i}" if distinct else "p0")
+        sync(self.model.device)
+        t0 = time.perf_counter()
+        n = 0
+        while n < self.wl.batch:  # prefill: until every request has its first token
+            n += len(eng.step())
+        sync(self.model.device)
+        t1 = time.perf_counter()
+        while eng.has_work:
+            n += len(eng.step())
+        sync(self.model.device)
+        t2 = time.perf_counter()
+        assert n == self.wl.generated, f"{name}: generated {n}, expected {self.wl.generated}"
+        self.split[name] = (t1 - t0, t2 - t1)
+        return n / (t2 - t0)
+
+    # ---- HF baselines ------------------------------------------------------------------------
+    def _cache(self, prefixes: torch.Tensor) -> DynamicCache:
+        """[B, L, 2, H, P, D] -> an HF cache holding each row's prefix."""
+        return DynamicCache(
+            ddp_cache_data=[(prefixes[:, i, 0], prefixes[:, i, 1]) for i in range(prefixes.shape[1])]
+        )
+
+    @torch.inference_mode()
+    def _hf_generate(self, prompts: list[list[int]], prefixes: torch.Tensor) -> int:
+        ids = torch.tensor(prompts, device=self.model.device)
+        mask = torch.ones(
+            len(prompts), self.wl.prefix_len + self.wl.input_len, dtype=torch.long, device=self.model.device
+        )
+        out = self.hf.generate(
+            ids,
+            attention_mask=mask,
+            past_key_values=self._cache(prefixes),
+            max_new_tokens=self.wl.new_tokens,
+            do_sample=False,
+        )
+        return (out.shape[1] - self.wl.input_len) * len(prompts)
+
+    def run_hf_batched(self) -> float:
+        shared = self.prefixes[:1].expand(self.wl.batch, *self.prefixes.shape[1:]).contiguous()
+        sync(self.model.device)
+        t0 = time.perf_counter()
+        n = self._hf_generate(self.prompts, shared)
+        sync(self.model.device)
+        assert n == self.wl.generated
+        return n / (time.perf_counter() - t0)
+
+    def run_hf_sequential(self) -> float:
+        sync(self.model.device)
+        t0 = time.perf_counter()
+        n = sum(
+            self._hf_generate([self.prompts[i]], self.prefixes[i : i + 1]) for i in range(self.seq_requests)
+        )
+        sync(self.model.device)
+        return n / (time.perf_counter() - t0)
+
+    # ---- roofline ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run_roofline(self) -> float:
+        """The workload's matmuls alone: prefill of B*T tokens (-> first token), then new_tokens - 1 steps."""
+        w, wl, dev, dt = self.model.weights, self.wl, self.model.device, self.model.dtype
+        c = self.model.spec.n_embd
+
+        def matmuls(x: torch.Tensor, logits_rows: int) -> None:  # x [N, C]
+            for lw in w.layers:
+                torch.addmm(lw.attn_b, x, lw.attn_w)  # [N, 3C]
+                torch.addmm(lw.proj_b, x, lw.proj_w)  # [N, C]
+                h = torch.addmm(lw.fc_b, x, lw.fc_w)  # [N, 4C]
+                torch.addmm(lw.out_b, h, lw.out_w)  # [N, C]
+            x[:logits_rows] @ w.lm_head  # [B, V]
+
+        prefill_x = torch.randn(wl.batch * wl.input_len, c, device=dev, dtype=dt)  # [B*T, C]
+        decode_x = torch.randn(wl.batch, c, device=dev, dtype=dt)  # [B, C]
+        sync(dev)
+        t0 = time.perf_counter()
+        matmuls(prefill_x, wl.batch)
+        sync(dev)
+        t1 = time.perf_counter()
+        for _ in range(wl.new_tokens - 1):
+            matmuls(decode_x, wl.batch)
+        sync(dev)
+        t2 = time.perf_counter()
+        self.split["roofline"] = (t1 - t0, t2 - t1)
+        return wl.generated / (t2 - t0)
+
+
+def prepare_model(args: argparse.Namespace) -> tuple[LoadedModel, GPT2LMHeadModel, str]:
+    dtype = parse_dtype(args.dtype)
+    if args.model:
+        path, label = args.model, args.model
+    else:
+        path = write_tiny_model(Path(tempfile.mkdtemp(prefix="bench-gpt2-small-")), GPT2_SMALL)
+        label = "random GPT-2-small dims (124M)"
+    model = load_model(path, dtype=args.dtype, device=args.device)
+    hf = load_hf_model(path, dtype, model.device)
+    return model, hf, label
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--quick", action="store_true", help="one measured round (ends within ~3 minutes on 2 cores)"
+    )
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--model", default=None, help="a GPT-2-family checkpoint (hub id or directory)")
+    ap.add_argument("--rounds", type=int, default=None, help="measured rounds (default 1 quick, 3 full)")
+    ap.add_argument(
+        "--seq-requests", type=int, default=None, help="requests for hf_sequential (4 quick, 8 full)"
+    )
+    args = ap.parse_args()
+    rounds = args.rounds or (1 if args.quick else 3)
+    seq_requests = args.seq_requests or (4 if args.quick else 8)
+
+    model, hf, label = prepare_model(args)
+    wl = Workload()
+    bench = Bench(model, hf, wl, seq_requests)
+    columns: dict[str, Callable[[], float]] = {
+        "mixed": lambda: bench.run_engine(True, "mixed"),
+        "single": lambda: bench.run_engine(False, "single"),
+        "hf_batched": bench.run_hf_batched,
+        "hf_sequential": bench.run_hf_sequential,
+        "roofline": bench.run_roofline,
+    }
+    # warm-up: one short pass of each system (allocator, thread pools, lazy inits)
+    bench.run_engine(True, "warmup")
+    bench.run_roofline()
+    results: dict[str, list[float]] = {k: [] for k in columns}
+    splits: dict[str, list[tuple[float, float]]] = {k: [] for k in ("mixed", "single", "roofline")}
+    for _ in range(rounds):
+        for name, fn in columns.items():
+            results[name].append(fn())
+            if name in splits:
+                splits[name].append(bench.split[name])
+    tok_s = {k: statistics.median(v) for k, v in results.items()}
+
+    print(
+        f"\nengine benchmark: {label}, {args.device}, {args.dtype}, torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"workload: {wl.batch} requests x {wl.input_len} input tokens -> {wl.new_tokens} new tokens, "
+        f"prefix length {wl.prefix_len}; median of {rounds} round(s); "
+        f"hf_sequential over {seq_requests} requests\n"
+    )
+    print(f"{'column':<15}{'tok/s':>10}{'vs mixed':>10}{'of roofline':>13}")
+    for name, v in tok_s.items():
+        print(f"{name:<15}{v:>10.1f}{tok_s['mixed'] / v:>10.2f}{v / tok_s['roofline']:>13.2f}")
+    print(f"\n{'time split':<15}{'prefill s':>10}{'decode s':>10}{'decode tok/s':>14}")
+    for name, rows in splits.items():
+        pre, dec = statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows)
+        print(f"{name:<15}{pre:>10.3f}{dec:>10.3f}{(wl.generated - wl.batch) / dec:>14.1f}")
+    ratios = {
+        "mixed/single": tok_s["mixed"] / tok_s["single"],
+        "mixed/hf_batched": tok_s["mixed"] / tok_s["hf_batched"],
+        "mixed/hf_sequential": tok_s["mixed"] / tok_s["hf_sequential"],
+        "mixed/roofline": tok_s["mixed"] / tok_s["roofline"],
+    }
+    targets = {
+        "mixed/single": 0.95,
+        "mixed/hf_batched": 1.5,
+        "mixed/hf_sequential": 12,
+        "mixed/roofline": 0.75,
+    }
+    print(f"\n{'ratio':<22}{'measured':>10}{'target':>10}")
+    for k, v in ratios.items():
+        print(f"{k:<22}{v:>10.2f}{'>= ' + str(targets[k]):>10}  {'ok' if v >= targets[k] else 'MISSED'}")
+    summary = {f"{k}_tok_s": round(v, 1) for k, v in tok_s.items()}
+    summary.update(
+        device=args.device,
+        dtype=args.dtype,
+        model=label,
+        cpu=platform.processor() or platform.machine(),
+        threads=torch.get_num_threads(),
+        rounds=rounds,
+    )
+    summary.update({k.replace("/", "_over_"): round(v, 3) for k, v in ratios.items()})
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
