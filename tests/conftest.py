@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# Tests never reach the hub (the model is built offline); set before transformers is imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
 from pathlib import Path
 
 import pytest
