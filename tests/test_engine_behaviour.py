@@ -223,6 +223,14 @@ def test_input_and_prefix_errors(tiny_model, prefixes):
     assert "bad" not in engine.prefixes and "nan" not in engine.prefixes
 
 
+def test_duplicate_request_id_is_refused_without_leaking_a_pin(tiny_model, prefixes):
+    engine = new_engine(tiny_model, prefixes)
+    engine.add_request("a", prefix_id="p2", request_id="same")
+    with pytest.raises(InvalidRequest, match="'same' is already in use"):
+        engine.add_request("b", prefix_id="p2", request_id="same")
+    assert engine.prefixes.pins("p2") == 1
+
+
 def test_waiting_queue_is_bounded(tiny_model):
     engine = EngineCore(tiny_model, EngineConfig(max_running=1, max_waiting=2))
     engine.add_request("a")

@@ -125,6 +125,10 @@ class EngineCore:
         """Queue a prepared request (engine thread only). Raises EngineOverloaded when full."""
         if self.scheduler.num_waiting >= self.config.max_waiting:
             raise EngineOverloaded(self.scheduler.num_waiting, self.config.max_waiting)
+        if request.request_id in self._live:
+            raise InvalidRequest(
+                "request_id", f"{request.request_id!r} is already in use by a running request"
+            )
         if request.prefix_id is not None:
             self.prefixes.acquire(request.prefix_id)  # may raise PrefixNotFound if it was removed
         params = request.params
