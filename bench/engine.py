@@ -41,6 +41,7 @@ from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
 from prefixserve.model import LoadedModel, load_hf_model, load_model, parse_dtype
 from prefixserve.tiny import TinyModelConfig, write_tiny_model
 
+RESULTS = Path(__file__).resolve().parent / "results"
 GPT2_SMALL = TinyModelConfig(
     vocab_size=50257, n_layer=12, n_head=12, n_embd=768, n_positions=1024, initializer_range=0.02
 )
@@ -198,6 +199,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--model", default=None, help="a GPT-2-family checkpoint (hub id or directory)")
     ap.add_argument("--rounds", type=int, default=None, help="measured rounds (default 1 quick, 3 full)")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/engine-DEVICE-DTYPE.json)")
     ap.add_argument(
         "--seq-requests", type=int, default=None, help="requests for hf_sequential (4 quick, 8 full)"
     )
@@ -267,6 +269,11 @@ def main() -> None:
         rounds=rounds,
     )
     summary.update({k.replace("/", "_over_"): round(v, 3) for k, v in ratios.items()})
+    out = Path(
+        args.out or RESULTS / f"engine-{args.device}-{args.dtype}{'-quick' if args.quick else ''}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
 
 

@@ -57,7 +57,7 @@ class _Batch:
     slot: torch.Tensor  # [N]
     num_decode: int  # Bd
     decode_span: int  # positions attended by the longest decode row
-    decode_bias: torch.Tensor | None  # [S_used * H, 1, span] additive mask: 0 or -inf
+    decode_bias: torch.Tensor | None  # [S_used, 1, 1, span] additive mask: 0 or -inf
     decode_q_slots: torch.Tensor | None  # [Bd] slot of each decode row; None when Bd == S_used
     prefill_groups: list[_PrefillGroup]
     sample_idx: torch.Tensor  # [n_sample] token index whose logits are returned
@@ -200,8 +200,8 @@ class ModelRunner:
         ), decode + prefill
 
     def _decode_bias(self, slots: list[int], lens: list[int], span: int) -> torch.Tensor:
-        """Additive mask over the used slots, built once per step. -> `[S_used * H, 1, span]`."""
-        used, heads = self.num_used, self.spec.n_head
+        """Additive length mask over the used slots, built once per step. -> `[S_used, 1, 1, span]`."""
+        used = self.num_used
         per_slot = [1] * used  # slots not decoding this step attend to position 0; their output is dropped
         for s, n in zip(slots, lens, strict=True):
             per_slot[s] = n
@@ -210,7 +210,7 @@ class ModelRunner:
         bias = torch.zeros(used, span, device=self.device, dtype=self.dtype).masked_fill_(
             ~keep, float("-inf")
         )
-        return bias[:, None, None, :].expand(used, heads, 1, span).reshape(used * heads, 1, span)
+        return bias[:, None, None, :]
 
     def _prefill_groups(self, prefill: list[RowInput], offset: int) -> list[_PrefillGroup]:
         groups: list[_PrefillGroup] = []
@@ -258,19 +258,20 @@ class ModelRunner:
         return out
 
     def _decode_attention(self, layer: int, q: torch.Tensor, b: _Batch, scale: float) -> torch.Tensor:
-        """One query per decode row against the dense slot view. q `[Bd, H, D]` -> `[Bd, H, D]`."""
-        used, heads, d, span = self.num_used, self.spec.n_head, self.spec.head_dim, b.decode_span
+        """One query per decode row against the dense slot view. q `[Bd, H, D]` -> `[Bd, H, D]`.
+
+        SDPA reads the strided slot view in place (bmm would copy it in bf16) with the step's
+        additive length mask.
+        """
+        used, span = self.num_used, b.decode_span
         if b.decode_q_slots is not None:  # some used slots are prefilling: give them a dummy query
-            qs = q.new_zeros(used, heads, d)  # [S_used, H, D]
+            qs = q.new_zeros(used, *q.shape[1:])  # [S_used, H, D]
             qs[b.decode_q_slots] = q
             q = qs
-        k = self.k[layer, :used, :, :span].reshape(used * heads, span, d)  # a view: [S_used*H, span, D]
-        v = self.v[layer, :used, :, :span].reshape(used * heads, span, d)
-        scores = torch.baddbmm(b.decode_bias, q.reshape(used * heads, 1, d), k.transpose(1, 2), alpha=scale)
-        probs = (
-            scores.softmax(-1) if scores.dtype == torch.float32 else scores.float().softmax(-1).to(v.dtype)
-        )
-        o = torch.bmm(probs, v).view(used, heads, d)  # [S_used, H, D]
+        k = self.k[layer, :used, :, :span]  # [S_used, H, span, D]
+        v = self.v[layer, :used, :, :span]  # [S_used, H, span, D]
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=b.decode_bias, scale=scale)
+        o = o.squeeze(2)  # [S_used, H, D]
         return o if b.decode_q_slots is None else o[b.decode_q_slots]
 
     def _prefill_attention(self, layer: int, q: torch.Tensor, g: _PrefillGroup, scale: float) -> torch.Tensor:
