@@ -23,6 +23,18 @@ if ! "$py" -c "import torch" 2>/dev/null; then
 fi
 pip -e ".[test]"
 
+# A real redis-server for the tests that need one (they start it on a free port unless REDIS_URL is set).
+if [ -z "${REDIS_URL:-}" ] && ! command -v redis-server >/dev/null 2>&1; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  if command -v apt-get >/dev/null 2>&1; then
+    $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  elif command -v brew >/dev/null 2>&1; then
+    brew install redis
+  else
+    echo "redis-server is needed by the tests: install it, or set REDIS_URL" >&2; exit 1
+  fi
+fi
+
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
 "$py" -m pytest "$@"

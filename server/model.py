@@ -7,7 +7,8 @@ for `addmm` (GPT-2's Conv1D already stores `[in, out]`) with the LM head as a co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -162,6 +163,22 @@ class GPT2Weights:
         )
 
 
+def model_fingerprint(spec: ModelSpec, weights: GPT2Weights) -> str:
+    """Architecture dims + sha256 of the frozen weights (DESIGN.md invariant 4).
+
+    The weights are hashed rounded to bfloat16, so one checkpoint served in float32, bfloat16 or
+    float16 has one fingerprint (a prefix made on any of them runs on the others).
+    """
+    h = hashlib.sha256()
+    tensors = [weights.wte, weights.wpe, weights.lnf_w, weights.lnf_b]
+    for lw in weights.layers:
+        tensors += [getattr(lw, f.name) for f in fields(lw)]
+    for t in tensors:
+        h.update(t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    dims = f"L{spec.n_layer}-H{spec.n_head}-C{spec.n_embd}-V{spec.vocab_size}-N{spec.n_positions}"
+    return f"gpt2-{dims}-{h.hexdigest()[:32]}"
+
+
 @dataclass
 class LoadedModel:
     """One frozen GPT-2, its tokenizer and its dimensions."""
@@ -173,6 +190,7 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     eos_token_id: int | None  # generation stops here unless a request sets ignore_eos
+    fingerprint: str  # dims + weight hash; every stored prefix is bound to it
 
 
 def load_hf_model(name_or_path: str | Path, dtype: torch.dtype, device: torch.device) -> GPT2LMHeadModel:
@@ -192,12 +210,14 @@ def load_model(
     torch_device = parse_device(device)
     hf = load_hf_model(name_or_path, torch_dtype, torch_device)
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    spec, weights = ModelSpec.from_config(hf.config), GPT2Weights.from_hf(hf)
     return LoadedModel(
         name=str(name_or_path),
-        spec=ModelSpec.from_config(hf.config),
-        weights=GPT2Weights.from_hf(hf),
+        spec=spec,
+        weights=weights,
         tokenizer=tokenizer,
         dtype=torch_dtype,
         device=torch_device,
         eos_token_id=tokenizer.eos_token_id,
+        fingerprint=model_fingerprint(spec, weights),
     )

@@ -32,3 +32,26 @@ def tiny_model(tiny_model_dir: Path) -> LoadedModel:
 @pytest.fixture(scope="session")
 def hf_model(tiny_model_dir: Path) -> GPT2LMHeadModel:
     return GPT2LMHeadModel.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """REDIS_URL if set, else a real redis-server started on a free port for this run."""
+    from .redis_server import RedisServer
+
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    server = RedisServer().start()
+    yield server.url
+    server.kill()
+
+
+@pytest.fixture
+def own_redis():
+    """A redis-server this test may kill and restart."""
+    from .redis_server import RedisServer
+
+    server = RedisServer().start()
+    yield server
+    server.kill()

@@ -82,6 +82,9 @@ class AsyncEngine:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                if item.error is not None:  # e.g. its prefix failed to load
+                    done = True
+                    raise item.error
                 done = item.finished
                 yield item
         finally:

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ContextTooLong, EngineOverloaded, InvalidRequest
+from ..errors import ContextTooLong, EngineOverloaded, InvalidRequest, PrefixServeError
 from ..model import LoadedModel
 from .detokenizer import Detokenizer
-from .prefixes import PrefixTable
+from .prefixes import PrefixProvider, PrefixTable
 from .request import FinishReason, Request, SamplingParams
 from .runner import ModelRunner, RowInput
 from .sampling import make_generator, sample_rows
@@ -47,6 +47,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logits: list[torch.Tensor] = field(default_factory=list)  # [V] per new token, when recorded
+    error: PrefixServeError | None = None  # set with finish_reason ERROR
 
     @property
     def finished(self) -> bool:
@@ -64,13 +65,15 @@ class _Live:
 
 
 class EngineCore:
-    def __init__(self, model: LoadedModel, config: EngineConfig | None = None) -> None:
+    def __init__(
+        self, model: LoadedModel, config: EngineConfig | None = None, prefixes: PrefixProvider | None = None
+    ) -> None:
         self.model = model
         self.config = config or EngineConfig()
         spec = model.spec
         self.max_seq_len = min(self.config.max_seq_len or spec.n_positions, spec.n_positions)
-        max_prefix = self.config.max_prefix_len or self.max_seq_len // 2
-        self.prefixes = PrefixTable(spec, model.dtype, model.device, max_prefix)
+        self.max_prefix_len = self.config.max_prefix_len or self.max_seq_len // 2
+        self.prefixes = prefixes or PrefixTable(spec, model.dtype, model.device, self.max_prefix_len)
         self.scheduler = Scheduler(self.config.scheduler_config(), self.prefixes.is_ready)
         self.runner = ModelRunner(model, self.config.max_running, self.max_seq_len)
         self._live: dict[str, _Live] = {}
@@ -178,11 +181,12 @@ class EngineCore:
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        failed = self._fail_unloadable()
         plan = self.scheduler.schedule()
         for rid in plan.freed:
             self.runner.free(rid)
         if not plan.chunks:
-            return []
+            return failed
         rows = [self._row(c.request_id, c.start, c.num_tokens, c.first, c.sample) for c in plan.chunks]
         sample_ids, logits = self.runner.execute(rows)  # logits [n_sample, V]
         self._unpin_after_first_chunk(rows)
@@ -191,7 +195,33 @@ class EngineCore:
         sampled = dict(zip(sample_ids, tokens, strict=True))
         finished = {f.request_id: f.reason for f in self.scheduler.update(sampled)}
         record = logits if self.config.record_logits else None
-        return [self._output(rid, tok, i, record, finished) for i, (rid, tok) in enumerate(sampled.items())]
+        return failed + [
+            self._output(rid, tok, i, record, finished) for i, (rid, tok) in enumerate(sampled.items())
+        ]
+
+    def _fail_unloadable(self) -> list[RequestOutput]:
+        """End the waiting requests whose prefix failed to load, with that error."""
+        out: list[RequestOutput] = []
+        for seq in self.scheduler.waiting():
+            error = self.prefixes.failure(seq.prefix_id) if seq.prefix_id is not None else None
+            if error is None:
+                continue
+            req = self._live[seq.request_id].request
+            self.scheduler.finish(seq.request_id, FinishReason.ERROR)
+            self._drop(seq.request_id)
+            out.append(
+                RequestOutput(
+                    seq.request_id,
+                    [],
+                    "",
+                    FinishReason.ERROR,
+                    req.prefix_len,
+                    len(req.prompt_ids),
+                    0,
+                    error=error,
+                )
+            )
+        return out
 
     def _row(self, request_id: str, start: int, n: int, first: bool, sample: bool) -> RowInput:
         req = self._live[request_id].request

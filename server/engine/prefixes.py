@@ -1,19 +1,51 @@
-"""Prefixes the engine can serve, by id: resident on the device, or announced and still loading.
+"""Prefixes the engine can serve, by id: the provider protocol and an in-memory table.
 
-This in-memory table is the engine's side of the prefix hook: the scheduler asks `is_ready`, the
-engine `acquire`s a prefix when a request arrives (pinning it) and `release`s it once the prefix
-K/V have been copied into the request's slot. The store's device pool implements the same calls
-with an async loader behind `is_ready`.
+The engine talks to prefixes through `PrefixProvider`: it asks a prefix's `length` when it validates
+a request, `acquire`s it when the request is queued (pinning it, and starting a load if it is not on
+the device), the scheduler admits the request once `is_ready`, the runner copies `get`'s K/V into the
+request's slot, and the engine `release`s the pin right after. A load that fails is reported by
+`failure`, and the waiting requests for that prefix end with that error.
+
+`PrefixTable` keeps prefixes in memory (registered directly, or announced and registered later);
+the store's device pool (`prefix_store.pool.DevicePool`) implements the same protocol with an
+asynchronous loader behind it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from ..errors import InvalidPrefix, PrefixNotFound
+from ..errors import InvalidPrefix, PrefixNotFound, PrefixServeError
 from ..model import ModelSpec
+
+
+class PrefixProvider(Protocol):
+    def length(self, prefix_id: str) -> int:
+        """Prefix length P; raises PrefixNotFound for an unknown id."""
+        ...
+
+    def acquire(self, prefix_id: str) -> int:
+        """Pin the prefix for one request (and start loading it); returns its length."""
+        ...
+
+    def is_ready(self, prefix_id: str) -> bool:
+        """True once the prefix K/V are on the device."""
+        ...
+
+    def get(self, prefix_id: str) -> torch.Tensor:
+        """The resident K/V `[n_layer, 2, n_head, P, head_dim]` (only when ready)."""
+        ...
+
+    def release(self, prefix_id: str) -> None:
+        """Drop one pin taken by `acquire`."""
+        ...
+
+    def failure(self, prefix_id: str) -> PrefixServeError | None:
+        """The error of a load that failed, else None."""
+        ...
 
 
 @dataclass
@@ -21,6 +53,7 @@ class _Entry:
     length: int
     kv: torch.Tensor | None  # [n_layer, 2, n_head, P, head_dim] on the device; None while loading
     pins: int = 0
+    error: PrefixServeError | None = None
 
 
 class PrefixTable:
@@ -63,6 +96,14 @@ class PrefixTable:
         if not 1 <= length <= self.max_len:
             raise InvalidPrefix(f"prefix length must be in [1, {self.max_len}], got {length}")
         self._entries.setdefault(prefix_id, _Entry(length, None))
+
+    def fail(self, prefix_id: str, error: PrefixServeError) -> None:
+        """Mark an announced prefix as failed to load; requests waiting for it end with `error`."""
+        self._get(prefix_id).error = error
+
+    def failure(self, prefix_id: str) -> PrefixServeError | None:
+        entry = self._entries.get(prefix_id)
+        return entry.error if entry is not None else None
 
     def remove(self, prefix_id: str) -> None:
         self._entries.pop(prefix_id, None)

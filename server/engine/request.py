@@ -17,6 +17,7 @@ class FinishReason(StrEnum):
     STOP = "stop"  # a stop string was produced
     EOS = "eos"  # the model produced its end-of-sequence token
     CANCELLED = "cancelled"  # the caller went away or aborted
+    ERROR = "error"  # the request could not run (e.g. its prefix failed to load); see the error
 
 
 @dataclass(frozen=True)

@@ -147,13 +147,19 @@ class ModelRunner:
 
     # ---- one step ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, rows: list[RowInput]) -> tuple[list[str], torch.Tensor]:
-        """Run one forward pass. Returns the sampling rows' ids and their logits `[n_sample, V]`."""
+    def execute(
+        self, rows: list[RowInput], inputs_embeds: torch.Tensor | None = None
+    ) -> tuple[list[str], torch.Tensor]:
+        """Run one forward pass. Returns the sampling rows' ids and their logits `[n_sample, V]`.
+
+        `inputs_embeds [N, C]` replaces the token embeddings (a soft prompt being compiled).
+        """
         for row in rows:
             if row.open_slot:
                 self._open(row)
         batch, order = self._prepare(rows)
-        x = self.w.wte[batch.ids] + self.w.wpe[batch.pos]  # [N, C]
+        tok = self.w.wte[batch.ids] if inputs_embeds is None else inputs_embeds.to(self.device, self.dtype)
+        x = tok + self.w.wpe[batch.pos]  # [N, C]
         for layer, lw in enumerate(self.w.layers):
             x = self._block(layer, lw, x, batch)
         h = x[batch.sample_idx]  # [n_sample, C]
@@ -282,3 +288,17 @@ class ModelRunner:
         vs = self.v[layer][g.slots, :, :end]  # [G, H, end, D]
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=g.mask, scale=scale)  # [G, H, n, D]
         return o.transpose(1, 2).reshape(-1, *q.shape[1:])
+
+
+def compile_prefix(
+    model: LoadedModel, token_ids: list[int] | None = None, embeds: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Run a text (token ids) or a soft prompt (`embeds [P, C]`) through the frozen model at
+    positions 0..P-1 and return its per-layer K/V `[n_layer, 2, n_head, P, head_dim]`: the prefix
+    that makes later tokens see exactly what they would see after that text or soft prompt."""
+    n = len(token_ids) if token_ids is not None else embeds.shape[0]  # type: ignore[union-attr]
+    runner = ModelRunner(model, num_slots=1, max_seq_len=n)
+    ids = token_ids if token_ids is not None else [0] * n  # ids unused when embeds are given
+    row = RowInput("compile", ids, 0, open_slot=True, sample=False)
+    runner.execute([row], inputs_embeds=embeds)
+    return runner.kv[:, :, 0, :, :n].clone()  # [L, 2, H, P, D]

@@ -114,6 +114,9 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self._waiting or self._running or self._to_free)
 
+    def waiting(self) -> list[Sequence]:
+        return list(self._waiting)
+
     def get(self, request_id: str) -> Sequence | None:
         return self._by_id.get(request_id)
 

@@ -1,0 +1,134 @@
+"""Byte caches in front of the durable store: Redis (shared) or in-process (the embedded default).
+
+Redis is only a cache (DESIGN.md invariant 5): every key carries a TTL so Redis can run
+`volatile-lru` beside the job queue; any Redis error or timeout is logged, counted and treated as a
+miss, and after an error Redis is skipped for a short back-off so a dead or slow Redis does not add
+its timeout to every request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict
+from typing import Protocol
+
+import redis
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "prefixserve:prefix:"
+
+
+class ByteCache(Protocol):
+    tier: str
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def put(self, key: str, value: bytes) -> None: ...
+
+    def delete(self, key: str) -> None: ...
+
+
+class Stats:
+    """Thread-safe counters: hits, misses and errors per tier."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[tuple[str, str]] = Counter()
+
+    def inc(self, tier: str, what: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[(tier, what)] += n
+
+    def get(self, tier: str, what: str) -> int:
+        with self._lock:
+            return self._counts[(tier, what)]
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {f"{tier}_{what}": n for (tier, what), n in sorted(self._counts.items())}
+
+
+class LocalByteCache:
+    """In-process LRU of bytes within a byte budget."""
+
+    tier = "local"
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: str, value: bytes) -> None:
+        if len(value) > self.budget:
+            return
+        with self._lock:
+            self._drop(key)
+            self._items[key] = value
+            self._size += len(value)
+            while self._size > self.budget:
+                _, old = self._items.popitem(last=False)
+                self._size -= len(old)
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._drop(key)
+
+    def _drop(self, key: str) -> None:
+        old = self._items.pop(key, None)
+        if old is not None:
+            self._size -= len(old)
+
+
+class RedisByteCache:
+    """Prefix bytes in Redis under `prefixserve:prefix:<id>` with a TTL; failures are misses."""
+
+    tier = "redis"
+
+    def __init__(
+        self, url: str, ttl_s: int, timeout_s: float = 0.5, backoff_s: float = 2.0, stats: Stats | None = None
+    ):
+        self.ttl_s = ttl_s
+        self.backoff_s = backoff_s
+        self.stats = stats or Stats()
+        self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._down_until = 0.0
+
+    def _call(self, what: str, fn):
+        if time.monotonic() < self._down_until:
+            self.stats.inc(self.tier, "skipped")
+            return None
+        try:
+            return fn()
+        except redis.RedisError as exc:
+            self._down_until = time.monotonic() + self.backoff_s
+            self.stats.inc(self.tier, "errors")
+            log.warning(
+                "redis %s failed (%s); serving from the store, retrying redis in %.1fs",
+                what,
+                exc,
+                self.backoff_s,
+            )
+            return None
+
+    def get(self, key: str) -> bytes | None:
+        return self._call("get", lambda: self._client.get(KEY_PREFIX + key))
+
+    def put(self, key: str, value: bytes) -> None:
+        self._call("set", lambda: self._client.set(KEY_PREFIX + key, value, ex=self.ttl_s))
+
+    def delete(self, key: str) -> None:
+        self._call("delete", lambda: self._client.delete(KEY_PREFIX + key))
+
+    def ping(self) -> bool:
+        return bool(self._call("ping", self._client.ping))

@@ -1,0 +1,265 @@
+"""The prefix file: one self-describing safetensors file per prefix.
+
+Tensor `past_key_values` `[n_layer, 2, n_head, P, head_dim]` (DESIGN.md invariant 1) and string
+metadata (format version, kind, model fingerprint, length, dtype, name, owner, visibility, source,
+created_at, sha256 of the tensor bytes). Reading never unpickles: the header is parsed here, checked
+field by field (each error names what was expected and what was found), and only then is the tensor
+built from the raw bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
+
+import torch
+from safetensors.torch import save as st_save
+
+from prefixserve.errors import PrefixServeError
+from prefixserve.model import ModelSpec
+
+FORMAT_VERSION = "1"
+KIND_PREFIX_KV = "prefix_kv"
+KINDS = (KIND_PREFIX_KV,)
+TENSOR_NAME = "past_key_values"
+SOURCES = ("upload", "peft", "text", "train")
+VISIBILITIES = ("private", "public")
+DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+MAX_HEADER_BYTES = 64 * 1024
+MAX_NAME_LEN = 128
+PREFIX_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{2,63}$")
+
+
+class InvalidPrefixFile(PrefixServeError):
+    """An uploaded or stored prefix file is malformed or does not fit the loaded model (HTTP 422)."""
+
+    kind = "invalid_prefix"
+
+
+def check_prefix_id(prefix_id: str) -> str:
+    """Ids become file names, so they match a strict pattern before anything else happens."""
+    if not isinstance(prefix_id, str) or not PREFIX_ID.match(prefix_id):
+        raise InvalidPrefixFile(
+            f"prefix id must match {PREFIX_ID.pattern} (3-64 chars: a-z, 0-9, '_', '-'), got {prefix_id!r}"
+        )
+    return prefix_id
+
+
+@dataclass(frozen=True)
+class PrefixMeta:
+    """What a prefix file says about itself (all stored as strings in the safetensors header)."""
+
+    id: str
+    model_fingerprint: str
+    prefix_len: int
+    dtype: str
+    owner: str
+    name: str = ""
+    visibility: str = "private"
+    source: str = "upload"
+    kind: str = KIND_PREFIX_KV
+    format_version: str = FORMAT_VERSION
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    sha256: str = ""
+
+    def to_strings(self) -> dict[str, str]:
+        return {f.name: str(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_strings(cls, raw: dict[str, str]) -> PrefixMeta:
+        missing = [f.name for f in fields(cls) if f.name not in raw]
+        if missing:
+            raise InvalidPrefixFile(f"metadata is missing {missing}; found keys {sorted(raw)}")
+        if raw["format_version"] != FORMAT_VERSION:
+            raise InvalidPrefixFile(
+                f"format_version must be {FORMAT_VERSION!r}, got {raw['format_version']!r}"
+            )
+        if raw["kind"] not in KINDS:
+            raise InvalidPrefixFile(f"kind must be one of {list(KINDS)}, got {raw['kind']!r}")
+        if not raw["prefix_len"].isdigit():
+            raise InvalidPrefixFile(f"prefix_len must be a positive integer, got {raw['prefix_len']!r}")
+        meta = cls(
+            **{f.name: raw[f.name] for f in fields(cls) if f.name != "prefix_len"},
+            prefix_len=int(raw["prefix_len"]),
+        )
+        meta.check()
+        return meta
+
+    def check(self) -> None:
+        check_prefix_id(self.id)
+        if self.visibility not in VISIBILITIES:
+            raise InvalidPrefixFile(
+                f"visibility must be one of {list(VISIBILITIES)}, got {self.visibility!r}"
+            )
+        if self.source not in SOURCES:
+            raise InvalidPrefixFile(f"source must be one of {list(SOURCES)}, got {self.source!r}")
+        if self.dtype not in DTYPE_NAMES.values():
+            raise InvalidPrefixFile(
+                f"dtype must be one of {sorted(DTYPE_NAMES.values())}, got {self.dtype!r}"
+            )
+        if len(self.name) > MAX_NAME_LEN:
+            raise InvalidPrefixFile(f"name must be at most {MAX_NAME_LEN} characters, got {len(self.name)}")
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """Raw little-endian bytes of a contiguous tensor (any dtype, bf16 included)."""
+    return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+
+
+def encode_prefix(kv: torch.Tensor, meta: PrefixMeta) -> bytes:
+    """Serialize `kv [n_layer, 2, n_head, P, head_dim]` with its metadata (sha256 filled in here)."""
+    kv = kv.detach().contiguous().cpu()
+    if kv.dtype not in DTYPE_NAMES:
+        raise InvalidPrefixFile(f"prefix dtype must be one of {sorted(DTYPE_NAMES.values())}, got {kv.dtype}")
+    digest = hashlib.sha256(tensor_bytes(kv)).hexdigest()
+    meta = PrefixMeta(
+        **{**meta.to_strings(), "prefix_len": kv.shape[3], "dtype": DTYPE_NAMES[kv.dtype], "sha256": digest}
+    )
+    meta.check()
+    return st_save({TENSOR_NAME: kv}, metadata=meta.to_strings())
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What a prefix must match to run on the loaded model."""
+
+    spec: ModelSpec
+    fingerprint: str
+    max_prefix_len: int
+    max_bytes: int
+
+
+def _sniff(data: bytes) -> None:
+    if not data:
+        raise InvalidPrefixFile("file is empty; expected a safetensors file")
+    if data[:4] == b"PK\x03\x04":
+        raise InvalidPrefixFile(
+            "file is a zip archive (e.g. torch.save output); only safetensors is accepted"
+        )
+    if data[:1] == b"\x80" and len(data) > 1 and 2 <= data[1] <= 5:
+        raise InvalidPrefixFile(
+            "file is a Python pickle; only safetensors is accepted (pickle is never loaded)"
+        )
+    if len(data) < 8:
+        raise InvalidPrefixFile(
+            f"file is {len(data)} bytes; a safetensors file starts with an 8-byte header length"
+        )
+
+
+def parse_header(data: bytes, max_bytes: int) -> tuple[dict, int]:
+    """Check the safetensors structure; returns (header dict, offset of the data buffer)."""
+    if len(data) > max_bytes:
+        raise InvalidPrefixFile(f"file is {len(data)} bytes; the limit is {max_bytes}")
+    _sniff(data)
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER_BYTES:
+        raise InvalidPrefixFile(f"header length {n} exceeds the limit of {MAX_HEADER_BYTES} bytes")
+    if 8 + n > len(data):
+        raise InvalidPrefixFile(f"header of {n} bytes runs past the end of the {len(data)}-byte file")
+    try:
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidPrefixFile(f"header is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise InvalidPrefixFile(f"header must be a JSON object, got {type(header).__name__}")
+    _check_offsets(header, len(data) - 8 - n)
+    return header, 8 + n
+
+
+def _check_offsets(header: dict, buffer_len: int) -> None:
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        off = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(off, list) and len(off) == 2 and all(isinstance(x, int) for x in off)):
+            raise InvalidPrefixFile(f"tensor {name!r} has no valid data_offsets [begin, end], got {off!r}")
+        if not 0 <= off[0] <= off[1] <= buffer_len:
+            raise InvalidPrefixFile(
+                f"tensor {name!r} data_offsets {off} fall outside the {buffer_len}-byte buffer"
+            )
+        spans.append((off[0], off[1], name))
+    spans.sort()
+    end = 0
+    for begin, stop, name in spans:
+        if begin < end:
+            raise InvalidPrefixFile(
+                f"tensor {name!r} data_offsets overlap another tensor's (begin {begin} < {end})"
+            )
+        if begin > end:
+            raise InvalidPrefixFile(f"data buffer has a gap before tensor {name!r} ({end}..{begin})")
+        end = stop
+    if end != buffer_len:
+        raise InvalidPrefixFile(f"tensors cover {end} bytes of a {buffer_len}-byte data buffer")
+
+
+def read_meta(data: bytes, max_bytes: int) -> PrefixMeta:
+    """Metadata only (for listing): structure and metadata checked, tensor not built."""
+    header, _ = parse_header(data, max_bytes)
+    return _meta(header)
+
+
+def _meta(header: dict) -> PrefixMeta:
+    raw = header.get("__metadata__")
+    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+        raise InvalidPrefixFile(
+            "header has no __metadata__ string map; expected a prefix file written by prefixserve"
+        )
+    return PrefixMeta.from_strings(raw)
+
+
+def decode_prefix(data: bytes, expect: Expect) -> tuple[torch.Tensor, PrefixMeta]:
+    """Validate everything, then build the tensor. Returns (kv on CPU, metadata)."""
+    header, start = parse_header(data, expect.max_bytes)
+    names = sorted(k for k in header if k != "__metadata__")
+    if names != [TENSOR_NAME]:
+        raise InvalidPrefixFile(f"expected exactly the tensor ['{TENSOR_NAME}'], found {names}")
+    info = header[TENSOR_NAME]
+    dtype = DTYPES.get(info.get("dtype"))
+    if dtype is None:
+        raise InvalidPrefixFile(f"dtype must be one of {sorted(DTYPES)}, got {info.get('dtype')!r}")
+    shape = info.get("shape")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise InvalidPrefixFile(f"shape must be a list of non-negative integers, got {shape!r}")
+    meta = _meta(header)
+    if meta.dtype != DTYPE_NAMES[dtype]:
+        raise InvalidPrefixFile(
+            f"metadata dtype {meta.dtype!r} does not match the tensor's {DTYPE_NAMES[dtype]!r}"
+        )
+    _check_shape(shape, meta, expect)
+    if meta.model_fingerprint != expect.fingerprint:
+        raise InvalidPrefixFile(
+            f"prefix was made for model {meta.model_fingerprint}, but this server runs {expect.fingerprint}"
+        )
+    begin, end = info["data_offsets"]
+    need = math.prod(shape) * dtype.itemsize
+    if end - begin != need:
+        raise InvalidPrefixFile(f"shape {shape} needs {need} bytes, data_offsets give {end - begin}")
+    raw = data[start + begin : start + end]
+    if hashlib.sha256(raw).hexdigest() != meta.sha256:
+        raise InvalidPrefixFile("tensor bytes do not match the sha256 in the metadata (corrupted file)")
+    kv = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
+    if not bool(torch.isfinite(kv).all()):
+        raise InvalidPrefixFile("prefix contains NaN or Inf values")
+    return kv, meta
+
+
+def _check_shape(shape: list[int], meta: PrefixMeta, expect: Expect) -> None:
+    if len(shape) != 5:
+        raise InvalidPrefixFile(f"shape must be [n_layer, 2, n_head, P, head_dim] (5 dims), got {shape}")
+    p = shape[3]
+    want = list(expect.spec.prefix_shape(p))
+    if shape != want:
+        raise InvalidPrefixFile(f"shape must be {want} for this model, got {shape}")
+    if not 1 <= p <= expect.max_prefix_len:
+        raise InvalidPrefixFile(f"prefix length must be in [1, {expect.max_prefix_len}], got {p}")
+    if p != meta.prefix_len:
+        raise InvalidPrefixFile(
+            f"metadata prefix_len {meta.prefix_len} does not match the tensor's length {p}"
+        )

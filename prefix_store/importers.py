@@ -1,0 +1,104 @@
+"""Importers: PEFT prefix tuning, PEFT prompt tuning and plain text, each to canonical K/V.
+
+Canonical layout (DESIGN.md invariant 1): `[n_layer, 2, n_head, P, head_dim]`. PEFT's prefix tuning
+`prompt_embeddings [P, n_layer*2*n_embd]` maps to it as PEFT itself does: view
+`[P, n_layer*2, n_head, head_dim]`, permute to `[n_layer*2, n_head, P, head_dim]`, layer l's key is
+row 2l and its value row 2l+1. With `prefix_projection`, PEFT saves the projected embeddings, so both
+variants import the same way. Prompt tuning (a soft prompt `[P, n_embd]`) and text are run once
+through the frozen model; their per-layer K/V are the prefix.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load as st_load
+
+from prefixserve.engine.runner import compile_prefix
+from prefixserve.model import LoadedModel
+
+from .format import InvalidPrefixFile, parse_header
+
+PEFT_TENSOR = "prompt_embeddings"
+PEFT_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING")
+MAX_CONFIG_BYTES = 64 * 1024
+
+
+def peft_to_canonical(emb: torch.Tensor, n_layer: int, n_head: int) -> torch.Tensor:
+    """`[P, n_layer*2*n_embd]` -> `[n_layer, 2, n_head, P, head_dim]`, exactly as PEFT splits it."""
+    p, width = emb.shape
+    d = width // (n_layer * 2 * n_head)
+    kv = emb.view(p, n_layer * 2, n_head, d).permute(1, 2, 0, 3)  # [L*2, H, P, D]
+    return kv.reshape(n_layer, 2, n_head, p, d).contiguous()
+
+
+def parse_peft_config(raw: bytes, model: LoadedModel) -> dict:
+    """Check adapter_config.json against the loaded model; every mismatch names both values."""
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise InvalidPrefixFile(f"adapter_config.json is {len(raw)} bytes; the limit is {MAX_CONFIG_BYTES}")
+    try:
+        cfg = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidPrefixFile(f"adapter_config.json is not valid JSON: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise InvalidPrefixFile("adapter_config.json must be a JSON object")
+    kind = cfg.get("peft_type")
+    if kind not in PEFT_TYPES:
+        raise InvalidPrefixFile(
+            f"adapter_config.json peft_type must be one of {list(PEFT_TYPES)}, got {kind!r}"
+        )
+    if cfg.get("task_type") not in (None, "CAUSAL_LM"):
+        raise InvalidPrefixFile(
+            f"adapter_config.json task_type must be 'CAUSAL_LM', got {cfg.get('task_type')!r}"
+        )
+    spec = model.spec
+    expected = {"num_layers": spec.n_layer, "num_attention_heads": spec.n_head, "token_dim": spec.n_embd}
+    for key, want in expected.items():
+        if key in cfg and cfg[key] is not None and cfg[key] != want:
+            raise InvalidPrefixFile(
+                f"adapter_config.json {key} is {cfg[key]!r}, but the loaded model has {want}"
+            )
+    subs = cfg.get("num_transformer_submodules", 1)
+    if subs != 1:
+        raise InvalidPrefixFile(f"adapter_config.json num_transformer_submodules must be 1, got {subs!r}")
+    n = cfg.get("num_virtual_tokens")
+    if not isinstance(n, int) or n < 1:
+        raise InvalidPrefixFile(
+            f"adapter_config.json num_virtual_tokens must be a positive integer, got {n!r}"
+        )
+    return cfg
+
+
+def import_peft(config_raw: bytes, weights_raw: bytes, model: LoadedModel, max_bytes: int) -> torch.Tensor:
+    """A PEFT prefix-tuning or prompt-tuning adapter -> canonical K/V `[L, 2, H, P, D]` (CPU, fp32)."""
+    cfg = parse_peft_config(config_raw, model)
+    header, _ = parse_header(weights_raw, max_bytes)  # structure first: never hand bad bytes to a parser
+    names = sorted(k for k in header if k != "__metadata__")
+    if names != [PEFT_TENSOR]:
+        raise InvalidPrefixFile(
+            f"adapter_model.safetensors must hold exactly ['{PEFT_TENSOR}'], found {names}"
+        )
+    emb = st_load(weights_raw)[PEFT_TENSOR].float()
+    spec, p = model.spec, cfg["num_virtual_tokens"]
+    width = spec.n_layer * 2 * spec.n_embd if cfg["peft_type"] == "PREFIX_TUNING" else spec.n_embd
+    if list(emb.shape) != [p, width]:
+        raise InvalidPrefixFile(
+            f"{PEFT_TENSOR} must have shape [{p}, {width}] for a {cfg['peft_type']} adapter on this model,"
+            f" got {list(emb.shape)}"
+        )
+    if not bool(torch.isfinite(emb).all()):
+        raise InvalidPrefixFile(f"{PEFT_TENSOR} contains NaN or Inf values")
+    if cfg["peft_type"] == "PREFIX_TUNING":
+        return peft_to_canonical(emb, spec.n_layer, spec.n_head)
+    return compile_prefix(model, embeds=emb).float().cpu()
+
+
+def text_to_kv(text: str, model: LoadedModel, max_len: int) -> torch.Tensor:
+    """An instruction or few-shot block compiled once into its K/V."""
+    ids = model.tokenizer.encode(text, add_special_tokens=False) if isinstance(text, str) else []
+    if not ids:
+        raise InvalidPrefixFile("text must be a non-empty string")
+    if len(ids) > max_len:
+        raise InvalidPrefixFile(f"text is {len(ids)} tokens; a prefix may be at most {max_len}")
+    return compile_prefix(model, token_ids=ids).float().cpu()

@@ -1,0 +1,175 @@
+"""PrefixService: the one place that creates, reads, lists and deletes prefixes.
+
+Durable store (truth) -> byte cache (Redis, or in-process) -> device pool (the engine's provider).
+Writes go to the store first and are published there atomically; the cache is filled on write and
+read through on miss; nothing fails because the cache failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from prefixserve.errors import PrefixNotFound
+from prefixserve.model import LoadedModel
+
+from .cache import ByteCache, LocalByteCache, RedisByteCache, Stats
+from .format import DTYPE_NAMES, MAX_HEADER_BYTES, Expect, PrefixMeta, decode_prefix, encode_prefix, read_meta
+from .importers import import_peft, text_to_kv
+from .pool import DevicePool
+from .store import DurableStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    url: str = "./data/prefixes"  # a directory or any fsspec URL (s3://bucket/prefixes)
+    redis_url: str | None = None  # None: the in-process byte cache (embedded default)
+    cache_ttl_s: int = 24 * 3600  # every Redis key expires (volatile-lru beside the job queue)
+    local_cache_bytes: int = 256 * 2**20
+    device_pool_bytes: int = 1 * 2**30
+    max_file_bytes: int = 64 * 2**20  # uploads are capped before parsing
+    max_prefix_len: int = 512
+    load_workers: int = 2
+
+
+class PrefixService:
+    def __init__(
+        self, model: LoadedModel, config: StoreConfig | None = None, max_prefix_len: int | None = None
+    ):
+        self.model = model
+        self.config = config or StoreConfig()
+        self.stats = Stats()
+        self.store = DurableStore(self.config.url)
+        self.cache: ByteCache = (
+            RedisByteCache(self.config.redis_url, self.config.cache_ttl_s, stats=self.stats)
+            if self.config.redis_url
+            else LocalByteCache(self.config.local_cache_bytes)
+        )
+        limit = min(self.config.max_prefix_len, max_prefix_len or self.config.max_prefix_len)
+        self.expect = Expect(model.spec, model.fingerprint, limit, self.config.max_file_bytes)
+        self.pool = DevicePool(
+            self._load_tensor,
+            self.length,
+            self.config.device_pool_bytes,
+            model.device,
+            model.dtype,
+            self.config.load_workers,
+            self.stats,
+        )
+        self._meta: dict[str, PrefixMeta] = {}  # files are immutable, so metadata is cached forever
+        self._lock = threading.Lock()
+
+    # ---- create --------------------------------------------------------------------------------
+    def add_tensor(
+        self,
+        kv: torch.Tensor,
+        owner: str,
+        name: str = "",
+        visibility: str = "private",
+        source: str = "upload",
+    ) -> PrefixMeta:
+        """Validate canonical K/V against the model, store it under a new id, return its metadata."""
+        kv = kv.detach().cpu()
+        if kv.dtype not in DTYPE_NAMES:
+            kv = kv.float()
+        meta = PrefixMeta(
+            id=f"pfx-{secrets.token_hex(8)}",
+            model_fingerprint=self.model.fingerprint,
+            prefix_len=kv.shape[3] if kv.dim() == 5 else 0,
+            dtype=DTYPE_NAMES[kv.dtype],
+            owner=owner,
+            name=name,
+            visibility=visibility,
+            source=source,
+        )
+        data = encode_prefix(kv, meta)
+        kv, meta = decode_prefix(data, self.expect)  # the same validation as every load
+        self.store.put(meta.id, data)
+        self.cache.put(meta.id, data)
+        with self._lock:
+            self._meta[meta.id] = meta
+        return meta
+
+    def add_file(self, data: bytes, owner: str, name: str = "", visibility: str = "private") -> PrefixMeta:
+        """A native prefix file (e.g. downloaded from another server running the same model)."""
+        kv, meta = decode_prefix(data, self.expect)
+        return self.add_tensor(kv, owner, name or meta.name, visibility, "upload")
+
+    def add_peft(
+        self, config_raw: bytes, weights_raw: bytes, owner: str, name: str = "", visibility: str = "private"
+    ) -> PrefixMeta:
+        kv = import_peft(config_raw, weights_raw, self.model, self.config.max_file_bytes)
+        return self.add_tensor(kv, owner, name, visibility, "peft")
+
+    def add_text(self, text: str, owner: str, name: str = "", visibility: str = "private") -> PrefixMeta:
+        kv = text_to_kv(text, self.model, self.expect.max_prefix_len)
+        return self.add_tensor(kv, owner, name, visibility, "text")
+
+    # ---- read ----------------------------------------------------------------------------------
+    def meta(self, prefix_id: str) -> PrefixMeta:
+        with self._lock:
+            cached = self._meta.get(prefix_id)
+        if cached is not None:
+            return cached
+        meta = read_meta(self.store.head(prefix_id, 8 + MAX_HEADER_BYTES), 8 + MAX_HEADER_BYTES)
+        with self._lock:
+            self._meta[prefix_id] = meta
+        return meta
+
+    def visible(self, prefix_id: str, tenant: str) -> PrefixMeta:
+        """Metadata if `tenant` may use the prefix; a foreign private prefix is 'not found' (invariant 8)."""
+        meta = self.meta(prefix_id)
+        if meta.owner != tenant and meta.visibility != "public":
+            raise PrefixNotFound(prefix_id)
+        return meta
+
+    def length(self, prefix_id: str) -> int:
+        return self.meta(prefix_id).prefix_len
+
+    def list(self, tenant: str) -> list[PrefixMeta]:
+        """The tenant's own prefixes and every public one."""
+        out = []
+        for pid in self.store.ids():
+            try:
+                meta = self.meta(pid)
+            except Exception as exc:  # one unreadable file must not hide the others
+                log.warning("skipping unreadable prefix file %s: %s", pid, exc)
+                continue
+            if meta.owner == tenant or meta.visibility == "public":
+                out.append(meta)
+        return out
+
+    def load_bytes(self, prefix_id: str) -> bytes:
+        """Read-through: cache, then the durable store (which refills the cache)."""
+        data = self.cache.get(prefix_id)
+        if data is not None:
+            self.stats.inc(self.cache.tier, "hits")
+            return data
+        self.stats.inc(self.cache.tier, "misses")
+        data = self.store.get(prefix_id)
+        self.stats.inc("store", "reads")
+        self.cache.put(prefix_id, data)
+        return data
+
+    def _load_tensor(self, prefix_id: str) -> torch.Tensor:
+        kv, _ = decode_prefix(self.load_bytes(prefix_id), self.expect)
+        return kv
+
+    # ---- delete --------------------------------------------------------------------------------
+    def delete(self, prefix_id: str) -> bool:
+        """Remove from the store (truth) first, then from the cache and the device pool."""
+        found = self.store.delete(prefix_id)
+        self.cache.delete(prefix_id)
+        self.pool.evict(prefix_id)
+        with self._lock:
+            self._meta.pop(prefix_id, None)
+        return found
+
+    def close(self) -> None:
+        self.pool.close()
