@@ -31,6 +31,8 @@ class StoreConfig:
     url: str = "./data/prefixes"  # a directory or any fsspec URL (s3://bucket/prefixes)
     redis_url: str | None = None  # None: the in-process byte cache (embedded default)
     cache_ttl_s: int = 24 * 3600  # every Redis key expires (volatile-lru beside the job queue)
+    redis_timeout_s: float = 0.5  # a slower Redis answer counts as a miss
+    redis_backoff_s: float = 2.0  # after a Redis error, go straight to the store for this long
     local_cache_bytes: int = 256 * 2**20
     device_pool_bytes: int = 1 * 2**30
     max_file_bytes: int = 64 * 2**20  # uploads are capped before parsing
@@ -47,7 +49,13 @@ class PrefixService:
         self.stats = Stats()
         self.store = DurableStore(self.config.url)
         self.cache: ByteCache = (
-            RedisByteCache(self.config.redis_url, self.config.cache_ttl_s, stats=self.stats)
+            RedisByteCache(
+                self.config.redis_url,
+                self.config.cache_ttl_s,
+                self.config.redis_timeout_s,
+                self.config.redis_backoff_s,
+                self.stats,
+            )
             if self.config.redis_url
             else LocalByteCache(self.config.local_cache_bytes)
         )

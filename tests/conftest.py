@@ -37,7 +37,7 @@ def hf_model(tiny_model_dir: Path) -> GPT2LMHeadModel:
 @pytest.fixture(scope="session")
 def redis_url():
     """REDIS_URL if set, else a real redis-server started on a free port for this run."""
-    from .redis_server import RedisServer
+    from prefix_store.redis_server import RedisServer
 
     if os.environ.get("REDIS_URL"):
         yield os.environ["REDIS_URL"]
@@ -50,7 +50,7 @@ def redis_url():
 @pytest.fixture
 def own_redis():
     """A redis-server this test may kill and restart."""
-    from .redis_server import RedisServer
+    from prefix_store.redis_server import RedisServer
 
     server = RedisServer().start()
     yield server

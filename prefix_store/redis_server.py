@@ -1,4 +1,4 @@
-"""A real redis-server on a free loopback port, started and killed by the tests themselves."""
+"""A real redis-server on a free loopback port, started and killed by tests and benchmarks."""
 
 from __future__ import annotations
 
