@@ -152,8 +152,12 @@ def _sniff(data: bytes) -> None:
         )
 
 
-def parse_header(data: bytes, max_bytes: int) -> tuple[dict, int]:
-    """Check the safetensors structure; returns (header dict, offset of the data buffer)."""
+def parse_header(data: bytes, max_bytes: int, whole: bool = True) -> tuple[dict, int]:
+    """Check the safetensors structure; returns (header dict, offset of the data buffer).
+
+    `whole=False`: `data` is only the start of the file (enough for the header, to list metadata),
+    so the tensors' offsets are not checked against it.
+    """
     if len(data) > max_bytes:
         raise InvalidPrefixFile(f"file is {len(data)} bytes; the limit is {max_bytes}")
     _sniff(data)
@@ -168,7 +172,8 @@ def parse_header(data: bytes, max_bytes: int) -> tuple[dict, int]:
         raise InvalidPrefixFile(f"header is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(header, dict):
         raise InvalidPrefixFile(f"header must be a JSON object, got {type(header).__name__}")
-    _check_offsets(header, len(data) - 8 - n)
+    if whole:
+        _check_offsets(header, len(data) - 8 - n)
     return header, 8 + n
 
 
@@ -199,9 +204,9 @@ def _check_offsets(header: dict, buffer_len: int) -> None:
         raise InvalidPrefixFile(f"tensors cover {end} bytes of a {buffer_len}-byte data buffer")
 
 
-def read_meta(data: bytes, max_bytes: int) -> PrefixMeta:
-    """Metadata only (for listing): structure and metadata checked, tensor not built."""
-    header, _ = parse_header(data, max_bytes)
+def read_meta(head: bytes) -> PrefixMeta:
+    """Metadata only, from the start of a file (for listing); the tensor is not read."""
+    header, _ = parse_header(head, 8 + MAX_HEADER_BYTES, whole=False)
     return _meta(header)
 
 

@@ -125,7 +125,7 @@ class PrefixService:
             cached = self._meta.get(prefix_id)
         if cached is not None:
             return cached
-        meta = read_meta(self.store.head(prefix_id, 8 + MAX_HEADER_BYTES), 8 + MAX_HEADER_BYTES)
+        meta = read_meta(self.store.head(prefix_id, 8 + MAX_HEADER_BYTES))
         with self._lock:
             self._meta[prefix_id] = meta
         return meta

@@ -100,8 +100,10 @@ def test_service_add_list_visibility_delete(service_factory, tiny_model):
     with pytest.raises(PrefixNotFound) as unknown:
         svc.visible("pfx-does-not-exist", "alice")
     assert str(foreign.value).replace(c.id, "X") == str(unknown.value).replace("pfx-does-not-exist", "X")
+    big = svc.add_tensor(kv_for(tiny_model, 64), owner="carol")  # a file far larger than the header read
     fresh = service_factory()  # a new server on the same store: self-describing files, no index
     assert {m.id for m in fresh.list("alice")} == {a.id, b.id}
+    assert fresh.meta(big.id).prefix_len == 64 and {m.id for m in fresh.list("carol")} == {big.id, b.id}
     assert fresh.meta(a.id).name == "mine" and fresh.meta(a.id).prefix_len == 5
     assert svc.delete(a.id) and not svc.delete(a.id)
     with pytest.raises(PrefixNotFound):
