@@ -76,23 +76,28 @@ def closed_loop(
 ) -> float:
     """Keep 64 running + 16 queued; returns generated tokens per second."""
     engine = EngineCore(
-        model, EngineConfig(max_running=64, max_waiting=64, max_seq_len=256), prefixes=svc.pool
+        model, EngineConfig(max_running=64, max_waiting=128, max_seq_len=256), prefixes=svc.pool
     )
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model.spec.vocab_size, (len(picks), 32), generator=g).tolist()
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    nxt, live, tokens = 0, 0, 0
+    nxt, live, tokens, steps, rows = 0, 0, 0, 0, 0
     t0 = time.perf_counter()
     while nxt < len(picks) or live:
         while nxt < len(picks) and live < 80:
             engine.add_request(prompts[nxt], params, prefix_id=ids[picks[nxt]])
             nxt, live = nxt + 1, live + 1
-        for out in engine.step():
+        outs = engine.step()
+        steps += 1
+        rows += engine.scheduler.num_running
+        for out in outs:
             tokens += len(out.token_ids)
             live -= out.finished
         if not engine.scheduler.num_running:
             time.sleep(0.0005)  # every admitted-to-be request is waiting on a load
-    return tokens / (time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    print(f"  {steps} steps, mean running rows {rows / max(steps, 1):.1f}, {elapsed:.2f}s")
+    return tokens / elapsed
 
 
 def main() -> None:

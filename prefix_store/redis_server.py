@@ -5,7 +5,9 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import redis
 
@@ -41,7 +43,8 @@ class RedisServer:
             "--appendonly",
             "no",
         ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.log_path = Path(tempfile.gettempdir()) / f"redis-{self.port}.log"
+        self.proc = subprocess.Popen(args, stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT)
         client = redis.Redis.from_url(self.url, socket_timeout=0.2)
         deadline = time.monotonic() + 10
         while True:
