@@ -43,6 +43,7 @@ class RedisServer:
             "--appendonly",
             "no",
         ]
+        args += ["--enable-debug-command", "local"]  # DEBUG SLEEP: the tests' slow Redis
         self.log_path = Path(tempfile.gettempdir()) / f"redis-{self.port}.log"
         self.proc = subprocess.Popen(args, stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT)
         client = redis.Redis.from_url(self.url, socket_timeout=0.2)

@@ -18,7 +18,16 @@ from prefixserve.errors import PrefixNotFound
 from prefixserve.model import LoadedModel
 
 from .cache import ByteCache, LocalByteCache, RedisByteCache, Stats
-from .format import DTYPE_NAMES, MAX_HEADER_BYTES, Expect, PrefixMeta, decode_prefix, encode_prefix, read_meta
+from .format import (
+    DTYPE_NAMES,
+    MAX_HEADER_BYTES,
+    Expect,
+    InvalidPrefixFile,
+    PrefixMeta,
+    decode_prefix,
+    encode_prefix,
+    read_meta,
+)
 from .importers import import_peft, text_to_kv
 from .pool import DevicePool
 from .store import DurableStore
@@ -84,12 +93,16 @@ class PrefixService:
     ) -> PrefixMeta:
         """Validate canonical K/V against the model, store it under a new id, return its metadata."""
         kv = kv.detach().cpu()
+        if kv.dim() != 5:
+            raise InvalidPrefixFile(
+                f"prefix must be [n_layer, 2, n_head, P, head_dim], got shape {list(kv.shape)}"
+            )
         if kv.dtype not in DTYPE_NAMES:
             kv = kv.float()
         meta = PrefixMeta(
             id=f"pfx-{secrets.token_hex(8)}",
             model_fingerprint=self.model.fingerprint,
-            prefix_len=kv.shape[3] if kv.dim() == 5 else 0,
+            prefix_len=kv.shape[3],
             dtype=DTYPE_NAMES[kv.dtype],
             owner=owner,
             name=name,

@@ -158,6 +158,40 @@ def test_generation_survives_redis_flush_kill_and_restart(service_factory, tiny_
     assert redis.Redis.from_url(own_redis.url).exists(KEY_PREFIX + metas[0].id)  # refilled after restart
 
 
+def test_redis_killed_while_loads_are_in_flight(service_factory, tiny_model, hf_model, own_redis):
+    svc = service_factory(redis_url=own_redis.url)
+    kvs = [kv_for(tiny_model, 2 + i, seed=20 + i) for i in range(6)]
+    metas = [svc.add_tensor(kv, owner="a") for kv in kvs]
+    for m in metas:
+        svc.pool.evict(m.id)  # all cold
+    gate = threading.Event()
+    real_load = svc.pool._load
+    svc.pool._load = lambda pid: gate.wait(10) and real_load(pid)  # loads start, then wait for the kill
+    engine = EngineCore(tiny_model, EngineConfig(max_running=8), prefixes=svc.pool)
+    rids = [engine.add_request(PROMPTS[2], SamplingParams(max_new_tokens=6), prefix_id=m.id) for m in metas]
+    own_redis.kill()  # with the loads in flight on the worker threads
+    gate.set()
+    outs = engine.run_to_completion()
+    assert svc.stats.get("redis", "errors") >= 1 and svc.stats.get("store", "reads") == len(metas)
+    for rid, kv in zip(rids, kvs, strict=True):
+        ref, _ = hf_generate(hf_model, tiny_model.tokenizer.encode(PROMPTS[2]), kv, 6)
+        assert collect(outs[rid])[0] == ref
+
+
+def test_slow_redis_times_out_to_the_store(service_factory, tiny_model, own_redis):
+    svc = service_factory(redis_url=own_redis.url, redis_timeout_s=0.2)
+    meta = svc.add_tensor(kv_for(tiny_model, 4), owner="a")
+    blocker = threading.Thread(
+        target=lambda: redis.Redis.from_url(own_redis.url).execute_command("DEBUG", "SLEEP", "1.5")
+    )
+    blocker.start()  # the server stops answering for 1.5 s
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    assert svc.load_bytes(meta.id) == svc.store.get(meta.id)
+    assert time.monotonic() - t0 < 1.0 and svc.stats.get("redis", "errors") == 1
+    blocker.join()
+
+
 def test_slow_or_absent_redis_never_fails_a_load(service_factory, tiny_model):
     svc = service_factory(redis_url="redis://127.0.0.1:1/0")  # nothing listens there
     meta = svc.add_tensor(kv_for(tiny_model, 4), owner="alice")
