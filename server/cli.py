@@ -22,6 +22,15 @@ def _tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+    from .settings import ServerSettings
+
+    overrides = {k: v for k, v in {"model": args.model, "host": args.host, "port": args.port}.items() if v}
+    serve(ServerSettings.from_env(**overrides))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefixserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--n-positions", type=int, default=d.n_positions)
     tiny.add_argument("--seed", type=int, default=d.seed)
     tiny.set_defaults(func=_tiny_model)
+    serve = sub.add_parser("serve", help="start the HTTP server (settings from PREFIXSERVE_* variables)")
+    serve.add_argument("--model", default=None, help="hub id, directory, or 'tiny' (offline tiny model)")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.set_defaults(func=_serve)
     return parser
 
 

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from ..errors import EngineOverloaded, PrefixServeError
@@ -44,6 +44,7 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.on_step: Callable[[int], None] | None = None  # called with the rows sampled in each step
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -71,9 +72,14 @@ class AsyncEngine:
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs (one per new token); the last one has a finish_reason."""
+        request = self.core.prepare(input, params, prefix_id, request_id)
+        async for out in self.stream(request):
+            yield out
+
+    async def stream(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """Submit a prepared request (`EngineCore.prepare`) and stream its outputs."""
         if not self.running:
             raise EngineStopped("the engine is not running")
-        request = self.core.prepare(input, params, prefix_id, request_id)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._submit(request, stream)
         done = False
@@ -122,6 +128,8 @@ class AsyncEngine:
                     self._deliver(rid, exc)
                 continue
             self.steps += 1
+            if self.on_step is not None and outputs:
+                self.on_step(len(outputs))
             for out in outputs:
                 self._deliver(out.request_id, out)
         for rid in self.core.fail_all():

@@ -1,0 +1,571 @@
+"""The HTTP API (FastAPI). `create_app(settings)` builds one app; nothing is global.
+
+One boundary (`_error_response`) maps every error to `{"error": {"type", "message"}}` with its
+status; client input never reaches a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from prefix_store.format import InvalidPrefixFile
+from prefix_store.service import PrefixService
+
+from .auth import Tenants
+from .engine import AsyncEngine, EngineCore, FinishReason, RequestOutput
+from .errors import PrefixNotFound, PrefixServeError
+from .limits import RateLimited, RateLimiter
+from .model import LoadedModel, load_model
+from .schemas import (
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    PrefixInfo,
+    PrefixList,
+    TextPrefixRequest,
+    Usage,
+)
+from .settings import ServerSettings
+from .tiny import write_tiny_model
+
+log = logging.getLogger(__name__)
+
+
+class PayloadTooLarge(PrefixServeError):
+    kind = "payload_too_large"
+
+
+class Draining(PrefixServeError):
+    kind = "unavailable"
+
+
+class Forbidden(PrefixServeError):
+    kind = "forbidden"
+
+
+class DeadlineExceeded(PrefixServeError):
+    kind = "timeout"
+
+
+STATUS = {
+    "invalid_request": 422,
+    "invalid_prefix": 422,
+    "prefix_not_found": 404,
+    "overloaded": 429,
+    "rate_limited": 429,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "unavailable": 503,
+    "conflict": 409,
+    "payload_too_large": 413,
+    "timeout": 504,
+}
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422, 429, 503)}
+
+
+def _error_response(exc: Exception) -> JSONResponse:
+    if isinstance(exc, PrefixServeError):
+        status, kind, message = STATUS.get(exc.kind, 500), exc.kind, str(exc)
+    else:
+        log.exception("unhandled error", exc_info=exc)
+        status, kind, message = 500, "server_error", "internal server error"
+    headers = {}
+    if status == 429:
+        headers["Retry-After"] = str(max(1, int(getattr(exc, "retry_after", 1))))
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse({"error": {"type": kind, "message": message}}, status, headers=headers)
+
+
+def _error_event(exc: Exception) -> str:
+    kind = exc.kind if isinstance(exc, PrefixServeError) else "server_error"
+    message = str(exc) if isinstance(exc, PrefixServeError) else "internal server error"
+    return f"event: error\ndata: {json.dumps({'error': {'type': kind, 'message': message}})}\n\n"
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+class Metrics:
+    def __init__(self, engine: AsyncEngine, service: PrefixService) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "prefixserve_requests", "HTTP requests", ["endpoint", "status", "tenant"], registry=r
+        )
+        self.tokens = Counter("prefixserve_generated_tokens", "Generated tokens", ["tenant"], registry=r)
+        self.ttft = Histogram(
+            "prefixserve_time_to_first_token_seconds",
+            "Time to first token",
+            registry=r,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.itl = Histogram(
+            "prefixserve_inter_token_latency_seconds",
+            "Time between tokens",
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.batch = Histogram(
+            "prefixserve_batch_size",
+            "Rows sampled per engine step",
+            registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )
+        core = engine.core
+        Gauge("prefixserve_queue_depth", "Requests waiting", registry=r).set_function(
+            lambda: core.scheduler.num_waiting
+        )
+        Gauge("prefixserve_running_sequences", "Sequences in the batch", registry=r).set_function(
+            lambda: core.scheduler.num_running
+        )
+        r.register(_TierCollector(service))
+
+
+class _TierCollector:
+    """Prefix hits / misses / errors per tier, from the store's counters."""
+
+    def __init__(self, service: PrefixService) -> None:
+        self.service = service
+
+    def collect(self):
+        family = CounterMetricFamily(
+            "prefixserve_prefix_loads", "Prefix lookups per tier", labels=["tier", "result"]
+        )
+        for key, value in self.service.stats.snapshot().items():
+            tier, _, result = key.partition("_")
+            family.add_metric([tier, result], value)
+        yield family
+
+
+# ---- state ---------------------------------------------------------------------------------------
+@dataclass
+class State:
+    settings: ServerSettings
+    model: LoadedModel
+    service: PrefixService
+    engine: AsyncEngine
+    tenants: Tenants
+    limiter: RateLimiter
+    metrics: Metrics
+    ready: bool = False
+    draining: bool = False
+
+
+def _load(settings: ServerSettings) -> LoadedModel:
+    name = settings.model
+    if name == "tiny":
+        path = Path(settings.data_dir) / "tiny-gpt2"
+        if not (path / "config.json").exists():
+            write_tiny_model(path)
+        name = str(path)
+    return load_model(name, dtype=settings.dtype, device=settings.device)
+
+
+def create_app(settings: ServerSettings | None = None, model: LoadedModel | None = None) -> FastAPI:
+    settings = settings or ServerSettings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loaded = model or await asyncio.to_thread(_load, settings)
+        service = PrefixService(loaded, settings.store_config())
+        core = EngineCore(loaded, settings.engine_config(), prefixes=service.pool)
+        engine = AsyncEngine(core)
+        metrics = Metrics(engine, service)
+        engine.on_step = metrics.batch.observe
+        tenants = Tenants.from_settings(settings.api_keys, settings.api_keys_file, settings.auth)
+        limiter = RateLimiter(
+            settings.requests_per_minute, settings.tokens_per_minute, settings.redis_url or None
+        )
+        state = State(settings, loaded, service, engine, tenants, limiter, metrics)
+        app.state.s = state
+        engine.start()
+        async for _ in engine.generate("warm up", None):  # one real pass before /ready says yes
+            pass
+        state.ready = True
+        log.info("ready: model %s (%s) on %s", loaded.name, settings.dtype, settings.device)
+        try:
+            yield
+        finally:
+            state.draining = True
+            engine.stop()
+            service.close()
+
+    app = FastAPI(
+        title="prefixserve",
+        version="0.1.0",
+        description="Many prefix-tuning prefixes on one frozen GPT-2, mixed in one batched forward pass.",
+        lifespan=lifespan,
+    )
+    _install_error_handlers(app)
+    _install_routes(app)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(PrefixServeError)
+    async def _known(request: Request, exc: PrefixServeError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        return JSONResponse({"error": {"type": "invalid_request", "message": "; ".join(parts)}}, 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse({"error": {"type": kind, "message": str(exc.detail)}}, exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unknown(request: Request, exc: Exception) -> JSONResponse:
+        return _error_response(exc)
+
+    app.add_middleware(_CountRequests)
+
+
+class _CountRequests:
+    """Counts requests by endpoint, status and tenant. Plain ASGI (Starlette's BaseHTTPMiddleware
+    would hide client disconnects from the endpoints, and a gone client must abort its sequence)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in ("/metrics", "/health"):
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            state: State | None = getattr(scope["app"].state, "s", None)
+            if state is not None:
+                tenant = scope.get("state", {}).get("tenant", "-")
+                endpoint = getattr(scope.get("route"), "path", "unmatched")
+                state.metrics.requests.labels(endpoint, str(status), tenant).inc()
+
+
+def _state(request: Request) -> State:
+    return request.app.state.s
+
+
+def tenant_of(request: Request) -> str:
+    """Authenticate; new work is refused with 503 once the server is draining."""
+    state = _state(request)
+    tenant = state.tenants.authenticate(request.headers.get("authorization"))
+    request.state.tenant = tenant
+    return tenant
+
+
+def _admit(state: State) -> None:
+    if state.draining or not state.ready:
+        raise Draining("the server is shutting down or not ready; retry on another replica")
+
+
+def _install_routes(app: FastAPI) -> None:
+    @app.get("/health", tags=["ops"])
+    async def health() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["ops"], responses={503: {"model": ErrorResponse}})
+    async def ready(request: Request):
+        """Readiness: the model is loaded and warmed up (independent of Redis)."""
+        state: State | None = getattr(request.app.state, "s", None)
+        if state is None or not state.ready or state.draining:
+            return _error_response(Draining("not ready"))
+        return {"status": "ready", "model": state.model.name}
+
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    async def metrics(request: Request) -> PlainTextResponse:
+        """Prometheus metrics."""
+        return PlainTextResponse(
+            generate_latest(_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST
+        )
+
+    @app.post(
+        "/generate",
+        tags=["generate"],
+        response_model=GenerateResponse,
+        responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}},
+    )
+    async def generate(body: GenerateRequest, request: Request, tenant: str = Depends(tenant_of)):
+        """Generate text from the frozen model steered by one prefix (`prefix_id` null: the bare model).
+
+        With `stream: true` the answer is Server-Sent Events: one `token` event per token, then a `done`
+        event with `finish_reason` and `usage` (or an `error` event if generation fails midway).
+        """
+        state = _state(request)
+        _admit(state)
+        if body.prefix_id is not None:
+            state.service.visible(body.prefix_id, tenant)
+        prepared = state.engine.core.prepare(
+            body.input, body.sampling_params(), body.prefix_id, f"gen-{uuid.uuid4().hex[:16]}"
+        )
+        state.limiter.check(tenant, len(prepared.prompt_ids) + body.max_new_tokens)
+        outputs = _timed(state, tenant, state.engine.stream(prepared))
+        if body.stream:
+            first = await _first(outputs)  # errors before the first token are plain HTTP errors
+            return StreamingResponse(
+                _sse(prepared.request_id, body.prefix_id, first, outputs), media_type="text/event-stream"
+            )
+        return await _collect(request, state, prepared.request_id, body.prefix_id, outputs)
+
+    @app.post(
+        "/prefixes",
+        tags=["prefixes"],
+        status_code=201,
+        response_model=PrefixInfo,
+        responses=ERRORS,
+        openapi_extra=_UPLOAD_DOC,
+    )
+    async def add_prefix(request: Request, tenant: str = Depends(tenant_of)) -> PrefixInfo:
+        """Add a prefix: upload a native `.safetensors` prefix (`file`) or a PEFT adapter
+        (`adapter_config` + `adapter_model`) as multipart, or compile a text prompt (JSON `{"text"}`)."""
+        state = _state(request)
+        _admit(state)
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("application/json"):
+            body = TextPrefixRequest.model_validate_json(
+                await _read_limited(request, state.settings.max_upload_bytes)
+            )
+            meta = await asyncio.to_thread(
+                state.service.add_text, body.text, tenant, body.name, body.visibility
+            )
+            return PrefixInfo.of(meta)
+        if not ctype.startswith("multipart/form-data"):
+            raise InvalidPrefixFile(
+                f"expected multipart/form-data or application/json, got {ctype or 'none'!r}"
+            )
+        meta = await _add_upload(request, state, tenant)
+        return PrefixInfo.of(meta)
+
+    @app.get("/prefixes", tags=["prefixes"], response_model=PrefixList, responses=ERRORS)
+    async def list_prefixes(request: Request, tenant: str = Depends(tenant_of)) -> PrefixList:
+        """Your own prefixes and every public one."""
+        metas = await asyncio.to_thread(_state(request).service.list, tenant)
+        return PrefixList(prefixes=[PrefixInfo.of(m) for m in metas])
+
+    @app.get("/prefixes/{prefix_id}", tags=["prefixes"], response_model=PrefixInfo, responses=ERRORS)
+    async def get_prefix(prefix_id: str, request: Request, tenant: str = Depends(tenant_of)) -> PrefixInfo:
+        return PrefixInfo.of(_visible(_state(request), prefix_id, tenant))
+
+    @app.delete("/prefixes/{prefix_id}", tags=["prefixes"], status_code=204, responses={**ERRORS, 403: {}})
+    async def delete_prefix(prefix_id: str, request: Request, tenant: str = Depends(tenant_of)) -> None:
+        """Delete one of your prefixes (public ones too); others' prefixes cannot be deleted."""
+        state = _state(request)
+        meta = _visible(state, prefix_id, tenant)
+        if meta.owner != tenant:
+            raise Forbidden(
+                f"prefix {prefix_id!r} is public but owned by another tenant; only its owner can delete it"
+            )
+        await asyncio.to_thread(state.service.delete, prefix_id)
+
+
+_UPLOAD_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "a native prefix file"},
+                        "adapter_config": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "PEFT config",
+                        },
+                        "adapter_model": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "PEFT weights",
+                        },
+                        "name": {"type": "string", "maxLength": 128},
+                        "visibility": {"type": "string", "enum": ["private", "public"]},
+                    },
+                }
+            },
+            "application/json": {"schema": TextPrefixRequest.model_json_schema()},
+        },
+    }
+}
+
+
+def _visible(state: State, prefix_id: str, tenant: str):
+    try:
+        return state.service.visible(prefix_id, tenant)
+    except InvalidPrefixFile:  # an id that cannot exist is simply not found
+        raise PrefixNotFound(prefix_id) from None
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _add_upload(request: Request, state: State, tenant: str):
+    limit = state.settings.max_upload_bytes
+    body = await _read_limited(request, limit + 64 * 1024)  # the files plus the multipart framing
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield body
+
+    try:
+        form = await MultiPartParser(
+            request.headers, chunks(), max_files=3, max_fields=8, max_part_size=limit
+        ).parse()
+    except MultiPartException as exc:
+        raise InvalidPrefixFile(f"malformed multipart upload: {exc.message}") from None
+    name = str(form.get("name") or "")
+    visibility = str(form.get("visibility") or "private")
+    if len(name) > 128 or visibility not in ("private", "public"):
+        raise InvalidPrefixFile("name must be at most 128 characters and visibility 'private' or 'public'")
+    files = {k: v for k, v in form.multi_items() if hasattr(v, "read")}
+    if set(files) == {"file"}:
+        data = await files["file"].read()
+        return await asyncio.to_thread(state.service.add_file, data, tenant, name, visibility)
+    if set(files) == {"adapter_config", "adapter_model"}:
+        cfg, weights = await files["adapter_config"].read(), await files["adapter_model"].read()
+        return await asyncio.to_thread(state.service.add_peft, cfg, weights, tenant, name, visibility)
+    raise InvalidPrefixFile(
+        "upload either 'file' (a prefix .safetensors) or 'adapter_config' + 'adapter_model' (PEFT);"
+        f" got {sorted(files)}"
+    )
+
+
+# ---- generation helpers ------------------------------------------------------------------------
+async def _timed(
+    state: State, tenant: str, outputs: AsyncIterator[RequestOutput]
+) -> AsyncIterator[RequestOutput]:
+    """Pass outputs through, recording time to first token, inter-token latency and token counts."""
+    start = last = time.monotonic()
+    first = True
+    async for out in outputs:
+        now = time.monotonic()
+        if out.token_ids:
+            (state.metrics.ttft if first else state.metrics.itl).observe(now - (start if first else last))
+            state.metrics.tokens.labels(tenant).inc(len(out.token_ids))
+            first, last = False, now
+        yield out
+
+
+async def _first(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+    return await anext(outputs)
+
+
+def _usage(out: RequestOutput) -> dict[str, int]:
+    return {
+        "prefix_tokens": out.prefix_tokens,
+        "prompt_tokens": out.prompt_tokens,
+        "completion_tokens": out.completion_tokens,
+    }
+
+
+async def _sse(rid: str, prefix_id: str | None, first: RequestOutput, rest: AsyncIterator[RequestOutput]):
+    """SSE events; leaving this generator early (client gone) closes `rest`, which aborts the request."""
+    try:
+        out = first
+        while True:
+            if out.token_ids or out.text:
+                token = {"id": rid, "token_ids": out.token_ids, "text": out.text}
+                yield f"event: token\ndata: {json.dumps(token)}\n\n"
+            if out.finished:
+                done = {
+                    "id": rid,
+                    "prefix_id": prefix_id,
+                    "finish_reason": out.finish_reason.value,
+                    "usage": _usage(out),
+                }
+                yield f"event: done\ndata: {json.dumps(done)}\n\n"
+                return
+            out = await anext(rest)
+    except Exception as exc:  # after the headers went out, errors travel as an event
+        yield _error_event(exc)
+    finally:
+        await rest.aclose()
+
+
+async def _collect(
+    request: Request, state: State, rid: str, prefix_id: str | None, outputs: AsyncIterator[RequestOutput]
+) -> GenerateResponse:
+    """Gather a whole answer; a client that disconnects or a passed deadline aborts the request."""
+
+    async def gather() -> tuple[str, RequestOutput]:
+        text, last = [], None
+        async for out in outputs:
+            text.append(out.text)
+            last = out
+        return "".join(text), last
+
+    task = asyncio.ensure_future(gather())
+    deadline = time.monotonic() + state.settings.request_timeout_s
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.05)
+            if task.done():
+                break
+            if await request.is_disconnected():
+                raise asyncio.CancelledError  # the finally below aborts the sequence
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(
+                    f"generation did not finish within {state.settings.request_timeout_s}s"
+                )
+        text, last = task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await outputs.aclose()
+    if last.finish_reason == FinishReason.CANCELLED:
+        raise Draining("the request was cancelled because the server is stopping")
+    return GenerateResponse(
+        id=rid,
+        prefix_id=prefix_id,
+        text=text,
+        finish_reason=last.finish_reason.value,
+        usage=Usage(**_usage(last)),
+    )
+
+
+__all__ = ["RateLimited", "create_app"]

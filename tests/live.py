@@ -1,0 +1,50 @@
+"""A live uvicorn serving the real app on a free loopback port (in a thread, so tests can look inside)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import uvicorn
+
+from prefix_store.redis_server import free_port
+from prefixserve.app import create_app
+from prefixserve.model import LoadedModel
+from prefixserve.settings import ServerSettings
+
+
+class LiveServer:
+    def __init__(self, settings: ServerSettings, model: LoadedModel | None = None) -> None:
+        self.port = free_port()
+        self.app = create_app(settings, model)
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def state(self):
+        return self.app.state.s
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not become ready")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

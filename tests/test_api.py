@@ -1,0 +1,332 @@
+"""The HTTP API against a live uvicorn (tiny model, real engine and store)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+from prefix_store.format import PrefixMeta, encode_prefix
+from prefixserve.settings import ServerSettings
+
+from .live import LiveServer
+from .reference import hf_generate
+
+ALICE, BOB = "alice-key-0123456789", "bob-key-0123456789ab"
+A = {"Authorization": f"Bearer {ALICE}"}
+B = {"Authorization": f"Bearer {BOB}"}
+
+
+def settings_for(tmp_path, **over) -> ServerSettings:
+    base = dict(
+        data_dir=str(tmp_path),
+        api_keys=f"alice:{ALICE},bob:{BOB}",
+        max_running=4,
+        max_waiting=4,
+        max_upload_bytes=256 * 1024,
+        max_prefix_len=64,
+    )
+    return ServerSettings(**{**base, **over})
+
+
+@pytest.fixture(scope="module")
+def api(tiny_model, tmp_path_factory):
+    server = LiveServer(settings_for(tmp_path_factory.mktemp("api")), tiny_model).start()
+    yield server
+    server.stop()
+
+
+def wait_until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def text_prefix(api, headers, text="Answer briefly.\n", visibility="private") -> dict:
+    r = httpx.post(api.url + "/prefixes", json={"text": text, "visibility": visibility}, headers=headers)
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+# ---- ops and auth ----------------------------------------------------------------------------
+def test_health_ready_metrics(api):
+    assert httpx.get(api.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(api.url + "/ready").json()["status"] == "ready"
+    httpx.post(api.url + "/generate", json={"input": "hi", "max_new_tokens": 2}, headers=A)
+    text = httpx.get(api.url + "/metrics").text
+    for name in (
+        "prefixserve_requests_total",
+        "prefixserve_queue_depth",
+        "prefixserve_running_sequences",
+        "prefixserve_batch_size",
+        "prefixserve_generated_tokens_total",
+        "prefixserve_time_to_first_token_seconds",
+        "prefixserve_inter_token_latency_seconds",
+        "prefixserve_prefix_loads_total",
+    ):
+        assert name in text, name
+    assert 'tenant="alice"' in text
+
+
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer wrong-key-0123456789"}, {"Authorization": "Basic x"}]
+)
+def test_missing_or_invalid_key_is_401(api, headers):
+    r = httpx.post(api.url + "/generate", json={"input": "hi"}, headers=headers)
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert r.json()["error"]["type"] == "unauthorized"
+    assert httpx.get(api.url + "/prefixes", headers=headers).status_code == 401
+
+
+# ---- generate ------------------------------------------------------------------------------------
+def test_generate_with_a_text_prefix_matches_the_reference(api, tiny_model, hf_model):
+    text = "name : Aromi | food : Italian\nAromi serves Italian food.\n"
+    p = text_prefix(api, A, text)
+    assert (
+        p["source"] == "text"
+        and p["owner"] == "alice"
+        and p["prefix_len"] == len(tiny_model.tokenizer.encode(text))
+    )
+    r = httpx.post(
+        api.url + "/generate",
+        headers=A,
+        json={"prefix_id": p["id"], "input": "name : Cotto", "max_new_tokens": 10},
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ids = tiny_model.tokenizer.encode(text) + tiny_model.tokenizer.encode("name : Cotto")
+    ref, _ = hf_generate(hf_model, ids, None, 10)
+    assert body["text"] == tiny_model.tokenizer.decode(ref)
+    assert body["usage"] == {
+        "prefix_tokens": p["prefix_len"],
+        "prompt_tokens": 4,
+        "completion_tokens": 10,
+    } or (body["usage"]["completion_tokens"] == 10 and body["usage"]["prefix_tokens"] == p["prefix_len"])
+    assert body["finish_reason"] in ("length", "eos") and body["prefix_id"] == p["id"]
+
+
+def test_streaming_sends_token_events_then_done(api):
+    req = {"input": "The Eagle", "max_new_tokens": 8, "temperature": 0.8, "seed": 3}
+    plain = httpx.post(api.url + "/generate", json=req, headers=A).json()
+    events = []
+    with httpx.stream("POST", api.url + "/generate", json={**req, "stream": True}, headers=A) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        kind = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                events.append((kind, json.loads(line[6:])))
+    tokens = [e for k, e in events if k == "token"]
+    assert len(tokens) == 8 and all(len(e["token_ids"]) == 1 for e in tokens)
+    assert events[-1][0] == "done" and events[-1][1]["finish_reason"] == plain["finish_reason"]
+    assert "".join(e["text"] for e in tokens) == plain["text"]  # seeded: same text streamed or not
+    assert events[-1][1]["usage"]["completion_tokens"] == 8
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"input": "x", "max_new_tokens": 300}, "= 301 exceeds the model's n_positions of 256"),
+        ({"input": "x", "top_p": 0}, "top_p"),
+        ({"input": "x", "temperature": -1}, "temperature"),
+        ({"input": ""}, "input"),
+        ({"input": "x", "unknown": 1}, "unknown"),
+        ({"input": "x", "stop": [""]}, "stop"),
+        ({"max_new_tokens": 3}, "input"),
+        ({"input": "x", "prefix_id": "pfx-nope"}, "not found"),
+    ],
+)
+def test_bad_requests_are_4xx_with_a_clear_reason(api, body, needle):
+    r = httpx.post(api.url + "/generate", json=body, headers=A)
+    assert r.status_code in (404, 422), r.text
+    assert needle in r.json()["error"]["message"]
+
+
+def test_not_json_and_wrong_types_are_422(api):
+    r = httpx.post(
+        api.url + "/generate", content=b"{not json", headers={**A, "content-type": "application/json"}
+    )
+    assert r.status_code == 422
+    r = httpx.post(api.url + "/generate", json={"input": "x", "max_new_tokens": "many"}, headers=A)
+    assert r.status_code == 422 and "max_new_tokens" in r.json()["error"]["message"]
+
+
+# ---- prefixes ------------------------------------------------------------------------------------
+def native_file(model, p=4) -> bytes:
+    meta = PrefixMeta(
+        id="pfx-upload", model_fingerprint=model.fingerprint, prefix_len=p, dtype="float32", owner="z"
+    )
+    return encode_prefix(torch.randn(model.spec.prefix_shape(p)), meta)
+
+
+def test_upload_native_and_peft_and_errors(api, tiny_model):
+    r = httpx.post(
+        api.url + "/prefixes",
+        headers=A,
+        files={"file": ("p.safetensors", native_file(tiny_model))},
+        data={"name": "uploaded", "visibility": "public"},
+    )
+    assert r.status_code == 201, r.text
+    assert (
+        r.json()["name"] == "uploaded" and r.json()["owner"] == "alice" and r.json()["visibility"] == "public"
+    )
+    spec = tiny_model.spec
+    cfg = {
+        "peft_type": "PREFIX_TUNING",
+        "task_type": "CAUSAL_LM",
+        "num_virtual_tokens": 3,
+        "num_layers": spec.n_layer,
+        "num_attention_heads": spec.n_head,
+        "token_dim": spec.n_embd,
+    }
+    weights = st_save({"prompt_embeddings": torch.randn(3, spec.n_layer * 2 * spec.n_embd)})
+    r = httpx.post(
+        api.url + "/prefixes",
+        headers=A,
+        files={
+            "adapter_config": ("adapter_config.json", json.dumps(cfg)),
+            "adapter_model": ("m.safetensors", weights),
+        },
+    )
+    assert r.status_code == 201 and r.json()["source"] == "peft" and r.json()["prefix_len"] == 3
+    bad = httpx.post(api.url + "/prefixes", headers=A, files={"file": ("p.safetensors", b"\x80\x04pickle")})
+    assert bad.status_code == 422 and "pickle" in bad.json()["error"]["message"]
+    big = httpx.post(api.url + "/prefixes", headers=A, files={"file": ("p.safetensors", bytes(400 * 1024))})
+    assert big.status_code == 413 and big.json()["error"]["type"] == "payload_too_large"
+    odd = httpx.post(api.url + "/prefixes", headers=A, files={"other": ("x", b"123")})
+    assert odd.status_code == 422 and "upload either" in odd.json()["error"]["message"]
+    wrong = httpx.post(api.url + "/prefixes", headers={**A, "content-type": "text/plain"}, content=b"hello")
+    assert wrong.status_code == 422
+
+
+def test_tenant_isolation_matrix(api):
+    private = text_prefix(api, A, "alice's secret instructions\n")
+    public = text_prefix(api, A, "alice's public instructions\n", visibility="public")
+
+    def gen(pid: str, h: dict) -> httpx.Response:
+        body = {"prefix_id": pid, "input": "x", "max_new_tokens": 2}
+        return httpx.post(api.url + "/generate", json=body, headers=h)
+
+    # owner: everything
+    assert httpx.get(api.url + f"/prefixes/{private['id']}", headers=A).status_code == 200
+    assert gen(private["id"], A).status_code == 200
+    # other tenant on a private prefix: indistinguishable from an unknown id, on every endpoint
+    unknown = "pfx-0000000000000000"
+    for method, path in [("GET", "/prefixes/{}"), ("DELETE", "/prefixes/{}")]:
+        foreign = httpx.request(method, api.url + path.format(private["id"]), headers=B)
+        missing = httpx.request(method, api.url + path.format(unknown), headers=B)
+        assert foreign.status_code == missing.status_code == 404
+        assert foreign.json()["error"]["message"].replace(private["id"], "?") == missing.json()["error"][
+            "message"
+        ].replace(unknown, "?")
+    assert gen(private["id"], B).status_code == gen(unknown, B).status_code == 404
+    ids_b = {p["id"] for p in httpx.get(api.url + "/prefixes", headers=B).json()["prefixes"]}
+    assert private["id"] not in ids_b and public["id"] in ids_b
+    # public: readable and usable by all, deletable by its owner only
+    assert httpx.get(api.url + f"/prefixes/{public['id']}", headers=B).status_code == 200
+    assert gen(public["id"], B).status_code == 200
+    r = httpx.delete(api.url + f"/prefixes/{public['id']}", headers=B)
+    assert r.status_code == 403 and r.json()["error"]["type"] == "forbidden"
+    assert httpx.delete(api.url + f"/prefixes/{public['id']}", headers=A).status_code == 204
+    assert httpx.get(api.url + f"/prefixes/{public['id']}", headers=A).status_code == 404
+    assert httpx.get(api.url + f"/prefixes/{private['id']}", headers=A).status_code == 200  # untouched
+    assert httpx.get(api.url + "/prefixes/..%2F..%2Fetc", headers=A).status_code == 404
+
+
+# ---- disconnects, overload, limits ------------------------------------------------------------
+def test_streaming_client_disconnect_frees_the_slot(api):
+    core = api.state.engine.core
+    wait_until(lambda: core.runner.num_used == 0)
+    req = {"input": "The Mill", "max_new_tokens": 200, "stream": True}
+    with httpx.stream("POST", api.url + "/generate", json=req, headers=A) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("event: token")
+        assert core.runner.num_used == 1
+    wait_until(lambda: core.runner.num_used == 0 and core.num_live == 0)
+
+
+def generated_tokens(api, tenant: str) -> float:
+    for line in httpx.get(api.url + "/metrics").text.splitlines():
+        if line.startswith(f'prefixserve_generated_tokens_total{{tenant="{tenant}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_non_streaming_client_disconnect_frees_the_slot(api):
+    core = api.state.engine.core
+    wait_until(lambda: core.runner.num_used == 0)
+    before = generated_tokens(api, "alice")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            api.url + "/generate",
+            json={"input": "The Mill", "max_new_tokens": 240},
+            headers=A,
+            timeout=httpx.Timeout(5, read=0.02),
+        )
+    wait_until(lambda: core.num_live == 0 and core.runner.num_used == 0)
+    assert generated_tokens(api, "alice") - before < 240  # aborted, not run to the end
+
+
+def test_overload_answers_429_with_retry_after_never_5xx(api):
+    req = {"input": "Blue Spice", "max_new_tokens": 200}
+
+    def call(_):
+        return httpx.post(api.url + "/generate", json=req, headers=A, timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(call, range(16)))
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) <= {200, 429} and 429 in codes and 200 in codes, codes
+    limited = next(r for r in responses if r.status_code == 429)
+    assert int(limited.headers["retry-after"]) >= 1 and limited.json()["error"]["type"] == "overloaded"
+
+
+def test_per_tenant_rate_limit(tiny_model, tmp_path):
+    server = LiveServer(settings_for(tmp_path, requests_per_minute=2), tiny_model).start()
+    try:
+        ok = [
+            httpx.post(server.url + "/generate", json={"input": "x", "max_new_tokens": 1}, headers=A)
+            for _ in range(2)
+        ]
+        assert [r.status_code for r in ok] == [200, 200]
+        r = httpx.post(server.url + "/generate", json={"input": "x", "max_new_tokens": 1}, headers=A)
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limited"
+        assert 1 <= int(r.headers["retry-after"]) <= 60
+        other = httpx.post(server.url + "/generate", json={"input": "x", "max_new_tokens": 1}, headers=B)
+        assert other.status_code == 200  # limits are per tenant
+    finally:
+        server.stop()
+
+
+def test_redis_killed_during_a_load_still_serves(tiny_model, tmp_path, own_redis):
+    server = LiveServer(settings_for(tmp_path, redis_url=own_redis.url), tiny_model).start()
+    try:
+        p = text_prefix(server, A, "name : Zizzi\n")
+        server.state.service.pool.evict(p["id"])  # cold: the next request loads it through the tiers
+        own_redis.kill()
+        r = httpx.post(
+            server.url + "/generate",
+            json={"prefix_id": p["id"], "input": "x", "max_new_tokens": 3},
+            headers=A,
+        )
+        assert r.status_code == 200, r.text
+        assert httpx.get(server.url + "/ready").status_code == 200
+        assert httpx.get(server.url + "/prefixes", headers=A).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_openapi_documents_every_endpoint(api):
+    spec = httpx.get(api.url + "/openapi.json").json()
+    for path in ("/generate", "/prefixes", "/prefixes/{prefix_id}", "/health", "/ready", "/metrics"):
+        assert path in spec["paths"], path
+    gen = spec["paths"]["/generate"]["post"]
+    assert "examples" in json.dumps(spec["components"]["schemas"]["GenerateRequest"])
+    assert {"401", "404", "422", "429"} <= set(gen["responses"])
