@@ -220,6 +220,9 @@ def create_app(settings: ServerSettings | None = None, model: LoadedModel | None
     )
     _install_error_handlers(app)
     _install_routes(app)
+    from . import openai_api  # imports helpers from this module
+
+    openai_api.install(app)
     return app
 
 

@@ -330,3 +330,44 @@ def test_openapi_documents_every_endpoint(api):
     gen = spec["paths"]["/generate"]["post"]
     assert "examples" in json.dumps(spec["components"]["schemas"]["GenerateRequest"])
     assert {"401", "404", "422", "429"} <= set(gen["responses"])
+
+
+# ---- OpenAI compatibility (the official SDK, unchanged) --------------------------------------------
+def test_openai_sdk_models_completions_and_streaming(api, tiny_model):
+    from pathlib import Path
+
+    import openai
+
+    client = openai.OpenAI(base_url=api.url + "/v1", api_key=ALICE, max_retries=0)
+    p = text_prefix(api, A, "name : The Punter | food : English\n")
+    ids = [m.id for m in client.models.list().data]
+    assert ids[0] == Path(tiny_model.name).name  # the bare model, by its checkpoint's name
+    assert p["id"] in ids
+    done = client.completions.create(
+        model=p["id"], prompt="name : Aromi", max_tokens=6, temperature=0, seed=1
+    )
+    assert done.object == "text_completion" and done.choices[0].finish_reason in ("length", "stop")
+    assert done.usage.completion_tokens == 6 and done.usage.total_tokens == done.usage.prompt_tokens + 6
+    native = httpx.post(
+        api.url + "/generate",
+        headers=A,
+        json={"prefix_id": p["id"], "input": "name : Aromi", "max_new_tokens": 6},
+    ).json()
+    assert done.choices[0].text == native["text"]
+    chunks = list(
+        client.completions.create(
+            model=p["id"], prompt="name : Aromi", max_tokens=6, temperature=0, stream=True
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks) == native["text"]
+    assert chunks[-1].choices[0].finish_reason == "length" and all(
+        c.choices[0].finish_reason is None for c in chunks[:-1]
+    )
+    bare = client.completions.create(model=ids[0], prompt="Hello", max_tokens=3)
+    assert len(bare.choices) == 1
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="pfx-unknown00", prompt="x", max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=api.url + "/v1", api_key="nope-nope-nope-nope", max_retries=0).models.list()
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.completions.create(model=ids[0], prompt="x", max_tokens=10_000)
