@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from prefix_store.format import PrefixMeta
+from prefix_store.format import PREFIX_ID, PrefixMeta
 
 from .engine import SamplingParams
 from .engine.request import MAX_SEED, MAX_STOP_LEN, MAX_STOP_STRINGS
@@ -33,7 +33,9 @@ class GenerateRequest(BaseModel):
         },
     )
 
-    prefix_id: str | None = Field(None, max_length=64, description="a prefix id; null runs the bare model")
+    prefix_id: str | None = Field(
+        None, pattern=PREFIX_ID.pattern, description="a prefix id; null runs the bare model"
+    )
     input: str = Field(..., min_length=1, max_length=MAX_INPUT_CHARS)
     max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy")

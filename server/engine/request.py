@@ -10,6 +10,7 @@ from ..errors import InvalidRequest
 MAX_STOP_STRINGS = 16
 MAX_STOP_LEN = 256
 MAX_SEED = 2**63 - 1
+GREEDY_BELOW = 1e-5
 
 
 class FinishReason(StrEnum):
@@ -38,7 +39,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW  # tinier temperatures are argmax up to rounding anyway
 
     def validate(self, vocab_size: int) -> None:
         """Raise InvalidRequest naming the first parameter out of range."""

@@ -25,7 +25,7 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, then top_k, then top_p on one row. logits `[V]` (float32) -> `[V]`."""
-    logits = logits / params.temperature
+    logits = (logits - logits.max()) / params.temperature  # the top logit is 0: no overflow to inf
     if 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -34,6 +34,7 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         probs = sorted_logits.softmax(-1)
         # drop a token when the tokens ranked above it already reach top_p (the first is always kept)
         drop = probs.cumsum(-1) - probs >= params.top_p  # [V]
+        drop[0] = False  # explicitly: a top_p below float32's range would otherwise drop everything
         logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
     return logits
 
