@@ -371,3 +371,36 @@ def test_openai_sdk_models_completions_and_streaming(api, tiny_model):
         openai.OpenAI(base_url=api.url + "/v1", api_key="nope-nope-nope-nope", max_retries=0).models.list()
     with pytest.raises(openai.UnprocessableEntityError):
         client.completions.create(model=ids[0], prompt="x", max_tokens=10_000)
+
+
+def test_openai_endpoint_keeps_tenants_apart(api):
+    import openai
+
+    private = text_prefix(api, A, "alice only\n")
+    bob = openai.OpenAI(base_url=api.url + "/v1", api_key=BOB, max_retries=0)
+    assert private["id"] not in [m.id for m in bob.models.list().data]
+    with pytest.raises(openai.NotFoundError):
+        bob.completions.create(model=private["id"], prompt="x", max_tokens=2)
+
+
+def test_deadline_and_auth_off_and_keys_file(tiny_model, tmp_path):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"carol": ["carol-key-0123456789"]}))
+    server = LiveServer(
+        settings_for(tmp_path, api_keys="", api_keys_file=str(keys), request_timeout_s=0.02), tiny_model
+    ).start()
+    try:
+        carol = {"Authorization": "Bearer carol-key-0123456789"}
+        assert httpx.get(server.url + "/prefixes", headers=carol).status_code == 200
+        assert httpx.get(server.url + "/prefixes", headers=A).status_code == 401  # not in the file
+        r = httpx.post(server.url + "/generate", json={"input": "x", "max_new_tokens": 240}, headers=carol)
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
+        wait_until(lambda: server.state.engine.core.num_live == 0)  # the sequence was aborted
+    finally:
+        server.stop()
+    open_server = LiveServer(settings_for(tmp_path / "open", auth=False), tiny_model).start()
+    try:
+        r = httpx.post(open_server.url + "/prefixes", json={"text": "no keys here\n"})
+        assert r.status_code == 201 and r.json()["owner"] == "default"
+    finally:
+        open_server.stop()
