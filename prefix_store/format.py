@@ -35,6 +35,7 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 MAX_HEADER_BYTES = 64 * 1024
 MAX_NAME_LEN = 128
 PREFIX_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{2,63}$")
+OPTIONAL = {"input_suffix": ""}  # metadata added after format version 1 first shipped
 
 
 class InvalidPrefixFile(PrefixServeError):
@@ -68,12 +69,14 @@ class PrefixMeta:
     format_version: str = FORMAT_VERSION
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     sha256: str = ""
+    input_suffix: str = ""  # appended to every input at serving time (a trained prefix's separator)
 
     def to_strings(self) -> dict[str, str]:
         return {f.name: str(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
     def from_strings(cls, raw: dict[str, str]) -> PrefixMeta:
+        raw = {**OPTIONAL, **raw}
         missing = [f.name for f in fields(cls) if f.name not in raw]
         if missing:
             raise InvalidPrefixFile(f"metadata is missing {missing}; found keys {sorted(raw)}")
@@ -103,6 +106,10 @@ class PrefixMeta:
         if self.dtype not in DTYPE_NAMES.values():
             raise InvalidPrefixFile(
                 f"dtype must be one of {sorted(DTYPE_NAMES.values())}, got {self.dtype!r}"
+            )
+        if len(self.input_suffix) > 16:
+            raise InvalidPrefixFile(
+                f"input_suffix must be at most 16 characters, got {len(self.input_suffix)}"
             )
         if len(self.name) > MAX_NAME_LEN:
             raise InvalidPrefixFile(f"name must be at most {MAX_NAME_LEN} characters, got {len(self.name)}")

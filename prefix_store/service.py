@@ -90,8 +90,11 @@ class PrefixService:
         name: str = "",
         visibility: str = "private",
         source: str = "upload",
+        prefix_id: str | None = None,
+        input_suffix: str = "",
     ) -> PrefixMeta:
-        """Validate canonical K/V against the model, store it under a new id, return its metadata."""
+        """Validate canonical K/V against the model, store it (under a new id unless `prefix_id` is
+        given; an existing id raises PrefixExists), return its metadata."""
         kv = kv.detach().cpu()
         if kv.dim() != 5:
             raise InvalidPrefixFile(
@@ -100,7 +103,7 @@ class PrefixService:
         if kv.dtype not in DTYPE_NAMES:
             kv = kv.float()
         meta = PrefixMeta(
-            id=f"pfx-{secrets.token_hex(8)}",
+            id=prefix_id or f"pfx-{secrets.token_hex(8)}",
             model_fingerprint=self.model.fingerprint,
             prefix_len=kv.shape[3],
             dtype=DTYPE_NAMES[kv.dtype],
@@ -108,6 +111,7 @@ class PrefixService:
             name=name,
             visibility=visibility,
             source=source,
+            input_suffix=input_suffix,
         )
         data = encode_prefix(kv, meta)
         kv, meta = decode_prefix(data, self.expect)  # the same validation as every load

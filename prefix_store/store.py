@@ -48,6 +48,24 @@ class DurableStore:
                 raise PrefixExists(f"prefix {prefix_id!r} already exists")
             self.fs.pipe_file(final, data)
 
+    def training_path(self, job_id: str) -> str:
+        return f"{self.root}/training/{check_prefix_id(job_id)}.jsonl"
+
+    def put_training_data(self, job_id: str, data: bytes) -> None:
+        """A job's dataset (JSONL), written once, atomically, before the job is queued."""
+        final = self.training_path(job_id)
+        self.fs.makedirs(f"{self.root}/training", exist_ok=True)
+        if self.local:
+            self._put_local(final, data)
+        else:
+            self.fs.pipe_file(final, data)
+
+    def get_training_data(self, job_id: str) -> bytes:
+        try:
+            return self.fs.cat_file(self.training_path(job_id))
+        except FileNotFoundError:
+            raise PrefixNotFound(job_id) from None
+
     def _put_local(self, final: str, data: bytes) -> None:
         tmp = f"{self.root}/.tmp-{uuid.uuid4().hex}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily
+from pydantic import ValidationError as PydanticValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -36,13 +38,14 @@ from prefix_store.service import PrefixService
 
 from .auth import Tenants
 from .engine import AsyncEngine, EngineCore, FinishReason, RequestOutput
-from .errors import PrefixNotFound, PrefixServeError
+from .errors import InvalidRequest, PrefixNotFound, PrefixServeError
 from .limits import RateLimited, RateLimiter
 from .model import LoadedModel, load_model
 from .schemas import (
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
+    JobInfo,
     PrefixInfo,
     PrefixList,
     TextPrefixRequest,
@@ -50,6 +53,9 @@ from .schemas import (
 )
 from .settings import ServerSettings
 from .tiny import write_tiny_model
+from .training.data import Hyperparameters, TrainPrefixRequest, parse_jsonl, validate_dataset
+from .training.jobs import Job, JobNotFound, JobQueue, LocalJobQueue, RedisJobQueue, cancel
+from .training.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +88,7 @@ STATUS = {
     "conflict": 409,
     "payload_too_large": 413,
     "timeout": 504,
+    "job_not_found": 404,
 }
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422, 429, 503)}
 
@@ -169,6 +176,7 @@ class State:
     tenants: Tenants
     limiter: RateLimiter
     metrics: Metrics
+    jobs: JobQueue
     ready: bool = False
     draining: bool = False
 
@@ -198,7 +206,18 @@ def create_app(settings: ServerSettings | None = None, model: LoadedModel | None
         limiter = RateLimiter(
             settings.requests_per_minute, settings.tokens_per_minute, settings.redis_url or None
         )
-        state = State(settings, loaded, service, engine, tenants, limiter, metrics)
+        jobs: JobQueue
+        stop_worker = threading.Event()
+        worker_thread: threading.Thread | None = None
+        if settings.redis_url:  # workers run as their own processes (prefixserve worker)
+            jobs = RedisJobQueue(settings.redis_url, settings.job_reclaim_s)
+        else:  # the embedded default: the same worker code on a thread
+            jobs = LocalJobQueue()
+            worker_thread = threading.Thread(
+                target=Worker(jobs, service).run, args=(stop_worker,), name="train-worker", daemon=True
+            )
+            worker_thread.start()
+        state = State(settings, loaded, service, engine, tenants, limiter, metrics, jobs)
         app.state.s = state
         engine.start()
         async for _ in engine.generate("warm up", None):  # one real pass before /ready says yes
@@ -209,6 +228,9 @@ def create_app(settings: ServerSettings | None = None, model: LoadedModel | None
             yield
         finally:
             state.draining = True
+            stop_worker.set()
+            if worker_thread is not None:
+                await asyncio.to_thread(worker_thread.join, 30)
             engine.stop()
             service.close()
 
@@ -237,6 +259,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
             parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        return JSONResponse({"error": {"type": "invalid_request", "message": "; ".join(parts)}}, 422)
+
+    @app.exception_handler(PydanticValidationError)
+    async def _body_validation(request: Request, exc: PydanticValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
         return JSONResponse({"error": {"type": "invalid_request", "message": "; ".join(parts)}}, 422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -332,10 +359,11 @@ def _install_routes(app: FastAPI) -> None:
         """
         state = _state(request)
         _admit(state)
+        text_in = body.input
         if body.prefix_id is not None:
-            state.service.visible(body.prefix_id, tenant)
+            text_in += _visible(state, body.prefix_id, tenant).input_suffix  # a trained prefix's separator
         prepared = state.engine.core.prepare(
-            body.input, body.sampling_params(), body.prefix_id, f"gen-{uuid.uuid4().hex[:16]}"
+            text_in, body.sampling_params(), body.prefix_id, f"gen-{uuid.uuid4().hex[:16]}"
         )
         state.limiter.check(tenant, len(prepared.prompt_ids) + body.max_new_tokens)
         outputs = _timed(state, tenant, state.engine.stream(prepared))
@@ -354,26 +382,43 @@ def _install_routes(app: FastAPI) -> None:
         responses=ERRORS,
         openapi_extra=_UPLOAD_DOC,
     )
-    async def add_prefix(request: Request, tenant: str = Depends(tenant_of)) -> PrefixInfo:
+    async def add_prefix(request: Request, tenant: str = Depends(tenant_of)):
         """Add a prefix: upload a native `.safetensors` prefix (`file`) or a PEFT adapter
-        (`adapter_config` + `adapter_model`) as multipart, or compile a text prompt (JSON `{"text"}`)."""
+        (`adapter_config` + `adapter_model`) as multipart, compile a text prompt (JSON `{"text"}`), or
+        train one: JSON `{"train": {"examples": [{"input", "output"}], ...hyperparameters}}` or a
+        multipart `train` JSONL file (+ `hyperparameters` as JSON) -> 202 with the job."""
         state = _state(request)
         _admit(state)
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("application/json"):
-            body = TextPrefixRequest.model_validate_json(
-                await _read_limited(request, state.settings.max_upload_bytes)
-            )
+            data = _json_object(await _read_limited(request, state.settings.max_upload_bytes))
+            if "train" in data:
+                body = TrainPrefixRequest.model_validate(data)
+                return await _submit_training(
+                    state, tenant, body.train, body.train.examples, body.name, body.visibility
+                )
+            text = TextPrefixRequest.model_validate(data)
             meta = await asyncio.to_thread(
-                state.service.add_text, body.text, tenant, body.name, body.visibility
+                state.service.add_text, text.text, tenant, text.name, text.visibility
             )
-            return PrefixInfo.of(meta)
+            return JSONResponse(PrefixInfo.of(meta).model_dump(), 201)
         if not ctype.startswith("multipart/form-data"):
             raise InvalidPrefixFile(
                 f"expected multipart/form-data or application/json, got {ctype or 'none'!r}"
             )
-        meta = await _add_upload(request, state, tenant)
-        return PrefixInfo.of(meta)
+        return await _add_upload(request, state, tenant)
+
+    @app.get("/jobs/{job_id}", tags=["jobs"], response_model=JobInfo, responses=ERRORS)
+    async def get_job(job_id: str, request: Request, tenant: str = Depends(tenant_of)) -> JobInfo:
+        """A training job's status, progress and loss curve (your own jobs only)."""
+        return JobInfo.of(_own_job(_state(request), job_id, tenant))
+
+    @app.delete("/jobs/{job_id}", tags=["jobs"], response_model=JobInfo, responses=ERRORS)
+    async def cancel_job(job_id: str, request: Request, tenant: str = Depends(tenant_of)) -> JobInfo:
+        """Cancel a job: a queued one ends now, a running one within about a second."""
+        state = _state(request)
+        _own_job(state, job_id, tenant)
+        return JobInfo.of(cancel(state.jobs, job_id))
 
     @app.get("/prefixes", tags=["prefixes"], response_model=PrefixList, responses=ERRORS)
     async def list_prefixes(request: Request, tenant: str = Depends(tenant_of)) -> PrefixList:
@@ -427,6 +472,44 @@ _UPLOAD_DOC = {
 }
 
 
+def _json_object(raw: bytes) -> dict:
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest("body", f"expected a JSON object: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("body", f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+async def _submit_training(
+    state: State, tenant: str, hyper: Hyperparameters, examples, name: str, visibility: str
+) -> JSONResponse:
+    """Validate the dataset now (not in the worker), store it durably, queue the job -> 202."""
+    cfg = hyper.config()
+    data = await asyncio.to_thread(
+        validate_dataset, examples, cfg, state.model, state.service.expect.max_prefix_len
+    )
+    job = Job(
+        id=f"job-{uuid.uuid4().hex[:16]}",
+        tenant=tenant,
+        config=cfg.to_dict(),
+        n_examples=len(examples),
+        name=name,
+        visibility=visibility,
+    )
+    await asyncio.to_thread(state.service.store.put_training_data, job.id, data)
+    state.jobs.submit(job)
+    return JSONResponse(JobInfo.of(job).model_dump(), 202, headers={"Location": f"/jobs/{job.id}"})
+
+
+def _own_job(state: State, job_id: str, tenant: str) -> Job:
+    job = state.jobs.get(job_id)
+    if job.tenant != tenant:  # another tenant's job is indistinguishable from none
+        raise JobNotFound(job_id)
+    return job
+
+
 def _visible(state: State, prefix_id: str, tenant: str):
     try:
         return state.service.visible(prefix_id, tenant)
@@ -465,14 +548,23 @@ async def _add_upload(request: Request, state: State, tenant: str):
     if len(name) > 128 or visibility not in ("private", "public"):
         raise InvalidPrefixFile("name must be at most 128 characters and visibility 'private' or 'public'")
     files = {k: v for k, v in form.multi_items() if hasattr(v, "read")}
+    if set(files) == {"train"}:
+        examples = parse_jsonl(await files["train"].read())
+        hyper = Hyperparameters.model_validate(
+            _json_object(str(form.get("hyperparameters") or "{}").encode())
+        )
+        return await _submit_training(state, tenant, hyper, examples, name, visibility)
     if set(files) == {"file"}:
         data = await files["file"].read()
-        return await asyncio.to_thread(state.service.add_file, data, tenant, name, visibility)
+        meta = await asyncio.to_thread(state.service.add_file, data, tenant, name, visibility)
+        return JSONResponse(PrefixInfo.of(meta).model_dump(), 201)
     if set(files) == {"adapter_config", "adapter_model"}:
         cfg, weights = await files["adapter_config"].read(), await files["adapter_model"].read()
-        return await asyncio.to_thread(state.service.add_peft, cfg, weights, tenant, name, visibility)
+        meta = await asyncio.to_thread(state.service.add_peft, cfg, weights, tenant, name, visibility)
+        return JSONResponse(PrefixInfo.of(meta).model_dump(), 201)
     raise InvalidPrefixFile(
-        "upload either 'file' (a prefix .safetensors) or 'adapter_config' + 'adapter_model' (PEFT);"
+        "upload either 'file' (a prefix .safetensors), 'adapter_config' + 'adapter_model' (PEFT)"
+        " or 'train' (a JSONL dataset);"
         f" got {sorted(files)}"
     )
 

@@ -31,6 +31,14 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace) -> int:
+    from .serve import run_worker
+    from .settings import ServerSettings
+
+    run_worker(ServerSettings.from_env(**({"model": args.model} if args.model else {})))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefixserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     serve.set_defaults(func=_serve)
+    worker = sub.add_parser("worker", help="run a training worker on the Redis job queue")
+    worker.add_argument("--model", default=None, help="the same model the servers run")
+    worker.set_defaults(func=_worker)
     return parser
 
 

@@ -126,3 +126,31 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class JobInfo(BaseModel):
+    """A training job: queued -> running (progress) -> succeeded (prefix_id) | failed (error) | cancelled."""
+
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    name: str
+    visibility: str
+    n_examples: int
+    config: dict
+    attempts: int
+    epoch: int
+    step: int
+    total_steps: int
+    loss: float | None
+    eval_loss: float | None
+    eta_s: float | None
+    losses: list[float]
+    eval_losses: list[float]
+    error: str | None
+    prefix_id: str | None
+    created_at: str
+    updated_at: str
+
+    @classmethod
+    def of(cls, job) -> JobInfo:
+        return cls(**{k: getattr(job, k) for k in cls.model_fields})

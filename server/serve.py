@@ -37,3 +37,27 @@ def serve(settings: ServerSettings) -> None:
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
     )
     DrainingServer(config, app).run()
+
+
+def run_worker(settings: ServerSettings) -> None:
+    """`prefixserve worker`: train jobs from the Redis queue until SIGTERM (the running job finishes)."""
+    import signal
+    import threading
+
+    from prefix_store.service import PrefixService
+
+    from .app import _load
+    from .training.jobs import RedisJobQueue
+    from .training.worker import Worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not settings.redis_url:
+        raise SystemExit(
+            "prefixserve worker needs PREFIXSERVE_REDIS_URL (without Redis the server trains in-process)"
+        )
+    model = _load(settings)
+    service = PrefixService(model, settings.store_config())
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    Worker(RedisJobQueue(settings.redis_url, settings.job_reclaim_s), service).run(stop)

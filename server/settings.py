@@ -38,6 +38,7 @@ class ServerSettings:
     api_keys_file: str = ""  # JSON {"tenant": ["key", ...]}
     requests_per_minute: int = 0  # per tenant; 0 = unlimited
     tokens_per_minute: int = 0  # per tenant (input + max_new_tokens); 0 = unlimited
+    job_reclaim_s: float = 60.0  # a job whose worker is silent this long is handed to another worker
     request_timeout_s: float = 300.0
     shutdown_grace_s: float = 30.0
 

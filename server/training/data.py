@@ -1,0 +1,113 @@
+"""Training submissions, validated when submitted (not in the worker): records, sizes, token lengths."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import InvalidRequest
+from ..model import LoadedModel
+from .trainer import TrainConfig, encode_example
+
+MAX_EXAMPLES = 50_000
+MAX_FIELD_CHARS = 20_000
+
+
+class TrainExample(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    input: str = Field(..., max_length=MAX_FIELD_CHARS)
+    output: str = Field(..., max_length=MAX_FIELD_CHARS)
+
+
+class Hyperparameters(BaseModel):
+    """Every TrainConfig field, optional; defaults from the paper's table-to-text setting."""
+
+    model_config = ConfigDict(extra="forbid")
+    prefix_len: int | None = Field(None, ge=1, le=512)
+    hidden: int | None = Field(None, ge=1, le=4096)
+    epochs: int | None = Field(None, ge=1, le=100)
+    batch_size: int | None = Field(None, ge=1, le=256)
+    learning_rate: float | None = Field(None, gt=0.0, le=1.0)
+    warmup_steps: int | None = Field(None, ge=0, le=100_000)
+    weight_decay: float | None = Field(None, ge=0.0, le=1.0)
+    max_length: int | None = Field(None, ge=2, le=4096)
+    grad_clip: float | None = Field(None, gt=0.0, le=1000.0)
+    val_fraction: float | None = Field(None, ge=0.0, le=0.5)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    separator: str | None = Field(None, max_length=16)
+
+    def config(self) -> TrainConfig:
+        chosen = self.model_dump(include=set(Hyperparameters.model_fields))  # not `examples` of a TrainSpec
+        return TrainConfig(**{k: v for k, v in chosen.items() if v is not None})
+
+
+class TrainSpec(Hyperparameters):
+    examples: list[TrainExample] = Field(..., min_length=1, max_length=MAX_EXAMPLES)
+
+
+class TrainPrefixRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "train": {
+                        "examples": [
+                            {"input": "name : Aromi | food : Italian", "output": "Aromi serves Italian food."}
+                        ],
+                        "prefix_len": 10,
+                        "epochs": 5,
+                        "learning_rate": 5e-5,
+                    },
+                    "name": "e2e",
+                    "visibility": "private",
+                }
+            ]
+        },
+    )
+    train: TrainSpec
+    name: str = Field("", max_length=128)
+    visibility: str = Field("private", pattern="^(private|public)$")
+
+
+def parse_jsonl(raw: bytes) -> list[TrainExample]:
+    """A JSONL upload: one {"input", "output"} object per non-empty line."""
+    try:
+        lines = raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise InvalidRequest("train", "the JSONL file is not UTF-8 text") from None
+    out: list[TrainExample] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(TrainExample.model_validate_json(line))
+        except ValueError as exc:
+            raise InvalidRequest(
+                f"train line {i + 1}", f'expected {{"input": str, "output": str}}: {exc}'
+            ) from None
+        if len(out) > MAX_EXAMPLES:
+            raise InvalidRequest("train", f"at most {MAX_EXAMPLES} examples")
+    if not out:
+        raise InvalidRequest("train", "the JSONL file holds no examples")
+    return out
+
+
+def validate_dataset(
+    examples: list[TrainExample], cfg: TrainConfig, model: LoadedModel, max_prefix_len: int
+) -> bytes:
+    """Check every record against the model's limits; returns the dataset as JSONL for the store."""
+    if cfg.prefix_len > max_prefix_len:
+        raise InvalidRequest("prefix_len", f"expected at most {max_prefix_len}, got {cfg.prefix_len}")
+    limit = min(cfg.max_length, model.spec.n_positions - cfg.prefix_len)
+    for i, ex in enumerate(examples):
+        for name in ("input", "output"):
+            if not getattr(ex, name).strip():
+                raise InvalidRequest(f"examples[{i}].{name}", "is empty")
+        n = len(encode_example(model.tokenizer, ex.input, ex.output, cfg.separator)[0])
+        if n > limit:
+            raise InvalidRequest(
+                f"examples[{i}]",
+                f"{n} tokens (input + separator + output + eos) exceed {limit} (max_length {cfg.max_length}, "
+                f"n_positions {model.spec.n_positions} - prefix_len {cfg.prefix_len})",
+            )
+    return "\n".join(ex.model_dump_json() for ex in examples).encode()

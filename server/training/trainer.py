@@ -1,0 +1,206 @@
+"""Prefix tuning as in Li & Liang (2021), with the MLP reparameterisation of their released code.
+
+The LM is frozen. Trainable: `P' [P, n_embd]` (an embedding of the P virtual tokens) and the MLP
+`Linear(n_embd, k) -> tanh -> Linear(k, n_layer*2*n_embd)`; the prefix is `P = MLP(P')`, laid out as
+PEFT lays out `prompt_embeddings` (so PEFT's `PrefixTuningConfig(prefix_projection=True,
+encoder_hidden_size=k)` is an exact reference). A training sequence is z = [x; sep; y; eos] with the
+loss on y and eos only. Positions of z follow the prefix (P .. P+T-1), as at serving time. After
+training the MLP is discarded and only P (canonical `[n_layer, 2, n_head, P, head_dim]`) is kept.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from transformers import (
+    DynamicCache,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerBase,
+    get_linear_schedule_with_warmup,
+)
+
+from prefix_store.importers import peft_to_canonical
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Defaults from the paper's table-to-text setting (prefix length 10, 10 epochs, batch 5, lr 5e-5)."""
+
+    prefix_len: int = 10
+    hidden: int = 512  # k: 512 in the paper's released code (800 for summarisation)
+    epochs: int = 10
+    batch_size: int = 5
+    learning_rate: float = 5e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_length: int = 512  # tokens of x + sep + y + eos
+    grad_clip: float = 1.0
+    val_fraction: float = 0.0  # held out for an eval loss per epoch
+    seed: int = 42
+    separator: str = "\n"  # between x and y; appended to the input at serving time
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Progress:
+    epoch: int = 0
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    eval_loss: float | None = None
+    eta_s: float | None = None
+    losses: list[float] = field(default_factory=list)  # one per optimizer step
+    eval_losses: list[float] = field(default_factory=list)  # one per epoch, if validating
+
+
+class Cancelled(Exception):
+    """Raised from the progress callback to stop training: the job was cancelled."""
+
+
+class Interrupted(Exception):
+    """Raised from the progress callback to stop training: the worker is shutting down."""
+
+
+class PrefixEncoder(nn.Module):
+    """P' and the MLP; `forward()` returns PEFT-layout prompt embeddings `[P, n_layer*2*n_embd]`."""
+
+    def __init__(self, prefix_len: int, n_embd: int, hidden: int, n_layer: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(prefix_len, n_embd)
+        self.transform = nn.Sequential(
+            nn.Linear(n_embd, hidden), nn.Tanh(), nn.Linear(hidden, n_layer * 2 * n_embd)
+        )
+        self.register_buffer("tokens", torch.arange(prefix_len), persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        return self.transform(self.embedding(self.tokens))  # [P, L*2*C]
+
+
+def encode_example(
+    tok: PreTrainedTokenizerBase, x: str, y: str, separator: str
+) -> tuple[list[int], list[int]]:
+    """Token ids of z = [x; sep; y; eos] and labels (IGNORE on x and sep)."""
+    head = tok.encode(x + separator, add_special_tokens=False)
+    tail = [*tok.encode(y, add_special_tokens=False), tok.eos_token_id]
+    return head + tail, [IGNORE] * len(head) + tail
+
+
+def _batches(examples: list[tuple[list[int], list[int]]], size: int, pad: int, device):
+    for i in range(0, len(examples), size):
+        chunk = examples[i : i + size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        labels = torch.full((len(chunk), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (x, y) in enumerate(chunk):
+            ids[row, : len(x)], labels[row, : len(y)], mask[row, : len(x)] = (
+                torch.tensor(x),
+                torch.tensor(y),
+                1,
+            )
+        yield ids.to(device), labels.to(device), mask.to(device)
+
+
+class PrefixTrainer:
+    def __init__(
+        self, model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerBase, config: TrainConfig
+    ) -> None:
+        self.model = model.eval().requires_grad_(False)  # frozen; dropout off
+        self.tok = tokenizer
+        self.config = config
+        c = model.config
+        self.n_layer, self.n_head, self.n_embd = c.n_layer, c.n_head, c.n_embd
+        self.device = next(model.parameters()).device
+        torch.manual_seed(config.seed)
+        self.encoder = PrefixEncoder(config.prefix_len, c.n_embd, config.hidden, c.n_layer).to(self.device)
+
+    def loss(self, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean loss over the labelled tokens of a batch `[B, T]` with the current prefix."""
+        b, p = ids.shape[0], self.config.prefix_len
+        kv = self.encoder().view(p, self.n_layer * 2, self.n_head, -1).permute(1, 2, 0, 3)  # [L*2, H, P, D]
+        cache = DynamicCache(
+            ddp_cache_data=[
+                (
+                    kv[2 * i].unsqueeze(0).expand(b, -1, -1, -1),
+                    kv[2 * i + 1].unsqueeze(0).expand(b, -1, -1, -1),
+                )
+                for i in range(self.n_layer)
+            ]
+        )
+        full_mask = torch.cat([torch.ones(b, p, dtype=mask.dtype, device=mask.device), mask], dim=1)
+        return self.model(input_ids=ids, attention_mask=full_mask, past_key_values=cache, labels=labels).loss
+
+    def train(
+        self, pairs: list[tuple[str, str]], on_progress: Callable[[Progress], None] | None = None
+    ) -> tuple[torch.Tensor, Progress]:
+        """Train on (input, output) pairs; returns the canonical prefix `[L, 2, H, P, D]` and the record."""
+        cfg = self.config
+        data = [encode_example(self.tok, x, y, cfg.separator) for x, y in pairs]
+        rng = random.Random(cfg.seed)
+        order = list(range(len(data)))
+        rng.shuffle(order)
+        n_val = int(len(data) * cfg.val_fraction)
+        val = [data[i] for i in order[:n_val]]
+        train = [data[i] for i in order[n_val:]]
+        steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+        opt = torch.optim.AdamW(
+            self.encoder.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+        )
+        sched = get_linear_schedule_with_warmup(opt, cfg.warmup_steps, steps_per_epoch * cfg.epochs)
+        prog = Progress(total_steps=steps_per_epoch * cfg.epochs)
+        pad = self.tok.eos_token_id
+        start = time.monotonic()
+        for epoch in range(cfg.epochs):
+            prog.epoch = epoch + 1
+            epoch_order = train[:]
+            random.Random(cfg.seed + epoch).shuffle(epoch_order)
+            for ids, labels, mask in _batches(epoch_order, cfg.batch_size, pad, self.device):
+                loss = self.loss(ids, labels, mask)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), cfg.grad_clip)
+                opt.step()
+                sched.step()
+                prog.step += 1
+                prog.loss = loss.item()
+                prog.losses.append(prog.loss)
+                elapsed = time.monotonic() - start
+                prog.eta_s = elapsed / prog.step * (prog.total_steps - prog.step)
+                if on_progress is not None:
+                    on_progress(prog)
+            if val:
+                prog.eval_loss = self.evaluate_batches(val)
+                prog.eval_losses.append(prog.eval_loss)
+                if on_progress is not None:
+                    on_progress(prog)
+        return self.prefix(), prog
+
+    @torch.no_grad()
+    def evaluate_batches(self, data: list[tuple[list[int], list[int]]]) -> float:
+        """Token-weighted mean loss over encoded examples."""
+        total, count = 0.0, 0
+        for ids, labels, mask in _batches(data, self.config.batch_size, self.tok.eos_token_id, self.device):
+            n = int((labels[:, 1:] != IGNORE).sum())
+            total += self.loss(ids, labels, mask).item() * n
+            count += n
+        return total / max(count, 1)
+
+    def evaluate(self, pairs: list[tuple[str, str]]) -> float:
+        return self.evaluate_batches(
+            [encode_example(self.tok, x, y, self.config.separator) for x, y in pairs]
+        )
+
+    @torch.no_grad()
+    def prefix(self) -> torch.Tensor:
+        """The trained prefix in canonical layout (the MLP is not needed any more)."""
+        return peft_to_canonical(self.encoder().float().cpu(), self.n_layer, self.n_head)

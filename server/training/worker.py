@@ -1,0 +1,172 @@
+"""The training worker: takes jobs from the queue, trains, publishes the prefix, acks.
+
+`prefixserve worker` runs it as its own process (N of them share one Redis consumer group); without
+Redis the server runs the same code on a thread. Publishing is idempotent: the prefix id is derived
+from the job id and the store never overwrites, so a job re-run after a crash yields one prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import GPT2LMHeadModel
+
+from prefix_store.service import PrefixService
+from prefix_store.store import PrefixExists
+
+from ..model import load_hf_model
+from .jobs import TERMINAL, Job, JobQueue, JobStatus
+from .trainer import Cancelled, Interrupted, PrefixTrainer, Progress, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    max_attempts: int = 3  # a job that fails this many times ends `failed` with its error
+    heartbeat_s: float = 5.0  # keeps a running job from being reclaimed (must be < the queue's reclaim_s)
+    save_every_s: float = 1.0  # progress written to the job record at most this often
+    poll_s: float = 1.0
+
+
+def read_pairs(data: bytes) -> list[tuple[str, str]]:
+    """The stored dataset: JSONL of {"input", "output"} (validated at submission)."""
+    return [(r["input"], r["output"]) for r in map(json.loads, data.decode().splitlines()) if r]
+
+
+class Worker:
+    def __init__(
+        self,
+        queue: JobQueue,
+        service: PrefixService,
+        config: WorkerConfig | None = None,
+        name: str | None = None,
+        hf_model: GPT2LMHeadModel | None = None,
+    ) -> None:
+        self.queue, self.service = queue, service
+        self.config = config or WorkerConfig()
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}"
+        self._hf = hf_model
+        self._stop = threading.Event()
+
+    def _model(self) -> GPT2LMHeadModel:
+        if self._hf is None:  # fp32 for training, on the GPU when there is one
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            self._hf = load_hf_model(self.service.model.name, torch.float32, device)
+        return self._hf
+
+    def run(self, stop: threading.Event) -> None:
+        """Work until `stop` is set; a job in training then goes back to the queue for another worker."""
+        self._stop = stop
+        log.info("training worker %s started", self.name)
+        while not stop.is_set():
+            try:
+                self.run_once()
+            except Exception:  # the queue itself failed (e.g. Redis restarting): retry shortly
+                log.exception("worker %s: queue error", self.name)
+                stop.wait(self.config.poll_s)
+
+    def run_once(self) -> bool:
+        """Take one job and run it to an end; False when there was none."""
+        claimed = self.queue.claim(self.name, self.config.poll_s)
+        if claimed is None:
+            return False
+        delivery, job = claimed
+        if job.status in TERMINAL:  # delivered again after it ended (e.g. acked late): nothing to do
+            self.queue.ack(delivery)
+            return True
+        if self.queue.cancel_requested(job.id):
+            self._end(delivery, job, JobStatus.CANCELLED)
+            return True
+        job.attempts += 1
+        if job.attempts > self.config.max_attempts:
+            self._end(delivery, job, JobStatus.FAILED)
+            return True
+        job.status = JobStatus.RUNNING
+        self.queue.save(job)
+        self._run(delivery, job)
+        return True
+
+    def _run(self, delivery: str, job: Job) -> None:
+        cfg = TrainConfig(**job.config)
+        try:
+            pairs = read_pairs(self.service.store.get_training_data(job.id))
+            trainer = PrefixTrainer(self._model(), self.service.model.tokenizer, cfg)
+            prefix, prog = trainer.train(pairs, self._progress(delivery, job))
+            self._record(job, prog)
+            try:
+                meta = self.service.add_tensor(
+                    prefix,
+                    job.tenant,
+                    job.name,
+                    job.visibility,
+                    "train",
+                    prefix_id=job.prefix_id_to_publish,
+                    input_suffix=cfg.separator,
+                )
+            except PrefixExists:  # a previous attempt published it and died before acking
+                meta = self.service.meta(job.prefix_id_to_publish)
+            job.prefix_id = meta.id
+            self._end(delivery, job, JobStatus.SUCCEEDED)
+        except Cancelled:
+            self._end(delivery, job, JobStatus.CANCELLED)
+        except Interrupted:  # shutting down: not the job's fault, so not an attempt
+            job.attempts -= 1
+            job.status = JobStatus.QUEUED
+            self.queue.save(job)
+            self.queue.release(delivery, job)
+        except Exception as exc:
+            log.exception("job %s failed (attempt %d)", job.id, job.attempts)
+            job.error = f"{type(exc).__name__}: {exc}"
+            if job.attempts >= self.config.max_attempts:
+                self._end(delivery, job, JobStatus.FAILED)
+            else:
+                job.status = JobStatus.QUEUED
+                self.queue.save(job)
+                self.queue.release(delivery, job)
+
+    def _progress(self, delivery: str, job: Job):
+        last_save = last_beat = time.monotonic()
+
+        def on_progress(prog: Progress) -> None:
+            nonlocal last_save, last_beat
+            if self._stop.is_set():
+                raise Interrupted
+            now = time.monotonic()
+            if now - last_beat >= self.config.heartbeat_s:
+                self.queue.heartbeat(self.name, delivery)
+                last_beat = now
+            if now - last_save >= self.config.save_every_s or prog.step == prog.total_steps:
+                if self.queue.cancel_requested(job.id):
+                    raise Cancelled
+                self._record(job, prog)
+                self.queue.save(job)
+                last_save = now
+
+        return on_progress
+
+    @staticmethod
+    def _record(job: Job, prog: Progress) -> None:
+        job.epoch, job.step, job.total_steps = prog.epoch, prog.step, prog.total_steps
+        job.loss, job.eval_loss, job.eta_s = prog.loss, prog.eval_loss, prog.eta_s
+        job.losses, job.eval_losses = list(prog.losses), list(prog.eval_losses)
+
+    def _end(self, delivery: str, job: Job, status: JobStatus) -> None:
+        job.status = status
+        job.eta_s = 0.0 if status == JobStatus.SUCCEEDED else job.eta_s
+        self.queue.save(job)
+        self.queue.ack(delivery)
+        log.info(
+            "job %s %s (attempt %d)%s",
+            job.id,
+            status.value,
+            job.attempts,
+            f": {job.error}" if status == JobStatus.FAILED else "",
+        )

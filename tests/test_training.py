@@ -1,0 +1,348 @@
+"""Prefix tuning: learns, matches PEFT, and runs as durable jobs (in-process and Redis workers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+from peft import PrefixTuningConfig, get_peft_model
+from safetensors.torch import load_file
+from transformers import GPT2LMHeadModel, get_linear_schedule_with_warmup
+
+from prefix_store.importers import peft_to_canonical
+from prefix_store.service import PrefixService, StoreConfig
+from prefixserve.training.jobs import Job, JobStatus, LocalJobQueue, RedisJobQueue, cancel, wait_for
+from prefixserve.training.trainer import IGNORE, PrefixTrainer, TrainConfig, _batches, encode_example
+from prefixserve.training.worker import Worker, WorkerConfig
+
+from .live import LiveServer
+from .test_api import A, B, settings_for
+
+NAMES = ["Aromi", "Cotto", "Zizzi", "The Mill", "Blue Spice", "The Eagle"]
+FOODS = ["Italian", "French", "Indian", "Chinese"]
+AREAS = ["riverside", "city centre", "the north"]
+
+
+def table_to_text(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """A synthetic E2E-like task: a table row -> one sentence."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        name, food, area = rng.choice(NAMES), rng.choice(FOODS), rng.choice(AREAS)
+        out.append(
+            (f"name : {name} | food : {food} | area : {area}", f"{name} is a {food} restaurant in {area}.")
+        )
+    return out
+
+
+FAST = TrainConfig(prefix_len=10, hidden=64, epochs=6, batch_size=8, learning_rate=5e-3, seed=0)
+
+
+def bare_loss(hf: GPT2LMHeadModel, tok, pairs, separator: str) -> float:
+    """The frozen model's loss on the same y tokens, with no prefix."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in pairs:
+            ids, labels = encode_example(tok, x, y, separator)
+            n = sum(1 for t in labels[1:] if t != IGNORE)
+            total += hf(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item() * n
+            count += n
+    return total / count
+
+
+def test_prefix_lowers_held_out_loss_far_below_the_bare_model(tiny_model_dir, tiny_model):
+    data = table_to_text(80)
+    train, held = data[:60], data[60:]
+    hf = GPT2LMHeadModel.from_pretrained(tiny_model_dir)
+    trainer = PrefixTrainer(hf, tiny_model.tokenizer, FAST)
+    prefix, prog = trainer.train(train)
+    bare = bare_loss(hf, tiny_model.tokenizer, held, FAST.separator)
+    trained = trainer.evaluate(held)
+    assert trained < 0.6 * bare, (trained, bare)
+    assert list(prefix.shape) == list(tiny_model.spec.prefix_shape(10))
+    assert prog.step == prog.total_steps == 6 * 8 and len(prog.losses) == prog.step
+    assert sum(prog.losses[-5:]) < sum(prog.losses[:5])
+
+
+def test_validation_split_reports_eval_loss_per_epoch(tiny_model_dir, tiny_model):
+    cfg = TrainConfig(prefix_len=4, hidden=16, epochs=3, batch_size=8, learning_rate=5e-3, val_fraction=0.25)
+    _, prog = PrefixTrainer(GPT2LMHeadModel.from_pretrained(tiny_model_dir), tiny_model.tokenizer, cfg).train(
+        table_to_text(40)
+    )
+    assert len(prog.eval_losses) == 3 and prog.eval_losses[-1] < prog.eval_losses[0]
+    assert prog.total_steps == 3 * 4  # 30 training examples, batches of 8
+
+
+def test_loss_curve_and_prefix_match_peft(tiny_model_dir, tiny_model, tmp_path):
+    """Same model, data, order, initial weights, hyperparameters (dropout off) as PEFT's
+    PrefixTuningConfig(prefix_projection=True, encoder_hidden_size=k)."""
+    tok = tiny_model.tokenizer
+    pairs = table_to_text(12, seed=3)
+    cfg = TrainConfig(
+        prefix_len=4, hidden=32, epochs=2, batch_size=3, learning_rate=1e-2, warmup_steps=1, weight_decay=0.01
+    )
+    ours = PrefixTrainer(GPT2LMHeadModel.from_pretrained(tiny_model_dir), tok, cfg)
+    init = {k: v.clone() for k, v in ours.encoder.state_dict().items()}
+    peft_cfg = PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=32
+    )
+    peft = get_peft_model(GPT2LMHeadModel.from_pretrained(tiny_model_dir), peft_cfg)
+    encoder = peft.prompt_encoder["default"]
+    with torch.no_grad():
+        encoder.embedding.weight.copy_(init["embedding.weight"])
+        for i in (0, 2):
+            encoder.transform[i].weight.copy_(init[f"transform.{i}.weight"])
+            encoder.transform[i].bias.copy_(init[f"transform.{i}.bias"])
+    prefix, prog = ours.train(pairs)
+
+    peft.eval()  # dropout off
+    params = [p for p in peft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    data = [encode_example(tok, x, y, cfg.separator) for x, y in pairs]
+    order = list(range(len(data)))
+    random.Random(cfg.seed).shuffle(order)  # the trainer's order: shuffled once, then per epoch
+    train = [data[i] for i in order]
+    sched = get_linear_schedule_with_warmup(opt, cfg.warmup_steps, len(train) // cfg.batch_size * cfg.epochs)
+    losses = []
+    for epoch in range(cfg.epochs):
+        epoch_order = train[:]
+        random.Random(cfg.seed + epoch).shuffle(epoch_order)
+        for ids, labels, mask in _batches(epoch_order, cfg.batch_size, tok.eos_token_id, "cpu"):
+            loss = peft(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+    torch.testing.assert_close(torch.tensor(prog.losses), torch.tensor(losses), rtol=1e-5, atol=1e-5)
+    peft.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")["prompt_embeddings"]
+    torch.testing.assert_close(
+        prefix,
+        peft_to_canonical(saved.float(), tiny_model.spec.n_layer, tiny_model.spec.n_head),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+# ---- jobs ------------------------------------------------------------------------------------------
+def submit(service: PrefixService, queue, pairs, config: TrainConfig, tenant: str = "alice") -> Job:
+    job = Job(
+        id=f"job-{random.getrandbits(48):012x}", tenant=tenant, config=config.to_dict(), n_examples=len(pairs)
+    )
+    data = "\n".join(json.dumps({"input": x, "output": y}) for x, y in pairs).encode()
+    service.store.put_training_data(job.id, data)
+    queue.submit(job)
+    return job
+
+
+def test_failing_job_ends_failed_after_max_attempts_and_rerun_publishes_once(tiny_model, tmp_path):
+    service = PrefixService(tiny_model, StoreConfig(url=str(tmp_path / "store")))
+    queue = LocalJobQueue()
+    worker = Worker(queue, service, WorkerConfig(max_attempts=3, poll_s=0.05))
+    broken = submit(service, queue, table_to_text(4), FAST)
+    service.store.training_path(broken.id)
+    os.remove(service.store.training_path(broken.id))  # its data vanished: every attempt fails
+    while worker.run_once():
+        pass
+    job = queue.get(broken.id)
+    assert job.status == JobStatus.FAILED and job.attempts == 3 and "PrefixNotFound" in job.error
+    ok = submit(
+        service, queue, table_to_text(10), TrainConfig(prefix_len=3, hidden=8, epochs=1, batch_size=5)
+    )
+    assert worker.run_once()
+    first = queue.get(ok.id)
+    assert first.status == JobStatus.SUCCEEDED and first.prefix_id == f"pfx-{ok.id}"
+    first.status = JobStatus.QUEUED  # as if the worker died after publishing, before acking
+    queue.submit(first)
+    assert worker.run_once()
+    again = queue.get(ok.id)
+    assert again.status == JobStatus.SUCCEEDED and again.prefix_id == first.prefix_id
+    assert [m.id for m in service.list("alice")] == [first.prefix_id]  # exactly one prefix
+    service.close()
+
+
+def test_cancel_queued_and_running_jobs(tiny_model, tmp_path):
+    service = PrefixService(tiny_model, StoreConfig(url=str(tmp_path / "store")))
+    queue = LocalJobQueue()
+    queued = submit(service, queue, table_to_text(4), FAST)
+    assert cancel(queue, queued.id).status == JobStatus.CANCELLED
+    long = submit(
+        service, queue, table_to_text(200), TrainConfig(prefix_len=4, hidden=16, epochs=50, batch_size=4)
+    )
+    worker = Worker(queue, service, WorkerConfig(save_every_s=0.05, poll_s=0.05))
+    import threading
+
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while queue.get(long.id).status != JobStatus.RUNNING or queue.get(long.id).step == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        cancel(queue, long.id)
+        job = wait_for(queue, long.id, 30)
+        assert job.status == JobStatus.CANCELLED and 0 < job.step < job.total_steps
+        assert queue.get(queued.id).status == JobStatus.CANCELLED
+        assert service.list("alice") == []
+    finally:
+        stop.set()
+        thread.join(10)
+        service.close()
+
+
+def test_submit_wait_generate_through_the_http_api(tiny_model, tmp_path):
+    """The embedded default: no Redis, the server trains in-process."""
+    server = LiveServer(settings_for(tmp_path), tiny_model).start()
+    try:
+        pairs = table_to_text(60)
+        body = {
+            "train": {
+                "examples": [{"input": x, "output": y} for x, y in pairs],
+                **{
+                    k: v
+                    for k, v in FAST.to_dict().items()
+                    if k in ("prefix_len", "hidden", "epochs", "batch_size", "learning_rate", "seed")
+                },
+            },
+            "name": "e2e",
+        }
+        r = httpx.post(server.url + "/prefixes", json=body, headers=A)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        assert r.headers["location"] == f"/jobs/{job_id}" and r.json()["status"] == "queued"
+        assert httpx.get(server.url + f"/jobs/{job_id}", headers=B).status_code == 404  # another tenant's
+        deadline = time.monotonic() + 60
+        while (job := httpx.get(server.url + f"/jobs/{job_id}", headers=A).json())["status"] not in (
+            "succeeded",
+            "failed",
+        ):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.05)
+        assert job["status"] == "succeeded", job
+        assert job["step"] == job["total_steps"] == 48 and len(job["losses"]) == 48
+        prefix = httpx.get(server.url + f"/prefixes/{job['prefix_id']}", headers=A).json()
+        assert prefix["source"] == "train" and prefix["owner"] == "alice" and prefix["prefix_len"] == 10
+        x = pairs[0][0]
+        out = httpx.post(
+            server.url + "/generate",
+            headers=A,
+            json={"prefix_id": job["prefix_id"], "input": x, "max_new_tokens": 12},
+        ).json()
+        assert out["usage"]["prefix_tokens"] == 10
+        bare = httpx.post(server.url + "/generate", headers=A, json={"input": x, "max_new_tokens": 12}).json()
+        assert out["text"] != bare["text"]
+        assert " is a " in out["text"] and " restaurant in " in out["text"]  # the trained template
+        assert " restaurant in " not in bare["text"]
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("train", "status", "needle"),
+    [
+        ({"examples": []}, 422, "examples"),
+        ({"examples": [{"input": "a", "output": "  "}]}, 422, "examples[0].output: is empty"),
+        (
+            {"examples": [{"input": "ok", "output": "fine"}, {"input": "word " * 300, "output": "x"}]},
+            422,
+            "examples[1]: ",
+        ),
+        ({"examples": [{"input": "a", "output": "b"}], "epochs": 0}, 422, "epochs"),
+        ({"examples": [{"input": "a", "output": "b"}], "learning_rate": 5}, 422, "learning_rate"),
+        (
+            {"examples": [{"input": "a", "output": "b"}], "prefix_len": 100},
+            422,
+            "prefix_len: expected at most 64",
+        ),
+        ({"examples": [{"input": "a"}]}, 422, "output"),
+        ({"examples": [{"input": "a", "output": "b"}], "bogus": 1}, 422, "bogus"),
+    ],
+)
+def test_training_submissions_are_validated_when_submitted(api_for_training, train, status, needle):
+    r = httpx.post(api_for_training.url + "/prefixes", json={"train": train}, headers=A)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]
+
+
+def test_jsonl_upload_submits_a_job_and_bad_lines_are_named(api_for_training):
+    lines = "\n".join(json.dumps({"input": x, "output": y}) for x, y in table_to_text(5)).encode()
+    r = httpx.post(
+        api_for_training.url + "/prefixes",
+        headers=A,
+        files={"train": ("d.jsonl", lines)},
+        data={"hyperparameters": json.dumps({"epochs": 1, "prefix_len": 2, "hidden": 8})},
+    )
+    assert r.status_code == 202 and r.json()["config"]["epochs"] == 1 and r.json()["n_examples"] == 5
+    bad = httpx.post(
+        api_for_training.url + "/prefixes", headers=A, files={"train": ("d.jsonl", lines + b'\n{"input": 3}')}
+    )
+    assert bad.status_code == 422 and "train line 6" in bad.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def api_for_training(tiny_model, tmp_path_factory):
+    server = LiveServer(settings_for(tmp_path_factory.mktemp("train-api")), tiny_model).start()
+    yield server
+    server.stop()
+
+
+# ---- a worker process killed with SIGKILL ---------------------------------------------------------
+def start_worker(model_dir, store, redis_url) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "PREFIXSERVE_MODEL": str(model_dir),
+        "PREFIXSERVE_STORE_URL": str(store),
+        "PREFIXSERVE_REDIS_URL": redis_url,
+        "PREFIXSERVE_JOB_RECLAIM_S": "2",
+        "HF_HUB_OFFLINE": "1",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "prefixserve.cli", "worker"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def test_worker_killed_mid_job_is_reclaimed_and_publishes_exactly_once(
+    tiny_model, tiny_model_dir, tmp_path, own_redis
+):
+    store = tmp_path / "store"
+    service = PrefixService(tiny_model, StoreConfig(url=str(store)))
+    queue = RedisJobQueue(own_redis.url, reclaim_s=2)
+    job = submit(
+        service, queue, table_to_text(200), TrainConfig(prefix_len=4, hidden=16, epochs=12, batch_size=4)
+    )
+    first = start_worker(tiny_model_dir, store, own_redis.url)
+    second = None
+    try:
+        deadline = time.monotonic() + 60
+        while (j := queue.get(job.id)).status != JobStatus.RUNNING or j.step < 5:
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.02)
+        first.send_signal(signal.SIGKILL)  # dies mid-job, without acking
+        first.wait()
+        assert queue.get(job.id).status == JobStatus.RUNNING
+        second = start_worker(tiny_model_dir, store, own_redis.url)
+        done = wait_for(queue, job.id, 120)
+        assert done.status == JobStatus.SUCCEEDED, done.error
+        assert done.attempts == 2 and done.step == done.total_steps
+        assert [m.id for m in service.list("alice")] == [f"pfx-{job.id}"]
+        assert service.meta(done.prefix_id).source == "train"
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        service.close()
