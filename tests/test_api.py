@@ -404,3 +404,27 @@ def test_deadline_and_auth_off_and_keys_file(tiny_model, tmp_path):
         assert r.status_code == 201 and r.json()["owner"] == "default"
     finally:
         open_server.stop()
+
+
+def test_rate_limits_are_shared_across_replicas_through_redis(tiny_model, tmp_path, redis_url):
+    replicas = [
+        LiveServer(
+            settings_for(
+                tmp_path / f"r{i}",
+                redis_url=redis_url,
+                requests_per_minute=3,
+                api_keys=f"shared-{tmp_path.name}:{ALICE}",
+            ),
+            tiny_model,
+        ).start()
+        for i in range(2)
+    ]
+    try:
+        body = {"input": "x", "max_new_tokens": 1}
+        codes = [
+            httpx.post(replicas[i % 2].url + "/generate", json=body, headers=A).status_code for i in range(4)
+        ]
+        assert codes == [200, 200, 200, 429]  # 3 per minute for the tenant, whichever replica it hits
+    finally:
+        for r in replicas:
+            r.stop()

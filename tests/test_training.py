@@ -346,3 +346,24 @@ def test_worker_killed_mid_job_is_reclaimed_and_publishes_exactly_once(
                 proc.kill()
                 proc.wait()
         service.close()
+
+
+def test_cancel_a_running_job_over_http(api_for_training):
+    url = api_for_training.url
+    examples = [{"input": x, "output": y} for x, y in table_to_text(200)]
+    r = httpx.post(
+        url + "/prefixes",
+        headers=A,
+        json={"train": {"examples": examples, "epochs": 60, "prefix_len": 4, "hidden": 16, "batch_size": 4}},
+    )
+    job_id = r.json()["id"]
+    deadline = time.monotonic() + 30
+    while httpx.get(url + f"/jobs/{job_id}", headers=A).json()["step"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert httpx.delete(url + f"/jobs/{job_id}", headers=B).status_code == 404  # not bob's to cancel
+    assert httpx.delete(url + f"/jobs/{job_id}", headers=A).status_code == 200
+    while (job := httpx.get(url + f"/jobs/{job_id}", headers=A).json())["status"] == "running":
+        assert time.monotonic() < deadline + 30
+        time.sleep(0.05)
+    assert job["status"] == "cancelled" and job["step"] < job["total_steps"] and job["prefix_id"] is None
