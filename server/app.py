@@ -50,6 +50,7 @@ from .schemas import (
     PrefixList,
     TextPrefixRequest,
     Usage,
+    inline_schema,
 )
 from .settings import ServerSettings
 from .tiny import write_tiny_model
@@ -379,7 +380,7 @@ def _install_routes(app: FastAPI) -> None:
         tags=["prefixes"],
         status_code=201,
         response_model=PrefixInfo,
-        responses=ERRORS,
+        responses={**ERRORS, 202: {"model": JobInfo, "description": "a training job was queued"}},
         openapi_extra=_UPLOAD_DOC,
     )
     async def add_prefix(request: Request, tenant: str = Depends(tenant_of)):
@@ -461,12 +462,20 @@ _UPLOAD_DOC = {
                             "format": "binary",
                             "description": "PEFT weights",
                         },
+                        "train": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "JSONL {input, output}",
+                        },
+                        "hyperparameters": {"type": "string", "description": "JSON, with a train upload"},
                         "name": {"type": "string", "maxLength": 128},
                         "visibility": {"type": "string", "enum": ["private", "public"]},
                     },
                 }
             },
-            "application/json": {"schema": TextPrefixRequest.model_json_schema()},
+            "application/json": {
+                "schema": {"oneOf": [inline_schema(TextPrefixRequest), inline_schema(TrainPrefixRequest)]}
+            },
         },
     }
 }

@@ -132,6 +132,7 @@ class JobInfo(BaseModel):
     """A training job: queued -> running (progress) -> succeeded (prefix_id) | failed (error) | cancelled."""
 
     id: str
+    job_id: str = Field(description="the same as id")
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     name: str
     visibility: str
@@ -153,4 +154,22 @@ class JobInfo(BaseModel):
 
     @classmethod
     def of(cls, job) -> JobInfo:
-        return cls(**{k: getattr(job, k) for k in cls.model_fields})
+        return cls(job_id=job.id, **{k: getattr(job, k) for k in cls.model_fields if k != "job_id"})
+
+
+def inline_schema(model: type[BaseModel]) -> dict:
+    """A model's JSON schema with its `$defs` inlined (for hand-written OpenAPI request bodies)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(defs[ref.rsplit("/", 1)[1]])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)

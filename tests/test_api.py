@@ -428,3 +428,20 @@ def test_rate_limits_are_shared_across_replicas_through_redis(tiny_model, tmp_pa
     finally:
         for r in replicas:
             r.stop()
+
+
+def test_error_after_streaming_began_is_an_error_event(tiny_model, tmp_path):
+    server = LiveServer(settings_for(tmp_path), tiny_model).start()
+    try:
+        req = {"input": "The Mill", "max_new_tokens": 240, "stream": True}
+        with httpx.stream("POST", server.url + "/generate", json=req, headers=A) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("event: token")
+            server.state.engine.stop()  # the engine goes away mid-stream
+            rest = list(lines)
+        kinds = [line[7:] for line in rest if line.startswith("event: ")]
+        assert kinds[-1] == "error" and "done" not in kinds
+        error = json.loads([line for line in rest if line.startswith("data: ")][-1][6:])
+        assert error["error"]["type"] == "unavailable" and "engine stopped" in error["error"]["message"]
+    finally:
+        server.stop()

@@ -221,6 +221,7 @@ def test_submit_wait_generate_through_the_http_api(tiny_model, tmp_path):
         assert r.status_code == 202, r.text
         job_id = r.json()["id"]
         assert r.headers["location"] == f"/jobs/{job_id}" and r.json()["status"] == "queued"
+        assert r.json()["job_id"] == job_id
         assert httpx.get(server.url + f"/jobs/{job_id}", headers=B).status_code == 404  # another tenant's
         deadline = time.monotonic() + 60
         while (job := httpx.get(server.url + f"/jobs/{job_id}", headers=A).json())["status"] not in (
