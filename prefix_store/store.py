@@ -61,10 +61,13 @@ class DurableStore:
             self.fs.pipe_file(final, data)
 
     def get_training_data(self, job_id: str) -> bytes:
+        return self._cat(self.training_path(job_id), job_id)
+
+    def _cat(self, path: str, name: str) -> bytes:
         try:
-            return self.fs.cat_file(self.training_path(job_id))
+            return self.fs.cat_file(path)
         except FileNotFoundError:
-            raise PrefixNotFound(job_id) from None
+            raise PrefixNotFound(name) from None
 
     def _put_local(self, final: str, data: bytes) -> None:
         tmp = f"{self.root}/.tmp-{uuid.uuid4().hex}"
@@ -87,10 +90,7 @@ class DurableStore:
             os.close(dir_fd)
 
     def get(self, prefix_id: str) -> bytes:
-        try:
-            return self.fs.cat_file(self.path(prefix_id))
-        except FileNotFoundError:
-            raise PrefixNotFound(prefix_id) from None
+        return self._cat(self.path(prefix_id), prefix_id)
 
     def head(self, prefix_id: str, n: int) -> bytes:
         """The first n bytes (enough for the header, to list metadata without reading tensors)."""

@@ -37,7 +37,8 @@ from prefix_store.format import InvalidPrefixFile
 from prefix_store.service import PrefixService
 
 from .auth import Tenants
-from .engine import AsyncEngine, EngineCore, FinishReason, RequestOutput
+from .engine import AsyncEngine, EngineCore, FinishReason, RequestOutput, SamplingParams
+from .engine.request import Request as EngineRequest
 from .errors import InvalidRequest, PrefixNotFound, PrefixServeError
 from .limits import RateLimited, RateLimiter
 from .model import LoadedModel, load_model
@@ -359,15 +360,10 @@ def _install_routes(app: FastAPI) -> None:
         event with `finish_reason` and `usage` (or an `error` event if generation fails midway).
         """
         state = _state(request)
-        _admit(state)
-        text_in = body.input
-        if body.prefix_id is not None:
-            text_in += _visible(state, body.prefix_id, tenant).input_suffix  # a trained prefix's separator
-        prepared = state.engine.core.prepare(
-            text_in, body.sampling_params(), body.prefix_id, f"gen-{uuid.uuid4().hex[:16]}"
+        rid = f"gen-{uuid.uuid4().hex[:16]}"
+        prepared, outputs = start_generation(
+            state, tenant, body.input, body.sampling_params(), body.prefix_id, rid
         )
-        state.limiter.check(tenant, len(prepared.prompt_ids) + body.max_new_tokens)
-        outputs = _timed(state, tenant, state.engine.stream(prepared))
         if body.stream:
             first = await _first(outputs)  # errors before the first token are plain HTTP errors
             return StreamingResponse(
@@ -479,6 +475,18 @@ _UPLOAD_DOC = {
         },
     }
 }
+
+
+def start_generation(
+    state: State, tenant: str, text: str, params: SamplingParams, prefix_id: str | None, rid: str
+) -> tuple[EngineRequest, AsyncIterator[RequestOutput]]:
+    """Admission, tenant check, validation and rate limits, then the request's output stream."""
+    _admit(state)
+    if prefix_id is not None:
+        text += _visible(state, prefix_id, tenant).input_suffix  # a trained prefix's separator
+    prepared = state.engine.core.prepare(text, params, prefix_id, rid)
+    state.limiter.check(tenant, len(prepared.prompt_ids) + params.max_new_tokens)
+    return prepared, _timed(state, tenant, state.engine.stream(prepared))
 
 
 def _json_object(raw: bytes) -> dict:

@@ -15,7 +15,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .app import ERRORS, State, _admit, _collect, _error_event, _first, _state, _timed, _visible, tenant_of
+from .app import ERRORS, State, _collect, _error_event, _first, _state, start_generation, tenant_of
 from .engine import FinishReason, SamplingParams
 from .engine.request import MAX_SEED, MAX_STOP_LEN
 from .schemas import MAX_INPUT_CHARS, MAX_NEW_TOKENS
@@ -144,15 +144,9 @@ def install(app: FastAPI) -> None:
     async def completions(body: CompletionRequest, request: Request, tenant: str = Depends(tenant_of)):
         """OpenAI text completions; `model` is a prefix id or the base model's name."""
         state = _state(request)
-        _admit(state)
         prefix_id = None if body.model == base_model_name(state) else body.model
-        prompt = body.prompt
-        if prefix_id is not None:
-            prompt += _visible(state, prefix_id, tenant).input_suffix
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
-        prepared = state.engine.core.prepare(prompt, body.sampling_params(), prefix_id, rid)
-        state.limiter.check(tenant, len(prepared.prompt_ids) + body.max_tokens)
-        outputs = _timed(state, tenant, state.engine.stream(prepared))
+        _, outputs = start_generation(state, tenant, body.prompt, body.sampling_params(), prefix_id, rid)
         created = int(time.time())
         if body.stream:
             first = await _first(outputs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -154,7 +155,8 @@ class JobInfo(BaseModel):
 
     @classmethod
     def of(cls, job) -> JobInfo:
-        return cls(job_id=job.id, **{k: getattr(job, k) for k in cls.model_fields if k != "job_id"})
+        flat = {**asdict(job.progress), **{k: v for k, v in vars(job).items() if k != "progress"}}
+        return cls(job_id=job.id, **{k: flat[k] for k in cls.model_fields if k != "job_id"})
 
 
 def inline_schema(model: type[BaseModel]) -> dict:

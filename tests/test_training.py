@@ -187,12 +187,12 @@ def test_cancel_queued_and_running_jobs(tiny_model, tmp_path):
     thread.start()
     try:
         deadline = time.monotonic() + 30
-        while queue.get(long.id).status != JobStatus.RUNNING or queue.get(long.id).step == 0:
+        while queue.get(long.id).status != JobStatus.RUNNING or queue.get(long.id).progress.step == 0:
             assert time.monotonic() < deadline
             time.sleep(0.01)
         cancel(queue, long.id)
         job = wait_for(queue, long.id, 30)
-        assert job.status == JobStatus.CANCELLED and 0 < job.step < job.total_steps
+        assert job.status == JobStatus.CANCELLED and 0 < job.progress.step < job.progress.total_steps
         assert queue.get(queued.id).status == JobStatus.CANCELLED
         assert service.list("alice") == []
     finally:
@@ -329,7 +329,7 @@ def test_worker_killed_mid_job_is_reclaimed_and_publishes_exactly_once(
     second = None
     try:
         deadline = time.monotonic() + 60
-        while (j := queue.get(job.id)).status != JobStatus.RUNNING or j.step < 5:
+        while (j := queue.get(job.id)).status != JobStatus.RUNNING or j.progress.step < 5:
             assert time.monotonic() < deadline and first.poll() is None
             time.sleep(0.02)
         first.send_signal(signal.SIGKILL)  # dies mid-job, without acking
@@ -338,7 +338,7 @@ def test_worker_killed_mid_job_is_reclaimed_and_publishes_exactly_once(
         second = start_worker(tiny_model_dir, store, own_redis.url)
         done = wait_for(queue, job.id, 120)
         assert done.status == JobStatus.SUCCEEDED, done.error
-        assert done.attempts == 2 and done.step == done.total_steps
+        assert done.attempts == 2 and done.progress.step == done.progress.total_steps
         assert [m.id for m in service.list("alice")] == [f"pfx-{job.id}"]
         assert service.meta(done.prefix_id).source == "train"
     finally:

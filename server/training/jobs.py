@@ -23,6 +23,7 @@ from typing import Protocol
 import redis
 
 from ..errors import PrefixServeError
+from .trainer import Progress
 
 STREAM = "prefixserve:jobs"
 GROUP = "workers"
@@ -61,14 +62,7 @@ class Job:
     visibility: str = "private"
     status: JobStatus = JobStatus.QUEUED
     attempts: int = 0
-    epoch: int = 0
-    step: int = 0
-    total_steps: int = 0
-    loss: float | None = None
-    eval_loss: float | None = None
-    eta_s: float | None = None
-    losses: list[float] = field(default_factory=list)
-    eval_losses: list[float] = field(default_factory=list)
+    progress: Progress = field(default_factory=Progress)  # epoch, step, loss, eta, loss curve
     error: str | None = None
     prefix_id: str | None = None
     created_at: str = field(default_factory=_now)
@@ -86,6 +80,7 @@ class Job:
     def from_json(cls, raw: str | bytes) -> Job:
         data = json.loads(raw)
         data["status"] = JobStatus(data["status"])
+        data["progress"] = Progress(**data["progress"])
         return cls(**data)
 
 

@@ -13,7 +13,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import GPT2LMHeadModel
@@ -154,13 +154,12 @@ class Worker:
 
     @staticmethod
     def _record(job: Job, prog: Progress) -> None:
-        job.epoch, job.step, job.total_steps = prog.epoch, prog.step, prog.total_steps
-        job.loss, job.eval_loss, job.eta_s = prog.loss, prog.eval_loss, prog.eta_s
-        job.losses, job.eval_losses = list(prog.losses), list(prog.eval_losses)
+        job.progress = replace(prog, losses=list(prog.losses), eval_losses=list(prog.eval_losses))
 
     def _end(self, delivery: str, job: Job, status: JobStatus) -> None:
         job.status = status
-        job.eta_s = 0.0 if status == JobStatus.SUCCEEDED else job.eta_s
+        if status == JobStatus.SUCCEEDED:
+            job.progress.eta_s = 0.0
         self.queue.save(job)
         self.queue.ack(delivery)
         log.info(
