@@ -361,15 +361,13 @@ def _install_routes(app: FastAPI) -> None:
         """
         state = _state(request)
         rid = f"gen-{uuid.uuid4().hex[:16]}"
-        prepared, outputs = start_generation(
-            state, tenant, body.input, body.sampling_params(), body.prefix_id, rid
-        )
+        _, outputs = start_generation(state, tenant, body.input, body.sampling_params(), body.prefix_id, rid)
         if body.stream:
             first = await _first(outputs)  # errors before the first token are plain HTTP errors
             return StreamingResponse(
-                _sse(prepared.request_id, body.prefix_id, first, outputs), media_type="text/event-stream"
+                _sse(rid, body.prefix_id, first, outputs), media_type="text/event-stream"
             )
-        return await _collect(request, state, prepared.request_id, body.prefix_id, outputs)
+        return await _collect(request, state, rid, body.prefix_id, outputs)
 
     @app.post(
         "/prefixes",
