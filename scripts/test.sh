@@ -21,7 +21,7 @@ if ! "$py" -c "import torch" 2>/dev/null; then
       || pip "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-pip -e ".[test]"
+pip -e ".[test]" -e ./client
 
 # A real redis-server for the tests that need one (they start it on a free port unless REDIS_URL is set).
 if [ -z "${REDIS_URL:-}" ] && ! command -v redis-server >/dev/null 2>&1; then

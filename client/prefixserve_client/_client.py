@@ -1,0 +1,437 @@
+"""`Client` and `AsyncClient`: the same calls, sync and async.
+
+Request building, response parsing, retry timing and SSE parsing are shared pure functions; the two
+clients differ only in how they do I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ._errors import PrefixServeError, ServerError, Timeout, error_for
+from ._models import GenerateResult, JobState, Prefix
+
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+ENV_API_KEY = "PREFIXSERVE_API_KEY"
+ENV_BASE_URL = "PREFIXSERVE_BASE_URL"
+RETRY_STATUSES = (429, 503)
+
+
+class JobFailed(PrefixServeError):
+    """`Job.wait()`: the job ended `failed` (its error is the message) or `cancelled`."""
+
+
+# ---- shared, I/O-free pieces ------------------------------------------------------------------
+def _settings(base_url: str | None, api_key: str | None) -> tuple[str, dict[str, str]]:
+    url = (base_url or os.environ.get(ENV_BASE_URL) or DEFAULT_BASE_URL).rstrip("/")
+    key = api_key if api_key is not None else os.environ.get(ENV_API_KEY)
+    headers = {"User-Agent": "prefixserve-client/0.1"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    return url, headers
+
+
+def _retry_delay(attempt: int, retry_after: str | None, base: float = 0.5, cap: float = 30.0) -> float:
+    """Honour Retry-After when given, else exponential backoff; both with jitter."""
+    if retry_after is not None:
+        try:
+            return float(retry_after) + random.uniform(0, 0.25)
+        except ValueError:
+            pass
+    return min(cap, base * 2**attempt) * random.uniform(0.5, 1.5)
+
+
+def _check(response: httpx.Response) -> httpx.Response:
+    if response.is_success:
+        return response
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = response.text
+    retry_after = response.headers.get("retry-after")
+    raise error_for(response.status_code, body, float(retry_after) if retry_after else None)
+
+
+def _generate_body(prefix_id: str | None, input: str, params: dict[str, Any], stream: bool) -> dict[str, Any]:
+    return {"prefix_id": prefix_id, "input": input, **params, "stream": stream}
+
+
+class _SSE:
+    """Server-Sent Events, one line at a time: `feed` returns (event, data) when a data line completes one."""
+
+    def __init__(self) -> None:
+        self.event = "message"
+
+    def feed(self, line: str) -> tuple[str, dict] | None:
+        if line.startswith("event: "):
+            self.event = line[7:].strip()
+        elif line.startswith("data: "):
+            event, self.event = self.event, "message"
+            return event, json.loads(line[6:])
+        return None
+
+
+def _stream_item(event: str, data: dict) -> str | None:
+    """The text of a token event; raises on an error event; None on `done`."""
+    if event == "error":
+        err = data.get("error", {})
+        raise error_for(503 if err.get("type") == "unavailable" else 500, data, None)
+    return data.get("text", "") if event == "token" else None
+
+
+def _upload_files(path: str | Path) -> dict[str, tuple[str, bytes]]:
+    """A native prefix file, or a PEFT adapter directory."""
+    p = Path(path)
+    if p.is_dir():
+        cfg, weights = p / "adapter_config.json", p / "adapter_model.safetensors"
+        if not (cfg.exists() and weights.exists()):
+            raise FileNotFoundError(
+                f"{p} is a directory without adapter_config.json + adapter_model.safetensors"
+            )
+        return {
+            "adapter_config": (cfg.name, cfg.read_bytes()),
+            "adapter_model": (weights.name, weights.read_bytes()),
+        }
+    return {"file": (p.name, p.read_bytes())}
+
+
+def _train_request(
+    examples: Iterable[dict] | str | Path, name: str, visibility: str, hyperparameters: dict[str, Any]
+) -> dict[str, Any]:
+    """httpx keyword arguments: JSON for in-memory examples, a multipart JSONL upload for a file."""
+    if isinstance(examples, str | Path):
+        data = Path(examples).read_bytes()
+        form = {"name": name, "visibility": visibility, "hyperparameters": json.dumps(hyperparameters)}
+        return {"files": {"train": (Path(examples).name, data)}, "data": form}
+    body = {"examples": [dict(e) for e in examples], **hyperparameters}
+    return {"json": {"train": body, "name": name, "visibility": visibility}}
+
+
+def _progress_line(state: JobState) -> str:
+    width = 24
+    done = int(width * state.step / state.total_steps) if state.total_steps else 0
+    loss = f"{state.loss:.4f}" if state.loss is not None else "-"
+    eta = f"{state.eta_s:.0f}s" if state.eta_s is not None else "-"
+    epochs = state.config.get("epochs", "?")
+    return (
+        f"\r[{'#' * done}{'.' * (width - done)}] {state.status} epoch {state.epoch}/{epochs} "
+        f"step {state.step}/{state.total_steps} loss {loss} eta {eta}   "
+    )
+
+
+# ---- sync ------------------------------------------------------------------------------------------
+class Client:
+    """A synchronous client.
+
+    >>> from prefixserve_client import Client
+    >>> client = Client("http://localhost:8000", api_key="sk-...")   # or PREFIXSERVE_BASE_URL / _API_KEY
+    >>> p = client.prefixes.from_text("Answer in one short sentence.\\n")
+    >>> client.generate(p.id, "What is prefix tuning?", max_new_tokens=32).text
+    >>> for piece in client.stream(p.id, "Tell me more", max_new_tokens=64):
+    ...     print(piece, end="", flush=True)
+
+    Requests answered 429 or 503 are retried with backoff and jitter (honouring Retry-After) up to
+    `max_retries` times; other errors raise a typed exception (`PrefixNotFound`, `ValidationError`,
+    `AuthenticationError`, `Overloaded`, `ServerError`, ...).
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+    ) -> None:
+        self.base_url, headers = _settings(base_url, api_key)
+        self.max_retries = max_retries
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        self.prefixes = Prefixes(self)
+        self.jobs = Jobs(self)
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.TimeoutException as exc:
+                raise Timeout(f"{method} {path} timed out: {exc}") from exc
+            except httpx.TransportError as exc:
+                raise ServerError(f"{method} {path} failed: {exc}") from exc
+            if response.status_code not in RETRY_STATUSES or attempt == self.max_retries:
+                return _check(response)
+            time.sleep(_retry_delay(attempt, response.headers.get("retry-after")))
+        raise AssertionError("unreachable")
+
+    def generate(self, prefix_id: str | None, input: str, **params: Any) -> GenerateResult:
+        """Generate text; params: max_new_tokens, temperature, top_p, top_k, seed, stop."""
+        body = _generate_body(prefix_id, input, params, stream=False)
+        return GenerateResult.model_validate(self._request("POST", "/generate", json=body).json())
+
+    def stream(self, prefix_id: str | None, input: str, **params: Any) -> Iterator[str]:
+        """Generate and yield text pieces as they are produced (one per token)."""
+        body = _generate_body(prefix_id, input, params, stream=True)
+        for attempt in range(self.max_retries + 1):
+            with self._http.stream("POST", "/generate", json=body) as response:
+                if response.status_code in RETRY_STATUSES and attempt < self.max_retries:
+                    response.read()
+                    time.sleep(_retry_delay(attempt, response.headers.get("retry-after")))
+                    continue
+                if not response.is_success:
+                    response.read()
+                    _check(response)
+                sse = _SSE()
+                for line in response.iter_lines():
+                    if (item := sse.feed(line)) is not None:
+                        if (text := _stream_item(*item)) is None:
+                            return
+                        yield text
+                return
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Prefixes:
+    """`client.prefixes`: upload, compile, train, list, get, delete."""
+
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def upload(self, path: str | Path, name: str = "", visibility: str = "private") -> Prefix:
+        """Upload a native `.safetensors` prefix file or a PEFT adapter directory."""
+        data = {"name": name, "visibility": visibility}
+        return Prefix.model_validate(
+            self._c._request("POST", "/prefixes", files=_upload_files(path), data=data).json()
+        )
+
+    def from_text(self, text: str, name: str = "", visibility: str = "private") -> Prefix:
+        """Compile a text prompt (instruction or few-shot block) into a prefix."""
+        body = {"text": text, "name": name, "visibility": visibility}
+        return Prefix.model_validate(self._c._request("POST", "/prefixes", json=body).json())
+
+    def train(
+        self,
+        examples: Iterable[dict] | str | Path,
+        name: str = "",
+        visibility: str = "private",
+        **hyperparameters: Any,
+    ) -> Job:
+        """Train a prefix from `[{"input", "output"}, ...]` or a JSONL file; returns the queued `Job`."""
+        kwargs = _train_request(examples, name, visibility, hyperparameters)
+        return Job(self._c, JobState.model_validate(self._c._request("POST", "/prefixes", **kwargs).json()))
+
+    def list(self) -> list[Prefix]:
+        """Your prefixes and every public one."""
+        return [Prefix.model_validate(p) for p in self._c._request("GET", "/prefixes").json()["prefixes"]]
+
+    def get(self, prefix_id: str) -> Prefix:
+        return Prefix.model_validate(self._c._request("GET", f"/prefixes/{prefix_id}").json())
+
+    def delete(self, prefix_id: str) -> None:
+        self._c._request("DELETE", f"/prefixes/{prefix_id}")
+
+
+class Jobs:
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def get(self, job_id: str) -> Job:
+        return Job(self._c, JobState.model_validate(self._c._request("GET", f"/jobs/{job_id}").json()))
+
+
+class Job:
+    """A training job. `wait()` polls until it ends and returns the trained `Prefix`."""
+
+    def __init__(self, client: Client, state: JobState) -> None:
+        self._c, self.state = client, state
+
+    @property
+    def id(self) -> str:
+        return self.state.id
+
+    def refresh(self) -> JobState:
+        self.state = JobState.model_validate(self._c._request("GET", f"/jobs/{self.id}").json())
+        return self.state
+
+    def cancel(self) -> JobState:
+        self.state = JobState.model_validate(self._c._request("DELETE", f"/jobs/{self.id}").json())
+        return self.state
+
+    def wait(self, progress: bool = False, poll_s: float = 1.0, timeout: float | None = None) -> Prefix:
+        """Block until the job ends; with `progress`, draw a bar (epoch, step, loss) on stderr."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.refresh().done:
+            if progress:
+                sys.stderr.write(_progress_line(self.state))
+                sys.stderr.flush()
+            if deadline is not None and time.monotonic() > deadline:
+                raise Timeout(f"job {self.id} still {self.state.status} after {timeout}s")
+            time.sleep(poll_s)
+        if progress:
+            sys.stderr.write(_progress_line(self.state) + "\n")
+        return _finished(self.state, self._c.prefixes.get)
+
+
+def _finished(state: JobState, get_prefix):
+    if state.status != "succeeded" or state.prefix_id is None:
+        raise JobFailed(f"job {state.id} {state.status}: {state.error or ''}".strip(), 0, state.status)
+    return get_prefix(state.prefix_id)
+
+
+# ---- async -----------------------------------------------------------------------------------------
+class AsyncClient:
+    """The asyncio twin of `Client`.
+
+    >>> async with AsyncClient("http://localhost:8000", api_key="sk-...") as client:
+    ...     result = await client.generate(prefix_id, "Hello", max_new_tokens=16)
+    ...     async for piece in client.stream(prefix_id, "Hello"):
+    ...         print(piece, end="")
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+    ) -> None:
+        self.base_url, headers = _settings(base_url, api_key)
+        self.max_retries = max_retries
+        self._http = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout)
+        self.prefixes = AsyncPrefixes(self)
+        self.jobs = AsyncJobs(self)
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = await self._http.request(method, path, **kwargs)
+            except httpx.TimeoutException as exc:
+                raise Timeout(f"{method} {path} timed out: {exc}") from exc
+            except httpx.TransportError as exc:
+                raise ServerError(f"{method} {path} failed: {exc}") from exc
+            if response.status_code not in RETRY_STATUSES or attempt == self.max_retries:
+                return _check(response)
+            await asyncio.sleep(_retry_delay(attempt, response.headers.get("retry-after")))
+        raise AssertionError("unreachable")
+
+    async def generate(self, prefix_id: str | None, input: str, **params: Any) -> GenerateResult:
+        body = _generate_body(prefix_id, input, params, stream=False)
+        return GenerateResult.model_validate((await self._request("POST", "/generate", json=body)).json())
+
+    async def stream(self, prefix_id: str | None, input: str, **params: Any) -> AsyncIterator[str]:
+        body = _generate_body(prefix_id, input, params, stream=True)
+        for attempt in range(self.max_retries + 1):
+            async with self._http.stream("POST", "/generate", json=body) as response:
+                if response.status_code in RETRY_STATUSES and attempt < self.max_retries:
+                    await response.aread()
+                    await asyncio.sleep(_retry_delay(attempt, response.headers.get("retry-after")))
+                    continue
+                if not response.is_success:
+                    await response.aread()
+                    _check(response)
+                sse = _SSE()
+                async for line in response.aiter_lines():
+                    if (item := sse.feed(line)) is not None:
+                        if (text := _stream_item(*item)) is None:
+                            return
+                        yield text
+                return
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class AsyncPrefixes:
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def upload(self, path: str | Path, name: str = "", visibility: str = "private") -> Prefix:
+        data = {"name": name, "visibility": visibility}
+        response = await self._c._request("POST", "/prefixes", files=_upload_files(path), data=data)
+        return Prefix.model_validate(response.json())
+
+    async def from_text(self, text: str, name: str = "", visibility: str = "private") -> Prefix:
+        body = {"text": text, "name": name, "visibility": visibility}
+        return Prefix.model_validate((await self._c._request("POST", "/prefixes", json=body)).json())
+
+    async def train(
+        self,
+        examples: Iterable[dict] | str | Path,
+        name: str = "",
+        visibility: str = "private",
+        **hyperparameters: Any,
+    ) -> AsyncJob:
+        kwargs = _train_request(examples, name, visibility, hyperparameters)
+        response = await self._c._request("POST", "/prefixes", **kwargs)
+        return AsyncJob(self._c, JobState.model_validate(response.json()))
+
+    async def list(self) -> list[Prefix]:
+        response = await self._c._request("GET", "/prefixes")
+        return [Prefix.model_validate(p) for p in response.json()["prefixes"]]
+
+    async def get(self, prefix_id: str) -> Prefix:
+        return Prefix.model_validate((await self._c._request("GET", f"/prefixes/{prefix_id}")).json())
+
+    async def delete(self, prefix_id: str) -> None:
+        await self._c._request("DELETE", f"/prefixes/{prefix_id}")
+
+
+class AsyncJobs:
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def get(self, job_id: str) -> AsyncJob:
+        response = await self._c._request("GET", f"/jobs/{job_id}")
+        return AsyncJob(self._c, JobState.model_validate(response.json()))
+
+
+class AsyncJob:
+    def __init__(self, client: AsyncClient, state: JobState) -> None:
+        self._c, self.state = client, state
+
+    @property
+    def id(self) -> str:
+        return self.state.id
+
+    async def refresh(self) -> JobState:
+        self.state = JobState.model_validate((await self._c._request("GET", f"/jobs/{self.id}")).json())
+        return self.state
+
+    async def cancel(self) -> JobState:
+        self.state = JobState.model_validate((await self._c._request("DELETE", f"/jobs/{self.id}")).json())
+        return self.state
+
+    async def wait(self, progress: bool = False, poll_s: float = 1.0, timeout: float | None = None) -> Prefix:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not (await self.refresh()).done:
+            if progress:
+                sys.stderr.write(_progress_line(self.state))
+            if deadline is not None and time.monotonic() > deadline:
+                raise Timeout(f"job {self.id} still {self.state.status} after {timeout}s")
+            await asyncio.sleep(poll_s)
+        if self.state.status != "succeeded" or self.state.prefix_id is None:
+            _finished(self.state, None)
+        return await self._c.prefixes.get(self.state.prefix_id)

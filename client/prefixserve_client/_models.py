@@ -1,0 +1,65 @@
+"""Typed results (pydantic v2). Unknown fields from newer servers are ignored."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class Usage(_Model):
+    prefix_tokens: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerateResult(_Model):
+    id: str
+    prefix_id: str | None
+    text: str
+    finish_reason: Literal["length", "stop", "eos"]
+    usage: Usage
+
+
+class Prefix(_Model):
+    id: str
+    name: str
+    owner: str
+    visibility: Literal["private", "public"]
+    source: str
+    kind: str
+    prefix_len: int
+    dtype: str
+    model_fingerprint: str
+    created_at: str
+    sha256: str
+
+
+class JobState(_Model):
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    name: str = ""
+    visibility: str = "private"
+    n_examples: int = 0
+    config: dict = {}
+    attempts: int = 0
+    epoch: int = 0
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    eval_loss: float | None = None
+    eta_s: float | None = None
+    losses: list[float] = []
+    eval_losses: list[float] = []
+    error: str | None = None
+    prefix_id: str | None = None
+    created_at: str = ""
+    updated_at: str = ""
+
+    @property
+    def done(self) -> bool:
+        return self.status in ("succeeded", "failed", "cancelled")
