@@ -165,13 +165,13 @@ def test_retries_on_429_honouring_retry_after(tmp_path):
             )
             for _ in range(2)
         ]
-        for t in blockers:
-            t.start()
-        deadline = time.monotonic() + 10
         sched = server.state.engine.core.scheduler
-        while not (sched.num_running == 1 and sched.num_waiting == 1):
-            assert time.monotonic() < deadline
-            time.sleep(0.002)
+        deadline = time.monotonic() + 10
+        for t, (running, waiting) in zip(blockers, [(1, 0), (1, 1)], strict=True):
+            t.start()  # one at a time: a second one still pending would itself be refused
+            while not (sched.num_running == running and sched.num_waiting == waiting):
+                assert time.monotonic() < deadline
+                time.sleep(0.002)
         with Client(server.url, api_key=ALICE, max_retries=0) as impatient, pytest.raises(Overloaded) as ov:
             impatient.generate(None, "x", max_new_tokens=1)
         assert ov.value.retry_after >= 1
