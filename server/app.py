@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
@@ -184,6 +184,17 @@ class State:
 
 
 def _load(settings: ServerSettings) -> LoadedModel:
+    """The configured model; "auto" is gpt2 from the hub, else (offline) the tiny model."""
+    if settings.model == "auto":
+        try:
+            return load_model("gpt2", dtype=settings.dtype, device=settings.device)
+        except OSError as exc:
+            log.warning(
+                "could not load gpt2 from the Hugging Face hub (%s); serving the OFFLINE TINY MODEL "
+                "instead (random weights, for trying the API). Set PREFIXSERVE_MODEL to choose.",
+                str(exc).splitlines()[0],
+            )
+            return _load(replace(settings, model="tiny"))
     name = settings.model
     if name == "tiny":
         path = Path(settings.data_dir) / "tiny-gpt2"

@@ -14,7 +14,9 @@ ENV_PREFIX = "PREFIXSERVE_"
 
 @dataclass(frozen=True)
 class ServerSettings:
-    model: str = "gpt2"  # hub id or directory; "tiny" builds the offline tiny model under data_dir
+    # hub id or directory; "tiny": the offline tiny model (built under data_dir); "auto": gpt2 from the
+    # hub, or the tiny model when the hub cannot be reached (logged as a warning)
+    model: str = "auto"
     dtype: str = "float32"
     device: str = "cpu"
     data_dir: str = "./data"
