@@ -349,7 +349,20 @@ def _install_routes(app: FastAPI) -> None:
         state: State | None = getattr(request.app.state, "s", None)
         if state is None or not state.ready or state.draining:
             return _error_response(Draining("not ready"))
-        return {"status": "ready", "model": state.model.name}
+        spec = state.model.spec
+        return {
+            "status": "ready",
+            "model": {
+                "name": state.model.name,
+                "fingerprint": state.model.fingerprint,
+                "dtype": str(state.model.dtype),
+                "n_layer": spec.n_layer,
+                "n_head": spec.n_head,
+                "n_embd": spec.n_embd,
+                "n_positions": spec.n_positions,
+                "vocab_size": spec.vocab_size,
+            },
+        }
 
     @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
     async def metrics(request: Request) -> PlainTextResponse:

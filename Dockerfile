@@ -1,0 +1,36 @@
+# prefixserve: server and training worker (one image; the command picks the role).
+#   docker build -t prefixserve .                                   # CPU torch (default)
+#   docker build -t prefixserve-gpu --build-arg TORCH_SPEC=torch==2.13.0 \
+#       --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126 .   # GPU variant (CUDA wheels)
+ARG BASE_IMAGE=python:3.11-slim
+
+FROM ${BASE_IMAGE} AS build
+ARG TORCH_SPEC="torch==2.13.0+cpu"
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# torch first, from a local wheel directory / configured index if it has it, else PyTorch's own index
+RUN pip install "$TORCH_SPEC" || pip install --index-url "$TORCH_INDEX" "$TORCH_SPEC"
+COPY pyproject.toml README.md /src/
+COPY server /src/server
+COPY prefix_store /src/prefix_store
+COPY client /src/client
+RUN pip install /src /src/client
+
+FROM ${BASE_IMAGE}
+# named volumes mounted here inherit this ownership, so the non-root user can write them
+RUN useradd --create-home --uid 10001 app && mkdir -p /data/prefixes /data/hf && chown -R app /data
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PREFIXSERVE_HOST=0.0.0.0 \
+    PREFIXSERVE_PORT=8000 \
+    PREFIXSERVE_DATA_DIR=/data \
+    HF_HOME=/data/hf \
+    PYTHONUNBUFFERED=1
+USER app
+WORKDIR /home/app
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=5s --start-period=180s --retries=3 \
+    CMD python -c "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ.get(\"PREFIXSERVE_PORT\", \"8000\")}/health', timeout=3)"
+CMD ["prefixserve", "serve"]
