@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Idempotent set-up into .venv: PyTorch (the CPU build unless an NVIDIA GPU is present; never the
+# multi-GB CUDA build on a CPU machine), the server and the SDK. With --test: the test dependencies
+# and a redis-server for the tests that need one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+py="$VENV/bin/python"
+pip() { "$py" -m pip install --disable-pip-version-check -q "$@"; }
+
+if ! "$py" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    pip "torch>=2.4"
+  else
+    # the +cpu wheel (from a local wheel directory or a configured index), else PyTorch's CPU index
+    pip "torch==2.13.0+cpu" 2>/dev/null \
+      || pip "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+
+if [ "${1:-}" = "--test" ]; then
+  pip -e ".[test]" -e ./client
+  if [ -z "${REDIS_URL:-}" ] && ! command -v redis-server >/dev/null 2>&1; then
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    if command -v apt-get >/dev/null 2>&1; then
+      $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    elif command -v brew >/dev/null 2>&1; then
+      brew install redis
+    else
+      echo "redis-server is needed by the tests: install it, or set REDIS_URL" >&2; exit 1
+    fi
+  fi
+else
+  pip -e . -e ./client
+fi
