@@ -228,8 +228,7 @@ def test_cli_commands(live, tiny_model, tmp_path):
     assert up.returncode == 0 and json.loads(up.stdout)["visibility"] == "public"
     got = cli(live, "prefixes", "get", pid)
     assert json.loads(got.stdout)["name"] == "cli"
-    gen = cli(
-        live,
+    args = [
         "generate",
         "name : Zizzi",
         "--prefix",
@@ -240,21 +239,8 @@ def test_cli_commands(live, tiny_model, tmp_path):
         "1",
         "--temperature",
         "0.5",
-    )
-    streamed = cli(
-        live,
-        "generate",
-        "name : Zizzi",
-        "--prefix",
-        pid,
-        "--max-new-tokens",
-        "5",
-        "--seed",
-        "1",
-        "--temperature",
-        "0.5",
-        "--stream",
-    )
+    ]
+    gen, streamed = cli(live, *args), cli(live, *args, "--stream")
     assert gen.returncode == streamed.returncode == 0 and gen.stdout == streamed.stdout
     assert "5 tokens" in gen.stderr
     data = tmp_path / "d.jsonl"
