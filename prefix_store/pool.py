@@ -32,6 +32,7 @@ class _Entry:
     pins: int = 0
     loading: bool = False
     error: PrefixServeError | None = None
+    deleted: bool = False  # deleted while pinned: dropped when the last pin goes
 
     @property
     def nbytes(self) -> int:
@@ -104,6 +105,8 @@ class DevicePool:
             entry = self._entries.get(prefix_id)
             if entry is not None and entry.pins > 0:
                 entry.pins -= 1
+                if entry.pins == 0 and entry.deleted:
+                    self._drop(prefix_id)
 
     def failure(self, prefix_id: str) -> PrefixServeError | None:
         entry = self._entries.get(prefix_id)
@@ -130,11 +133,20 @@ class DevicePool:
             self._install(prefix_id, entry, tensor)
 
     def evict(self, prefix_id: str) -> None:
-        """Forget a prefix (it was deleted); a request that already copied it is unaffected."""
+        """Forget a prefix (it was deleted). Requests that already hold a pin still get it (loading
+        completes for them); it is dropped with the last pin."""
         with self._lock:
-            entry = self._entries.pop(prefix_id, None)
-            if entry is not None:
-                self._resident_bytes -= entry.nbytes
+            entry = self._entries.get(prefix_id)
+            if entry is None:
+                return
+            if entry.pins > 0:
+                entry.deleted = True
+            else:
+                self._drop(prefix_id)
+
+    def _drop(self, prefix_id: str) -> None:
+        entry = self._entries.pop(prefix_id)
+        self._resident_bytes -= entry.nbytes
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

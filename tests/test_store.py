@@ -299,3 +299,20 @@ def test_prefix_that_fails_to_load_ends_its_requests_with_the_error(service_fact
     assert "sha256" in str(outs[rid][-1].error)
     assert outs[other][-1].finish_reason == FinishReason.LENGTH
     assert svc.pool.pins(meta.id) == 0
+
+
+def test_deleting_a_prefix_in_use_finishes_its_admitted_requests(service_factory, tiny_model, hf_model):
+    svc = service_factory()
+    kv = kv_for(tiny_model, 4, seed=5)
+    meta = svc.add_tensor(kv, owner="a")
+    svc.pool.evict(meta.id)  # cold, so the request below waits on a load
+    engine = EngineCore(tiny_model, prefixes=svc.pool)
+    rid = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=5), prefix_id=meta.id)
+    other = engine.add_request(PROMPTS[1], SamplingParams(max_new_tokens=5))
+    assert svc.delete(meta.id)  # deleted while a queued request holds a pin
+    outs = engine.run_to_completion()
+    ref, _ = hf_generate(hf_model, tiny_model.tokenizer.encode(PROMPTS[0]), kv, 5)
+    assert collect(outs[rid])[0] == ref and outs[other][-1].finish_reason == FinishReason.LENGTH
+    assert meta.id not in svc.pool.resident() and svc.pool.resident_bytes == 0  # dropped with the last pin
+    with pytest.raises(PrefixNotFound):
+        engine.add_request(PROMPTS[0], prefix_id=meta.id)  # new requests: gone

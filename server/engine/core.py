@@ -211,13 +211,12 @@ class EngineCore:
             self._drop(seq.request_id)
             out.append(
                 RequestOutput(
-                    seq.request_id,
-                    [],
-                    "",
-                    FinishReason.ERROR,
-                    req.prefix_len,
-                    len(req.prompt_ids),
-                    0,
+                    request_id=seq.request_id,
+                    token_ids=[],
+                    text="",
+                    finish_reason=FinishReason.ERROR,
+                    prefix_tokens=req.prefix_len,
+                    prompt_tokens=len(req.prompt_ids),
                     error=error,
                 )
             )
