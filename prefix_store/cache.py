@@ -129,6 +129,3 @@ class RedisByteCache:
 
     def delete(self, key: str) -> None:
         self._call("delete", lambda: self._client.delete(KEY_PREFIX + key))
-
-    def ping(self) -> bool:
-        return bool(self._call("ping", self._client.ping))

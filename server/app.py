@@ -32,7 +32,7 @@ from .auth import Tenants
 from .engine import AsyncEngine, EngineCore, FinishReason, RequestOutput, SamplingParams
 from .engine.request import Request as EngineRequest
 from .errors import InvalidRequest, PrefixNotFound, PrefixServeError
-from .limits import RateLimited, RateLimiter
+from .limits import RateLimiter
 from .metrics import CountRequests, Metrics
 from .model import LoadedModel, load_model
 from .schemas import (
@@ -611,6 +611,3 @@ async def _collect(
         finish_reason=last.finish_reason.value,
         usage=Usage(**_usage(last)),
     )
-
-
-__all__ = ["RateLimited", "create_app"]

@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -150,7 +151,6 @@ def test_failing_job_ends_failed_after_max_attempts_and_rerun_publishes_once(tin
     queue = LocalJobQueue()
     worker = Worker(queue, service, WorkerConfig(max_attempts=3, poll_s=0.05))
     broken = submit(service, queue, table_to_text(4), FAST)
-    service.store.training_path(broken.id)
     os.remove(service.store.training_path(broken.id))  # its data vanished: every attempt fails
     while worker.run_once():
         pass
@@ -180,8 +180,6 @@ def test_cancel_queued_and_running_jobs(tiny_model, tmp_path):
         service, queue, table_to_text(200), TrainConfig(prefix_len=4, hidden=16, epochs=50, batch_size=4)
     )
     worker = Worker(queue, service, WorkerConfig(save_every_s=0.05, poll_s=0.05))
-    import threading
-
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,))
     thread.start()

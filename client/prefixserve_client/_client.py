@@ -285,13 +285,14 @@ class Job:
             time.sleep(poll_s)
         if progress:
             sys.stderr.write(_progress_line(self.state) + "\n")
-        return _finished(self.state, self._c.prefixes.get)
+        return self._c.prefixes.get(_trained_prefix_id(self.state))
 
 
-def _finished(state: JobState, get_prefix):
+def _trained_prefix_id(state: JobState) -> str:
+    """The prefix a finished job published; JobFailed if it failed or was cancelled."""
     if state.status != "succeeded" or state.prefix_id is None:
         raise JobFailed(f"job {state.id} {state.status}: {state.error or ''}".strip(), 0, state.status)
-    return get_prefix(state.prefix_id)
+    return state.prefix_id
 
 
 # ---- async -----------------------------------------------------------------------------------------
@@ -432,6 +433,4 @@ class AsyncJob:
             if deadline is not None and time.monotonic() > deadline:
                 raise Timeout(f"job {self.id} still {self.state.status} after {timeout}s")
             await asyncio.sleep(poll_s)
-        if self.state.status != "succeeded" or self.state.prefix_id is None:
-            _finished(self.state, None)
-        return await self._c.prefixes.get(self.state.prefix_id)
+        return await self._c.prefixes.get(_trained_prefix_id(self.state))

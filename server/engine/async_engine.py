@@ -43,7 +43,6 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.steps = 0
         self.on_step: Callable[[int], None] | None = None  # called with the rows sampled in each step
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -127,7 +126,6 @@ class AsyncEngine:
                 for rid in self.core.fail_all():
                     self._deliver(rid, exc)
                 continue
-            self.steps += 1
             if self.on_step is not None and outputs:
                 self.on_step(len(outputs))
             for out in outputs:

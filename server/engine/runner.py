@@ -106,9 +106,6 @@ class ModelRunner:
     def num_used(self) -> int:
         return len(self._row_in)
 
-    def cache_bytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
-
     def _open(self, row: RowInput) -> int:
         if row.request_id in self._slot_of:
             raise RuntimeError(
