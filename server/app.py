@@ -298,7 +298,7 @@ def _install_routes(app: FastAPI) -> None:
         rid = f"gen-{uuid.uuid4().hex[:16]}"
         _, outputs = start_generation(state, tenant, body.input, body.sampling_params(), body.prefix_id, rid)
         if body.stream:
-            first = await _first(outputs)  # errors before the first token are plain HTTP errors
+            first = await _first(request, outputs)  # errors before the first token are plain HTTP errors
             return StreamingResponse(
                 _sse(rid, body.prefix_id, first, outputs), media_type="text/event-stream"
             )
@@ -535,8 +535,20 @@ async def _timed(
         yield out
 
 
-async def _first(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
-    return await anext(outputs)
+async def _first(request: Request, outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+    """The first output of a stream; a client that leaves while its request waits aborts it."""
+    task = asyncio.ensure_future(anext(outputs))
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.05)
+            if not task.done() and await request.is_disconnected():
+                raise asyncio.CancelledError  # the finally below aborts the sequence
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await outputs.aclose()
 
 
 def _usage(out: RequestOutput) -> dict[str, int]:

@@ -149,7 +149,7 @@ def install(app: FastAPI) -> None:
         _, outputs = start_generation(state, tenant, body.prompt, body.sampling_params(), prefix_id, rid)
         created = int(time.time())
         if body.stream:
-            first = await _first(outputs)
+            first = await _first(request, outputs)
             return StreamingResponse(
                 _chunks(rid, body.model, created, first, outputs), media_type="text/event-stream"
             )

@@ -44,6 +44,7 @@ class GenerateRequest(BaseModel):
     top_k: int = Field(0, ge=0, le=1_000_000, description="0 = off")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: list[str] | str | None = Field(None, description=f"up to {MAX_STOP_STRINGS} stop strings")
+    ignore_eos: bool = Field(False, description="keep generating past the end-of-text token (benchmarks)")
     stream: bool = False
 
     @field_validator("stop")
@@ -66,6 +67,7 @@ class GenerateRequest(BaseModel):
             top_p=self.top_p,
             seed=self.seed,
             stop=tuple(self.stop or ()),
+            ignore_eos=self.ignore_eos,
         )
 
 

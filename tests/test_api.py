@@ -253,6 +253,35 @@ def test_streaming_client_disconnect_frees_the_slot(api):
     wait_until(lambda: core.runner.num_used == 0 and core.num_live == 0)
 
 
+def test_streaming_client_that_leaves_while_queued_is_dropped_from_the_queue(tmp_path):
+    from prefixserve.model import load_model
+    from prefixserve.tiny import TinyModelConfig, write_tiny_model
+
+    slow = load_model(  # slow enough that one request holds the only slot for seconds
+        write_tiny_model(
+            tmp_path / "slow", TinyModelConfig(n_layer=8, n_head=8, n_embd=384, n_positions=1024)
+        )
+    )
+    server = LiveServer(settings_for(tmp_path, max_running=1), slow).start()
+    core = server.state.engine.core
+    try:
+        long = {"input": "The Mill", "max_new_tokens": 1000, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", server.url + "/generate", json=long, headers=A) as r:
+            lines = r.iter_lines()  # kept: a dropped iterator closes the stream
+            assert next(lines).startswith("event: token")  # holds the one running slot
+            quick = httpx.Timeout(5, read=0.3)  # a second stream waits in the queue, then leaves
+            with (
+                pytest.raises(httpx.ReadTimeout),
+                httpx.stream("POST", server.url + "/generate", json=long, headers=A, timeout=quick),
+            ):
+                pass
+            wait_until(lambda: core.num_live == 1, timeout=2)  # gone from the queue within moments
+            assert core.runner.num_used == 1 and next(lines).startswith("data: ")  # the first still runs
+        wait_until(lambda: core.num_live == 0 and core.runner.num_used == 0)
+    finally:
+        server.stop()
+
+
 def generated_tokens(api, tenant: str) -> float:
     for line in httpx.get(api.url + "/metrics").text.splitlines():
         if line.startswith(f'prefixserve_generated_tokens_total{{tenant="{tenant}"}}'):
@@ -456,3 +485,20 @@ def test_auto_model_falls_back_to_the_offline_tiny_model(tmp_path, caplog):
         model = _load(ServerSettings(model="auto", data_dir=str(tmp_path)))
     assert model.name == str(tmp_path / "tiny-gpt2") and model.spec.n_layer == 3
     assert "OFFLINE TINY MODEL" in caplog.text
+
+
+def test_ignore_eos_generates_past_the_end_of_text_token(tiny_model, hf_model, tmp_path):
+    import dataclasses
+
+    ids = tiny_model.tokenizer.encode("The Mill")
+    first, _ = hf_generate(hf_model, ids, None, 1)
+    eos_model = dataclasses.replace(tiny_model, eos_token_id=first[0])  # greedy's first token ends it
+    server = LiveServer(settings_for(tmp_path), eos_model).start()
+    try:
+        req = {"input": "The Mill", "max_new_tokens": 6}
+        stopped = httpx.post(server.url + "/generate", json=req, headers=A).json()
+        assert stopped["finish_reason"] == "eos" and stopped["usage"]["completion_tokens"] == 1
+        full = httpx.post(server.url + "/generate", json={**req, "ignore_eos": True}, headers=A).json()
+        assert full["finish_reason"] == "length" and full["usage"]["completion_tokens"] == 6
+    finally:
+        server.stop()
