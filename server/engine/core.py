@@ -234,8 +234,9 @@ class EngineCore:
     def _unpin_after_first_chunk(self, rows: list[RowInput]) -> None:
         for row in rows:
             live = self._live[row.request_id]
-            if row.prefix is not None and live.prefix_pinned:
-                self.prefixes.release(live.request.prefix_id)  # its K/V now live in the slot
+            # K/V now live in the slot; an NTK prefix stays pinned while the row uses it
+            if isinstance(row.prefix, torch.Tensor) and live.prefix_pinned:
+                self.prefixes.release(live.request.prefix_id)
                 live.prefix_pinned = False
 
     def _output(

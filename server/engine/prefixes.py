@@ -20,6 +20,10 @@ import torch
 
 from ..errors import InvalidPrefix, PrefixNotFound, PrefixServeError
 from ..model import ModelSpec
+from .ntk import NtkPrefix, check_ntk
+
+# What a provider hands the runner: K/V `[n_layer, 2, n_head, P, head_dim]` or an NTK prefix (length 0)
+PrefixState = torch.Tensor | NtkPrefix
 
 
 class PrefixProvider(Protocol):
@@ -35,8 +39,8 @@ class PrefixProvider(Protocol):
         """True once the prefix K/V are on the device."""
         ...
 
-    def get(self, prefix_id: str) -> torch.Tensor:
-        """The resident K/V `[n_layer, 2, n_head, P, head_dim]` (only when ready)."""
+    def get(self, prefix_id: str) -> PrefixState:
+        """The resident K/V `[n_layer, 2, n_head, P, head_dim]` or NTK prefix (only when ready)."""
         ...
 
     def release(self, prefix_id: str) -> None:
@@ -51,7 +55,7 @@ class PrefixProvider(Protocol):
 @dataclass
 class _Entry:
     length: int
-    kv: torch.Tensor | None  # [n_layer, 2, n_head, P, head_dim] on the device; None while loading
+    kv: PrefixState | None  # on the device; None while loading
     pins: int = 0
     error: PrefixServeError | None = None
 
@@ -77,19 +81,25 @@ class PrefixTable:
         if not bool(torch.isfinite(kv).all()):
             raise InvalidPrefix("prefix contains NaN or Inf values")
 
-    def register(self, prefix_id: str, kv: torch.Tensor) -> None:
+    def register(self, prefix_id: str, kv: PrefixState) -> None:
         """Make a prefix resident (validated, in the model's dtype, on its device)."""
-        self.check(kv)
+        if isinstance(kv, NtkPrefix):
+            spec = self.spec
+            if (problem := check_ntk(kv, spec.n_layer, spec.n_head, spec.head_dim)) is not None:
+                raise InvalidPrefix(problem)
+            state, length = kv.to(self.device, self.dtype), 0
+        else:
+            self.check(kv)
+            state, length = kv.detach().to(device=self.device, dtype=self.dtype).contiguous(), kv.shape[3]
         entry = self._entries.get(prefix_id)
-        tensor = kv.detach().to(device=self.device, dtype=self.dtype).contiguous()
         if entry is None:
-            self._entries[prefix_id] = _Entry(kv.shape[3], tensor)
-        elif entry.length != kv.shape[3]:
+            self._entries[prefix_id] = _Entry(length, state)
+        elif entry.length != length:
             raise InvalidPrefix(
-                f"prefix {prefix_id!r} was announced with length {entry.length}, got {kv.shape[3]}"
+                f"prefix {prefix_id!r} was announced with length {entry.length}, got {length}"
             )
         else:
-            entry.kv = tensor
+            entry.kv = state
 
     def announce(self, prefix_id: str, length: int) -> None:
         """Declare a prefix that exists but is not on the device yet; requests for it wait."""
@@ -124,7 +134,7 @@ class PrefixTable:
         entry.pins += 1
         return entry.length
 
-    def get(self, prefix_id: str) -> torch.Tensor:
+    def get(self, prefix_id: str) -> PrefixState:
         entry = self._get(prefix_id)
         if entry.kv is None:
             raise RuntimeError(f"prefix {prefix_id!r} is not on the device yet")

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import LayerWeights, LoadedModel, ModelSpec
+from .ntk import NtkPrefix, ntk_combine
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,8 @@ class RowInput:
     request_id: str
     tokens: list[int]
     position: int
-    prefix: torch.Tensor | None = None  # [n_layer, 2, n_head, P, head_dim], given with the first chunk
+    # given with the first chunk: K/V [n_layer, 2, n_head, P, head_dim] or an NTK prefix (no positions)
+    prefix: torch.Tensor | NtkPrefix | None = None
     open_slot: bool = False  # the row's first chunk: take a fresh slot (and place its prefix)
     sample: bool = True  # return logits for the row's last token
 
@@ -49,6 +51,25 @@ class _PrefillGroup:
 
 
 @dataclass
+class _NtkGroupRows:
+    """The NTK rows of one prefill group."""
+
+    rows: torch.Tensor  # [g] their indices within the group
+    slots: torch.Tensor  # [g]
+    tokens: torch.Tensor  # [g * n] their token indices in the step
+
+
+@dataclass
+class _NtkPlan:
+    """Where a step's NTK rows are: their attention gets their prefix's terms added (ntk.py)."""
+
+    decode_rows: torch.Tensor | None  # [R] indices of NTK rows among the decode rows
+    decode_slots: torch.Tensor | None  # [R]
+    groups: list[_NtkGroupRows | None]  # per prefill group
+    segments: list[tuple[NtkPrefix, torch.Tensor]]  # each distinct NTK prefix, its token indices [m]
+
+
+@dataclass
 class _Batch:
     """Device-side inputs of one step: N tokens, the Bd decode rows first, then prefill groups."""
 
@@ -61,6 +82,7 @@ class _Batch:
     decode_q_slots: torch.Tensor | None  # [Bd] slot of each decode row; None when Bd == S_used
     prefill_groups: list[_PrefillGroup]
     sample_idx: torch.Tensor  # [n_sample] token index whose logits are returned
+    ntk: _NtkPlan | None = None  # None: no row has an NTK prefix
 
 
 _GELU_K = 2.0 * math.sqrt(2.0 / math.pi)
@@ -100,6 +122,7 @@ class ModelRunner:
         self._slot_of: dict[str, int] = {}
         self._row_in: list[str] = []  # request id per used slot, dense
         self._filled: list[int] = []  # positions written per used slot
+        self._ntk: list[NtkPrefix | None] = []  # NTK prefix per used slot
 
     # ---- slots ---------------------------------------------------------------------------------
     @property
@@ -117,7 +140,8 @@ class ModelRunner:
         self._slot_of[row.request_id] = slot
         self._row_in.append(row.request_id)
         self._filled.append(0)
-        if row.prefix is not None:
+        self._ntk.append(row.prefix if isinstance(row.prefix, NtkPrefix) else None)
+        if isinstance(row.prefix, torch.Tensor):
             p = row.prefix.shape[3]
             self.kv[:, :, slot, :, :p] = row.prefix  # [L, 2, H, P, D]
             self._filled[slot] = p
@@ -131,16 +155,18 @@ class ModelRunner:
             n = self._filled[last]
             self.kv[:, :, slot, :, :n] = self.kv[:, :, last, :, :n]  # [L, 2, H, n, D]
             moved = self._row_in[last]
-            self._row_in[slot], self._filled[slot] = moved, n
+            self._row_in[slot], self._filled[slot], self._ntk[slot] = moved, n, self._ntk[last]
             self._slot_of[moved] = slot
         self._row_in.pop()
         self._filled.pop()
+        self._ntk.pop()
 
     def reset(self) -> None:
         """Forget every row (after an error that left the step half done)."""
         self._slot_of.clear()
         self._row_in.clear()
         self._filled.clear()
+        self._ntk.clear()
 
     # ---- one step ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -175,8 +201,10 @@ class ModelRunner:
         pos: list[int] = []
         slot: list[int] = []
         sample_idx: list[int] = []
+        starts: list[int] = []  # each row's first token index in the step
         for r in decode + prefill:
             s, n = slot_of[r.request_id], len(r.tokens)
+            starts.append(len(ids))
             if r.position + n > self.max_seq_len:
                 raise RuntimeError(f"row {r.request_id!r} would write past slot capacity {self.max_seq_len}")
             ids += r.tokens
@@ -188,6 +216,7 @@ class ModelRunner:
         dev = self.device
         lens = [r.position + 1 for r in decode]
         span = max(lens, default=0)
+        groups = self._prefill_groups(prefill, len(decode))
         return _Batch(
             ids=torch.tensor(ids, device=dev),
             pos=torch.tensor(pos, device=dev),
@@ -198,9 +227,49 @@ class ModelRunner:
             decode_q_slots=None
             if len(decode) == self.num_used
             else torch.tensor(slot[: len(decode)], device=dev),
-            prefill_groups=self._prefill_groups(prefill, len(decode)),
+            prefill_groups=groups,
             sample_idx=torch.tensor(sample_idx, device=dev, dtype=torch.long),
+            ntk=self._ntk_plan(decode, groups, prefill, starts),
         ), decode + prefill
+
+    def _ntk_plan(
+        self, decode: list[RowInput], groups: list[_PrefillGroup], prefill: list[RowInput], starts: list[int]
+    ) -> _NtkPlan | None:
+        ntk_of = [self._ntk[self._slot_of[r.request_id]] for r in decode + prefill]
+        if not any(p is not None for p in ntk_of):
+            return None
+        dev = self.device
+        segments: dict[int, tuple[NtkPrefix, list[int]]] = {}
+        for r, p, start in zip(decode + prefill, ntk_of, starts, strict=True):
+            if p is not None:
+                segments.setdefault(id(p), (p, []))[1].extend(range(start, start + len(r.tokens)))
+        nd = len(decode)
+        rows = [i for i in range(nd) if ntk_of[i] is not None]
+        slots = [self._slot_of[decode[i].request_id] for i in rows]
+        plan_groups: list[_NtkGroupRows | None] = []
+        first = nd  # index of the group's first row in decode + prefill
+        for g in groups:
+            mine = [i for i in range(g.rows) if ntk_of[first + i] is not None]
+            if mine:
+                tokens = [g.offset + i * g.length + j for i in mine for j in range(g.length)]
+                plan_groups.append(
+                    _NtkGroupRows(
+                        torch.tensor(mine, device=dev),
+                        torch.tensor(
+                            [self._slot_of[prefill[first - nd + i].request_id] for i in mine], device=dev
+                        ),
+                        torch.tensor(tokens, device=dev),
+                    )
+                )
+            else:
+                plan_groups.append(None)
+            first += g.rows
+        return _NtkPlan(
+            decode_rows=torch.tensor(rows, device=dev) if rows else None,
+            decode_slots=torch.tensor(slots, device=dev) if rows else None,
+            groups=plan_groups,
+            segments=[(p, torch.tensor(idx, device=dev)) for p, idx in segments.values()],
+        )
 
     def _decode_bias(self, slots: list[int], lens: list[int], span: int) -> torch.Tensor:
         """Additive length mask over the used slots, built once per step. -> `[S_used, 1, 1, span]`."""
@@ -251,14 +320,48 @@ class ModelRunner:
         """
         scale = self.spec.attn_scale(layer)
         if not b.prefill_groups:
-            return self._decode_attention(layer, q, b, scale)
-        out = torch.empty_like(q)  # [N, H, D]
-        if b.num_decode:
-            out[: b.num_decode] = self._decode_attention(layer, q[: b.num_decode], b, scale)
-        for g in b.prefill_groups:
-            end = g.offset + g.rows * g.length
-            out[g.offset : end] = self._prefill_attention(layer, q[g.offset : end], g, scale)
+            out = self._decode_attention(layer, q, b, scale)
+        else:
+            out = torch.empty_like(q)  # [N, H, D]
+            if b.num_decode:
+                out[: b.num_decode] = self._decode_attention(layer, q[: b.num_decode], b, scale)
+            for g in b.prefill_groups:
+                end = g.offset + g.rows * g.length
+                out[g.offset : end] = self._prefill_attention(layer, q[g.offset : end], g, scale)
+        if b.ntk is not None:
+            out = self._ntk_attention(layer, q, out, b, scale)
         return out
+
+    def _ntk_attention(
+        self, layer: int, q: torch.Tensor, out: torch.Tensor, b: _Batch, scale: float
+    ) -> torch.Tensor:
+        """Add each NTK row's prefix terms to its tokens' attention. q, out `[N, H, D]` -> `[N, H, D]`.
+
+        Rows without an NTK prefix are left exactly as computed above.
+        """
+        lse = self._ntk_lse(layer, q, b, scale)  # [N, H], set at NTK tokens
+        for prefix, idx in b.ntk.segments:  # one segment per distinct NTK prefix in the step
+            out[idx] = ntk_combine(out[idx], lse[idx], q[idx], prefix.z[layer], prefix.k[layer])
+        return out
+
+    def _ntk_lse(self, layer: int, q: torch.Tensor, b: _Batch, scale: float) -> torch.Tensor:
+        """Log-sum-exp of each NTK token's scaled scores over its row's own keys. -> `[N, H]`."""
+        plan = b.ntk
+        lse = q.new_zeros(q.shape[:2], dtype=torch.float32)  # [N, H]
+        if plan.decode_rows is not None:
+            k = self.k[layer][plan.decode_slots, :, : b.decode_span]  # [R, H, span, D]
+            s = torch.einsum("rhd,rhsd->rhs", q[plan.decode_rows], k).float() * scale  # [R, H, span]
+            s = s + b.decode_bias[plan.decode_slots, 0]  # length mask [R, 1, span]
+            lse[plan.decode_rows] = torch.logsumexp(s, -1)
+        for g, mine in zip(b.prefill_groups, plan.groups, strict=True):
+            if mine is None:
+                continue
+            qs = q[g.offset : g.offset + g.rows * g.length].view(g.rows, g.length, *q.shape[1:])
+            k = self.k[layer][mine.slots, :, : g.start + g.length]  # [g, H, end, D]
+            s = torch.einsum("gnhd,ghed->gnhe", qs[mine.rows], k).float() * scale  # [g, n, H, end]
+            s = s.masked_fill(~g.mask[None, :, None, :], float("-inf"))  # causal
+            lse[mine.tokens] = torch.logsumexp(s, -1).flatten(0, 1)  # [g*n, H]
+        return lse
 
     def _decode_attention(self, layer: int, q: torch.Tensor, b: _Batch, scale: float) -> torch.Tensor:
         """One query per decode row against the dense slot view. q `[Bd, H, D]` -> `[Bd, H, D]`.

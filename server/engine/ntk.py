@@ -1,0 +1,75 @@
+"""NTK-Attention prefixes (Liang, Shi, Song, Yang 2024, "Towards Infinite-Long Prefix in Transformer").
+
+An infinitely long prefix is approximated per layer and head by `Z [D, D]` and `k [D]`: a query q that
+attends to its own (causal) keys K and values V gets
+
+    out = (sum_j exp(q.k_j/sqrt(D)) v_j + phi(q) Z) / (sum_j exp(q.k_j/sqrt(D)) + phi(q).k)
+
+with phi(x) = elu(x / D**0.25) + 1. The extra terms cost O(D^2) per token and head, whatever the
+prefix "length". A row with an NTK prefix occupies no cache positions: its tokens start at 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class NtkPrefix:
+    """One NTK prefix: z `[n_layer, n_head, D, D]` and k `[n_layer, n_head, D]`."""
+
+    z: torch.Tensor  # [L, H, D, D]
+    k: torch.Tensor  # [L, H, D]
+
+    @staticmethod
+    def from_factors(z_a: torch.Tensor, z_b: torch.Tensor, k: torch.Tensor) -> NtkPrefix:
+        """Low-rank Z = Z_a Z_b: z_a `[L, H, D, s]`, z_b `[L, H, s, D]`."""
+        return NtkPrefix(z_a.float() @ z_b.float(), k)
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> NtkPrefix:
+        return NtkPrefix(self.z.to(device, dtype), self.k.to(device, dtype))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.z, self.k))
+
+
+def phi(q: torch.Tensor) -> torch.Tensor:
+    """The feature map elu(x / D**0.25) + 1 (positive), over the last dim. `[..., D]` -> `[..., D]`."""
+    return F.elu(q / q.shape[-1] ** 0.25) + 1.0
+
+
+def ntk_combine(
+    o: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, z: torch.Tensor, k: torch.Tensor
+) -> torch.Tensor:
+    """Add an NTK prefix's terms to softmax attention over the row's own keys.
+
+    o `[M, H, D]`: attention output over the row's own keys, lse `[M, H]`: the log-sum-exp of those
+    scaled scores, q `[M, H, D]`: the queries, z `[H, D, D]`, k `[H, D]` (this layer). -> `[M, H, D]`.
+    With S = exp(lse): out = (o S + phi(q) Z) / (S + phi(q).k), computed with S and the NTK terms both
+    scaled by exp(-max(lse, 0)) so neither can overflow.
+    """
+    f = phi(q)  # [M, H, D]
+    u = torch.einsum("mhd,hde->mhe", f, z)  # [M, H, D]
+    w = (f * k).sum(-1)  # [M, H]
+    top = lse.clamp(min=0.0)  # [M, H]
+    a = torch.exp(lse - top).unsqueeze(-1)  # [M, H, 1]
+    c = torch.exp(-top).unsqueeze(-1)  # [M, H, 1]
+    return (o * a + u * c) / (a + w.unsqueeze(-1) * c)
+
+
+def check_ntk(prefix: NtkPrefix, n_layer: int, n_head: int, head_dim: int) -> str | None:
+    """What is wrong with an NTK prefix for this model (shapes, dtype, finite values), or None."""
+    want_z, want_k = [n_layer, n_head, head_dim, head_dim], [n_layer, n_head, head_dim]
+    if list(prefix.z.shape) != want_z:
+        return f"ntk_z must have shape {want_z} for this model, got {list(prefix.z.shape)}"
+    if list(prefix.k.shape) != want_k:
+        return f"ntk_k must have shape {want_k} for this model, got {list(prefix.k.shape)}"
+    if not (prefix.z.is_floating_point() and prefix.k.is_floating_point()):
+        return f"NTK tensors must be floating point, got {prefix.z.dtype} and {prefix.k.dtype}"
+    if not bool(torch.isfinite(prefix.z).all() and torch.isfinite(prefix.k).all()):
+        return "NTK prefix contains NaN or Inf values"
+    return None
