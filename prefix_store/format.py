@@ -1,8 +1,11 @@
 """The prefix file: one self-describing safetensors file per prefix.
 
-Tensor `past_key_values` `[n_layer, 2, n_head, P, head_dim]` (DESIGN.md invariant 1) and string
-metadata (format version, kind, model fingerprint, length, dtype, name, owner, visibility, source,
-created_at, sha256 of the tensor bytes). Reading never unpickles: the header is parsed here, checked
+Kind `prefix_kv`: tensor `past_key_values` `[n_layer, 2, n_head, P, head_dim]` (DESIGN.md invariant 1).
+Kind `ntk` (NTK-Attention, server/engine/ntk.py; no positions, prefix_len 0): `ntk_k [n_layer, n_head,
+head_dim]` and either `ntk_z [n_layer, n_head, head_dim, head_dim]` or its low-rank factors
+`ntk_z_a [.., head_dim, s]` and `ntk_z_b [.., s, head_dim]`. Both carry string metadata (format
+version, kind, model fingerprint, length, dtype, name, owner, visibility, source, created_at, sha256
+of the tensor bytes in name order). Reading never unpickles: the header is parsed here, checked
 field by field (each error names what was expected and what was found), and only then is the tensor
 built from the raw bytes.
 """
@@ -21,13 +24,20 @@ import numpy as np
 import torch
 from safetensors.torch import save as st_save
 
+from prefixserve.engine.ntk import NtkPrefix
+from prefixserve.engine.prefixes import PrefixState
 from prefixserve.errors import PrefixServeError
 from prefixserve.model import ModelSpec
 
 FORMAT_VERSION = "1"
 KIND_PREFIX_KV = "prefix_kv"
-KINDS = (KIND_PREFIX_KV,)
+KIND_NTK = "ntk"
+KINDS = (KIND_PREFIX_KV, KIND_NTK)
 TENSOR_NAME = "past_key_values"
+TENSOR_SETS = {  # the tensors a file of each kind holds (sorted names)
+    KIND_PREFIX_KV: ([TENSOR_NAME],),
+    KIND_NTK: (["ntk_k", "ntk_z"], ["ntk_k", "ntk_z_a", "ntk_z_b"]),
+}
 SOURCES = ("upload", "peft", "text", "train")
 VISIBILITIES = ("private", "public")
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -111,6 +121,11 @@ class PrefixMeta:
             raise InvalidPrefixFile(
                 f"input_suffix must be at most 16 characters, got {len(self.input_suffix)}"
             )
+        if (self.kind == KIND_NTK) != (self.prefix_len == 0):
+            raise InvalidPrefixFile(
+                f"prefix_len must be 0 for an ntk prefix and >= 1 for a prefix_kv one, got {self.prefix_len}"
+                f" for kind {self.kind!r}"
+            )
         if len(self.name) > MAX_NAME_LEN:
             raise InvalidPrefixFile(f"name must be at most {MAX_NAME_LEN} characters, got {len(self.name)}")
 
@@ -122,15 +137,31 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
 
 def encode_prefix(kv: torch.Tensor, meta: PrefixMeta) -> bytes:
     """Serialize `kv [n_layer, 2, n_head, P, head_dim]` with its metadata (sha256 filled in here)."""
-    kv = kv.detach().contiguous().cpu()
-    if kv.dtype not in DTYPE_NAMES:
-        raise InvalidPrefixFile(f"prefix dtype must be one of {sorted(DTYPE_NAMES.values())}, got {kv.dtype}")
-    digest = hashlib.sha256(tensor_bytes(kv)).hexdigest()
+    return encode_tensors({TENSOR_NAME: kv}, meta)
+
+
+def encode_tensors(tensors: dict[str, torch.Tensor], meta: PrefixMeta) -> bytes:
+    """Serialize a prefix of either kind (see TENSOR_SETS); kind, length, dtype and sha256 are set here."""
+    tensors = {n: t.detach().contiguous().cpu() for n, t in sorted(tensors.items())}
+    dtypes = {t.dtype for t in tensors.values()}
+    if len(dtypes) != 1 or not dtypes <= set(DTYPE_NAMES):
+        raise InvalidPrefixFile(
+            f"prefix tensors must share one dtype of {sorted(DTYPE_NAMES.values())}, "
+            f"got {sorted(map(str, dtypes))}"
+        )
+    kind = KIND_PREFIX_KV if TENSOR_NAME in tensors else KIND_NTK
+    digest = hashlib.sha256(b"".join(tensor_bytes(t) for t in tensors.values())).hexdigest()
     meta = PrefixMeta(
-        **{**meta.to_strings(), "prefix_len": kv.shape[3], "dtype": DTYPE_NAMES[kv.dtype], "sha256": digest}
+        **{
+            **meta.to_strings(),
+            "kind": kind,
+            "prefix_len": tensors[TENSOR_NAME].shape[3] if kind == KIND_PREFIX_KV else 0,
+            "dtype": DTYPE_NAMES[dtypes.pop()],
+            "sha256": digest,
+        }
     )
     meta.check()
-    return st_save({TENSOR_NAME: kv}, metadata=meta.to_strings())
+    return st_save(tensors, metadata=meta.to_strings())
 
 
 @dataclass(frozen=True)
@@ -227,39 +258,68 @@ def _meta(header: dict) -> PrefixMeta:
     return PrefixMeta.from_strings(raw)
 
 
-def decode_prefix(data: bytes, expect: Expect) -> tuple[torch.Tensor, PrefixMeta]:
-    """Validate everything, then build the tensor. Returns (kv on CPU, metadata)."""
+def decode_prefix(data: bytes, expect: Expect) -> tuple[PrefixState, PrefixMeta]:
+    """Validate everything, then build the prefix: K/V `[n_layer, 2, n_head, P, head_dim]` or an
+    NtkPrefix (low-rank Z multiplied out), on the CPU, and its metadata."""
+    tensors, meta = decode_tensors(data, expect)
+    if meta.kind == KIND_PREFIX_KV:
+        return tensors[TENSOR_NAME], meta
+    if "ntk_z" in tensors:
+        return NtkPrefix(tensors["ntk_z"], tensors["ntk_k"]), meta
+    return NtkPrefix.from_factors(tensors["ntk_z_a"], tensors["ntk_z_b"], tensors["ntk_k"]).to(
+        torch.device("cpu"), tensors["ntk_k"].dtype
+    ), meta
+
+
+def decode_tensors(data: bytes, expect: Expect) -> tuple[dict[str, torch.Tensor], PrefixMeta]:
+    """Validate everything, then build the file's tensors (by name) on the CPU."""
     header, start = parse_header(data, expect.max_bytes)
     names = sorted(k for k in header if k != "__metadata__")
-    if names != [TENSOR_NAME]:
-        raise InvalidPrefixFile(f"expected exactly the tensor ['{TENSOR_NAME}'], found {names}")
-    info = header[TENSOR_NAME]
-    dtype = DTYPES.get(info.get("dtype"))
-    if dtype is None:
-        raise InvalidPrefixFile(f"dtype must be one of {sorted(DTYPES)}, got {info.get('dtype')!r}")
-    shape = info.get("shape")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-        raise InvalidPrefixFile(f"shape must be a list of non-negative integers, got {shape!r}")
     meta = _meta(header)
-    if meta.dtype != DTYPE_NAMES[dtype]:
+    allowed = TENSOR_SETS[meta.kind]
+    if names not in allowed:
+        want = " or ".join(str(a) for a in allowed)
         raise InvalidPrefixFile(
-            f"metadata dtype {meta.dtype!r} does not match the tensor's {DTYPE_NAMES[dtype]!r}"
+            f"expected exactly the tensor{'s' * (len(allowed[0]) > 1)} {want}, found {names}"
         )
-    _check_shape(shape, meta, expect)
+    shapes, dtypes = {}, {}
+    for name in names:
+        info = header[name]
+        dtype = DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise InvalidPrefixFile(f"dtype must be one of {sorted(DTYPES)}, got {info.get('dtype')!r}")
+        shape = info.get("shape")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise InvalidPrefixFile(f"shape must be a list of non-negative integers, got {shape!r}")
+        if meta.dtype != DTYPE_NAMES[dtype]:
+            raise InvalidPrefixFile(
+                f"metadata dtype {meta.dtype!r} does not match the tensor's {DTYPE_NAMES[dtype]!r}"
+            )
+        shapes[name], dtypes[name] = shape, dtype
+    if meta.kind == KIND_PREFIX_KV:
+        _check_shape(shapes[TENSOR_NAME], meta, expect)
+    else:
+        _check_ntk_shapes(shapes, expect.spec)
     if meta.model_fingerprint != expect.fingerprint:
         raise InvalidPrefixFile(
             f"prefix was made for model {meta.model_fingerprint}, but this server runs {expect.fingerprint}"
         )
-    begin, end = info["data_offsets"]
-    need = math.prod(shape) * dtype.itemsize
-    if end - begin != need:
-        raise InvalidPrefixFile(f"shape {shape} needs {need} bytes, data_offsets give {end - begin}")
-    raw = data[start + begin : start + end]
-    if hashlib.sha256(raw).hexdigest() != meta.sha256:
+    raws = {}
+    for name in names:
+        begin, end = header[name]["data_offsets"]
+        need = math.prod(shapes[name]) * dtypes[name].itemsize
+        if end - begin != need:
+            raise InvalidPrefixFile(
+                f"shape {shapes[name]} needs {need} bytes, data_offsets give {end - begin}"
+            )
+        raws[name] = data[start + begin : start + end]
+    if hashlib.sha256(b"".join(raws.values())).hexdigest() != meta.sha256:
         raise InvalidPrefixFile("tensor bytes do not match the sha256 in the metadata (corrupted file)")
-    if not all_finite(raw, dtype):
+    if not all(all_finite(raw, dtypes[n]) for n, raw in raws.items()):
         raise InvalidPrefixFile("prefix contains NaN or Inf values")
-    return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape), meta
+    return {
+        n: torch.frombuffer(bytearray(raw), dtype=dtypes[n]).reshape(shapes[n]) for n, raw in raws.items()
+    }, meta
 
 
 _EXPONENT = {
@@ -290,3 +350,18 @@ def _check_shape(shape: list[int], meta: PrefixMeta, expect: Expect) -> None:
         raise InvalidPrefixFile(
             f"metadata prefix_len {meta.prefix_len} does not match the tensor's length {p}"
         )
+
+
+def _check_ntk_shapes(shapes: dict[str, list[int]], spec: ModelSpec) -> None:
+    lh, d = [spec.n_layer, spec.n_head], spec.head_dim
+    want = {"ntk_k": [*lh, d], "ntk_z": [*lh, d, d]}
+    if "ntk_z_a" in shapes:
+        rank = shapes["ntk_z_a"][-1] if len(shapes["ntk_z_a"]) == 4 else -1
+        if not 1 <= rank <= d:
+            raise InvalidPrefixFile(
+                f"ntk_z_a must be [{lh[0]}, {lh[1]}, {d}, s] with 1 <= s <= {d}, got {shapes['ntk_z_a']}"
+            )
+        want.update(ntk_z_a=[*lh, d, rank], ntk_z_b=[*lh, rank, d])
+    for name, shape in shapes.items():
+        if shape != want[name]:
+            raise InvalidPrefixFile(f"{name} must have shape {want[name]} for this model, got {shape}")

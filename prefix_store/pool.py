@@ -3,7 +3,8 @@
 It implements the engine's `PrefixProvider`. `acquire` pins a prefix and, on a miss, starts loading
 it on a worker thread (cache -> store -> validation -> device), so a cold prefix never stalls the
 decode loop; the scheduler admits the waiting request once `is_ready`. The engine releases the pin
-as soon as the prefix K/V have been copied into the request's KV slot. Unpinned prefixes are
+as soon as the prefix K/V have been copied into the request's KV slot (an NTK prefix, which the row
+reads every step, stays pinned until the request ends). Unpinned prefixes are
 evicted least-recently-used first when a load needs room.
 """
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from prefixserve.engine.prefixes import PrefixState, prefix_length, prefix_nbytes
 from prefixserve.errors import PrefixServeError
 
 from .cache import Stats
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Entry:
     length: int
-    kv: torch.Tensor | None = None  # [n_layer, 2, n_head, P, head_dim] on the device
+    kv: PrefixState | None = None  # K/V [n_layer, 2, n_head, P, head_dim] or NTK, on the device
     pins: int = 0
     loading: bool = False
     error: PrefixServeError | None = None
@@ -36,13 +38,13 @@ class _Entry:
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.kv is None else self.kv.numel() * self.kv.element_size()
+        return 0 if self.kv is None else prefix_nbytes(self.kv)
 
 
 class DevicePool:
     def __init__(
         self,
-        load: Callable[[str], torch.Tensor],
+        load: Callable[[str], PrefixState],
         length: Callable[[str], int],
         budget_bytes: int,
         device: torch.device,
@@ -94,7 +96,7 @@ class DevicePool:
         entry = self._entries.get(prefix_id)
         return entry is not None and entry.kv is not None
 
-    def get(self, prefix_id: str) -> torch.Tensor:
+    def get(self, prefix_id: str) -> PrefixState:
         entry = self._entries[prefix_id]
         if entry.kv is None:
             raise RuntimeError(f"prefix {prefix_id!r} is not resident")
@@ -125,11 +127,11 @@ class DevicePool:
         entry = self._entries.get(prefix_id)
         return 0 if entry is None else entry.pins
 
-    def put(self, prefix_id: str, kv: torch.Tensor) -> None:
+    def put(self, prefix_id: str, kv: PrefixState) -> None:
         """Make a prefix resident now (e.g. right after it was created on this server)."""
         tensor = kv.to(self.device, self.dtype)
         with self._lock:
-            entry = self._entries.setdefault(prefix_id, _Entry(kv.shape[3]))
+            entry = self._entries.setdefault(prefix_id, _Entry(prefix_length(kv)))
             self._install(prefix_id, entry, tensor)
 
     def evict(self, prefix_id: str) -> None:
@@ -165,7 +167,7 @@ class DevicePool:
         else:
             self._loaded(prefix_id, tensor, None)
 
-    def _loaded(self, prefix_id: str, tensor: torch.Tensor | None, error: PrefixServeError | None) -> None:
+    def _loaded(self, prefix_id: str, tensor: PrefixState | None, error: PrefixServeError | None) -> None:
         with self._lock:
             entry = self._entries.get(prefix_id)
             if entry is None:  # evicted (deleted) while loading
@@ -177,10 +179,10 @@ class DevicePool:
                 return
             self._install(prefix_id, entry, tensor)
 
-    def _install(self, prefix_id: str, entry: _Entry, tensor: torch.Tensor) -> None:
-        """Place a tensor (lock held) and evict unpinned LRU entries until the budget holds."""
+    def _install(self, prefix_id: str, entry: _Entry, tensor: PrefixState) -> None:
+        """Place a prefix (lock held) and evict unpinned LRU entries until the budget holds."""
         self._resident_bytes -= entry.nbytes
-        entry.kv, entry.length = tensor, tensor.shape[3]
+        entry.kv, entry.length = tensor, prefix_length(tensor)
         self._resident_bytes += entry.nbytes
         self._entries.move_to_end(prefix_id)
         for pid in list(self._entries):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from prefixserve.engine.prefixes import PrefixState
 from prefixserve.errors import PrefixNotFound
 from prefixserve.model import LoadedModel
 
@@ -21,11 +22,13 @@ from .cache import ByteCache, LocalByteCache, RedisByteCache, Stats
 from .format import (
     DTYPE_NAMES,
     MAX_HEADER_BYTES,
+    TENSOR_NAME,
     Expect,
     InvalidPrefixFile,
     PrefixMeta,
     decode_prefix,
-    encode_prefix,
+    decode_tensors,
+    encode_tensors,
     read_meta,
 )
 from .importers import import_peft, text_to_kv
@@ -95,26 +98,39 @@ class PrefixService:
     ) -> PrefixMeta:
         """Validate canonical K/V against the model, store it (under a new id unless `prefix_id` is
         given; an existing id raises PrefixExists), return its metadata."""
-        kv = kv.detach().cpu()
         if kv.dim() != 5:
             raise InvalidPrefixFile(
                 f"prefix must be [n_layer, 2, n_head, P, head_dim], got shape {list(kv.shape)}"
             )
-        if kv.dtype not in DTYPE_NAMES:
-            kv = kv.float()
+        return self.add_tensors({TENSOR_NAME: kv}, owner, name, visibility, source, prefix_id, input_suffix)
+
+    def add_tensors(
+        self,
+        tensors: dict[str, torch.Tensor],
+        owner: str,
+        name: str = "",
+        visibility: str = "private",
+        source: str = "upload",
+        prefix_id: str | None = None,
+        input_suffix: str = "",
+    ) -> PrefixMeta:
+        """Store a prefix of either kind from its named tensors (format.TENSOR_SETS), validated like
+        every load; returns its metadata."""
+        tensors = {n: t.detach().cpu() for n, t in tensors.items()}
+        tensors = {n: t if t.dtype in DTYPE_NAMES else t.float() for n, t in tensors.items()}
         meta = PrefixMeta(
             id=prefix_id or f"pfx-{secrets.token_hex(8)}",
             model_fingerprint=self.model.fingerprint,
-            prefix_len=kv.shape[3],
-            dtype=DTYPE_NAMES[kv.dtype],
+            prefix_len=0,  # kind, length and dtype are set from the tensors by encode_tensors
+            dtype="float32",
             owner=owner,
             name=name,
             visibility=visibility,
             source=source,
             input_suffix=input_suffix,
         )
-        data = encode_prefix(kv, meta)
-        kv, meta = decode_prefix(data, self.expect)  # the same validation as every load
+        data = encode_tensors(tensors, meta)
+        _, meta = decode_tensors(data, self.expect)  # the same validation as every load
         self.store.put(meta.id, data)
         self.cache.put(meta.id, data)
         with self._lock:
@@ -123,8 +139,8 @@ class PrefixService:
 
     def add_file(self, data: bytes, owner: str, name: str = "", visibility: str = "private") -> PrefixMeta:
         """A native prefix file (e.g. downloaded from another server running the same model)."""
-        kv, meta = decode_prefix(data, self.expect)
-        return self.add_tensor(kv, owner, name or meta.name, visibility, "upload")
+        tensors, meta = decode_tensors(data, self.expect)
+        return self.add_tensors(tensors, owner, name or meta.name, visibility, "upload")
 
     def add_peft(
         self, config_raw: bytes, weights_raw: bytes, owner: str, name: str = "", visibility: str = "private"
@@ -182,7 +198,7 @@ class PrefixService:
         self.cache.put(prefix_id, data)
         return data
 
-    def _load_tensor(self, prefix_id: str) -> torch.Tensor:
+    def _load_tensor(self, prefix_id: str) -> PrefixState:
         kv, _ = decode_prefix(self.load_bytes(prefix_id), self.expect)
         return kv
 

@@ -109,3 +109,129 @@ def test_ntk_prefixes_are_validated(tiny_model):
     nan[0, 0, 0, 0] = float("nan")
     with pytest.raises(InvalidPrefix, match="NaN"):
         engine.prefixes.register("bad", NtkPrefix(nan, good.k))
+
+
+# ---- the store: kind "ntk" --------------------------------------------------------------------
+def ntk_tensors(model: LoadedModel, rank: int = 0, seed: int = 3) -> dict[str, torch.Tensor]:
+    s, p = model.spec, make_ntk(model, seed)
+    if not rank:
+        return {"ntk_z": p.z, "ntk_k": p.k}
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(s.n_layer, s.n_head, s.head_dim, rank, generator=g) * 0.3
+    b = torch.randn(s.n_layer, s.n_head, rank, s.head_dim, generator=g) * 0.3
+    return {"ntk_z_a": a, "ntk_z_b": b, "ntk_k": p.k}
+
+
+@pytest.fixture
+def expect(tiny_model):
+    from prefix_store.format import Expect
+
+    return Expect(tiny_model.spec, tiny_model.fingerprint, max_prefix_len=64, max_bytes=1 << 20)
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_ntk_file_roundtrip_full_and_low_rank(tiny_model, expect, rank):
+    from prefix_store.format import PrefixMeta, decode_prefix, encode_tensors
+
+    tensors = ntk_tensors(tiny_model, rank)
+    meta = PrefixMeta(
+        id="ntk-one", model_fingerprint=tiny_model.fingerprint, prefix_len=0, dtype="float32", owner="a"
+    )
+    prefix, back = decode_prefix(encode_tensors(tensors, meta), expect)
+    assert (back.kind, back.prefix_len) == ("ntk", 0) and isinstance(prefix, NtkPrefix)
+    z = tensors["ntk_z_a"] @ tensors["ntk_z_b"] if rank else tensors["ntk_z"]
+    torch.testing.assert_close(prefix.z, z)
+    assert torch.equal(prefix.k, tensors["ntk_k"])
+
+
+def test_malformed_ntk_files_are_rejected_with_a_reason(tiny_model, expect):
+    from safetensors.torch import save as st_save
+
+    from prefix_store.format import InvalidPrefixFile, PrefixMeta, decode_prefix, encode_tensors, read_meta
+
+    meta = PrefixMeta(
+        id="ntk-bad", model_fingerprint=tiny_model.fingerprint, prefix_len=0, dtype="float32", owner="a"
+    )
+    good = ntk_tensors(tiny_model)
+    strings = read_meta(encode_tensors(good, meta)).to_strings()
+    low = ntk_tensors(tiny_model, rank=4)
+    nan = good["ntk_k"].clone()
+    nan[0, 0, 0] = float("inf")
+    cases = [
+        ({**good, "ntk_z": good["ntk_z"][:, :, :8]}, None, r"ntk_z must have shape \[3, 4, 16, 16\]"),
+        ({**good, "ntk_k": good["ntk_k"][:2]}, None, r"ntk_k must have shape \[3, 4, 16\]"),
+        (
+            {**low, "ntk_z_a": torch.zeros(3, 4, 16, 17), "ntk_z_b": torch.zeros(3, 4, 17, 16)},
+            None,
+            "1 <= s <= 16",
+        ),
+        (
+            {**good, "ntk_z_a": low["ntk_z_a"]},
+            strings,
+            r"expected exactly the tensors .* found \['ntk_k', 'ntk_z', 'ntk_z_a'\]",
+        ),
+        (
+            {"past_key_values": torch.zeros(tiny_model.spec.prefix_shape(2))},
+            strings,
+            "expected exactly the tensors",
+        ),
+        ({**good, "ntk_k": nan}, None, "NaN or Inf"),
+        (good, {**strings, "prefix_len": "4"}, "prefix_len must be 0 for an ntk prefix"),
+        (good, {**strings, "model_fingerprint": "gpt2-other"}, "made for model gpt2-other"),
+    ]
+    for tensors, metadata, needle in cases:
+        data = encode_tensors(tensors, meta) if metadata is None else st_save(tensors, metadata=metadata)
+        with pytest.raises(InvalidPrefixFile, match=needle):
+            decode_prefix(data, expect)
+
+
+def test_an_ntk_prefix_from_the_store_serves_in_a_mixed_batch(tiny_model, hf_model, tmp_path):
+    """Store -> device pool -> engine, next to a prefix-KV row, equals the formula's reference."""
+    from prefix_store.service import PrefixService, StoreConfig
+
+    service = PrefixService(tiny_model, StoreConfig(url=str(tmp_path / "store")))
+    try:
+        tensors = ntk_tensors(tiny_model, rank=4)
+        meta = service.add_tensors(tensors, "alice", "ntk")
+        kv = service.add_tensor(make_prefixes(tiny_model, [6])["p6"], "alice")
+        assert (meta.kind, meta.prefix_len, service.length(meta.id)) == ("ntk", 0, 0)
+        engine = EngineCore(
+            tiny_model, EngineConfig(max_running=4, record_logits=True), prefixes=service.pool
+        )
+        results = run(
+            engine, [(meta.id, PROMPTS[0], 8, 0), (kv.id, PROMPTS[1], 8, 0), (meta.id, PROMPTS[2], 8, 1)]
+        )
+        z = tensors["ntk_z_a"] @ tensors["ntk_z_b"]
+        for rid in ("r0", "r2"):
+            tokens, _, prompt = results[rid]
+            assert tokens == ntk_generate(hf_model, prompt, z, tensors["ntk_k"], 8)[0]
+        assert service.pool.pins(meta.id) == 0  # the pin is held while rows run, then released
+    finally:
+        service.close()
+
+
+# ---- training ----------------------------------------------------------------------------------
+def test_trained_ntk_prefix_lowers_held_out_loss_and_serves_as_trained(tiny_model_dir, tiny_model, hf_model):
+    from transformers import GPT2LMHeadModel
+
+    from prefixserve.training.trainer import PrefixTrainer, TrainConfig, encode_example
+
+    from .reference import ntk_logits
+    from .test_training import bare_loss, table_to_text
+
+    data = table_to_text(80)
+    train, held = data[:60], data[60:]
+    cfg = TrainConfig(kind="ntk", ntk_rank=8, epochs=12, batch_size=8, learning_rate=0.5, seed=0)
+    trainer = PrefixTrainer(GPT2LMHeadModel.from_pretrained(tiny_model_dir), tiny_model.tokenizer, cfg)
+    tensors, prog = trainer.train(train)
+    assert prog.step == prog.total_steps == 12 * 8 and sum(prog.losses[-5:]) < sum(prog.losses[:5])
+    bare = bare_loss(hf_model, tiny_model.tokenizer, held, cfg.separator)
+    trained = trainer.evaluate(held)
+    assert trained < 0.6 * bare, (trained, bare)
+    assert sorted(tensors) == ["ntk_k", "ntk_z_a", "ntk_z_b"] and bool((tensors["ntk_k"] > 0).all())
+    # the training forward is the serving formula: same loss from the plain reference
+    z, k = tensors["ntk_z_a"] @ tensors["ntk_z_b"], tensors["ntk_k"]
+    ids, labels = encode_example(tiny_model.tokenizer, *held[0], cfg.separator)
+    logits = ntk_logits(hf_model, ids, z, k)
+    ref = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(labels[1:]), ignore_index=-100)
+    torch.testing.assert_close(trainer.evaluate([held[0]]), ref.item(), rtol=1e-4, atol=1e-4)

@@ -26,6 +26,15 @@ from .ntk import NtkPrefix, check_ntk
 PrefixState = torch.Tensor | NtkPrefix
 
 
+def prefix_length(state: PrefixState) -> int:
+    """Positions the prefix occupies in a row's slot (an NTK prefix occupies none)."""
+    return 0 if isinstance(state, NtkPrefix) else state.shape[3]
+
+
+def prefix_nbytes(state: PrefixState) -> int:
+    return state.nbytes if isinstance(state, NtkPrefix) else state.numel() * state.element_size()
+
+
 class PrefixProvider(Protocol):
     def length(self, prefix_id: str) -> int:
         """Prefix length P; raises PrefixNotFound for an unknown id."""

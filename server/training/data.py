@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InvalidRequest
@@ -34,6 +36,10 @@ class Hyperparameters(BaseModel):
     val_fraction: float | None = Field(None, ge=0.0, le=0.5)
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     separator: str | None = Field(None, max_length=16)
+    kind: Literal["prefix_kv", "ntk"] | None = Field(
+        None, description="prefix_kv (prefix tuning, the default) or ntk (NTK-Attention)"
+    )
+    ntk_rank: int | None = Field(None, ge=0, le=1024, description="ntk: rank s of Z = Z_a Z_b; 0 = full Z")
 
     def config(self) -> TrainConfig:
         chosen = self.model_dump(include=set(Hyperparameters.model_fields))  # not `examples` of a TrainSpec
@@ -98,7 +104,11 @@ def validate_dataset(
     """Check every record against the model's limits; returns the dataset as JSONL for the store."""
     if cfg.prefix_len > max_prefix_len:
         raise InvalidRequest("prefix_len", f"expected at most {max_prefix_len}, got {cfg.prefix_len}")
-    limit = min(cfg.max_length, model.spec.n_positions - cfg.prefix_len)
+    if cfg.ntk_rank > model.spec.head_dim:
+        raise InvalidRequest(
+            "ntk_rank", f"expected at most head_dim {model.spec.head_dim}, got {cfg.ntk_rank}"
+        )
+    limit = min(cfg.max_length, model.spec.n_positions - cfg.positions)
     for i, ex in enumerate(examples):
         for name in ("input", "output"):
             if not getattr(ex, name).strip():
@@ -108,6 +118,6 @@ def validate_dataset(
             raise InvalidRequest(
                 f"examples[{i}]",
                 f"{n} tokens (input + separator + output + eos) exceed {limit} (max_length {cfg.max_length}, "
-                f"n_positions {model.spec.n_positions} - prefix_len {cfg.prefix_len})",
+                f"n_positions {model.spec.n_positions} - prefix_len {cfg.positions})",
             )
     return "\n".join(ex.model_dump_json() for ex in examples).encode()

@@ -6,6 +6,12 @@ PEFT lays out `prompt_embeddings` (so PEFT's `PrefixTuningConfig(prefix_projecti
 encoder_hidden_size=k)` is an exact reference). A training sequence is z = [x; sep; y; eos] with the
 loss on y and eos only. Positions of z follow the prefix (P .. P+T-1), as at serving time. After
 training the MLP is discarded and only P (canonical `[n_layer, 2, n_head, P, head_dim]`) is kept.
+
+`kind="ntk"` trains an NTK-Attention prefix instead (server/engine/ntk.py): per layer and head a
+`Z [D, D]` (or `Z_a [D, s] Z_b [s, D]` with `ntk_rank` s) and `k [D]`, through the same attention
+formula the server computes (`ntk_combine`), on the same data and job API. k is kept positive
+(k = softplus(k')), as it is in the paper's derivation (a sum of positive features), so the
+attention denominator stays positive. Init: Z = 0 (Z_b = 0), k ~ 0, i.e. the bare model.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import (
     DynamicCache,
@@ -26,8 +33,10 @@ from transformers import (
 )
 
 from prefix_store.importers import peft_to_canonical
+from prefixserve.engine.ntk import ntk_combine
 
 IGNORE = -100
+KINDS = ("prefix_kv", "ntk")
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,17 @@ class TrainConfig:
     val_fraction: float = 0.0  # held out for an eval loss per epoch
     seed: int = 42
     separator: str = "\n"  # between x and y; appended to the input at serving time
+    kind: str = "prefix_kv"  # or "ntk" (prefix_len and hidden do not apply to it)
+    ntk_rank: int = 0  # ntk: rank s of Z = Z_a Z_b; 0 = a full Z [D, D]
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {list(KINDS)}, got {self.kind!r}")
+
+    @property
+    def positions(self) -> int:
+        """Positions the trained prefix occupies (an NTK prefix occupies none)."""
+        return self.prefix_len if self.kind == "prefix_kv" else 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,6 +106,68 @@ class PrefixEncoder(nn.Module):
         return self.transform(self.embedding(self.tokens))  # [P, L*2*C]
 
 
+class NtkEncoder(nn.Module):
+    """An NTK-Attention prefix's trainable state; `forward()` returns (z `[L, H, D, D]`, k `[L, H, D]`)."""
+
+    def __init__(self, n_layer: int, n_head: int, head_dim: int, rank: int) -> None:
+        super().__init__()
+        lh = (n_layer, n_head)
+        if rank:
+            self.z_a = nn.Parameter(torch.randn(*lh, head_dim, rank) * head_dim**-0.5)
+            self.z_b = nn.Parameter(torch.zeros(*lh, rank, head_dim))
+        else:
+            self.z = nn.Parameter(torch.zeros(*lh, head_dim, head_dim))
+        self.k_raw = nn.Parameter(torch.full((*lh, head_dim), -4.0))  # k = softplus(k_raw) ~ 0.018
+        self.rank = rank
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.z_a @ self.z_b if self.rank else self.z
+        return z, F.softplus(self.k_raw)
+
+    @torch.no_grad()
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What the store keeps (format.TENSOR_SETS["ntk"])."""
+        k = F.softplus(self.k_raw).float().cpu()
+        if self.rank:
+            return {"ntk_k": k, "ntk_z_a": self.z_a.float().cpu(), "ntk_z_b": self.z_b.float().cpu()}
+        return {"ntk_k": k, "ntk_z": self.z.float().cpu()}
+
+
+def ntk_lm_loss(
+    model: GPT2LMHeadModel,
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    z: torch.Tensor,
+    k: torch.Tensor,
+) -> torch.Tensor:
+    """GPT-2 forward on HF's own modules with NTK-Attention in every layer; ids, labels, mask `[B, T]`
+    (right-padded), z `[L, H, D, D]`, k `[L, H, D]`. Returns the mean loss over labelled tokens."""
+    tr, cfg = model.transformer, model.config
+    b, t = ids.shape
+    c, h = cfg.n_embd, cfg.n_head
+    d = c // h
+    x = tr.wte(ids) + tr.wpe(torch.arange(t, device=ids.device))  # [B, T, C]; no prefix positions
+    keep = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril() & mask.bool()[:, None, None, :]
+    for layer, block in enumerate(tr.h):
+        q, key, v = (
+            s.view(b, t, h, d).transpose(1, 2) for s in block.attn.c_attn(block.ln_1(x)).split(c, dim=-1)
+        )  # [B, H, T, D] each
+        scores = (q @ key.transpose(-1, -2) / d**0.5).masked_fill(~keep, float("-inf"))  # [B, H, T, T]
+        lse = torch.logsumexp(scores, -1)  # [B, H, T]
+        o = torch.softmax(scores, -1) @ v  # [B, H, T, D]
+        a = ntk_combine(_tokens(o), _tokens(lse), _tokens(q), z[layer], k[layer])  # [B*T, H, D]
+        x = x + block.attn.c_proj(a.reshape(b, t, c))
+        x = x + block.mlp(block.ln_2(x))
+    logits = model.lm_head(tr.ln_f(x))  # [B, T, V]
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+def _tokens(a: torch.Tensor) -> torch.Tensor:
+    """`[B, H, T, ...]` -> `[B*T, H, ...]`."""
+    return a.transpose(1, 2).flatten(0, 1)
+
+
 def encode_example(
     tok: PreTrainedTokenizerBase, x: str, y: str, separator: str
 ) -> tuple[list[int], list[int]]:
@@ -122,10 +204,16 @@ class PrefixTrainer:
         self.n_layer, self.n_head, self.n_embd = c.n_layer, c.n_head, c.n_embd
         self.device = next(model.parameters()).device
         torch.manual_seed(config.seed)
-        self.encoder = PrefixEncoder(config.prefix_len, c.n_embd, config.hidden, c.n_layer).to(self.device)
+        self.encoder: nn.Module = (
+            NtkEncoder(c.n_layer, c.n_head, c.n_embd // c.n_head, config.ntk_rank)
+            if config.kind == "ntk"
+            else PrefixEncoder(config.prefix_len, c.n_embd, config.hidden, c.n_layer)
+        ).to(self.device)
 
     def loss(self, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean loss over the labelled tokens of a batch `[B, T]` with the current prefix."""
+        if self.config.kind == "ntk":
+            return ntk_lm_loss(self.model, ids, labels, mask, *self.encoder())
         b, p = ids.shape[0], self.config.prefix_len
         kv = self.encoder().view(p, self.n_layer * 2, self.n_head, -1).permute(1, 2, 0, 3)  # [L*2, H, P, D]
         cache = DynamicCache(
@@ -142,8 +230,8 @@ class PrefixTrainer:
 
     def train(
         self, pairs: list[tuple[str, str]], on_progress: Callable[[Progress], None] | None = None
-    ) -> tuple[torch.Tensor, Progress]:
-        """Train on (input, output) pairs; returns the canonical prefix `[L, 2, H, P, D]` and the record."""
+    ) -> tuple[dict[str, torch.Tensor], Progress]:
+        """Train on (input, output) pairs; returns the prefix's tensors (`tensors()`) and the record."""
         cfg = self.config
         data = [encode_example(self.tok, x, y, cfg.separator) for x, y in pairs]
         rng = random.Random(cfg.seed)
@@ -183,7 +271,7 @@ class PrefixTrainer:
                 prog.eval_losses.append(prog.eval_loss)
                 if on_progress is not None:
                     on_progress(prog)
-        return self.prefix(), prog
+        return self.tensors(), prog
 
     @torch.no_grad()
     def evaluate_batches(self, data: list[tuple[list[int], list[int]]]) -> float:
@@ -201,6 +289,9 @@ class PrefixTrainer:
         )
 
     @torch.no_grad()
-    def prefix(self) -> torch.Tensor:
-        """The trained prefix in canonical layout (the MLP is not needed any more)."""
-        return peft_to_canonical(self.encoder().float().cpu(), self.n_layer, self.n_head)
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What the store keeps: the canonical prefix `past_key_values [L, 2, H, P, D]` (the MLP is
+        not needed any more), or an NTK prefix's tensors."""
+        if self.config.kind == "ntk":
+            return self.encoder.tensors()
+        return {"past_key_values": peft_to_canonical(self.encoder().float().cpu(), self.n_layer, self.n_head)}

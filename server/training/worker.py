@@ -102,7 +102,7 @@ class Worker:
             prefix, prog = trainer.train(pairs, self._progress(delivery, job))
             self._record(job, prog)
             try:
-                meta = self.service.add_tensor(
+                meta = self.service.add_tensors(
                     prefix,
                     job.tenant,
                     job.name,
