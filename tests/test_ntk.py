@@ -58,13 +58,17 @@ PLAN = [  # three kinds in one batch; NTK rows join mid-flight and share a prefi
 ]
 
 
+NTK_ONLY = [("n1", PROMPTS[0], 8, 0), ("n2", PROMPTS[3], 8, 0), ("n1", PROMPTS[4], 6, 2)]
+
+
 @pytest.mark.parametrize("budget", [512, 7])  # 7: prompts are prefilled in chunks across steps
-def test_batched_ntk_attention_matches_the_formula_in_a_mixed_batch(tiny_model, hf_model, budget):
+@pytest.mark.parametrize("plan", [PLAN, NTK_ONLY], ids=["three-kinds", "ntk-only"])
+def test_batched_ntk_attention_matches_the_formula_in_a_mixed_batch(tiny_model, hf_model, budget, plan):
     kv = make_prefixes(tiny_model, [5, 12])
     ntk = {"n1": make_ntk(tiny_model, 1), "n2": make_ntk(tiny_model, 2)}
-    results = run(new_engine(tiny_model, budget, {**kv, **ntk}), PLAN)
-    assert set(results) == {f"r{i}" for i in range(len(PLAN))}
-    for i, (pid, _, max_new, _) in enumerate(PLAN):
+    results = run(new_engine(tiny_model, budget, {**kv, **ntk}), plan)
+    assert set(results) == {f"r{i}" for i in range(len(plan))}
+    for i, (pid, _, max_new, _) in enumerate(plan):
         tokens, logits, prompt = results[f"r{i}"]
         if pid in ntk:
             ref_tokens, ref_logits = ntk_generate(hf_model, prompt, ntk[pid].z, ntk[pid].k, max_new)
@@ -74,7 +78,7 @@ def test_batched_ntk_attention_matches_the_formula_in_a_mixed_batch(tiny_model, 
         for a, b in zip(logits, ref_logits, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     # the NTK term is not negligible: without it the NTK rows decode differently
-    bare = hf_generate(hf_model, results["r0"][2], None, 10)[0]
+    bare = hf_generate(hf_model, results["r0"][2], None, plan[0][2])[0]
     assert bare != results["r0"][0]
 
 

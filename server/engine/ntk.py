@@ -47,17 +47,18 @@ def ntk_combine(
 ) -> torch.Tensor:
     """Add an NTK prefix's terms to softmax attention over the row's own keys.
 
-    o `[M, H, D]`: attention output over the row's own keys, lse `[M, H]`: the log-sum-exp of those
-    scaled scores, q `[M, H, D]`: the queries, z `[H, D, D]`, k `[H, D]` (this layer). -> `[M, H, D]`.
+    o `[..., H, D]`: attention output over the row's own keys, lse `[..., H]`: the log-sum-exp of those
+    scaled scores, q `[..., H, D]`: the queries; this layer's z `[..., H, D, D]` and k `[..., H, D]`,
+    broadcast over the leading dims (one prefix for all, or one per row). -> `[..., H, D]`.
     With S = exp(lse): out = (o S + phi(q) Z) / (S + phi(q).k), computed with S and the NTK terms both
     scaled by exp(-max(lse, 0)) so neither can overflow.
     """
-    f = phi(q)  # [M, H, D]
-    u = torch.einsum("mhd,hde->mhe", f, z)  # [M, H, D]
-    w = (f * k).sum(-1)  # [M, H]
-    top = lse.clamp(min=0.0)  # [M, H]
-    a = torch.exp(lse - top).unsqueeze(-1)  # [M, H, 1]
-    c = torch.exp(-top).unsqueeze(-1)  # [M, H, 1]
+    f = phi(q)  # [..., H, D]
+    u = torch.matmul(f.unsqueeze(-2), z).squeeze(-2)  # [..., H, D]
+    w = (f * k).sum(-1)  # [..., H]
+    top = lse.clamp(min=0.0)  # [..., H]
+    a = torch.exp(lse - top).unsqueeze(-1)  # [..., H, 1]
+    c = torch.exp(-top).unsqueeze(-1)  # [..., H, 1]
     return (o * a + u * c) / (a + w.unsqueeze(-1) * c)
 
 

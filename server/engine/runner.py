@@ -65,8 +65,8 @@ class _NtkPlan:
 
     decode_rows: torch.Tensor | None  # [R] indices of NTK rows among the decode rows
     decode_slots: torch.Tensor | None  # [R]
+    decode_dense: bool  # every used slot decodes an NTK row, in slot order: read the slot view
     groups: list[_NtkGroupRows | None]  # per prefill group
-    segments: list[tuple[NtkPrefix, torch.Tensor]]  # each distinct NTK prefix, its token indices [m]
 
 
 @dataclass
@@ -122,7 +122,10 @@ class ModelRunner:
         self._slot_of: dict[str, int] = {}
         self._row_in: list[str] = []  # request id per used slot, dense
         self._filled: list[int] = []  # positions written per used slot
-        self._ntk: list[NtkPrefix | None] = []  # NTK prefix per used slot
+        self._ntk: list[bool] = []  # per used slot: the row has an NTK prefix
+        # NTK prefixes live in their rows' slots too (allocated with the first NTK row):
+        self.ntk_z: torch.Tensor | None = None  # [L, S, H, D, D]
+        self.ntk_k: torch.Tensor | None = None  # [L, S, H, D]
 
     # ---- slots ---------------------------------------------------------------------------------
     @property
@@ -140,8 +143,10 @@ class ModelRunner:
         self._slot_of[row.request_id] = slot
         self._row_in.append(row.request_id)
         self._filled.append(0)
-        self._ntk.append(row.prefix if isinstance(row.prefix, NtkPrefix) else None)
-        if isinstance(row.prefix, torch.Tensor):
+        self._ntk.append(isinstance(row.prefix, NtkPrefix))
+        if isinstance(row.prefix, NtkPrefix):
+            self._place_ntk(slot, row.prefix)
+        elif row.prefix is not None:
             p = row.prefix.shape[3]
             self.kv[:, :, slot, :, :p] = row.prefix  # [L, 2, H, P, D]
             self._filled[slot] = p
@@ -156,10 +161,21 @@ class ModelRunner:
             self.kv[:, :, slot, :, :n] = self.kv[:, :, last, :, :n]  # [L, 2, H, n, D]
             moved = self._row_in[last]
             self._row_in[slot], self._filled[slot], self._ntk[slot] = moved, n, self._ntk[last]
+            if self._ntk[slot]:
+                self.ntk_z[:, slot], self.ntk_k[:, slot] = self.ntk_z[:, last], self.ntk_k[:, last]
             self._slot_of[moved] = slot
         self._row_in.pop()
         self._filled.pop()
         self._ntk.pop()
+
+    def _place_ntk(self, slot: int, prefix: NtkPrefix) -> None:
+        if self.ntk_z is None:
+            s = self.spec
+            z_shape = (s.n_layer, self.num_slots, s.n_head, s.head_dim, s.head_dim)
+            with torch.inference_mode(False):  # like the KV slots: updated in place outside steps too
+                self.ntk_z = torch.zeros(z_shape, dtype=self.dtype, device=self.device)  # [L, S, H, D, D]
+                self.ntk_k = torch.zeros(z_shape[:-1], dtype=self.dtype, device=self.device)  # [L, S, H, D]
+        self.ntk_z[:, slot], self.ntk_k[:, slot] = prefix.z, prefix.k
 
     def reset(self) -> None:
         """Forget every row (after an error that left the step half done)."""
@@ -236,20 +252,16 @@ class ModelRunner:
         self, decode: list[RowInput], groups: list[_PrefillGroup], prefill: list[RowInput], starts: list[int]
     ) -> _NtkPlan | None:
         ntk_of = [self._ntk[self._slot_of[r.request_id]] for r in decode + prefill]
-        if not any(p is not None for p in ntk_of):
+        if not any(ntk_of):
             return None
         dev = self.device
-        segments: dict[int, tuple[NtkPrefix, list[int]]] = {}
-        for r, p, start in zip(decode + prefill, ntk_of, starts, strict=True):
-            if p is not None:
-                segments.setdefault(id(p), (p, []))[1].extend(range(start, start + len(r.tokens)))
         nd = len(decode)
-        rows = [i for i in range(nd) if ntk_of[i] is not None]
+        rows = [i for i in range(nd) if ntk_of[i]]
         slots = [self._slot_of[decode[i].request_id] for i in rows]
         plan_groups: list[_NtkGroupRows | None] = []
         first = nd  # index of the group's first row in decode + prefill
         for g in groups:
-            mine = [i for i in range(g.rows) if ntk_of[first + i] is not None]
+            mine = [i for i in range(g.rows) if ntk_of[first + i]]
             if mine:
                 tokens = [g.offset + i * g.length + j for i in mine for j in range(g.length)]
                 plan_groups.append(
@@ -266,9 +278,9 @@ class ModelRunner:
             first += g.rows
         return _NtkPlan(
             decode_rows=torch.tensor(rows, device=dev) if rows else None,
+            decode_dense=len(rows) == nd == self.num_used,
             decode_slots=torch.tensor(slots, device=dev) if rows else None,
             groups=plan_groups,
-            segments=[(p, torch.tensor(idx, device=dev)) for p, idx in segments.values()],
         )
 
     def _decode_bias(self, slots: list[int], lens: list[int], span: int) -> torch.Tensor:
@@ -319,6 +331,9 @@ class ModelRunner:
         This is the one place attention is computed, so other prefix kinds add their term here.
         """
         scale = self.spec.attn_scale(layer)
+        if b.ntk is not None and b.ntk.decode_dense:  # every row decodes with an NTK prefix
+            out, lse = self._decode_attention_lse(layer, q, b, scale)
+            return self._ntk_attention(layer, q, out, b, scale, lse)
         if not b.prefill_groups:
             out = self._decode_attention(layer, q, b, scale)
         else:
@@ -332,36 +347,57 @@ class ModelRunner:
             out = self._ntk_attention(layer, q, out, b, scale)
         return out
 
+    def _decode_attention_lse(
+        self, layer: int, q: torch.Tensor, b: _Batch, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode attention over the dense slot view that also returns the log-sum-exp of the scores
+        (one pass over K and V, as SDPA's). q `[S_used, H, D]` -> `[S_used, H, D]`, `[S_used, H]`."""
+        used, span = self.num_used, b.decode_span
+        k = self.k[layer, :used, :, :span]  # [S_used, H, span, D]
+        v = self.v[layer, :used, :, :span]  # [S_used, H, span, D]
+        s = (
+            torch.matmul(q.unsqueeze(2), k.transpose(-1, -2)).float() * scale + b.decode_bias
+        )  # [S, H, 1, span]
+        lse = torch.logsumexp(s, -1, keepdim=True)  # [S_used, H, 1, 1]
+        o = torch.matmul(torch.exp(s - lse).to(v.dtype), v)  # [S_used, H, 1, D]
+        return o.squeeze(2), lse.view(used, -1)
+
     def _ntk_attention(
-        self, layer: int, q: torch.Tensor, out: torch.Tensor, b: _Batch, scale: float
+        self,
+        layer: int,
+        q: torch.Tensor,
+        out: torch.Tensor,
+        b: _Batch,
+        scale: float,
+        lse: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Add each NTK row's prefix terms to its tokens' attention. q, out `[N, H, D]` -> `[N, H, D]`.
+        """Add each NTK row's prefix terms (its slot's Z and k) to its tokens' attention over their own
+        keys. q, out `[N, H, D]` -> `[N, H, D]`; lse `[N, H]` of `out`'s scores when decode_dense.
 
         Rows without an NTK prefix are left exactly as computed above.
         """
-        lse = self._ntk_lse(layer, q, b, scale)  # [N, H], set at NTK tokens
-        for prefix, idx in b.ntk.segments:  # one segment per distinct NTK prefix in the step
-            out[idx] = ntk_combine(out[idx], lse[idx], q[idx], prefix.z[layer], prefix.k[layer])
-        return out
-
-    def _ntk_lse(self, layer: int, q: torch.Tensor, b: _Batch, scale: float) -> torch.Tensor:
-        """Log-sum-exp of each NTK token's scaled scores over its row's own keys. -> `[N, H]`."""
-        plan = b.ntk
-        lse = q.new_zeros(q.shape[:2], dtype=torch.float32)  # [N, H]
+        plan, z, kv = b.ntk, self.ntk_z[layer], self.ntk_k[layer]  # z [S, H, D, D], kv [S, H, D]
+        if plan.decode_dense:  # every used slot, in slot order: views, no gathers
+            used = self.num_used
+            return ntk_combine(out, lse, q, z[:used], kv[:used])
         if plan.decode_rows is not None:
-            k = self.k[layer][plan.decode_slots, :, : b.decode_span]  # [R, H, span, D]
-            s = torch.einsum("rhd,rhsd->rhs", q[plan.decode_rows], k).float() * scale  # [R, H, span]
-            s = s + b.decode_bias[plan.decode_slots, 0]  # length mask [R, 1, span]
-            lse[plan.decode_rows] = torch.logsumexp(s, -1)
+            rows, slots = plan.decode_rows, plan.decode_slots  # [R]
+            qd = q[rows]  # [R, H, D]
+            k = self.k[layer][slots, :, : b.decode_span]  # [R, H, span, D]
+            s = torch.matmul(qd.unsqueeze(2), k.transpose(-1, -2)).squeeze(2)  # [R, H, span]
+            lse_d = torch.logsumexp(s.float() * scale + b.decode_bias[slots, 0], -1)  # [R, H]
+            out[rows] = ntk_combine(out[rows], lse_d, qd, z[slots], kv[slots])
         for g, mine in zip(b.prefill_groups, plan.groups, strict=True):
             if mine is None:
                 continue
-            qs = q[g.offset : g.offset + g.rows * g.length].view(g.rows, g.length, *q.shape[1:])
+            qs = q[g.offset : g.offset + g.rows * g.length].view(g.rows, g.length, *q.shape[1:])[mine.rows]
             k = self.k[layer][mine.slots, :, : g.start + g.length]  # [g, H, end, D]
-            s = torch.einsum("gnhd,ghed->gnhe", qs[mine.rows], k).float() * scale  # [g, n, H, end]
-            s = s.masked_fill(~g.mask[None, :, None, :], float("-inf"))  # causal
-            lse[mine.tokens] = torch.logsumexp(s, -1).flatten(0, 1)  # [g*n, H]
-        return lse
+            s = torch.einsum("gnhd,ghed->gnhe", qs, k).float() * scale  # [g, n, H, end]
+            lse_g = torch.logsumexp(s.masked_fill(~g.mask[None, :, None, :], float("-inf")), -1)  # [g, n, H]
+            o = out[mine.tokens].view(qs.shape)  # [g, n, H, D]
+            zs, ks = z[mine.slots].unsqueeze(1), kv[mine.slots].unsqueeze(1)  # [g, 1, H, D, D], [g, 1, H, D]
+            out[mine.tokens] = ntk_combine(o, lse_g, qs, zs, ks).flatten(0, 1)
+        return out
 
     def _decode_attention(self, layer: int, q: torch.Tensor, b: _Batch, scale: float) -> torch.Tensor:
         """One query per decode row against the dense slot view. q `[Bd, H, D]` -> `[Bd, H, D]`.
