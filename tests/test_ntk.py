@@ -3,6 +3,8 @@ forward pass, checked against a plain per-request implementation of the paper's 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -27,7 +29,8 @@ def make_ntk(model: LoadedModel, seed: int) -> NtkPrefix:
 def run(engine: EngineCore, plan: list[tuple[str | None, str, int, int]]) -> dict[str, tuple]:
     """plan: (prefix, prompt, max_new_tokens, step at which it joins) -> {rid: (tokens, logits, prompt)}."""
     prompts, outputs, step = {}, {}, 0
-    while step < 1000 and (engine.has_work or any(join >= step for *_, join in plan)):
+    deadline = time.monotonic() + 60  # prefixes from a store load on threads: steps may idle a while
+    while time.monotonic() < deadline and (engine.has_work or any(join >= step for *_, join in plan)):
         for i, (pid, text, max_new, join) in enumerate(plan):
             if join == step:
                 rid = engine.add_request(
@@ -239,3 +242,26 @@ def test_trained_ntk_prefix_lowers_held_out_loss_and_serves_as_trained(tiny_mode
     logits = ntk_logits(hf_model, ids, z, k)
     ref = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(labels[1:]), ignore_index=-100)
     torch.testing.assert_close(trainer.evaluate([held[0]]), ref.item(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_gpu_decode_kernel_matches_the_eager_path(tiny_model_dir, hf_model):
+    from prefixserve.engine import ntk_triton
+    from prefixserve.model import load_model
+
+    gpu = load_model(tiny_model_dir, device="cuda")
+    assert ntk_triton.available(gpu.device), "Triton is needed for the fused NTK decode kernel"
+    ntk = {"n1": make_ntk(gpu, 1), "n2": make_ntk(gpu, 2)}
+    results = {}
+    for fused in (True, False):
+        engine = new_engine(gpu, 512, ntk)
+        engine.runner.fused_ntk = fused
+        results[fused] = run(engine, NTK_ONLY)
+    for i, (pid, _, max_new, _) in enumerate(NTK_ONLY):
+        (tokens, logits, prompt), (eager_tokens, eager_logits, _) = (
+            results[True][f"r{i}"],
+            results[False][f"r{i}"],
+        )
+        assert tokens == eager_tokens == ntk_generate(hf_model, prompt, ntk[pid].z, ntk[pid].k, max_new)[0]
+        for a, b in zip(logits, eager_logits, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

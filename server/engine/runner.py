@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import LayerWeights, LoadedModel, ModelSpec
+from . import ntk_triton
 from .ntk import NtkPrefix, ntk_combine
 
 
@@ -66,6 +67,7 @@ class _NtkPlan:
     decode_rows: torch.Tensor | None  # [R] indices of NTK rows among the decode rows
     decode_slots: torch.Tensor | None  # [R]
     decode_dense: bool  # every used slot decodes an NTK row, in slot order: read the slot view
+    decode_lens: torch.Tensor | None  # [S_used] int32 positions per row, when decode_dense
     groups: list[_NtkGroupRows | None]  # per prefill group
 
 
@@ -126,6 +128,7 @@ class ModelRunner:
         # NTK prefixes live in their rows' slots too (allocated with the first NTK row):
         self.ntk_z: torch.Tensor | None = None  # [L, S, H, D, D]
         self.ntk_k: torch.Tensor | None = None  # [L, S, H, D]
+        self.fused_ntk = ntk_triton.available(self.device)  # one Triton kernel per layer on CUDA
 
     # ---- slots ---------------------------------------------------------------------------------
     @property
@@ -279,6 +282,9 @@ class ModelRunner:
         return _NtkPlan(
             decode_rows=torch.tensor(rows, device=dev) if rows else None,
             decode_dense=len(rows) == nd == self.num_used,
+            decode_lens=torch.tensor([r.position + 1 for r in decode], device=dev, dtype=torch.int32)
+            if len(rows) == nd == self.num_used
+            else None,
             decode_slots=torch.tensor(slots, device=dev) if rows else None,
             groups=plan_groups,
         )
@@ -332,6 +338,11 @@ class ModelRunner:
         """
         scale = self.spec.attn_scale(layer)
         if b.ntk is not None and b.ntk.decode_dense:  # every row decodes with an NTK prefix
+            if self.fused_ntk:
+                used, span = self.num_used, b.decode_span
+                k, v = self.k[layer, :used, :, :span], self.v[layer, :used, :, :span]  # [S, H, span, D]
+                z, kv = self.ntk_z[layer, :used], self.ntk_k[layer, :used]  # [S, H, D, D], [S, H, D]
+                return ntk_triton.ntk_decode(q, k, v, b.ntk.decode_lens, z, kv, scale)
             out, lse = self._decode_attention_lse(layer, q, b, scale)
             return self._ntk_attention(layer, q, out, b, scale, lse)
         if not b.prefill_groups:
