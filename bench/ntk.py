@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
 import tempfile
@@ -36,7 +35,8 @@ from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
 from prefixserve.engine.ntk import NtkPrefix
 from prefixserve.model import LoadedModel, load_model
 from prefixserve.tiny import write_tiny_model
-from prefixserve.training.trainer import IGNORE, PrefixTrainer, TrainConfig, encode_example
+from prefixserve.training.synthetic import table_to_text
+from prefixserve.training.trainer import PrefixTrainer, TrainConfig, bare_model_loss
 
 BATCH, INPUT, NEW = 64, 32, 64
 COLUMNS = ("kv10", "kv100", "kv1000", "ntk", "ntk_distinct")
@@ -92,30 +92,6 @@ def bench_decode(args: argparse.Namespace) -> dict[str, float]:
 
 
 # ---- (b) what each learns --------------------------------------------------------------------------
-def table_to_text(n: int, seed: int) -> list[tuple[str, str]]:
-    names = ["Aromi", "Cotto", "Zizzi", "The Mill", "Blue Spice", "The Eagle"]
-    foods, areas = ["Italian", "French", "Indian", "Chinese"], ["riverside", "city centre", "the north"]
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        name, food, area = rng.choice(names), rng.choice(foods), rng.choice(areas)
-        out.append(
-            (f"name : {name} | food : {food} | area : {area}", f"{name} is a {food} restaurant in {area}.")
-        )
-    return out
-
-
-@torch.no_grad()
-def bare_loss(hf: GPT2LMHeadModel, tok, pairs: list[tuple[str, str]], separator: str) -> float:
-    total, count = 0.0, 0
-    for x, y in pairs:
-        ids, labels = encode_example(tok, x, y, separator)
-        n = sum(1 for t in labels[1:] if t != IGNORE)
-        total += hf(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item() * n
-        count += n
-    return total / count
-
-
 def bench_training(args: argparse.Namespace) -> dict[str, float]:
     path = write_tiny_model(Path(tempfile.mkdtemp(prefix="bench-ntk-tiny-")))
     tok = load_model(path).tokenizer
@@ -127,7 +103,7 @@ def bench_training(args: argparse.Namespace) -> dict[str, float]:
         "prefix": TrainConfig(prefix_len=10, hidden=64, learning_rate=5e-3, **common),
         "ntk": TrainConfig(kind="ntk", ntk_rank=10, learning_rate=0.5, **common),
     }
-    out = {"bare_eval_loss": bare_loss(GPT2LMHeadModel.from_pretrained(path), tok, held, "\n")}
+    out = {"bare_eval_loss": bare_model_loss(GPT2LMHeadModel.from_pretrained(path), tok, held, "\n")}
     for name, cfg in configs.items():
         trainer = PrefixTrainer(GPT2LMHeadModel.from_pretrained(path), tok, cfg)
         t0 = time.perf_counter()

@@ -28,10 +28,10 @@ from prefixserve_client import (
 from safetensors.torch import save as st_save
 
 from prefix_store.format import PrefixMeta, encode_prefix
+from prefixserve.training.synthetic import table_to_text
 
 from .live import LiveServer
 from .test_api import ALICE, BOB, settings_for
-from .test_training import table_to_text
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_TRAIN = {"epochs": 2, "prefix_len": 4, "hidden": 16, "batch_size": 8, "learning_rate": 5e-3}

@@ -221,10 +221,10 @@ def test_an_ntk_prefix_from_the_store_serves_in_a_mixed_batch(tiny_model, hf_mod
 def test_trained_ntk_prefix_lowers_held_out_loss_and_serves_as_trained(tiny_model_dir, tiny_model, hf_model):
     from transformers import GPT2LMHeadModel
 
-    from prefixserve.training.trainer import PrefixTrainer, TrainConfig, encode_example
+    from prefixserve.training.synthetic import table_to_text
+    from prefixserve.training.trainer import PrefixTrainer, TrainConfig, bare_model_loss, encode_example
 
     from .reference import ntk_logits
-    from .test_training import bare_loss, table_to_text
 
     data = table_to_text(80)
     train, held = data[:60], data[60:]
@@ -232,7 +232,7 @@ def test_trained_ntk_prefix_lowers_held_out_loss_and_serves_as_trained(tiny_mode
     trainer = PrefixTrainer(GPT2LMHeadModel.from_pretrained(tiny_model_dir), tiny_model.tokenizer, cfg)
     tensors, prog = trainer.train(train)
     assert prog.step == prog.total_steps == 12 * 8 and sum(prog.losses[-5:]) < sum(prog.losses[:5])
-    bare = bare_loss(hf_model, tiny_model.tokenizer, held, cfg.separator)
+    bare = bare_model_loss(hf_model, tiny_model.tokenizer, held, cfg.separator)
     trained = trainer.evaluate(held)
     assert trained < 0.6 * bare, (trained, bare)
     assert sorted(tensors) == ["ntk_k", "ntk_z_a", "ntk_z_b"] and bool((tensors["ntk_k"] > 0).all())

@@ -21,42 +21,14 @@ from transformers import GPT2LMHeadModel, get_linear_schedule_with_warmup
 from prefix_store.importers import peft_to_canonical
 from prefix_store.service import PrefixService, StoreConfig
 from prefixserve.training.jobs import Job, JobStatus, LocalJobQueue, RedisJobQueue, cancel, wait_for
-from prefixserve.training.trainer import IGNORE, PrefixTrainer, TrainConfig, _batches, encode_example
+from prefixserve.training.synthetic import table_to_text
+from prefixserve.training.trainer import PrefixTrainer, TrainConfig, _batches, bare_model_loss, encode_example
 from prefixserve.training.worker import Worker, WorkerConfig
 
 from .live import LiveServer
 from .test_api import A, B, settings_for
 
-NAMES = ["Aromi", "Cotto", "Zizzi", "The Mill", "Blue Spice", "The Eagle"]
-FOODS = ["Italian", "French", "Indian", "Chinese"]
-AREAS = ["riverside", "city centre", "the north"]
-
-
-def table_to_text(n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """A synthetic E2E-like task: a table row -> one sentence."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        name, food, area = rng.choice(NAMES), rng.choice(FOODS), rng.choice(AREAS)
-        out.append(
-            (f"name : {name} | food : {food} | area : {area}", f"{name} is a {food} restaurant in {area}.")
-        )
-    return out
-
-
 FAST = TrainConfig(prefix_len=10, hidden=64, epochs=6, batch_size=8, learning_rate=5e-3, seed=0)
-
-
-def bare_loss(hf: GPT2LMHeadModel, tok, pairs, separator: str) -> float:
-    """The frozen model's loss on the same y tokens, with no prefix."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for x, y in pairs:
-            ids, labels = encode_example(tok, x, y, separator)
-            n = sum(1 for t in labels[1:] if t != IGNORE)
-            total += hf(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item() * n
-            count += n
-    return total / count
 
 
 def test_prefix_lowers_held_out_loss_far_below_the_bare_model(tiny_model_dir, tiny_model):
@@ -65,7 +37,7 @@ def test_prefix_lowers_held_out_loss_far_below_the_bare_model(tiny_model_dir, ti
     hf = GPT2LMHeadModel.from_pretrained(tiny_model_dir)
     trainer = PrefixTrainer(hf, tiny_model.tokenizer, FAST)
     tensors, prog = trainer.train(train)
-    bare = bare_loss(hf, tiny_model.tokenizer, held, FAST.separator)
+    bare = bare_model_loss(hf, tiny_model.tokenizer, held, FAST.separator)
     trained = trainer.evaluate(held)
     assert trained < 0.6 * bare, (trained, bare)
     assert list(tensors["past_key_values"].shape) == list(tiny_model.spec.prefix_shape(10))

@@ -177,6 +177,20 @@ def encode_example(
     return head + tail, [IGNORE] * len(head) + tail
 
 
+@torch.no_grad()
+def bare_model_loss(
+    model: GPT2LMHeadModel, tok: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], separator: str
+) -> float:
+    """The frozen model's loss on the same labelled tokens with no prefix: the baseline to beat."""
+    total, count = 0.0, 0
+    for x, y in pairs:
+        ids, labels = encode_example(tok, x, y, separator)
+        n = sum(1 for t in labels[1:] if t != IGNORE)
+        total += model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item() * n
+        count += n
+    return total / count
+
+
 def _batches(examples: list[tuple[list[int], list[int]]], size: int, pad: int, device):
     for i in range(0, len(examples), size):
         chunk = examples[i : i + size]
