@@ -279,12 +279,12 @@ class ModelRunner:
             else:
                 plan_groups.append(None)
             first += g.rows
+        dense = len(rows) == nd == self.num_used
+        lens = [r.position + 1 for r in decode]
         return _NtkPlan(
             decode_rows=torch.tensor(rows, device=dev) if rows else None,
-            decode_dense=len(rows) == nd == self.num_used,
-            decode_lens=torch.tensor([r.position + 1 for r in decode], device=dev, dtype=torch.int32)
-            if len(rows) == nd == self.num_used
-            else None,
+            decode_dense=dense,
+            decode_lens=torch.tensor(lens, device=dev, dtype=torch.int32) if dense else None,
             decode_slots=torch.tensor(slots, device=dev) if rows else None,
             groups=plan_groups,
         )
