@@ -160,7 +160,8 @@ async def run_load(
 ) -> tuple[list[Outcome], float]:
     """Send every arrival on time (open loop); returns the outcomes and the start time."""
     plan = arrivals(load)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    # no keep-alive: a pooled connection reused just as the server times it out fails with a ReadError
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
         start = time.perf_counter()
         tasks, outcomes = [], []
@@ -201,6 +202,7 @@ def summarize(outcomes: list[Outcome], start: float, load: Load, slo_ttft_s: flo
     itl = [b - a for o in outcomes for a, b in zip(o.token_times, o.token_times[1:], strict=False)]
     e2e = [o.ended - o.sent for o in outcomes if o.ok]
     errors: dict[str, int] = {}
+    samples: dict[str, str] = {}  # one message per error kind
     for o in outcomes:
         if not o.cut and (o.status != 200 or o.error):
             key = (
@@ -211,6 +213,7 @@ def summarize(outcomes: list[Outcome], start: float, load: Load, slo_ttft_s: flo
                 else "stream"
             )
             errors[key] = errors.get(key, 0) + 1
+            samples.setdefault(key, o.error[:200])
     unfinished = sum(o.cut for o in outcomes)
     return {
         "n_prefixes": load.n_prefixes,
@@ -219,6 +222,7 @@ def summarize(outcomes: list[Outcome], start: float, load: Load, slo_ttft_s: flo
         "completed": sum(o.ok for o in outcomes),
         "unfinished": unfinished,
         "errors": errors,
+        "error_samples": samples,
         "req_s": round(done_in_window / (w1 - w0), 3),
         "tok_s": round(tokens / (w1 - w0), 1),
         "ttft_ms": {"p50": pct(ttft, 50), "p90": pct(ttft, 90), "p99": pct(ttft, 99)},
