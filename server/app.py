@@ -535,20 +535,34 @@ async def _timed(
         yield out
 
 
-async def _first(request: Request, outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
-    """The first output of a stream; a client that leaves while its request waits aborts it."""
-    task = asyncio.ensure_future(anext(outputs))
+async def _while_connected(request: Request, awaitable, timeout_s: float | None = None):
+    """Await `awaitable`, checking every 50 ms that the client is still there (and, with `timeout_s`,
+    the deadline); a client that leaves or a passed deadline cancels it."""
+    task = asyncio.ensure_future(awaitable)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         while not task.done():
             await asyncio.wait({task}, timeout=0.05)
-            if not task.done() and await request.is_disconnected():
-                raise asyncio.CancelledError  # the finally below aborts the sequence
+            if task.done():
+                break
+            if await request.is_disconnected():
+                raise asyncio.CancelledError  # the finally below cancels the task
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeadlineExceeded(f"generation did not finish within {timeout_s}s")
         return task.result()
     finally:
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            await outputs.aclose()
+
+
+async def _first(request: Request, outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+    """The first output of a stream; a client that leaves while its request waits aborts it."""
+    try:
+        return await _while_connected(request, anext(outputs))
+    except BaseException:
+        await outputs.aclose()  # aborts the sequence (a no-op if the stream already ended)
+        raise
 
 
 def _usage(out: RequestOutput) -> dict[str, int]:
@@ -595,24 +609,9 @@ async def _collect(
             last = out
         return "".join(text), last
 
-    task = asyncio.ensure_future(gather())
-    deadline = time.monotonic() + state.settings.request_timeout_s
     try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=0.05)
-            if task.done():
-                break
-            if await request.is_disconnected():
-                raise asyncio.CancelledError  # the finally below aborts the sequence
-            if time.monotonic() > deadline:
-                raise DeadlineExceeded(
-                    f"generation did not finish within {state.settings.request_timeout_s}s"
-                )
-        text, last = task.result()
+        text, last = await _while_connected(request, gather(), state.settings.request_timeout_s)
     finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
         await outputs.aclose()
     if last.finish_reason == FinishReason.CANCELLED:
         raise Draining("the request was cancelled because the server is stopping")
