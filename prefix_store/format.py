@@ -266,9 +266,7 @@ def decode_prefix(data: bytes, expect: Expect) -> tuple[PrefixState, PrefixMeta]
         return tensors[TENSOR_NAME], meta
     if "ntk_z" in tensors:
         return NtkPrefix(tensors["ntk_z"], tensors["ntk_k"]), meta
-    return NtkPrefix.from_factors(tensors["ntk_z_a"], tensors["ntk_z_b"], tensors["ntk_k"]).to(
-        torch.device("cpu"), tensors["ntk_k"].dtype
-    ), meta
+    return NtkPrefix.from_factors(tensors["ntk_z_a"], tensors["ntk_z_b"], tensors["ntk_k"]), meta
 
 
 def decode_tensors(data: bytes, expect: Expect) -> tuple[dict[str, torch.Tensor], PrefixMeta]:

@@ -26,8 +26,9 @@ class NtkPrefix:
 
     @staticmethod
     def from_factors(z_a: torch.Tensor, z_b: torch.Tensor, k: torch.Tensor) -> NtkPrefix:
-        """Low-rank Z = Z_a Z_b: z_a `[L, H, D, s]`, z_b `[L, H, s, D]`."""
-        return NtkPrefix(z_a.float() @ z_b.float(), k)
+        """Low-rank Z = Z_a Z_b, multiplied in fp32 and kept in k's dtype: z_a `[L, H, D, s]`,
+        z_b `[L, H, s, D]`."""
+        return NtkPrefix((z_a.float() @ z_b.float()).to(k.dtype), k)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> NtkPrefix:
         return NtkPrefix(self.z.to(device, dtype), self.k.to(device, dtype))
