@@ -53,9 +53,8 @@ def make_prefix(model: LoadedModel, column: str, row: int) -> torch.Tensor | Ntk
 
 def decode_tok_s(engine: EngineCore, column: str, prompts: list[list[int]]) -> float:
     params = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
-    distinct = column in ("ntk_distinct",) or column.startswith("kv")
-    for i, prompt in enumerate(prompts):
-        engine.add_request(prompt, params, prefix_id=f"{column}-{i if distinct else 0}")
+    for i, prompt in enumerate(prompts):  # every row its own prefix, except in the shared "ntk" column
+        engine.add_request(prompt, params, prefix_id=f"{column}-{i if column != 'ntk' else 0}")
     started: set[str] = set()
     while len(started) < BATCH:  # prefill: until every row has its first token
         started.update(out.request_id for out in engine.step())

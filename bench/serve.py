@@ -127,6 +127,23 @@ class Outcome:
         return self.token_times[0] - self.sent if self.token_times else None
 
 
+def new_client() -> httpx.AsyncClient:
+    # no keep-alive: a pooled connection reused just as the server times it out fails with a ReadError
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+    return httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits)
+
+
+def request_body(a: Arrival, prefix_id: str) -> dict:
+    """The /generate body of one arrival: streamed, exactly `max_new_tokens` long."""
+    return {
+        "prefix_id": prefix_id,
+        "input": a.input,
+        "max_new_tokens": a.max_new_tokens,
+        "ignore_eos": True,
+        "stream": True,
+    }
+
+
 async def one_request(client: httpx.AsyncClient, url: str, body: dict, outcome: Outcome) -> None:
     try:
         async with client.stream("POST", url + "/generate", json=body) as r:
@@ -160,24 +177,16 @@ async def run_load(
 ) -> tuple[list[Outcome], float]:
     """Send every arrival on time (open loop); returns the outcomes and the start time."""
     plan = arrivals(load)
-    # no keep-alive: a pooled connection reused just as the server times it out fails with a ReadError
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as client:
+    async with new_client() as client:
         start = time.perf_counter()
         tasks, outcomes = [], []
         for a in plan:
             delay = start + a.at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            body = {
-                "prefix_id": prefix_ids[a.prefix],
-                "input": a.input,
-                "max_new_tokens": a.max_new_tokens,
-                "ignore_eos": True,
-                "stream": True,
-            }
             outcome = Outcome(sent=time.perf_counter())
             outcomes.append(outcome)
+            body = request_body(a, prefix_ids[a.prefix])
             tasks.append(asyncio.create_task(one_request(client, url, body, outcome)))
         if tasks:
             _, pending = await asyncio.wait(
@@ -322,24 +331,11 @@ async def calibrate(url: str, prefix_ids: list[str], concurrency: int, load: Loa
     plan = arrivals(replace(load, rate=4.0 * concurrency, duration_s=1.0))
     plan = (plan * (concurrency // max(1, len(plan)) + 1))[:concurrency]
     outcomes = [Outcome(sent=time.perf_counter()) for _ in plan]
-    async with httpx.AsyncClient(
-        timeout=httpx.Timeout(None), limits=httpx.Limits(max_connections=None)
-    ) as client:
+    async with new_client() as client:
         t0 = time.perf_counter()
         await asyncio.gather(
             *(
-                one_request(
-                    client,
-                    url,
-                    {
-                        "prefix_id": prefix_ids[0],
-                        "input": a.input,
-                        "max_new_tokens": a.max_new_tokens,
-                        "ignore_eos": True,
-                        "stream": True,
-                    },
-                    o,
-                )
+                one_request(client, url, request_body(a, prefix_ids[0]), o)
                 for a, o in zip(plan, outcomes, strict=True)
             )
         )
