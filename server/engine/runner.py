@@ -254,6 +254,8 @@ class ModelRunner:
     def _ntk_plan(
         self, decode: list[RowInput], groups: list[_PrefillGroup], prefill: list[RowInput], starts: list[int]
     ) -> _NtkPlan | None:
+        if not any(self._ntk):  # the common case: no NTK row anywhere, nothing to plan
+            return None
         ntk_of = [self._ntk[self._slot_of[r.request_id]] for r in decode + prefill]
         if not any(ntk_of):
             return None
