@@ -1,22 +1,25 @@
 # prefixserve: server and training worker (one image; the command picks the role).
 #   docker build -t prefixserve .                                   # CPU torch (default)
-#   docker build -t prefixserve-gpu --build-arg TORCH_SPEC=torch==2.13.0 \
+#   docker build -t prefixserve-gpu --build-arg TORCH_LOCAL= \
 #       --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126 .   # GPU variant (CUDA wheels)
+# Every package, torch included, is installed at the version requirements/lock.txt pins (the tested set).
 ARG BASE_IMAGE=python:3.11-slim
 
 FROM ${BASE_IMAGE} AS build
-ARG TORCH_SPEC="torch==2.13.0+cpu"
+ARG TORCH_LOCAL=+cpu
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
+COPY requirements/lock.txt /src/requirements/lock.txt
 # torch first, from a local wheel directory / configured index if it has it, else PyTorch's own index
-RUN pip install "$TORCH_SPEC" || pip install --index-url "$TORCH_INDEX" "$TORCH_SPEC"
+RUN torch="torch==$(sed -n 's/^torch==//p' /src/requirements/lock.txt)$TORCH_LOCAL" \
+    && (pip install "$torch" || pip install --index-url "$TORCH_INDEX" "$torch")
 COPY pyproject.toml README.md /src/
 COPY server /src/server
 COPY prefix_store /src/prefix_store
 COPY client /src/client
-RUN pip install /src /src/client
+RUN pip install -c /src/requirements/lock.txt /src /src/client
 
 FROM ${BASE_IMAGE}
 # named volumes mounted here inherit this ownership, so the non-root user can write them

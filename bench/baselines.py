@@ -30,12 +30,12 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
-from transformers import DynamicCache, GPT2LMHeadModel, StoppingCriteria, StoppingCriteriaList
+from transformers import GPT2LMHeadModel, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from prefix_store.service import PrefixService, StoreConfig
 from prefixserve.errors import PrefixServeError
-from prefixserve.model import LoadedModel, load_hf_model, load_model
+from prefixserve.model import LoadedModel, hf_cache_kwargs, load_hf_model, load_model
 from prefixserve.schemas import GenerateRequest
 
 MODES = ("sequential", "grouped")
@@ -182,18 +182,19 @@ class Baseline:
                 n = len(j.prompt_ids)
                 ids[i, t - n :] = torch.tensor(j.prompt_ids)
                 mask[i, p + t - n :] = 1
-            cache = None
+            cache = {}
             if kv is not None:  # each layer's [H, P, D] key and value, shared by the B rows
-                cache = DynamicCache(
-                    ddp_cache_data=[
-                        (kv[layer, 0].expand(b, -1, -1, -1), kv[layer, 1].expand(b, -1, -1, -1))
-                        for layer in range(kv.shape[0])
-                    ]
+                cache = hf_cache_kwargs(
+                    self.hf,
+                    [
+                        (kv[i, 0].expand(b, -1, -1, -1), kv[i, 1].expand(b, -1, -1, -1))
+                        for i in range(len(kv))
+                    ],
                 )
             self.hf.generate(
                 ids.to(dev),
                 attention_mask=mask.to(dev),
-                past_key_values=cache,
+                **cache,
                 max_new_tokens=max(j.max_new_tokens for j in batch),
                 do_sample=False,
                 eos_token_id=None,  # rows stop on EOS one by one in the streamer

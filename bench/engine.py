@@ -33,12 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
-from prefixserve.model import LoadedModel, load_hf_model, load_model, parse_dtype
+from prefixserve.model import LoadedModel, hf_cache_kwargs, load_hf_model, load_model, parse_dtype
 from prefixserve.tiny import TinyModelConfig, write_tiny_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -109,10 +109,10 @@ class Bench:
         return n / (t2 - t0)
 
     # ---- HF baselines ------------------------------------------------------------------------
-    def _cache(self, prefixes: torch.Tensor) -> DynamicCache:
-        """[B, L, 2, H, P, D] -> an HF cache holding each row's prefix."""
-        return DynamicCache(
-            ddp_cache_data=[(prefixes[:, i, 0], prefixes[:, i, 1]) for i in range(prefixes.shape[1])]
+    def _cache(self, prefixes: torch.Tensor) -> dict:
+        """[B, L, 2, H, P, D] -> the keyword handing HF an HF cache that holds each row's prefix."""
+        return hf_cache_kwargs(
+            self.hf, [(prefixes[:, i, 0], prefixes[:, i, 1]) for i in range(prefixes.shape[1])]
         )
 
     @torch.inference_mode()
@@ -124,7 +124,7 @@ class Bench:
         out = self.hf.generate(
             ids,
             attention_mask=mask,
-            past_key_values=self._cache(prefixes),
+            **self._cache(prefixes),
             max_new_tokens=self.wl.new_tokens,
             do_sample=False,
         )

@@ -2,22 +2,29 @@
 # Idempotent set-up into .venv: PyTorch (the CPU build unless an NVIDIA GPU is present; never the
 # multi-GB CUDA build on a CPU machine), the server and the SDK. With --test: the test dependencies
 # and a redis-server for the tests that need one.
+# Every package is installed at the version requirements/lock.txt pins (the tested set; refresh it
+# with scripts/lock.sh). CONSTRAINTS= (empty) resolves the newest releases within pyproject's bounds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
+CONSTRAINTS=${CONSTRAINTS-requirements/lock.txt}
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 py="$VENV/bin/python"
-pip() { "$py" -m pip install --disable-pip-version-check -q "$@"; }
+locked=()
+[ -z "$CONSTRAINTS" ] || locked=(-c "$CONSTRAINTS")
+pip() { "$py" -m pip install --disable-pip-version-check -q ${locked[@]+"${locked[@]}"} "$@"; }
 
 if ! "$py" -c "import torch" 2>/dev/null; then
+  torch=""  # the locked release
+  [ -z "$CONSTRAINTS" ] || torch=$(sed -n 's/^torch==//p' "$CONSTRAINTS")
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    pip "torch>=2.4"
+    pip "torch${torch:+==$torch}"  # PyPI's Linux build is the CUDA one
   else
     # the +cpu wheel (from a local wheel directory or a configured index), else PyTorch's CPU index
-    pip "torch==2.13.0+cpu" 2>/dev/null \
-      || pip "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+    pip "torch==${torch:-2.13.0}+cpu" 2>/dev/null \
+      || pip "torch==${torch:-2.13.0}" --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
 

@@ -8,11 +8,19 @@ for `addmm` (GPT-2's Conv1D already stores `[in, out]`) with the LM head as a co
 from __future__ import annotations
 
 import hashlib
+import inspect
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    DynamicCache,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerBase,
+)
 
 from .errors import InvalidRequest, UnsupportedModel
 
@@ -200,6 +208,18 @@ def load_hf_model(name_or_path: str | Path, dtype: torch.dtype, device: torch.de
     model = GPT2LMHeadModel.from_pretrained(str(name_or_path), dtype=dtype)
     model.to(device).eval().requires_grad_(False)
     return model
+
+
+def hf_cache_kwargs(
+    hf: GPT2LMHeadModel, layers: list[tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, DynamicCache]:
+    """Per-layer (key, value) `[B, H, P, D]` pairs as the keyword that hands HF GPT-2 a KV cache.
+
+    transformers 5.2x renamed `past_key_values=` to `cache=` (the old name is deprecated and goes in
+    5.40); this picks the name the installed release's `forward` declares, for `forward` and `generate`.
+    """
+    key = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    return {key: DynamicCache(ddp_cache_data=layers)}
 
 
 def load_model(

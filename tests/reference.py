@@ -1,34 +1,54 @@
-"""The simple reference the engine is checked against: HF `generate`, one request at a time, with
-the prefix given as `past_key_values` (how PEFT runs prefix tuning)."""
+"""The simple references the engine is checked against: HF's own GPT-2 forward, one request at a
+time, one whole-sequence forward per new token, with the prefix handed over as the KV cache (how PEFT
+defines prefix tuning). No `generate`: its handling of a pre-filled cache differs between
+transformers releases, and a reference must not move with them."""
 
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
+
+from prefixserve.model import hf_cache_kwargs
 
 
-def prefix_cache(prefix: torch.Tensor) -> DynamicCache:
-    """Canonical `[n_layer, 2, n_head, P, head_dim]` -> an HF cache holding it for a batch of one."""
-    return DynamicCache(ddp_cache_data=[(p[0][None].clone(), p[1][None].clone()) for p in prefix])
+def prefix_cache(hf: GPT2LMHeadModel, prefix: torch.Tensor) -> dict:
+    """Canonical `[n_layer, 2, n_head, P, head_dim]` -> the keyword handing HF a fresh cache that holds
+    it for a batch of one (`cache=` or `past_key_values=`, whichever this transformers takes)."""
+    return hf_cache_kwargs(hf, [(p[0][None].clone(), p[1][None].clone()) for p in prefix])
 
 
 @torch.inference_mode()
-def hf_generate(
-    hf: GPT2LMHeadModel, prompt_ids: list[int], prefix: torch.Tensor | None, max_new_tokens: int
+def hf_greedy(
+    hf: GPT2LMHeadModel,
+    prompt_ids: list[int],
+    prefix: torch.Tensor | None,
+    max_new_tokens: int,
+    soft_prompt: torch.Tensor | None = None,
 ) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy tokens and the logits `[V]` of each step, from HF generate with the prefix as cache."""
-    p = 0 if prefix is None else prefix.shape[3]
-    out = hf.generate(
-        torch.tensor([prompt_ids]),
-        attention_mask=torch.ones(1, p + len(prompt_ids), dtype=torch.long),
-        past_key_values=None if prefix is None else prefix_cache(prefix),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-        pad_token_id=hf.config.eos_token_id,
-    )
-    return out.sequences[0, len(prompt_ids) :].tolist(), [step[0] for step in out.logits]
+    """Greedy tokens and the logits `[V]` of each step from plain HF forwards over the whole sequence.
+
+    `prefix` `[L, 2, H, P, D]`: prefix tuning, the K/V of P virtual tokens at positions 0..P-1 handed
+    over as the KV cache, and the text at P.. (invariant 2). `soft_prompt` `[P, n_embd]`: prompt
+    tuning, P input embeddings before the text's, which then also sits at P...
+    """
+    seq, logits = list(prompt_ids), []
+    for _ in range(max_new_tokens):
+        ids = torch.tensor([seq])  # [1, T]
+        if prefix is not None:
+            p = prefix.shape[3]
+            out = hf(
+                input_ids=ids,
+                attention_mask=torch.ones(1, p + len(seq), dtype=torch.long),
+                position_ids=torch.arange(p, p + len(seq))[None],
+                **prefix_cache(hf, prefix),
+            )
+        elif soft_prompt is not None:
+            out = hf(inputs_embeds=torch.cat([soft_prompt, hf.transformer.wte(ids[0])])[None])  # [1, P+T, C]
+        else:
+            out = hf(input_ids=ids)
+        logits.append(out.logits[0, -1])  # [V]
+        seq.append(int(logits[-1].argmax()))
+    return seq[len(prompt_ids) :], logits
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from prefix_store.format import PrefixMeta, encode_prefix
 from prefixserve.settings import ServerSettings
 
 from .live import LiveServer
-from .reference import hf_generate
+from .reference import hf_greedy
 
 ALICE, BOB = "alice-key-0123456789", "bob-key-0123456789ab"
 A = {"Authorization": f"Bearer {ALICE}"}
@@ -102,7 +102,7 @@ def test_generate_with_a_text_prefix_matches_the_reference(api, tiny_model, hf_m
     assert r.status_code == 200, r.text
     body = r.json()
     ids = tiny_model.tokenizer.encode(text) + tiny_model.tokenizer.encode("name : Cotto")
-    ref, _ = hf_generate(hf_model, ids, None, 10)
+    ref, _ = hf_greedy(hf_model, ids, None, 10)
     assert body["text"] == tiny_model.tokenizer.decode(ref)
     assert body["usage"] == {
         "prefix_tokens": p["prefix_len"],
@@ -491,7 +491,7 @@ def test_ignore_eos_generates_past_the_end_of_text_token(tiny_model, hf_model, t
     import dataclasses
 
     ids = tiny_model.tokenizer.encode("The Mill")
-    first, _ = hf_generate(hf_model, ids, None, 1)
+    first, _ = hf_greedy(hf_model, ids, None, 1)
     eos_model = dataclasses.replace(tiny_model, eos_token_id=first[0])  # greedy's first token ends it
     server = LiveServer(settings_for(tmp_path), eos_model).start()
     try:

@@ -11,7 +11,7 @@ from prefixserve.engine import EngineConfig, EngineCore, FinishReason, SamplingP
 from prefixserve.engine.sampling import filter_logits
 from prefixserve.errors import ContextTooLong, EngineOverloaded, InvalidPrefix, InvalidRequest, PrefixNotFound
 
-from .reference import hf_generate
+from .reference import hf_greedy
 from .test_engine_reference import PROMPTS, collect, make_prefixes
 
 
@@ -169,7 +169,7 @@ def test_cancel_frees_slot_at_next_step_and_others_are_unaffected(tiny_model, hf
     assert a not in outs or len(outs[a]) == 3
     for rid, pid in [(b, "p6"), (c, None), (d, "p4")]:
         prompt = tiny_model.tokenizer.encode(PROMPTS[{b: 1, c: 3, d: 4}[rid]])
-        ref, _ = hf_generate(hf_model, prompt, prefixes.get(pid), len(outs[rid]))
+        ref, _ = hf_greedy(hf_model, prompt, prefixes.get(pid), len(outs[rid]))
         assert collect(outs[rid])[0] == ref  # slot compaction moved rows without corrupting them
     assert engine.runner.num_used == 0
 
@@ -265,6 +265,6 @@ def test_request_waits_for_its_prefix_without_blocking_others(tiny_model, hf_mod
     cold = make_prefixes(tiny_model, [5], seed=7)["p5"]
     engine.prefixes.register("cold", cold)  # the loader finished
     outs.update(engine.run_to_completion())
-    ref, _ = hf_generate(hf_model, tiny_model.tokenizer.encode(PROMPTS[0]), cold, 6)
+    ref, _ = hf_greedy(hf_model, tiny_model.tokenizer.encode(PROMPTS[0]), cold, 6)
     assert collect(outs[slow])[0] == ref
     assert engine.prefixes.pins("cold") == 0

@@ -1,5 +1,5 @@
 """DESIGN.md invariant 3: a request's greedy tokens and logits are the same whether it runs alone, in
-a batch of other prefixes, or joins the batch mid-flight, and the same as HF `generate` with that
+a batch of other prefixes, or joins the batch mid-flight, and the same as HF GPT-2's forward with that
 prefix as `past_key_values` (invariant 2: its tokens sit at positions P .. P+T-1)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
 from prefixserve.model import LoadedModel
 
-from .reference import hf_generate
+from .reference import hf_greedy
 
 PROMPTS = [
     "name : Aromi | food : Italian | area : riverside",
@@ -66,7 +66,7 @@ def test_mixed_prefixes_join_mid_flight_match_hf(tiny_model, hf_model, budget):
     assert set(outputs) == {f"r{i}" for i in range(len(plan))}
     for rid, (pid, prompt_ids, max_new) in prompts.items():
         tokens, logits, _ = collect(outputs[rid])
-        ref_tokens, ref_logits = hf_generate(hf_model, prompt_ids, prefixes.get(pid), max_new)
+        ref_tokens, ref_logits = hf_greedy(hf_model, prompt_ids, prefixes.get(pid), max_new)
         assert tokens == ref_tokens, f"{rid}: engine {tokens} != HF {ref_tokens}"
         for i, (a, b) in enumerate(zip(logits, ref_logits, strict=True)):
             torch.testing.assert_close(
@@ -104,14 +104,14 @@ def test_prefix_positions_follow_the_prefix(tiny_model, hf_model):
     rid = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=1), prefix_id="p20")
     logits = engine.run_to_completion()[rid][0].logits[0]
     prompt = tiny_model.tokenizer.encode(PROMPTS[0])
-    _, ref = hf_generate(hf_model, prompt, kv, 1)
+    _, ref = hf_greedy(hf_model, prompt, kv, 1)
     torch.testing.assert_close(logits, ref[0], rtol=1e-4, atol=1e-4)
     with torch.inference_mode():  # positions 0..T-1 instead of P..P+T-1 give different logits
         from .reference import prefix_cache
 
         wrong = hf_model(
             torch.tensor([prompt]),
-            past_key_values=prefix_cache(kv),
+            **prefix_cache(hf_model, kv),
             position_ids=torch.arange(len(prompt))[None],
         ).logits[0, -1]
     assert not torch.allclose(logits, wrong, atol=1e-3)

@@ -13,7 +13,7 @@ from prefixserve.engine.ntk import NtkPrefix
 from prefixserve.errors import InvalidPrefix
 from prefixserve.model import LoadedModel
 
-from .reference import hf_generate, ntk_generate
+from .reference import hf_greedy, ntk_generate
 from .test_engine_reference import PROMPTS, collect, make_prefixes
 
 
@@ -76,12 +76,12 @@ def test_batched_ntk_attention_matches_the_formula_in_a_mixed_batch(tiny_model, 
         if pid in ntk:
             ref_tokens, ref_logits = ntk_generate(hf_model, prompt, ntk[pid].z, ntk[pid].k, max_new)
         else:
-            ref_tokens, ref_logits = hf_generate(hf_model, prompt, kv.get(pid), max_new)
+            ref_tokens, ref_logits = hf_greedy(hf_model, prompt, kv.get(pid), max_new)
         assert tokens == ref_tokens, f"r{i} ({pid}): engine {tokens} != reference {ref_tokens}"
         for a, b in zip(logits, ref_logits, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     # the NTK term is not negligible: without it the NTK rows decode differently
-    bare = hf_generate(hf_model, results["r0"][2], None, plan[0][2])[0]
+    bare = hf_greedy(hf_model, results["r0"][2], None, plan[0][2])[0]
     assert bare != results["r0"][0]
 
 

@@ -16,7 +16,7 @@ from prefix_store.store import DurableStore, PrefixExists
 from prefixserve.engine import EngineConfig, EngineCore, FinishReason, SamplingParams
 from prefixserve.errors import PrefixNotFound
 
-from .reference import hf_generate
+from .reference import hf_greedy
 from .test_engine_reference import PROMPTS, collect
 
 
@@ -134,7 +134,7 @@ def test_generation_survives_redis_flush_kill_and_restart(service_factory, tiny_
     svc = service_factory(redis_url=own_redis.url, redis_backoff_s=0.2)
     kvs = [kv_for(tiny_model, 3 + i, seed=i) for i in range(3)]
     metas = [svc.add_tensor(kv, owner="alice") for kv in kvs]
-    expected = [hf_generate(hf_model, tiny_model.tokenizer.encode(PROMPTS[0]), kv, 8)[0] for kv in kvs]
+    expected = [hf_greedy(hf_model, tiny_model.tokenizer.encode(PROMPTS[0]), kv, 8)[0] for kv in kvs]
 
     def generate_all(fresh_pool: bool) -> None:
         if fresh_pool:  # nothing resident: every prefix is loaded through the tiers again
@@ -174,7 +174,7 @@ def test_redis_killed_while_loads_are_in_flight(service_factory, tiny_model, hf_
     outs = engine.run_to_completion()
     assert svc.stats.get("redis", "errors") >= 1 and svc.stats.get("store", "reads") == len(metas)
     for rid, kv in zip(rids, kvs, strict=True):
-        ref, _ = hf_generate(hf_model, tiny_model.tokenizer.encode(PROMPTS[2]), kv, 6)
+        ref, _ = hf_greedy(hf_model, tiny_model.tokenizer.encode(PROMPTS[2]), kv, 6)
         assert collect(outs[rid])[0] == ref
 
 
@@ -277,7 +277,7 @@ def test_cold_prefix_loads_off_the_decode_loop(service_factory, tiny_model, hf_m
     while engine.has_work:
         for o in engine.step():
             outs.setdefault(o.request_id, []).append(o)
-    ref, _ = hf_generate(hf_model, tiny_model.tokenizer.encode(PROMPTS[0]), cold_kv, 6)
+    ref, _ = hf_greedy(hf_model, tiny_model.tokenizer.encode(PROMPTS[0]), cold_kv, 6)
     assert collect(outs[r_cold])[0] == ref
     assert svc.pool.pins(cold.id) == 0 and svc.pool.pins(warm.id) == 0
 
@@ -311,7 +311,7 @@ def test_deleting_a_prefix_in_use_finishes_its_admitted_requests(service_factory
     other = engine.add_request(PROMPTS[1], SamplingParams(max_new_tokens=5))
     assert svc.delete(meta.id)  # deleted while a queued request holds a pin
     outs = engine.run_to_completion()
-    ref, _ = hf_generate(hf_model, tiny_model.tokenizer.encode(PROMPTS[0]), kv, 5)
+    ref, _ = hf_greedy(hf_model, tiny_model.tokenizer.encode(PROMPTS[0]), kv, 5)
     assert collect(outs[rid])[0] == ref and outs[other][-1].finish_reason == FinishReason.LENGTH
     assert meta.id not in svc.pool.resident() and svc.pool.resident_bytes == 0  # dropped with the last pin
     with pytest.raises(PrefixNotFound):

@@ -25,15 +25,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (
-    DynamicCache,
-    GPT2LMHeadModel,
-    PreTrainedTokenizerBase,
-    get_linear_schedule_with_warmup,
-)
+from transformers import GPT2LMHeadModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from prefix_store.importers import peft_to_canonical
 from prefixserve.engine.ntk import ntk_combine
+from prefixserve.model import hf_cache_kwargs
 
 IGNORE = -100
 KINDS = ("prefix_kv", "ntk")
@@ -230,17 +226,15 @@ class PrefixTrainer:
             return ntk_lm_loss(self.model, ids, labels, mask, *self.encoder())
         b, p = ids.shape[0], self.config.prefix_len
         kv = self.encoder().view(p, self.n_layer * 2, self.n_head, -1).permute(1, 2, 0, 3)  # [L*2, H, P, D]
-        cache = DynamicCache(
-            ddp_cache_data=[
-                (
-                    kv[2 * i].unsqueeze(0).expand(b, -1, -1, -1),
-                    kv[2 * i + 1].unsqueeze(0).expand(b, -1, -1, -1),
-                )
+        cache = hf_cache_kwargs(
+            self.model,
+            [
+                (kv[2 * i].expand(b, -1, -1, -1), kv[2 * i + 1].expand(b, -1, -1, -1))
                 for i in range(self.n_layer)
-            ]
+            ],
         )
         full_mask = torch.cat([torch.ones(b, p, dtype=mask.dtype, device=mask.device), mask], dim=1)
-        return self.model(input_ids=ids, attention_mask=full_mask, past_key_values=cache, labels=labels).loss
+        return self.model(input_ids=ids, attention_mask=full_mask, labels=labels, **cache).loss
 
     def train(
         self, pairs: list[tuple[str, str]], on_progress: Callable[[Progress], None] | None = None
