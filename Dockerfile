@@ -14,7 +14,8 @@ ENV PATH=/opt/venv/bin:$PATH
 COPY requirements/lock.txt /src/requirements/lock.txt
 # torch first, from a local wheel directory / configured index if it has it, else PyTorch's own index
 RUN torch="torch==$(sed -n 's/^torch==//p' /src/requirements/lock.txt)$TORCH_LOCAL" \
-    && (pip install "$torch" || pip install --index-url "$TORCH_INDEX" "$torch")
+    && (pip install -c /src/requirements/lock.txt "$torch" \
+        || pip install -c /src/requirements/lock.txt --extra-index-url "$TORCH_INDEX" "$torch")
 COPY pyproject.toml README.md /src/
 COPY server /src/server
 COPY prefix_store /src/prefix_store

@@ -1,20 +1,19 @@
 """Byte caches in front of the durable store: Redis (shared) or in-process (the embedded default).
 
-Redis is only a cache (DESIGN.md invariant 5): every key carries a TTL so Redis can run
-`volatile-lru` beside the job queue; any Redis error or timeout is logged, counted and treated as a
-miss, and after an error Redis is skipped for a short back-off so a dead or slow Redis does not add
-its timeout to every request.
+Redis is only a cache (architecture.md invariant 5): every key carries a TTL so Redis can run
+`volatile-lru` beside the job queue; any Redis error or timeout is counted and treated as a miss, and
+after an error Redis is skipped for a short back-off (`redis_health.RedisHealth`, which logs the outage
+once) so a dead or slow Redis does not add its timeout to every request.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import Counter, OrderedDict
 from typing import Protocol
 
-import redis
+from .redis_health import RedisConfig, RedisHealth, RedisUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -91,34 +90,32 @@ class LocalByteCache:
 
 
 class RedisByteCache:
-    """Prefix bytes in Redis under `prefixserve:prefix:<id>` with a TTL; failures are misses."""
+    """Prefix bytes in Redis under `prefixserve:prefix:<id>` with a TTL; failures are misses.
+
+    Calls go through the process's shared `RedisHealth`: while Redis is known to be down (or slow),
+    the cache is skipped without waiting, and the outage is logged once, not per call."""
 
     tier = "redis"
 
     def __init__(
-        self, url: str, ttl_s: int, timeout_s: float = 0.5, backoff_s: float = 2.0, stats: Stats | None = None
+        self,
+        url: str,
+        ttl_s: int,
+        timeout_s: float = 0.5,
+        backoff_s: float = 2.0,
+        stats: Stats | None = None,
+        health: RedisHealth | None = None,
     ):
         self.ttl_s = ttl_s
-        self.backoff_s = backoff_s
         self.stats = stats or Stats()
-        self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        self._down_until = 0.0
+        self.health = health or RedisHealth(RedisConfig(url, timeout_s, backoff_s))
+        self._client = self.health.config.client()
 
     def _call(self, what: str, fn):
-        if time.monotonic() < self._down_until:
-            self.stats.inc(self.tier, "skipped")
-            return None
         try:
-            return fn()
-        except redis.RedisError as exc:
-            self._down_until = time.monotonic() + self.backoff_s
-            self.stats.inc(self.tier, "errors")
-            log.warning(
-                "redis %s failed (%s); serving from the store, retrying redis in %.1fs",
-                what,
-                exc,
-                self.backoff_s,
-            )
+            return self.health.run(f"prefix cache {what}", fn)
+        except RedisUnavailable as exc:
+            self.stats.inc(self.tier, "errors" if exc.attempted else "skipped")
             return None
 
     def get(self, key: str) -> bytes | None:

@@ -13,7 +13,6 @@ built from the raw bytes.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 import struct
@@ -26,8 +25,10 @@ from safetensors.torch import save as st_save
 
 from prefixserve.engine.ntk import NtkPrefix
 from prefixserve.engine.prefixes import PrefixState
+from prefixserve.engine.runner import compile_prefix
 from prefixserve.errors import PrefixServeError
-from prefixserve.model import ModelSpec
+from prefixserve.inputs import check_text, parse_json
+from prefixserve.model import LoadedModel, ModelSpec
 
 FORMAT_VERSION = "1"
 KIND_PREFIX_KV = "prefix_kv"
@@ -128,6 +129,12 @@ class PrefixMeta:
             )
         if len(self.name) > MAX_NAME_LEN:
             raise InvalidPrefixFile(f"name must be at most {MAX_NAME_LEN} characters, got {len(self.name)}")
+        texts = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "prefix_len"}
+        for key, value in texts.items():  # a JSON header may carry lone surrogates; files are UTF-8
+            try:
+                check_text(value)
+            except ValueError as exc:
+                raise InvalidPrefixFile(f"metadata {key}: {exc}") from None
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
@@ -164,6 +171,98 @@ def encode_tensors(tensors: dict[str, torch.Tensor], meta: PrefixMeta) -> bytes:
     return st_save(tensors, metadata=meta.to_strings())
 
 
+F16_MAX = 65504.0  # float16's largest finite value: the narrowest range we serve in (bf16, fp32: ~3.4e38)
+LOGIT_HEADROOM = 4.0  # attention logits stay below F16_MAX / 4
+OUTPUT_HEADROOM = 8.0  # projected attention outputs stay below F16_MAX / 8; so does any value
+OWN_MARGIN = 4.0  # a layer's K/V bound is at least this multiple of what the model itself produces
+# A varied probe (prose, a table row, digits, code, punctuation) for the model's own K/V magnitudes.
+PROBE_TEXT = (
+    "The quick brown fox jumps over the lazy dog. name : Aromi | food : Italian | area : riverside\n"
+    "In 1887, 42 of the 365 ships (11.5%) sailed from Boston to Lisbon; def f(x): return x ** 2 + 1 #\n"
+    "Q: What is prefix tuning? A: A small set of key/value vectors that steers a frozen model."
+)
+
+
+@dataclass(frozen=True)
+class MagnitudeBounds:
+    """The largest |value| a prefix may hold at each layer, so that attention cannot overflow in float16
+    (nor in bfloat16 or float32, whose range is wider) whatever the input. Derived from the weights:
+
+    - Queries: layer norm's normalised vector n has ||n|| <= sqrt(C) before its affine (g, b), so head
+      h's query q = (g*n) W_h + (b W_h + c_h) has, for every input (Cauchy-Schwarz),
+      ||q|| <= Q = sigma_max(diag(g) W_h) sqrt(C) + ||b W_h + c_h||, maximised over heads.
+    - Keys: |k_i| <= B_k gives a logit |q.k| * scale <= Q sqrt(D) B_k scale; kept below F16_MAX / 4:
+      B_k = F16_MAX / (4 Q sqrt(D) scale).
+    - Values: attention's output is a convex combination of values, so |o_i| <= B_v, and the output
+      projection gives |(o W_o)_j| <= B_v max_j ||W_o[:, j]||_1; kept below F16_MAX / 8:
+      B_v = F16_MAX / (8 max_j ||W_o[:, j]||_1).
+    - These worst cases assume a query aligned with W_q's top singular direction, which real inputs
+      never give; on a trained checkpoint they can fall below the keys and values the model itself
+      produces (a text prefix is exactly such K/V). So each key/value bound is at least OWN_MARGIN
+      times the largest |key| / |value| the model gives that layer on a probe text. Where that floor
+      governs, an overflow needs a query far beyond the model's own, and the engine's per-row guard
+      ends such a row alone.
+    - NTK: `ntk_combine` computes phi(q) Z and phi(q).k in float32 whatever the serving dtype, so they
+      cannot overflow for values that fit float16; Z and k are bounded by the float16 cap below, and
+      k >= 0 keeps phi(q).k >= 0, so the denominator S + phi(q).k stays >= S > 0.
+    - Every bound is capped at F16_MAX / 8, so the values themselves fit float16 with room to spare.
+
+    The weights are read rounded to bfloat16 and each bound is rounded down to two significant digits,
+    so one checkpoint served in float32, bfloat16 or float16 has one bound (as it has one fingerprint).
+    """
+
+    key: tuple[float, ...]  # [n_layer]
+    value: tuple[float, ...]  # [n_layer]
+    ntk: tuple[float, ...]  # [n_layer], for ntk_z and ntk_k
+
+    @classmethod
+    def of(cls, model: LoadedModel) -> MagnitudeBounds:
+        spec = model.spec
+        h, d = spec.n_head, spec.head_dim
+        cap = F16_MAX / OUTPUT_HEADROOM
+        own = _own_peaks(model) * OWN_MARGIN  # [L, 2]
+        key, value = [], []
+        for layer, lw in enumerate(model.weights.layers):
+            g, b, w, bias = (_bf16(t) for t in (lw.ln1_w, lw.ln1_b, lw.attn_w, lw.attn_b))
+            q = _query_norm_bound(g, b, w, bias, h)
+            proj = float(_bf16(lw.proj_w).abs().sum(0).max())  # max_j ||W_o[:, j]||_1 ([in, out] layout)
+            worst_k = F16_MAX / (LOGIT_HEADROOM * q * d**0.5 * spec.attn_scale(layer))
+            worst_v = F16_MAX / (OUTPUT_HEADROOM * proj)
+            key.append(_round_down(min(cap, max(worst_k, float(own[layer, 0])))))
+            value.append(_round_down(min(cap, max(worst_v, float(own[layer, 1])))))
+        return cls(tuple(key), tuple(value), (_round_down(cap),) * spec.n_layer)
+
+
+def _own_peaks(model: LoadedModel) -> torch.Tensor:
+    """The largest |key| and |value| per layer `[L, 2]` that the model gives the probe text."""
+    ids = model.tokenizer.encode(PROBE_TEXT)[: model.spec.n_positions]
+    kv = compile_prefix(model, token_ids=ids).float()  # [L, 2, H, P, D]
+    return kv.abs().flatten(2).max(-1).values.cpu()  # [L, 2]
+
+
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.bfloat16).float()
+
+
+def _round_down(x: float) -> float:
+    """x rounded down to two significant digits (1176.7 -> 1100, 186.8 -> 180)."""
+    step = 10.0 ** (math.floor(math.log10(x)) - 1)
+    return math.floor(x / step) * step
+
+
+def _query_norm_bound(
+    g: torch.Tensor, b: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, n_head: int
+) -> float:
+    """Q: the largest query norm any input can give one head of a layer. g, b `[C]` (ln_1), w `[C, 3C]`,
+    bias `[3C]` (c_attn, queries in the first C columns)."""
+    c = g.shape[0]
+    wq = (g[:, None] * w[:, :c]).view(c, n_head, -1).transpose(0, 1)  # [H, C, D]
+    gram = wq.transpose(1, 2) @ wq  # [H, D, D]: sigma_max(wq)^2 is its largest eigenvalue
+    spread = torch.linalg.eigvalsh(gram)[:, -1].clamp(min=0).sqrt() * c**0.5  # [H]
+    offset = (b @ w[:, :c] + bias[:c]).view(n_head, -1).norm(dim=-1)  # [H]
+    return float((spread + offset).max())
+
+
 @dataclass(frozen=True)
 class Expect:
     """What a prefix must match to run on the loaded model."""
@@ -172,6 +271,7 @@ class Expect:
     fingerprint: str
     max_prefix_len: int
     max_bytes: int
+    bounds: MagnitudeBounds | None = None  # None: magnitudes are not checked (finiteness still is)
 
 
 def _sniff(data: bytes) -> None:
@@ -206,8 +306,8 @@ def parse_header(data: bytes, max_bytes: int, whole: bool = True) -> tuple[dict,
     if 8 + n > len(data):
         raise InvalidPrefixFile(f"header of {n} bytes runs past the end of the {len(data)}-byte file")
     try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = parse_json(data[8 : 8 + n].decode("utf-8"))
+    except ValueError as exc:  # not UTF-8, not JSON, or nested too deeply
         raise InvalidPrefixFile(f"header is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(header, dict):
         raise InvalidPrefixFile(f"header must be a JSON object, got {type(header).__name__}")
@@ -282,13 +382,7 @@ def decode_tensors(data: bytes, expect: Expect) -> tuple[dict[str, torch.Tensor]
         )
     shapes, dtypes = {}, {}
     for name in names:
-        info = header[name]
-        dtype = DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise InvalidPrefixFile(f"dtype must be one of {sorted(DTYPES)}, got {info.get('dtype')!r}")
-        shape = info.get("shape")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise InvalidPrefixFile(f"shape must be a list of non-negative integers, got {shape!r}")
+        dtype, shape = tensor_layout(header, name)
         if meta.dtype != DTYPE_NAMES[dtype]:
             raise InvalidPrefixFile(
                 f"metadata dtype {meta.dtype!r} does not match the tensor's {DTYPE_NAMES[dtype]!r}"
@@ -302,22 +396,45 @@ def decode_tensors(data: bytes, expect: Expect) -> tuple[dict[str, torch.Tensor]
         raise InvalidPrefixFile(
             f"prefix was made for model {meta.model_fingerprint}, but this server runs {expect.fingerprint}"
         )
-    raws = {}
-    for name in names:
-        begin, end = header[name]["data_offsets"]
-        need = math.prod(shapes[name]) * dtypes[name].itemsize
-        if end - begin != need:
-            raise InvalidPrefixFile(
-                f"shape {shapes[name]} needs {need} bytes, data_offsets give {end - begin}"
-            )
-        raws[name] = data[start + begin : start + end]
+    raws = {name: tensor_raw(data, header, start, name, dtypes[name], shapes[name]) for name in names}
     if hashlib.sha256(b"".join(raws.values())).hexdigest() != meta.sha256:
         raise InvalidPrefixFile("tensor bytes do not match the sha256 in the metadata (corrupted file)")
     if not all(all_finite(raw, dtypes[n]) for n, raw in raws.items()):
         raise InvalidPrefixFile("prefix contains NaN or Inf values")
-    return {
-        n: torch.frombuffer(bytearray(raw), dtype=dtypes[n]).reshape(shapes[n]) for n, raw in raws.items()
-    }, meta
+    if expect.bounds is not None:
+        check_magnitudes({n: as_float32(raw, dtypes[n], shapes[n]) for n, raw in raws.items()}, expect.bounds)
+    return {n: tensor_from_raw(raw, dtypes[n], shapes[n]) for n, raw in raws.items()}, meta
+
+
+def tensor_layout(header: dict, name: str) -> tuple[torch.dtype, list[int]]:
+    """A tensor's dtype (one of DTYPES: float types only) and shape (non-negative integers), from a
+    header that `parse_header` has checked; shared by native files and PEFT weights."""
+    info = header[name]
+    dtype = DTYPES.get(info.get("dtype"))
+    if dtype is None:
+        raise InvalidPrefixFile(f"dtype must be one of {sorted(DTYPES)}, got {info.get('dtype')!r}")
+    shape = info.get("shape")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise InvalidPrefixFile(f"shape must be a list of non-negative integers, got {shape!r}")
+    return dtype, shape
+
+
+def tensor_raw(
+    data: bytes, header: dict, start: int, name: str, dtype: torch.dtype, shape: list[int]
+) -> bytes:
+    """A tensor's bytes, once its data_offsets span exactly what its dtype and shape need."""
+    begin, end = header[name]["data_offsets"]
+    need = math.prod(shape) * dtype.itemsize
+    if end - begin != need:
+        raise InvalidPrefixFile(
+            f"tensor {name!r}: shape {shape} needs {need} bytes, data_offsets give {end - begin}"
+        )
+    return data[start + begin : start + end]
+
+
+def tensor_from_raw(raw: bytes, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    """The tensor built from checked bytes (never a parser: safetensors' or pickle's)."""
+    return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
 
 
 _EXPONENT = {
@@ -335,6 +452,51 @@ def all_finite(raw: bytes, dtype: torch.dtype) -> bool:
     return not bool(((bits & uint(mask)) == uint(mask)).any())
 
 
+def as_float32(raw: bytes, dtype: torch.dtype, shape: list[int]) -> np.ndarray:
+    """Checked bytes as a float32 array (numpy, like `all_finite`; bfloat16 widened through its bits)."""
+    if dtype == torch.bfloat16:
+        return (np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    wide = np.frombuffer(raw, dtype=np.float16 if dtype == torch.float16 else np.float32)
+    return wide.astype(np.float32, copy=False).reshape(shape)
+
+
+def check_magnitudes(arrays: dict[str, np.ndarray], bounds: MagnitudeBounds) -> None:
+    """Raise InvalidPrefixFile unless every layer's values are within `bounds` (and NTK's k >= 0).
+    `arrays`: a file's finite tensors by name, as float32."""
+    n_layer = len(bounds.key)
+    if TENSOR_NAME in arrays:
+        peaks = np.abs(arrays[TENSOR_NAME].reshape(n_layer, 2, -1)).max(-1)  # [L, 2]
+        _check_peaks(f"{TENSOR_NAME} keys", peaks[:, 0], bounds.key)
+        _check_peaks(f"{TENSOR_NAME} values", peaks[:, 1], bounds.value)
+        return
+    k = arrays["ntk_k"].reshape(n_layer, -1)  # [L, H*D]
+    if (low := float(k.min())) < 0:
+        layer = int(np.argmin(k.min(-1)))
+        raise InvalidPrefixFile(
+            f"ntk_k must be >= 0 everywhere (so the NTK denominator S + phi(q).k stays positive; a trained"
+            f" k is softplus(.) > 0), got {low:.4g} at layer {layer}"
+        )
+    _check_peaks("ntk_k", k.max(-1), bounds.ntk)
+    if "ntk_z" in arrays:
+        z, name = arrays["ntk_z"], "ntk_z"
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught just below
+            z, name = arrays["ntk_z_a"] @ arrays["ntk_z_b"], "ntk_z (= ntk_z_a @ ntk_z_b)"
+    _check_peaks(name, np.abs(z).reshape(n_layer, -1).max(-1), bounds.ntk)
+
+
+def _check_peaks(what: str, peaks: np.ndarray, limits: tuple[float, ...]) -> None:
+    """peaks, limits `[L]`: the largest |value| and the bound per layer; names the worst layer."""
+    ratio = peaks / np.asarray(limits)  # [L]; NaN (an overflowed product) counts as over
+    if not bool(np.all(ratio <= 1.0)):
+        layer = int(np.argmax(np.where(np.isnan(ratio), np.inf, ratio)))
+        raise InvalidPrefixFile(
+            f"{what}: largest |value| at layer {layer} is {peaks[layer]:.4g}, above this model's bound of"
+            f" {limits[layer]:.4g} (prefix magnitudes are bounded so that attention cannot overflow in"
+            " float16, bfloat16 or float32; see README, 'Magnitudes')"
+        )
+
+
 def _check_shape(shape: list[int], meta: PrefixMeta, expect: Expect) -> None:
     if len(shape) != 5:
         raise InvalidPrefixFile(f"shape must be [n_layer, 2, n_head, P, head_dim] (5 dims), got {shape}")
@@ -343,7 +505,10 @@ def _check_shape(shape: list[int], meta: PrefixMeta, expect: Expect) -> None:
     if shape != want:
         raise InvalidPrefixFile(f"shape must be {want} for this model, got {shape}")
     if not 1 <= p <= expect.max_prefix_len:
-        raise InvalidPrefixFile(f"prefix length must be in [1, {expect.max_prefix_len}], got {p}")
+        raise InvalidPrefixFile(
+            f"prefix length must be in [1, {expect.max_prefix_len}], got {p} (the limit is max_prefix_len,"
+            " or less where the model's context must still hold one input token and one new token)"
+        )
     if p != meta.prefix_len:
         raise InvalidPrefixFile(
             f"metadata prefix_len {meta.prefix_len} does not match the tensor's length {p}"

@@ -10,15 +10,14 @@ through the frozen model; their per-layer K/V are the prefix.
 
 from __future__ import annotations
 
-import json
-
 import torch
-from safetensors.torch import load as st_load
 
+from prefixserve.engine.core import longest_usable_prefix
 from prefixserve.engine.runner import compile_prefix
+from prefixserve.inputs import parse_json
 from prefixserve.model import LoadedModel
 
-from .format import InvalidPrefixFile, parse_header
+from .format import InvalidPrefixFile, all_finite, parse_header, tensor_from_raw, tensor_layout, tensor_raw
 
 PEFT_TENSOR = "prompt_embeddings"
 PEFT_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING")
@@ -38,8 +37,8 @@ def parse_peft_config(raw: bytes, model: LoadedModel) -> dict:
     if len(raw) > MAX_CONFIG_BYTES:
         raise InvalidPrefixFile(f"adapter_config.json is {len(raw)} bytes; the limit is {MAX_CONFIG_BYTES}")
     try:
-        cfg = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        cfg = parse_json(raw.decode("utf-8"))
+    except ValueError as exc:  # not UTF-8, not JSON, or nested too deeply
         raise InvalidPrefixFile(f"adapter_config.json is not valid JSON: {exc}") from None
     if not isinstance(cfg, dict):
         raise InvalidPrefixFile("adapter_config.json must be a JSON object")
@@ -52,43 +51,71 @@ def parse_peft_config(raw: bytes, model: LoadedModel) -> dict:
         raise InvalidPrefixFile(
             f"adapter_config.json task_type must be 'CAUSAL_LM', got {cfg.get('task_type')!r}"
         )
-    spec = model.spec
-    expected = {"num_layers": spec.n_layer, "num_attention_heads": spec.n_head, "token_dim": spec.n_embd}
-    for key, want in expected.items():
-        if key in cfg and cfg[key] is not None and cfg[key] != want:
-            raise InvalidPrefixFile(
-                f"adapter_config.json {key} is {cfg[key]!r}, but the loaded model has {want}"
-            )
+    _check_base_model(cfg, model)
     subs = cfg.get("num_transformer_submodules", 1)
     if subs != 1:
         raise InvalidPrefixFile(f"adapter_config.json num_transformer_submodules must be 1, got {subs!r}")
     n = cfg.get("num_virtual_tokens")
-    if not isinstance(n, int) or n < 1:
+    if type(n) is not int or n < 1:
         raise InvalidPrefixFile(
             f"adapter_config.json num_virtual_tokens must be a positive integer, got {n!r}"
         )
     return cfg
 
 
-def import_peft(config_raw: bytes, weights_raw: bytes, model: LoadedModel, max_bytes: int) -> torch.Tensor:
-    """A PEFT prefix-tuning or prompt-tuning adapter -> canonical K/V `[L, 2, H, P, D]` (CPU, fp32)."""
+def _check_base_model(cfg: dict, model: LoadedModel) -> None:
+    """The adapter's dimensions must be the served model's. Its `base_model_name_or_path` is only named
+    in the error: a matching model may live under any name or local path."""
+    spec = model.spec
+    expected = {"num_layers": spec.n_layer, "num_attention_heads": spec.n_head, "token_dim": spec.n_embd}
+    for key in expected:
+        if type(cfg.get(key)) is not int:
+            raise InvalidPrefixFile(f"adapter_config.json {key} must be an integer, got {cfg.get(key)!r}")
+    wrong = [
+        f"{k} is {cfg[k]}, but the loaded model has {want}" for k, want in expected.items() if cfg[k] != want
+    ]
+    if wrong:
+        raise InvalidPrefixFile(
+            f"adapter_config.json is for base model {cfg.get('base_model_name_or_path')!r}, which does not"
+            f" match this server's model {model.served_name!r}: {'; '.join(wrong)}"
+        )
+
+
+def import_peft(
+    config_raw: bytes,
+    weights_raw: bytes,
+    model: LoadedModel,
+    max_bytes: int,
+    max_prefix_len: int | None = None,
+) -> torch.Tensor:
+    """A PEFT prefix-tuning or prompt-tuning adapter -> canonical K/V `[L, 2, H, P, D]` (CPU, fp32).
+    The weights are checked like a native file (float dtype, exact shape, byte span) before use;
+    `max_prefix_len` defaults to the longest prefix the model's context can still serve."""
     cfg = parse_peft_config(config_raw, model)
-    header, _ = parse_header(weights_raw, max_bytes)  # structure first: never hand bad bytes to a parser
+    spec, p = model.spec, cfg["num_virtual_tokens"]
+    limit = max_prefix_len or longest_usable_prefix(spec.n_positions)
+    if p > limit:
+        raise InvalidPrefixFile(
+            f"adapter_config.json num_virtual_tokens is {p}; a prefix may be at most {limit} (max_prefix_len,"
+            " or less where the model's context must still hold one input token and one new token)"
+        )
+    header, start = parse_header(weights_raw, max_bytes)  # structure, then each field, then the bytes
     names = sorted(k for k in header if k != "__metadata__")
     if names != [PEFT_TENSOR]:
         raise InvalidPrefixFile(
             f"adapter_model.safetensors must hold exactly ['{PEFT_TENSOR}'], found {names}"
         )
-    emb = st_load(weights_raw)[PEFT_TENSOR].float()
-    spec, p = model.spec, cfg["num_virtual_tokens"]
+    dtype, shape = tensor_layout(header, PEFT_TENSOR)
     width = spec.n_layer * 2 * spec.n_embd if cfg["peft_type"] == "PREFIX_TUNING" else spec.n_embd
-    if list(emb.shape) != [p, width]:
+    if shape != [p, width]:
         raise InvalidPrefixFile(
             f"{PEFT_TENSOR} must have shape [{p}, {width}] for a {cfg['peft_type']} adapter on this model,"
-            f" got {list(emb.shape)}"
+            f" got {shape}"
         )
-    if not bool(torch.isfinite(emb).all()):
+    raw = tensor_raw(weights_raw, header, start, PEFT_TENSOR, dtype, shape)
+    if not all_finite(raw, dtype):
         raise InvalidPrefixFile(f"{PEFT_TENSOR} contains NaN or Inf values")
+    emb = tensor_from_raw(raw, dtype, shape).float()  # [P, width]
     if cfg["peft_type"] == "PREFIX_TUNING":
         return peft_to_canonical(emb, spec.n_layer, spec.n_head)
     return compile_prefix(model, embeds=emb).float().cpu()

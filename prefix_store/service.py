@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from prefixserve.engine.core import longest_usable_prefix
 from prefixserve.engine.prefixes import PrefixState
 from prefixserve.errors import PrefixNotFound
 from prefixserve.model import LoadedModel
@@ -25,17 +26,24 @@ from .format import (
     TENSOR_NAME,
     Expect,
     InvalidPrefixFile,
+    MagnitudeBounds,
     PrefixMeta,
     decode_prefix,
     decode_tensors,
     encode_tensors,
     read_meta,
 )
-from .importers import import_peft, text_to_kv
+from .importers import PEFT_TENSOR, import_peft, text_to_kv
 from .pool import DevicePool
+from .redis_health import RedisConfig, RedisHealth
 from .store import DurableStore
 
 log = logging.getLogger(__name__)
+
+
+def new_prefix_id() -> str:
+    """A fresh random prefix id (the id an upload gets unless one was planned for it)."""
+    return f"pfx-{secrets.token_hex(8)}"
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,7 @@ class StoreConfig:
     cache_ttl_s: int = 24 * 3600  # every Redis key expires (volatile-lru beside the job queue)
     redis_timeout_s: float = 0.5  # a slower Redis answer counts as a miss
     redis_backoff_s: float = 2.0  # after a Redis error, go straight to the store for this long
+    temp_max_age_s: float = 600.0  # older temp files in the store are leftovers, swept at start-up
     local_cache_bytes: int = 256 * 2**20
     device_pool_bytes: int = 1 * 2**30
     max_file_bytes: int = 64 * 2**20  # uploads are capped before parsing
@@ -54,25 +63,36 @@ class StoreConfig:
 
 class PrefixService:
     def __init__(
-        self, model: LoadedModel, config: StoreConfig | None = None, max_prefix_len: int | None = None
+        self,
+        model: LoadedModel,
+        config: StoreConfig | None = None,
+        max_prefix_len: int | None = None,
+        redis_health: RedisHealth | None = None,
     ):
+        """`redis_health`: the process's shared Redis state (built from the config when not given)."""
         self.model = model
         self.config = config or StoreConfig()
         self.stats = Stats()
         self.store = DurableStore(self.config.url)
+        self.store.sweep_temp(self.config.temp_max_age_s)
         self.cache: ByteCache = (
             RedisByteCache(
                 self.config.redis_url,
                 self.config.cache_ttl_s,
-                self.config.redis_timeout_s,
-                self.config.redis_backoff_s,
-                self.stats,
+                stats=self.stats,
+                health=redis_health or RedisHealth(self.redis_config()),
             )
             if self.config.redis_url
             else LocalByteCache(self.config.local_cache_bytes)
         )
-        limit = min(self.config.max_prefix_len, max_prefix_len or self.config.max_prefix_len)
-        self.expect = Expect(model.spec, model.fingerprint, limit, self.config.max_file_bytes)
+        limit = min(  # a stored prefix must leave room for a request (one input and one new token)
+            self.config.max_prefix_len,
+            max_prefix_len or self.config.max_prefix_len,
+            longest_usable_prefix(model.spec.n_positions),
+        )
+        self.expect = Expect(
+            model.spec, model.fingerprint, limit, self.config.max_file_bytes, MagnitudeBounds.of(model)
+        )
         self.pool = DevicePool(
             self._load_tensor,
             self.length,
@@ -84,6 +104,10 @@ class PrefixService:
         )
         self._meta: dict[str, PrefixMeta] = {}  # files are immutable, so metadata is cached forever
         self._lock = threading.Lock()
+
+    def redis_config(self) -> RedisConfig | None:
+        c = self.config
+        return RedisConfig(c.redis_url, c.redis_timeout_s, c.redis_backoff_s) if c.redis_url else None
 
     # ---- create --------------------------------------------------------------------------------
     def add_tensor(
@@ -119,7 +143,7 @@ class PrefixService:
         tensors = {n: t.detach().cpu() for n, t in tensors.items()}
         tensors = {n: t if t.dtype in DTYPE_NAMES else t.float() for n, t in tensors.items()}
         meta = PrefixMeta(
-            id=prefix_id or f"pfx-{secrets.token_hex(8)}",
+            id=prefix_id or new_prefix_id(),
             model_fingerprint=self.model.fingerprint,
             prefix_len=0,  # kind, length and dtype are set from the tensors by encode_tensors
             dtype="float32",
@@ -137,25 +161,54 @@ class PrefixService:
             self._meta[meta.id] = meta
         return meta
 
-    def add_file(self, data: bytes, owner: str, name: str = "", visibility: str = "private") -> PrefixMeta:
+    def add_file(
+        self,
+        data: bytes,
+        owner: str,
+        name: str = "",
+        visibility: str = "private",
+        prefix_id: str | None = None,
+    ) -> PrefixMeta:
         """A native prefix file (e.g. downloaded from another server running the same model)."""
         tensors, meta = decode_tensors(data, self.expect)
-        return self.add_tensors(tensors, owner, name or meta.name, visibility, "upload")
+        return self.add_tensors(tensors, owner, name or meta.name, visibility, "upload", prefix_id)
 
     def add_peft(
-        self, config_raw: bytes, weights_raw: bytes, owner: str, name: str = "", visibility: str = "private"
+        self,
+        config_raw: bytes,
+        weights_raw: bytes,
+        owner: str,
+        name: str = "",
+        visibility: str = "private",
+        prefix_id: str | None = None,
     ) -> PrefixMeta:
-        kv = import_peft(config_raw, weights_raw, self.model, self.config.max_file_bytes)
-        return self.add_tensor(kv, owner, name, visibility, "peft")
+        kv = import_peft(
+            config_raw, weights_raw, self.model, self.config.max_file_bytes, self.expect.max_prefix_len
+        )
+        try:
+            return self.add_tensor(kv, owner, name, visibility, "peft", prefix_id)
+        except InvalidPrefixFile as exc:  # say which uploaded tensor the values came from
+            raise InvalidPrefixFile(f"adapter_model {PEFT_TENSOR}, read as {exc}") from None
 
-    def add_text(self, text: str, owner: str, name: str = "", visibility: str = "private") -> PrefixMeta:
+    def add_text(
+        self,
+        text: str,
+        owner: str,
+        name: str = "",
+        visibility: str = "private",
+        prefix_id: str | None = None,
+    ) -> PrefixMeta:
         kv = text_to_kv(text, self.model, self.expect.max_prefix_len)
-        return self.add_tensor(kv, owner, name, visibility, "text")
+        return self.add_tensor(kv, owner, name, visibility, "text", prefix_id)
 
     # ---- read ----------------------------------------------------------------------------------
-    def meta(self, prefix_id: str) -> PrefixMeta:
+    def cached_meta(self, prefix_id: str) -> PrefixMeta | None:
+        """Metadata already read (no I/O: safe on the event loop); None if it would need the store."""
         with self._lock:
-            cached = self._meta.get(prefix_id)
+            return self._meta.get(prefix_id)
+
+    def meta(self, prefix_id: str) -> PrefixMeta:
+        cached = self.cached_meta(prefix_id)
         if cached is not None:
             return cached
         meta = read_meta(self.store.head(prefix_id, 8 + MAX_HEADER_BYTES))
@@ -163,9 +216,10 @@ class PrefixService:
             self._meta[prefix_id] = meta
         return meta
 
-    def visible(self, prefix_id: str, tenant: str) -> PrefixMeta:
-        """Metadata if `tenant` may use the prefix; a foreign private prefix is 'not found' (invariant 8)."""
-        meta = self.meta(prefix_id)
+    def visible(self, prefix_id: str, tenant: str, meta: PrefixMeta | None = None) -> PrefixMeta:
+        """Metadata if `tenant` may use the prefix; a foreign private prefix is 'not found' (invariant 8).
+        With `meta` given (from `cached_meta`) no I/O happens."""
+        meta = meta or self.meta(prefix_id)
         if meta.owner != tenant and meta.visibility != "public":
             raise PrefixNotFound(prefix_id)
         return meta

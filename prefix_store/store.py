@@ -1,4 +1,4 @@
-"""The durable store: the source of truth for prefix files (DESIGN.md invariants 5 and 6).
+"""The durable store: the source of truth for prefix files (architecture.md invariants 5 and 6).
 
 A local directory by default, any fsspec URL (`s3://bucket/prefixes`, `memory://...`) as an option.
 One file per prefix, `<id>.safetensors`; the metadata lives inside the file, so the store needs no
@@ -6,12 +6,22 @@ index. Ids are checked against a strict pattern before they become paths. Local 
 temp file in the same directory, fsync, then a hard link to the final name (which fails rather than
 overwrite), then the directory is fsynced; an id is visible only once its file is complete.
 Object stores publish an object atomically on upload.
+
+A full disk or an exhausted quota (ENOSPC, EDQUOT) raises `InsufficientStorage` (HTTP 507) and leaves
+nothing behind: the temp file is removed and nothing is linked. Temp files left by a process that died
+mid-write are swept (`sweep_temp`) when a server or worker starts.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import os
+import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import fsspec
@@ -21,11 +31,39 @@ from prefixserve.errors import PrefixNotFound, PrefixServeError
 
 from .format import PREFIX_ID, check_prefix_id
 
+log = logging.getLogger(__name__)
+
 SUFFIX = ".safetensors"
+TEMP = ".tmp-"
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class PrefixExists(PrefixServeError):
     kind = "conflict"
+
+
+class InsufficientStorage(PrefixServeError):
+    """The durable store's disk is full or its quota is spent (HTTP 507); nothing was published."""
+
+    kind = "insufficient_storage"
+
+    def __init__(self, what: str, exc: OSError) -> None:
+        code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        super().__init__(
+            f"the durable store has no space left for {what} ({code}: {exc.strerror or exc});"
+            " nothing was published"
+        )
+
+
+@contextmanager
+def _space_checked(what: str) -> Iterator[None]:
+    """ENOSPC / EDQUOT from the filesystem -> InsufficientStorage naming what was being written."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in NO_SPACE:
+            raise InsufficientStorage(what, exc) from exc
+        raise
 
 
 class DurableStore:
@@ -41,12 +79,13 @@ class DurableStore:
     def put(self, prefix_id: str, data: bytes) -> None:
         """Publish a new prefix file atomically; an existing id is never overwritten."""
         final = self.path(prefix_id)
-        if self.local:
-            self._put_local(final, data)
-        else:
-            if self.fs.exists(final):
-                raise PrefixExists(f"prefix {prefix_id!r} already exists")
-            self.fs.pipe_file(final, data)
+        with _space_checked(f"prefix {prefix_id}"):
+            if self.local:
+                self._put_local(final, data)
+            else:
+                if self.fs.exists(final):
+                    raise PrefixExists(f"prefix {prefix_id!r} already exists")
+                self.fs.pipe_file(final, data)
 
     def training_path(self, job_id: str) -> str:
         return f"{self.root}/training/{check_prefix_id(job_id)}.jsonl"
@@ -54,14 +93,95 @@ class DurableStore:
     def put_training_data(self, job_id: str, data: bytes) -> None:
         """A job's dataset (JSONL), written once, atomically, before the job is queued."""
         final = self.training_path(job_id)
-        self.fs.makedirs(f"{self.root}/training", exist_ok=True)
-        if self.local:
-            self._put_local(final, data)
-        else:
-            self.fs.pipe_file(final, data)
+        with _space_checked(f"the dataset of {job_id}"):
+            self.fs.makedirs(f"{self.root}/training", exist_ok=True)
+            if self.local:
+                self._put_local(final, data)
+            else:
+                self.fs.pipe_file(final, data)
 
     def get_training_data(self, job_id: str) -> bytes:
         return self._cat(self.training_path(job_id), job_id)
+
+    def delete_training_data(self, job_id: str) -> bool:
+        return self._rm(self.training_path(job_id))
+
+    # ---- training checkpoints: one file per job, replaced atomically each epoch -----------------
+    def checkpoint_path(self, job_id: str) -> str:
+        return f"{self.root}/checkpoints/{check_prefix_id(job_id)}{SUFFIX}"
+
+    def put_checkpoint(self, job_id: str, data: bytes) -> None:
+        """Replace the job's checkpoint atomically (temp, fsync, rename): a reader sees the old one
+        or the new one, never a mix."""
+        final = self.checkpoint_path(job_id)
+        with _space_checked(f"the checkpoint of {job_id}"):
+            self.fs.makedirs(f"{self.root}/checkpoints", exist_ok=True)
+            if self.local:
+                self._put_local(final, data, replace=True)
+            else:
+                self.fs.pipe_file(final, data)
+
+    def get_checkpoint(self, job_id: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(self.checkpoint_path(job_id))
+        except FileNotFoundError:
+            return None
+
+    def delete_checkpoint(self, job_id: str) -> bool:
+        return self._rm(self.checkpoint_path(job_id))
+
+    # ---- small JSON records (e.g. idempotency keys): <root>/<kind>/<name>.json, written once -----
+    def record_path(self, kind: str, name: str) -> str:
+        return f"{self.root}/{check_prefix_id(kind)}/{check_prefix_id(name)}.json"
+
+    def put_record(self, kind: str, name: str, data: bytes) -> None:
+        """Write a record once, atomically; PrefixExists if it is already there."""
+        final = self.record_path(kind, name)
+        with _space_checked(f"the {kind} record {name}"):
+            self.fs.makedirs(f"{self.root}/{kind}", exist_ok=True)
+            if self.local:
+                self._put_local(final, data)
+            else:
+                if self.fs.exists(final):
+                    raise PrefixExists(f"record {kind}/{name} already exists")
+                self.fs.pipe_file(final, data)
+
+    def get_record(self, kind: str, name: str) -> bytes | None:
+        try:
+            return self.fs.cat_file(self.record_path(kind, name))
+        except FileNotFoundError:
+            return None
+
+    def delete_record(self, kind: str, name: str) -> bool:
+        return self._rm(self.record_path(kind, name))
+
+    def record_names(self, kind: str) -> list[str]:
+        """The names of every record of `kind` (foreign files are ignored)."""
+        try:
+            paths = self.fs.ls(f"{self.root}/{check_prefix_id(kind)}", detail=False)
+        except FileNotFoundError:
+            return []
+        names = (p.rstrip("/").rsplit("/", 1)[-1] for p in paths)
+        return sorted(n[:-5] for n in names if n.endswith(".json") and PREFIX_ID.match(n[:-5]))
+
+    def sweep_temp(self, min_age_s: float, now: Callable[[], float] = time.time) -> list[str]:
+        """Remove temp files older than `min_age_s` (left by a process that died mid-write; younger
+        ones may belong to a write in progress on another replica). Returns the names removed."""
+        if not self.local:
+            return []  # object stores have no temp files: an upload is atomic
+        removed = []
+        for entry in os.scandir(self.root):
+            if not entry.name.startswith(TEMP):
+                continue
+            try:
+                if now() - entry.stat().st_mtime >= min_age_s:
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+            except FileNotFoundError:  # another process swept or finished it
+                continue
+        if removed:
+            log.info("swept %d leftover temp file(s) from %s", len(removed), self.root)
+        return removed
 
     def _cat(self, path: str, name: str) -> bytes:
         try:
@@ -69,21 +189,27 @@ class DurableStore:
         except FileNotFoundError:
             raise PrefixNotFound(name) from None
 
-    def _put_local(self, final: str, data: bytes) -> None:
-        tmp = f"{self.root}/.tmp-{uuid.uuid4().hex}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    def _put_local(self, final: str, data: bytes, replace: bool = False) -> None:
+        """Temp file, fsync, then link (no overwrite) or rename (`replace`), then fsync the directory.
+        The temp file is removed whatever happens (a full disk included)."""
+        tmp = f"{self.root}/{TEMP}{uuid.uuid4().hex}"
         try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            try:
-                os.link(tmp, final)  # atomic, and refuses to replace an existing file
-            except FileExistsError:
-                raise PrefixExists(f"prefix file {Path(final).name} already exists") from None
+            if replace:
+                os.replace(tmp, final)
+            else:
+                try:
+                    os.link(tmp, final)  # atomic, and refuses to replace an existing file
+                except FileExistsError:
+                    raise PrefixExists(f"prefix file {Path(final).name} already exists") from None
         finally:
-            os.unlink(tmp)
-        dir_fd = os.open(self.root, os.O_RDONLY)
+            with contextlib.suppress(FileNotFoundError):  # renamed, or never created
+                os.unlink(tmp)
+        dir_fd = os.open(os.path.dirname(final), os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
@@ -104,8 +230,11 @@ class DurableStore:
         return self.fs.exists(self.path(prefix_id))
 
     def delete(self, prefix_id: str) -> bool:
+        return self._rm(self.path(prefix_id))
+
+    def _rm(self, path: str) -> bool:
         try:
-            self.fs.rm_file(self.path(prefix_id))
+            self.fs.rm_file(path)
         except FileNotFoundError:
             return False
         return True

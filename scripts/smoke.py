@@ -2,23 +2,24 @@
 
     python scripts/smoke.py [--base-url http://127.0.0.1:8000] [--api-key KEY]
 
-Uses the SDK (`prefixserve_client`) and, to build a native prefix file for the upload, the project's
-prefix format. Exits non-zero on the first failure.
+Needs only the SDK (`pip install ./client`: httpx + pydantic, no torch, no server code): the uploaded
+prefix is a PEFT prefix-tuning adapter written here with the standard library. Exits non-zero on the
+first failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import random
+import struct
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-import torch
 from prefixserve_client import Client
-
-from prefix_store.format import PrefixMeta, encode_prefix
 
 EXAMPLES = [
     {"input": f"name : {n} | food : {f}", "output": f"{n} serves {f} food."}
@@ -41,6 +42,31 @@ def wait_ready(url: str, timeout: float) -> dict:
         time.sleep(2)
 
 
+def write_peft_adapter(out: Path, model: dict, prefix_len: int, seed: int = 0) -> Path:
+    """A PEFT prefix-tuning adapter for the served model (random values, std 0.5), saved as PEFT saves
+    one: adapter_config.json and adapter_model.safetensors holding `prompt_embeddings [P, 2*L*C]` (F32)."""
+    width = 2 * model["n_layer"] * model["n_embd"]
+    config = {
+        "peft_type": "PREFIX_TUNING",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": model["name"],
+        "num_virtual_tokens": prefix_len,
+        "num_layers": model["n_layer"],
+        "num_attention_heads": model["n_head"],
+        "token_dim": model["n_embd"],
+        "num_transformer_submodules": 1,
+    }
+    rng = random.Random(seed)
+    data = struct.pack(f"<{prefix_len * width}f", *(rng.gauss(0, 0.5) for _ in range(prefix_len * width)))
+    tensor = {"dtype": "F32", "shape": [prefix_len, width], "data_offsets": [0, len(data)]}
+    header = json.dumps({"prompt_embeddings": tensor}).encode()
+    header += b" " * (-len(header) % 8)  # safetensors aligns the data to 8 bytes
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    (out / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return out
+
+
 def step(what: str) -> None:
     print(f"== {what}", flush=True)
 
@@ -55,20 +81,10 @@ def main() -> int:
     model = wait_ready(args.base_url, args.ready_timeout)
     print(f"ready: {model['name']} ({model['n_layer']} layers, {model['n_embd']} wide)")
     with Client(args.base_url, args.api_key) as client:
-        step("upload a native prefix file")
-        head_dim = model["n_embd"] // model["n_head"]
-        kv = torch.randn(model["n_layer"], 2, model["n_head"], 5, head_dim) * 0.5
-        meta = PrefixMeta(
-            id="pfx-smoke",
-            model_fingerprint=model["fingerprint"],
-            prefix_len=5,
-            dtype="float32",
-            owner="smoke",
-        )
+        step("upload a PEFT prefix-tuning adapter")
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "smoke.safetensors"
-            path.write_bytes(encode_prefix(kv, meta))
-            uploaded = client.prefixes.upload(path, name="smoke-upload")
+            adapter = write_peft_adapter(Path(tmp) / "adapter", model, prefix_len=5)
+            uploaded = client.prefixes.upload(adapter, name="smoke-upload")
         print(f"   {uploaded.id} ({uploaded.prefix_len} positions, {uploaded.source})")
 
         step("compile a text prefix")

@@ -41,6 +41,9 @@ class Tenants:
             )
         elif not self._digests:
             log.warning("authentication is on but no API keys are configured: every request will get 401")
+        else:
+            tenants = len({t for _, t in self._digests})
+            log.info("authentication is on: %d API keys for %d tenants", len(self._digests), tenants)
 
     @classmethod
     def from_settings(cls, api_keys: str, api_keys_file: str, enabled: bool) -> Tenants:

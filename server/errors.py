@@ -65,3 +65,23 @@ class UnsupportedModel(PrefixServeError):
     """The checkpoint is not a GPT-2-family model this engine can run."""
 
     kind = "unsupported_model"
+
+
+class PrefixError(PrefixServeError):
+    """A row's numbers went bad (non-finite logits or hidden state) or its prefix could not be placed:
+    the data of its prefix (or, rarely, an unlucky input) is unusable. That row ends alone (HTTP 422);
+    every other row of the batch carries on unchanged."""
+
+    kind = "prefix_error"
+
+    def __init__(self, prefix_id: str | None, problem: str) -> None:
+        where = f"prefix {prefix_id!r}" if prefix_id is not None else "this request (no prefix)"
+        super().__init__(f"{where}: {problem}; the request was ended, other requests are unaffected")
+        self.prefix_id = prefix_id
+
+
+class EngineFault(PrefixServeError):
+    """An engine step failed for a reason no single row explains (logged with its traceback). The
+    rows of that step end with this error (HTTP 500); the engine keeps serving."""
+
+    kind = "server_error"

@@ -1,22 +1,22 @@
 """Per-tenant requests/minute and tokens/minute.
 
 Fixed one-minute windows. With Redis the counters are shared by every replica (INCRBY on a key
-that expires with its window); without Redis, or while Redis fails, each replica counts locally.
+that expires with its window), through the asyncio client, so the event loop never waits on Redis;
+without Redis each replica counts locally. While Redis is down or slow the limiter **fails open** to
+per-replica counting (a tenant may then get up to N times its limit across N replicas): no request
+fails or waits for it, and the outage is logged once (`prefix_store.redis_health.RedisHealth`).
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
 import time
 from collections import Counter
 
-import redis
+from prefix_store.redis_health import RedisHealth, RedisUnavailable
 
 from .errors import PrefixServeError
-
-log = logging.getLogger(__name__)
 
 WINDOW_S = 60
 
@@ -30,15 +30,22 @@ class RateLimited(PrefixServeError):
 
 
 class RateLimiter:
+    """Create it on the event loop that calls `check` (the asyncio client belongs to that loop)."""
+
     def __init__(
-        self, requests_per_minute: int, tokens_per_minute: int, redis_url: str | None = None
+        self, requests_per_minute: int, tokens_per_minute: int, health: RedisHealth | None = None
     ) -> None:
         self.limits = {"requests": requests_per_minute, "tokens": tokens_per_minute}
-        self._redis = redis.Redis.from_url(redis_url, socket_timeout=0.2) if redis_url else None
+        self.health = health
+        self._redis = health.config.async_client() if health is not None else None
         self._local: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def check(self, tenant: str, tokens: int) -> None:
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    async def check(self, tenant: str, tokens: int) -> None:
         """Count one request of `tokens` tokens for the tenant; RateLimited if a limit is exceeded."""
         now = time.time()
         window = int(now // WINDOW_S)
@@ -47,21 +54,27 @@ class RateLimiter:
             limit = self.limits[what]
             if limit <= 0:
                 continue
-            used = self._add(f"prefixserve:rl:{tenant}:{what}:{window}", amount)
+            used = await self._add(f"prefixserve:rl:{tenant}:{what}:{window}", amount)
             if used > limit:
                 raise RateLimited(
                     f"tenant {tenant!r} exceeded {limit} {what} per minute ({used} this minute)", retry_after
                 )
 
-    def _add(self, key: str, amount: int) -> int:
-        if self._redis is not None:
+    async def _add(self, key: str, amount: int) -> int:
+        if self._redis is not None and self.health is not None:
             try:
-                pipe = self._redis.pipeline()
-                pipe.incrby(key, amount)
-                pipe.expire(key, WINDOW_S + 5)
-                return int(pipe.execute()[0])
-            except redis.RedisError as exc:
-                log.warning("rate limiter: redis failed (%s); counting locally", exc)
+                return await self.health.arun("rate limiting", lambda: self._shared_add(key, amount))
+            except RedisUnavailable:
+                pass  # fail open: count on this replica (the health object logged the outage once)
+        return self._local_add(key, amount)
+
+    async def _shared_add(self, key: str, amount: int) -> int:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.incrby(key, amount)
+            pipe.expire(key, WINDOW_S + 5)
+            return int((await pipe.execute())[0])
+
+    def _local_add(self, key: str, amount: int) -> int:
         with self._lock:
             self._local[key] += amount
             if len(self._local) > 10_000:  # drop old windows

@@ -2,16 +2,81 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import ipaddress
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 
 from prefix_store.service import PrefixService
 
+from .auth import Unauthorized
 from .engine import AsyncEngine
+from .errors import PrefixServeError
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Who may read /metrics and what it shows (ServerSettings.metrics_config())."""
+
+    key: str = ""  # set: only `Authorization: Bearer <key>` reads /metrics, from anywhere
+    loopback_only: bool = False  # no key: only loopback clients read it (on whenever auth is on)
+    tenant_labels: bool = False  # False: tenant names appear only as pseudonyms (`tenant_label`)
+
+
+NO_TENANT = "-"  # the label of requests that never authenticated (401s, /health, ...)
+
+
+class MetricsForbidden(PrefixServeError):
+    kind = "forbidden"
+
+
+def tenant_label(tenant: str) -> str:
+    """A stable pseudonym for a tenant name (sha256, 12 hex digits). It keeps names out of the
+    output and dashboards; whoever knows a name can compute its pseudonym to find its series."""
+    return "t-" + hashlib.sha256(tenant.encode()).hexdigest()[:12]
+
+
+def is_loopback(host: str | None) -> bool:
+    try:
+        address = ipaddress.ip_address(host or "")
+    except ValueError:  # no address (e.g. a unix socket) or a name
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return (mapped or address).is_loopback
+
+
+class MetricsAccess:
+    """The /metrics gate (MetricsConfig): a metrics key, or else loopback clients only when auth is on."""
+
+    def __init__(self, config: MetricsConfig) -> None:
+        self.config = config
+        self._digest = hashlib.sha256(config.key.encode()).digest() if config.key else b""
+
+    def check(self, authorization: str | None, client_host: str | None) -> None:
+        """Return if this caller may read /metrics; Unauthorized (401) or MetricsForbidden (403)."""
+        if self._digest:
+            scheme, _, key = (authorization or "").partition(" ")
+            offered = hashlib.sha256(key.strip().encode()).digest()
+            if scheme.lower() != "bearer" or not hmac.compare_digest(offered, self._digest):
+                raise Unauthorized(
+                    "/metrics needs 'Authorization: Bearer <metrics key>' (PREFIXSERVE_METRICS_KEY)"
+                )
+        elif self.config.loopback_only and not is_loopback(client_host):
+            raise MetricsForbidden(
+                f"/metrics: expected a loopback client, got {client_host or 'none'};"
+                " set PREFIXSERVE_METRICS_KEY to read it from elsewhere"
+            )
 
 
 class Metrics:
-    def __init__(self, engine: AsyncEngine, service: PrefixService) -> None:
+    def __init__(
+        self, engine: AsyncEngine, service: PrefixService, config: MetricsConfig | None = None
+    ) -> None:
+        self.config = config or MetricsConfig()
+        self.access = MetricsAccess(self.config)
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -44,6 +109,13 @@ class Metrics:
             lambda: core.scheduler.num_running
         )
         r.register(_TierCollector(service))
+
+    def tenant(self, tenant: str) -> str:
+        """The value of a `tenant` label: the name only when configured (tenant_labels)."""
+        return tenant if self.config.tenant_labels or tenant == NO_TENANT else tenant_label(tenant)
+
+    def count_tokens(self, tenant: str, n: int) -> None:
+        self.tokens.labels(self.tenant(tenant)).inc(n)
 
 
 class _TierCollector:
@@ -86,6 +158,7 @@ class CountRequests:
         finally:
             state = getattr(scope["app"].state, "s", None)
             if state is not None:
-                tenant = scope.get("state", {}).get("tenant", "-")
+                tenant = scope.get("state", {}).get("tenant", NO_TENANT)
                 endpoint = getattr(scope.get("route"), "path", "unmatched")
-                state.metrics.requests.labels(endpoint, str(status), tenant).inc()
+                metrics = state.metrics
+                metrics.requests.labels(endpoint, str(status), metrics.tenant(tenant)).inc()

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
 from transformers import (
     AutoConfig,
     AutoTokenizer,
@@ -76,7 +80,7 @@ class ModelSpec:
         return self.n_embd // self.n_head
 
     def prefix_shape(self, prefix_len: int) -> tuple[int, int, int, int, int]:
-        """Canonical prefix layout (DESIGN.md invariant 1): [n_layer, 2, n_head, P, head_dim]."""
+        """Canonical prefix layout (architecture.md invariant 1): [n_layer, 2, n_head, P, head_dim]."""
         return (self.n_layer, 2, self.n_head, prefix_len, self.head_dim)
 
     def attn_scale(self, layer: int) -> float:
@@ -172,7 +176,7 @@ class GPT2Weights:
 
 
 def model_fingerprint(spec: ModelSpec, weights: GPT2Weights) -> str:
-    """Architecture dims + sha256 of the frozen weights (DESIGN.md invariant 4).
+    """Architecture dims + sha256 of the frozen weights (architecture.md invariant 4).
 
     The weights are hashed rounded to bfloat16, so one checkpoint served in float32, bfloat16 or
     float16 has one fingerprint (a prefix made on any of them runs on the others).
@@ -200,6 +204,11 @@ class LoadedModel:
     eos_token_id: int | None  # generation stops here unless a request sets ignore_eos
     fingerprint: str  # dims + weight hash; every stored prefix is bound to it
 
+    @property
+    def served_name(self) -> str:
+        """The name clients see (`/ready`, `/v1/models`): a hub id as given, a local directory's name."""
+        return Path(self.name).name if Path(self.name).exists() else self.name
+
 
 def load_hf_model(name_or_path: str | Path, dtype: torch.dtype, device: torch.device) -> GPT2LMHeadModel:
     """The checkpoint as a frozen HF module in eval mode (used by loaders, references and baselines)."""
@@ -220,6 +229,25 @@ def hf_cache_kwargs(
     """
     key = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
     return {key: DynamicCache(ddp_cache_data=layers)}
+
+
+def hub_model_available(repo_id: str, timeout_s: float = 3.0, endpoint: str | None = None) -> bool:
+    """Whether `repo_id` can be loaded now: it is in the local HF cache, or the hub answers within
+    `timeout_s` (one HEAD request; any HTTP answer counts). Offline this takes one failed connection
+    instead of the hub client's retries (~20 s), and with HF_HUB_OFFLINE set no network at all."""
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return True
+    if hf_constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        urllib.request.urlopen(
+            urllib.request.Request(endpoint or hf_constants.ENDPOINT, method="HEAD"), timeout=timeout_s
+        )
+    except urllib.error.HTTPError:
+        return True  # the hub answered
+    except (OSError, ValueError):
+        return False  # no route, no name, refused, timed out
+    return True
 
 
 def load_model(

@@ -6,9 +6,9 @@ SDK works unchanged (`client.completions.create(model=prefix_id, prompt=...)`).
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from pathlib import Path
 from typing import Literal
 
 from fastapi import Depends, FastAPI, Request
@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .app import ERRORS, State, _collect, _error_event, _first, _state, start_generation, tenant_of
 from .engine import FinishReason, SamplingParams
 from .engine.request import MAX_SEED, MAX_STOP_LEN
+from .inputs import Text, check_text
 from .schemas import MAX_INPUT_CHARS, MAX_NEW_TOKENS
 
 OPENAI_STOP_MAX = 4
@@ -26,6 +27,7 @@ OPENAI_STOP_MAX = 4
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(
         extra="ignore",  # OpenAI clients send fields we do not use (user, logit_bias, ...)
+        strict=True,  # integers are JSON integers; float fields still accept 1 (as OpenAI SDKs send)
         json_schema_extra={
             "examples": [
                 {
@@ -38,7 +40,7 @@ class CompletionRequest(BaseModel):
         },
     )
 
-    model: str = Field(..., min_length=1, max_length=256)
+    model: Text = Field(..., min_length=1, max_length=256)
     prompt: str | list[str] = Field(..., description="one prompt (a list must hold exactly one)")
     max_tokens: int = Field(16, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -59,7 +61,7 @@ class CompletionRequest(BaseModel):
             or len(items[0]) > MAX_INPUT_CHARS
         ):
             raise ValueError(f"expected one non-empty prompt of at most {MAX_INPUT_CHARS} characters")
-        return items[0]
+        return check_text(items[0])
 
     @field_validator("stop")
     @classmethod
@@ -69,7 +71,7 @@ class CompletionRequest(BaseModel):
             raise ValueError(
                 f"up to {OPENAI_STOP_MAX} non-empty stop strings of at most {MAX_STOP_LEN} characters"
             )
-        return items
+        return [check_text(s) for s in items]
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(
@@ -116,8 +118,7 @@ class ModelList(BaseModel):
 
 
 def base_model_name(state: State) -> str:
-    name = state.model.name
-    return Path(name).name if Path(name).exists() else name
+    return state.model.served_name
 
 
 def _openai_reason(reason: FinishReason) -> Literal["stop", "length"]:
@@ -130,7 +131,7 @@ def install(app: FastAPI) -> None:
         """The base model and every prefix this tenant may use, as OpenAI model cards."""
         state = _state(request)
         cards = [ModelCard(id=base_model_name(state), created=0, owned_by="prefixserve")]
-        for meta in state.service.list(tenant):
+        for meta in await asyncio.to_thread(state.service.list, tenant):  # disk: off the event loop
             created = int(time.mktime(time.strptime(meta.created_at[:19], "%Y-%m-%dT%H:%M:%S")))
             cards.append(ModelCard(id=meta.id, created=created, owned_by=meta.owner))
         return ModelList(data=cards)
@@ -146,7 +147,9 @@ def install(app: FastAPI) -> None:
         state = _state(request)
         prefix_id = None if body.model == base_model_name(state) else body.model
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
-        _, outputs = start_generation(state, tenant, body.prompt, body.sampling_params(), prefix_id, rid)
+        _, outputs = await start_generation(
+            state, tenant, body.prompt, body.sampling_params(), prefix_id, rid
+        )
         created = int(time.time())
         if body.stream:
             first = await _first(request, outputs)

@@ -11,6 +11,7 @@ from prefix_store.format import PREFIX_ID, PrefixMeta
 
 from .engine import SamplingParams
 from .engine.request import MAX_SEED, MAX_STOP_LEN, MAX_STOP_STRINGS
+from .inputs import Text, check_text
 
 MAX_INPUT_CHARS = 100_000
 MAX_NEW_TOKENS = 4096
@@ -19,6 +20,7 @@ MAX_NEW_TOKENS = 4096
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,  # no coercion: "3", 2.0 and true are not integers (floats still accept 1)
         json_schema_extra={
             "examples": [
                 {
@@ -37,7 +39,7 @@ class GenerateRequest(BaseModel):
     prefix_id: str | None = Field(
         None, pattern=PREFIX_ID.pattern, description="a prefix id; null runs the bare model"
     )
-    input: str = Field(..., min_length=1, max_length=MAX_INPUT_CHARS)
+    input: Text = Field(..., min_length=1, max_length=MAX_INPUT_CHARS)
     max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -57,7 +59,7 @@ class GenerateRequest(BaseModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(items)}")
         if any(not s or len(s) > MAX_STOP_LEN for s in items):
             raise ValueError(f"stop strings must be 1-{MAX_STOP_LEN} characters")
-        return items
+        return [check_text(s) for s in items]
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(
@@ -88,6 +90,7 @@ class GenerateResponse(BaseModel):
 class TextPrefixRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {"text": "Answer politely and briefly.\n", "name": "polite", "visibility": "private"}
@@ -95,8 +98,8 @@ class TextPrefixRequest(BaseModel):
         },
     )
 
-    text: str = Field(..., min_length=1, max_length=MAX_INPUT_CHARS)
-    name: str = Field("", max_length=128)
+    text: Text = Field(..., min_length=1, max_length=MAX_INPUT_CHARS)
+    name: Text = Field("", max_length=128)
     visibility: Literal["private", "public"] = "private"
 
 

@@ -5,11 +5,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
+from prefix_store.redis_health import RedisConfig
 from prefix_store.service import StoreConfig
 
 from .engine import EngineConfig
+from .engine.core import longest_usable_prefix
+from .metrics import MetricsConfig
+from .protocol import ConnectionLimits
 
 ENV_PREFIX = "PREFIXSERVE_"
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,8 @@ class ServerSettings:
     # store
     store_url: str = ""  # default: <data_dir>/prefixes
     redis_url: str = ""  # empty: in-process cache (embedded default)
+    redis_timeout_s: float = 0.5  # connect/read timeout of every Redis call (cache, limits, jobs)
+    redis_retry_s: float = 2.0  # after a Redis failure it is skipped this long, then probed again
     cache_ttl_s: int = 24 * 3600
     device_pool_bytes: int = 1 << 30
     max_upload_bytes: int = 64 << 20
@@ -35,7 +43,9 @@ class ServerSettings:
     max_waiting: int = 256
     max_seq_len: int = 0  # 0: the model's n_positions
     # tenants and limits
-    auth: bool = True  # False: one default tenant, no keys (local use; logged as a warning)
+    # "auto": on exactly when API keys are configured; "false": one default tenant, no keys (local use;
+    # logged as a warning); "true": keys required even when none are configured (everything 401s)
+    auth: str | bool = "auto"
     api_keys: str = ""  # "tenant:key,tenant2:key2"
     api_keys_file: str = ""  # JSON {"tenant": ["key", ...]}
     requests_per_minute: int = 0  # per tenant; 0 = unlimited
@@ -43,6 +53,16 @@ class ServerSettings:
     job_reclaim_s: float = 60.0  # a job whose worker is silent this long is handed to another worker
     request_timeout_s: float = 300.0
     shutdown_grace_s: float = 30.0
+    # connections (server/protocol.py): a client slower than this is cut off with 408
+    client_header_timeout_s: float = 10.0  # connect (or a keep-alive request's first byte) -> headers end
+    client_body_timeout_s: float = 15.0  # each window of this length must bring body bytes ...
+    client_body_min_bytes_per_s: int = 500  # ... at least this rate times the window (and at least 1)
+    # /metrics: with a key, only `Authorization: Bearer <metrics_key>` reads it; without one, and with
+    # auth on, only loopback clients do. Tenant labels are pseudonyms unless metrics_tenant_labels
+    metrics_key: str = ""
+    metrics_tenant_labels: bool = False
+    # POST /prefixes with an Idempotency-Key: the first answer is replayed for this long
+    idempotency_ttl_s: float = 24 * 3600.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> ServerSettings:
@@ -54,7 +74,7 @@ class ServerSettings:
                 continue
             kind = type(f.default)
             if kind is bool:
-                values[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                values[f.name] = raw.strip().lower() in TRUE
             else:
                 try:
                     values[f.name] = kind(raw)
@@ -65,6 +85,24 @@ class ServerSettings:
         values.update(overrides)
         return cls(**values)
 
+    @property
+    def auth_enabled(self) -> bool:
+        value = str(self.auth).strip().lower()
+        if value == "auto":
+            return bool(self.api_keys.strip() or self.api_keys_file)
+        if value in TRUE + FALSE:
+            return value in TRUE
+        raise ValueError(f"{ENV_PREFIX}AUTH: expected auto, true or false, got {self.auth!r}")
+
+    def check_exposure(self) -> None:
+        """Refuse to serve without authentication beyond loopback unless that was asked for explicitly."""
+        explicit = str(self.auth).strip().lower() in FALSE
+        if not self.auth_enabled and not explicit and self.host not in LOOPBACK:
+            raise SystemExit(
+                f"refusing to serve on {self.host} without authentication: no API keys are configured."
+                f" Set {ENV_PREFIX}API_KEYS (or _API_KEYS_FILE), or {ENV_PREFIX}AUTH=false to allow it."
+            )
+
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
             max_running=self.max_running,
@@ -73,12 +111,37 @@ class ServerSettings:
             max_seq_len=self.max_seq_len or None,
         )
 
+    def redis_config(self) -> RedisConfig | None:
+        """The one Redis configuration every client of the process is built from (None: no Redis)."""
+        if not self.redis_url:
+            return None
+        return RedisConfig(self.redis_url, self.redis_timeout_s, self.redis_retry_s)
+
     def store_config(self) -> StoreConfig:
         return StoreConfig(
             url=self.store_url or os.path.join(self.data_dir, "prefixes"),
             redis_url=self.redis_url or None,
+            redis_timeout_s=self.redis_timeout_s,
+            redis_backoff_s=self.redis_retry_s,
             cache_ttl_s=self.cache_ttl_s,
             device_pool_bytes=self.device_pool_bytes,
             max_file_bytes=self.max_upload_bytes,
-            max_prefix_len=self.max_prefix_len,
+            # the service also caps it by the model's n_positions; a smaller engine slot caps it here
+            max_prefix_len=min(self.max_prefix_len, longest_usable_prefix(self.max_seq_len))
+            if self.max_seq_len
+            else self.max_prefix_len,
+        )
+
+    def connection_limits(self) -> ConnectionLimits:
+        return ConnectionLimits(
+            header_timeout_s=self.client_header_timeout_s,
+            body_timeout_s=self.client_body_timeout_s,
+            body_min_bytes_per_s=self.client_body_min_bytes_per_s,
+        )
+
+    def metrics_config(self) -> MetricsConfig:
+        return MetricsConfig(
+            key=self.metrics_key,
+            loopback_only=self.auth_enabled,
+            tenant_labels=self.metrics_tenant_labels,
         )

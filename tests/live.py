@@ -1,4 +1,5 @@
-"""A live uvicorn serving the real app on a free loopback port (in a thread, so tests can look inside)."""
+"""A live uvicorn serving the real app on a free loopback port (in a thread, so tests can look inside),
+with the configuration `prefixserve serve` uses."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ import threading
 import time
 
 import httpx
-import uvicorn
 
 from prefix_store.redis_server import free_port
 from prefixserve.app import create_app
 from prefixserve.model import LoadedModel
+from prefixserve.serve import DrainingServer, uvicorn_config
 from prefixserve.settings import ServerSettings
 
 
@@ -18,10 +19,10 @@ class LiveServer:
     def __init__(self, settings: ServerSettings, model: LoadedModel | None = None) -> None:
         self.port = free_port()
         self.app = create_app(settings, model)
-        config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+        config = uvicorn_config(  # the production configuration (protocol guards, drain)
+            self.app, settings, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
         )
-        self.server = uvicorn.Server(config)
+        self.server = DrainingServer(config, self.app)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

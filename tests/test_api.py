@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from prefix_store.format import PrefixMeta, encode_prefix
+from prefixserve.metrics import tenant_label
 from prefixserve.settings import ServerSettings
 
 from .live import LiveServer
@@ -58,7 +59,10 @@ def text_prefix(api, headers, text="Answer briefly.\n", visibility="private") ->
 # ---- ops and auth ----------------------------------------------------------------------------
 def test_health_ready_metrics(api):
     assert httpx.get(api.url + "/health").json() == {"status": "ok"}
-    assert httpx.get(api.url + "/ready").json()["status"] == "ready"
+    ready = httpx.get(api.url + "/ready").json()
+    assert ready["status"] == "ready"
+    models = httpx.get(api.url + "/v1/models", headers=A).json()["data"]
+    assert ready["model"]["name"] == models[0]["id"] and "/" not in models[0]["id"]  # one name, no path
     httpx.post(api.url + "/generate", json={"input": "hi", "max_new_tokens": 2}, headers=A)
     text = httpx.get(api.url + "/metrics").text
     for name in (
@@ -72,7 +76,8 @@ def test_health_ready_metrics(api):
         "prefixserve_prefix_loads_total",
     ):
         assert name in text, name
-    assert 'tenant="alice"' in text
+    # tenants appear as pseudonyms (tests/test_connections.py: access rules, names when configured)
+    assert f'tenant="{tenant_label("alice")}"' in text and "alice" not in text
 
 
 @pytest.mark.parametrize(
@@ -284,7 +289,7 @@ def test_streaming_client_that_leaves_while_queued_is_dropped_from_the_queue(tmp
 
 def generated_tokens(api, tenant: str) -> float:
     for line in httpx.get(api.url + "/metrics").text.splitlines():
-        if line.startswith(f'prefixserve_generated_tokens_total{{tenant="{tenant}"}}'):
+        if line.startswith(f'prefixserve_generated_tokens_total{{tenant="{tenant_label(tenant)}"}}'):
             return float(line.split()[-1])
     return 0.0
 

@@ -31,7 +31,7 @@ from prefix_store.format import PrefixMeta, encode_prefix
 from prefixserve.training.synthetic import table_to_text
 
 from .live import LiveServer
-from .test_api import ALICE, BOB, settings_for
+from .test_api import ALICE, BOB, settings_for, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_TRAIN = {"epochs": 2, "prefix_len": 4, "hidden": 16, "batch_size": 8, "learning_rate": 5e-3}
@@ -107,11 +107,10 @@ def test_every_sdk_call(client, tiny_model, tmp_path, capsys):
     assert "epoch" in err and "step 4/4" in err and "loss" in err
 
 
-def test_training_from_a_jsonl_path_and_cancel(client, tmp_path):
-    data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(json.dumps({"input": x, "output": y}) for x, y in table_to_text(200)))
-    job = client.prefixes.train(data, epochs=50, prefix_len=4, hidden=16, batch_size=4)
-    assert job.state.n_examples == 200
+def test_training_from_a_jsonl_path_and_cancel(client):
+    data = ROOT / "examples" / "data.jsonl"  # the README's example dataset
+    job = client.prefixes.train(data, epochs=100, prefix_len=4, hidden=16, batch_size=4)
+    assert job.state.n_examples == len(data.read_text().splitlines()) == 60
     deadline = time.monotonic() + 30
     while job.refresh().status != "running" or job.state.step == 0:
         assert time.monotonic() < deadline
@@ -183,6 +182,89 @@ def test_retries_on_429_honouring_retry_after(tmp_path):
         assert 'endpoint="/generate",status="429"' in metrics
     finally:
         server.stop()
+
+
+def recording_keys(client: Client | AsyncClient, on_request=None) -> list[str | None]:
+    """The Idempotency-Key of every POST /prefixes the client sends (an httpx event hook)."""
+    keys: list[str | None] = []
+
+    def record(request: httpx.Request) -> None:
+        if request.method == "POST" and request.url.path == "/prefixes":
+            keys.append(request.headers.get("idempotency-key"))
+            if on_request is not None:
+                on_request(len(keys))
+
+    async def record_async(request: httpx.Request) -> None:
+        record(request)
+
+    hook = record_async if isinstance(client, AsyncClient) else record
+    client._http.event_hooks["request"].append(hook)
+    return keys
+
+
+def test_sdk_sends_one_idempotency_key_per_call_across_its_503_retries(live, tiny_model, tmp_path):
+    """A real 503 (the server draining: Retry-After) on the first attempt, then success."""
+    with Client(live.url, api_key=ALICE, max_retries=3) as c:
+        refuse_odd = lambda n: setattr(live.state, "draining", n % 2 == 1)  # noqa: E731
+        keys = recording_keys(c, refuse_odd)  # every call's first attempt gets 503
+        before = {p.id for p in c.prefixes.list()}
+        start = time.monotonic()
+        made = c.prefixes.from_text("retried instructions\n")
+        assert time.monotonic() - start >= 1.0  # it waited for Retry-After: 1
+        assert len(keys) == 2 and keys[0] == keys[1] and keys[0] is not None  # one key, resent
+        assert {p.id for p in c.prefixes.list()} - before == {made.id}  # one prefix
+        keys.clear()
+        upload = c.prefixes.upload(native_file(tiny_model, tmp_path / "k.safetensors"))
+        job = c.prefixes.train([{"input": x, "output": y} for x, y in table_to_text(8)], **FAST_TRAIN)
+        assert len(keys) == 4 and keys[0] == keys[1] and keys[2] == keys[3]  # each call refused once
+        assert len({keys[0], keys[2], keys[-1]}) == 2 and upload.id and job.id  # a new key per call
+        keys.clear()
+        mine = c.prefixes.from_text("my key\n", idempotency_key="order-42")
+        assert keys == ["order-42", "order-42"]
+        assert c.prefixes.from_text("my key\n", idempotency_key="order-42").id == mine.id
+    live.state.draining = False
+
+
+def test_sdk_retries_a_creation_whose_reply_was_lost(live):
+    """The server creates the prefix, then the connection drops before the reply (as if it crashed
+    between the two): the SDK resends with the same key and gets the same prefix, not a second one."""
+    service = live.state.service
+    original = service.add_text
+    dropped = threading.Event()
+
+    def add_then_drop_the_connection(*args, **kwargs):
+        meta = original(*args, **kwargs)
+        if not dropped.is_set():
+            for conn in list(live.server.server_state.connections):  # on the event loop, and wait for it
+                done = threading.Event()
+                conn.loop.call_soon_threadsafe(lambda c=conn, d=done: (c.transport.abort(), d.set()))
+                done.wait(5)
+            dropped.set()
+        return meta
+
+    service.add_text = add_then_drop_the_connection
+    try:
+        with Client(live.url, api_key=BOB, max_retries=2) as c:
+            keys = recording_keys(c)
+            before = {p.id for p in c.prefixes.list()}
+            made = c.prefixes.from_text("the reply of this one is lost\n")
+            assert dropped.is_set() and len(keys) == 2 and keys[0] == keys[1]
+            assert {p.id for p in c.prefixes.list()} - before == {made.id}
+    finally:
+        service.add_text = original
+
+
+def test_async_sdk_sends_the_same_key_on_retries(live):
+    async def main():
+        async with AsyncClient(live.url, api_key=ALICE, max_retries=2) as client:
+            keys = recording_keys(client, lambda n: setattr(live.state, "draining", n == 1))
+            made = await client.prefixes.from_text("async retried\n")
+            assert len(keys) == 2 and keys[0] == keys[1] and made.id
+
+    try:
+        asyncio.run(main())
+    finally:
+        live.state.draining = False
 
 
 def test_async_client(live):
@@ -268,6 +350,13 @@ def test_cli_commands(live, tiny_model, tmp_path):
     job_id = queued.stdout.strip()
     shown = cli(live, "job", job_id, "--wait", "--poll", "0.05")
     assert shown.returncode == 0 and json.loads(shown.stdout)["status"] == "succeeded"
+    long = cli(live, "train", str(ROOT / "examples" / "data.jsonl"), "--epochs", "100", "--no-wait")
+    assert long.returncode == 0, long.stderr
+    job_id = long.stdout.strip()
+    with Client(live.url, api_key=ALICE) as c:
+        wait_until(lambda: c.jobs.get(job_id).state.step > 0)  # running
+    cancelled = cli(live, "job", job_id, "--cancel")  # returns once the worker has stopped
+    assert cancelled.returncode == 0 and json.loads(cancelled.stdout)["status"] == "cancelled"
     assert cli(live, "prefixes", "delete", pid).returncode == 0
     missing = cli(live, "prefixes", "get", pid)
     assert missing.returncode == 1 and "PrefixNotFound" in missing.stderr
@@ -280,7 +369,10 @@ def test_sdk_installs_and_works_without_torch(live, tmp_path):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
     install = subprocess.run(
-        [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(ROOT / "client")],
+        [
+            *(str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"),
+            *("-c", str(ROOT / "requirements" / "lock.txt"), str(ROOT / "client")),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -297,3 +389,10 @@ assert "torch" not in sys.modules
     run = subprocess.run([str(py), "-c", script], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "3"
+    # the deployment smoke test needs nothing but the SDK either
+    smoke = [str(py), str(ROOT / "scripts" / "smoke.py"), "--base-url", live.url, "--api-key", ALICE]
+    run = subprocess.run(
+        [*smoke, "--ready-timeout", "30"], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "smoke test passed" in run.stdout

@@ -1,4 +1,4 @@
-"""DESIGN.md invariant 3: a request's greedy tokens and logits are the same whether it runs alone, in
+"""architecture.md invariant 3: a request's greedy tokens and logits are the same whether it runs alone, in
 a batch of other prefixes, or joins the batch mid-flight, and the same as HF GPT-2's forward with that
 prefix as `past_key_values` (invariant 2: its tokens sit at positions P .. P+T-1)."""
 
@@ -72,7 +72,7 @@ def test_mixed_prefixes_join_mid_flight_match_hf(tiny_model, hf_model, budget):
             torch.testing.assert_close(
                 a, b, rtol=1e-4, atol=1e-4, msg=lambda m, i=i, rid=rid: f"{rid} step {i}: {m}"
             )
-    assert engine.runner.num_used == 0 or not engine.has_work
+    assert not engine.has_work and engine.runner.num_used == 0  # every slot was freed
 
 
 def test_alone_equals_in_batch(tiny_model):

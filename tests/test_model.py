@@ -90,3 +90,36 @@ def test_fast_gelu_is_gpt2_gelu():
     x = torch.linspace(-12, 12, 10001)
     ref = torch.nn.functional.gelu(x.double(), approximate="tanh")
     torch.testing.assert_close(gelu_tanh_(x.clone()).double(), ref, rtol=0, atol=2e-6)
+
+
+def test_auto_model_falls_back_to_the_tiny_model_when_the_hub_is_unreachable(tmp_path):
+    """No hub (nothing listens at HF_ENDPOINT) and no cached gpt2: one refused connection, then the
+    tiny model, with the reason logged; no hub client retries."""
+    from prefix_store.redis_server import free_port
+
+    script = """
+import logging, time
+logging.basicConfig(level=logging.WARNING)
+from prefixserve.app import _load
+from prefixserve.model import hub_model_available
+from prefixserve.settings import ServerSettings
+assert not hub_model_available("gpt2")
+t = time.monotonic()
+model = _load(ServerSettings(model="auto", data_dir=%r))
+print(model.name, round(time.monotonic() - t, 1))
+"""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HF_HUB_OFFLINE": "0",
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", script % str(tmp_path)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[0] == str(tmp_path / "tiny-gpt2")
+    assert (
+        "the hub is unreachable and gpt2 is not cached" in run.stderr and "OFFLINE TINY MODEL" in run.stderr
+    )
+    print("fallback took", run.stdout.split()[1], "s")

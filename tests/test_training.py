@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -20,7 +21,16 @@ from transformers import GPT2LMHeadModel, get_linear_schedule_with_warmup
 
 from prefix_store.importers import peft_to_canonical
 from prefix_store.service import PrefixService, StoreConfig
-from prefixserve.training.jobs import Job, JobStatus, LocalJobQueue, RedisJobQueue, cancel, wait_for
+from prefixserve.training.checkpoint import CheckpointMismatch, decode_checkpoint, encode_checkpoint
+from prefixserve.training.jobs import (
+    TERMINAL,
+    Job,
+    JobStatus,
+    LocalJobQueue,
+    RedisJobQueue,
+    cancel,
+    wait_for,
+)
 from prefixserve.training.synthetic import table_to_text
 from prefixserve.training.trainer import PrefixTrainer, TrainConfig, _batches, bare_model_loss, encode_example
 from prefixserve.training.worker import Worker, WorkerConfig
@@ -52,6 +62,39 @@ def test_validation_split_reports_eval_loss_per_epoch(tiny_model_dir, tiny_model
     )
     assert len(prog.eval_losses) == 3 and prog.eval_losses[-1] < prog.eval_losses[0]
     assert prog.total_steps == 3 * 4  # 30 training examples, batches of 8
+
+
+@pytest.mark.parametrize("kind", ["prefix_kv", "ntk"])
+def test_resuming_from_an_epoch_checkpoint_gives_the_uninterrupted_result(tiny_model_dir, tiny_model, kind):
+    """The per-epoch checkpoint (safetensors + JSON, no pickle) holds everything training depends on:
+    encoder, AdamW moments, the LR schedule and the record, so a resumed run is the same run."""
+    tok = tiny_model.tokenizer
+    cfg = TrainConfig(
+        prefix_len=4, hidden=16, epochs=3, batch_size=4, learning_rate=5e-3, warmup_steps=2, val_fraction=0.2
+    )
+    if kind == "ntk":
+        cfg = TrainConfig(kind="ntk", ntk_rank=4, epochs=3, batch_size=4, learning_rate=0.3, val_fraction=0.2)
+    pairs = table_to_text(20)
+
+    def trainer() -> PrefixTrainer:
+        return PrefixTrainer(GPT2LMHeadModel.from_pretrained(tiny_model_dir), tok, cfg)
+
+    full, full_prog = trainer().train(pairs)
+    saved: list[bytes] = []
+    trainer().train(pairs, on_epoch=lambda state: saved.append(encode_checkpoint(state, cfg.to_dict())))
+    assert len(saved) == 2  # after epochs 1 and 2 (the end of the last epoch is the result itself)
+    state = decode_checkpoint(saved[0], cfg.to_dict())
+    assert state.epochs_done == 1 and state.progress.step == 4 and len(state.progress.eval_losses) == 1
+    resumed, prog = trainer().train(pairs, resume=state)
+    for name, tensor in full.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6)
+    assert prog.step == full_prog.step and len(prog.losses) == len(full_prog.losses)
+    losses, full_losses = torch.tensor(prog.losses), torch.tensor(full_prog.losses)
+    torch.testing.assert_close(losses, full_losses, rtol=1e-5, atol=1e-6)
+    with pytest.raises(CheckpointMismatch, match="another training config"):
+        decode_checkpoint(saved[0], {**cfg.to_dict(), "epochs": 4})
+    with pytest.raises(CheckpointMismatch, match="unreadable"):
+        decode_checkpoint(saved[0][:100], cfg.to_dict())
 
 
 def test_loss_curve_and_prefix_match_peft(tiny_model_dir, tiny_model, tmp_path):
@@ -300,31 +343,56 @@ def start_worker(model_dir, store, redis_url) -> subprocess.Popen:
     )
 
 
-def test_worker_killed_mid_job_is_reclaimed_and_publishes_exactly_once(
+def test_worker_killed_mid_job_resumes_from_its_checkpoint_and_publishes_exactly_once(
     tiny_model, tiny_model_dir, tmp_path, own_redis
 ):
+    """SIGKILL a worker after its first epoch checkpoint: another worker reclaims the job, resumes it
+    from that checkpoint as attempt 2 (progress never goes back without the attempt number going up),
+    publishes one prefix, deletes the checkpoint, and removes the dead worker's consumer."""
     store = tmp_path / "store"
     service = PrefixService(tiny_model, StoreConfig(url=str(store)))
     queue = RedisJobQueue(own_redis.url, reclaim_s=2)
+    per_epoch = 25  # 100 examples, batch 4
     job = submit(
-        service, queue, table_to_text(200), TrainConfig(prefix_len=4, hidden=16, epochs=12, batch_size=4)
+        service, queue, table_to_text(100), TrainConfig(prefix_len=4, hidden=16, epochs=4, batch_size=4)
     )
     first = start_worker(tiny_model_dir, store, own_redis.url)
     second = None
+    seen: list[tuple[int, int]] = []  # (attempts, step) as a client polling the job sees them
+
+    def observe() -> Job:
+        j = queue.get(job.id)
+        seen.append((j.attempts, j.progress.step))
+        return j
+
     try:
-        deadline = time.monotonic() + 60
-        while (j := queue.get(job.id)).status != JobStatus.RUNNING or j.progress.step < 5:
+        deadline = time.monotonic() + 120
+        while (j := observe()).progress.epoch < 2 or j.progress.step < per_epoch + 3:
             assert time.monotonic() < deadline and first.poll() is None
             time.sleep(0.02)
+        assert service.store.get_checkpoint(job.id) is not None  # epoch 1's
+        before = j.progress.losses[:per_epoch]
         first.send_signal(signal.SIGKILL)  # dies mid-job, without acking
         first.wait()
         assert queue.get(job.id).status == JobStatus.RUNNING
         second = start_worker(tiny_model_dir, store, own_redis.url)
-        done = wait_for(queue, job.id, 120)
+        deadline = time.monotonic() + 240
+        while (done := observe()).status not in TERMINAL:
+            assert time.monotonic() < deadline, done
+            time.sleep(0.02)
         assert done.status == JobStatus.SUCCEEDED, done.error
-        assert done.attempts == 2 and done.progress.step == done.progress.total_steps
+        assert done.attempts == 2 and done.progress.step == done.progress.total_steps == 4 * per_epoch
+        for (a0, s0), (a1, s1) in itertools.pairwise(seen):
+            assert a1 >= a0 and (s1 >= s0 or a1 > a0), f"attempt {a0} step {s0} -> attempt {a1} step {s1}"
+        assert min(s for a, s in seen if a == 2) >= per_epoch  # resumed after epoch 1, not from step 0
+        assert done.progress.losses[:per_epoch] == before and len(done.progress.losses) == 4 * per_epoch
         assert [m.id for m in service.list("alice")] == [f"pfx-{job.id}"]
         assert service.meta(done.prefix_id).source == "train"
+        assert service.store.get_checkpoint(job.id) is None  # removed once the job ended
+        deadline = time.monotonic() + 30  # the dead consumer: idle past 5 x reclaim_s, nothing pending
+        while len(queue.consumers()) != 1:
+            assert time.monotonic() < deadline, queue.consumers()
+            time.sleep(0.2)
     finally:
         for proc in (first, second):
             if proc is not None and proc.poll() is None:

@@ -12,6 +12,7 @@ import os
 import random
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 ENV_API_KEY = "PREFIXSERVE_API_KEY"
 ENV_BASE_URL = "PREFIXSERVE_BASE_URL"
 RETRY_STATUSES = (429, 503)
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
 class JobFailed(PrefixServeError):
@@ -49,6 +51,18 @@ def _retry_delay(attempt: int, retry_after: str | None, base: float = 0.5, cap: 
         except ValueError:
             pass
     return min(cap, base * 2**attempt) * random.uniform(0.5, 1.5)
+
+
+def _creation(idempotency_key: str | None) -> dict[str, dict[str, str]]:
+    """httpx keyword arguments of a POST /prefixes: one Idempotency-Key per logical call (a new UUID
+    unless given), sent unchanged on every retry, so a retry can never create a second prefix or job."""
+    return {"headers": {IDEMPOTENCY_HEADER: idempotency_key or str(uuid.uuid4())}}
+
+
+def _retries_transport_errors(kwargs: dict[str, Any]) -> bool:
+    """A request with an Idempotency-Key is safe to resend after a dropped connection (the server
+    may have acted before the reply was lost: the key makes it answer the first result again)."""
+    return IDEMPOTENCY_HEADER in kwargs.get("headers", {})
 
 
 def _check(response: httpx.Response) -> httpx.Response:
@@ -141,7 +155,9 @@ class Client:
     ...     print(piece, end="", flush=True)
 
     Requests answered 429 or 503 are retried with backoff and jitter (honouring Retry-After) up to
-    `max_retries` times; other errors raise a typed exception (`PrefixNotFound`, `ValidationError`,
+    `max_retries` times; creations (`prefixes.upload`, `.from_text`, `.train`) carry an
+    Idempotency-Key, so they are also retried after a dropped connection and never create twice.
+    Other errors raise a typed exception (`PrefixNotFound`, `ValidationError`,
     `AuthenticationError`, `Overloaded`, `ServerError`, ...).
     """
 
@@ -166,7 +182,10 @@ class Client:
             except httpx.TimeoutException as exc:
                 raise Timeout(f"{method} {path} timed out: {exc}") from exc
             except httpx.TransportError as exc:
-                raise ServerError(f"{method} {path} failed: {exc}") from exc
+                if not _retries_transport_errors(kwargs) or attempt == self.max_retries:
+                    raise ServerError(f"{method} {path} failed: {exc}") from exc
+                time.sleep(_retry_delay(attempt, None))
+                continue
             if response.status_code not in RETRY_STATUSES or attempt == self.max_retries:
                 return _check(response)
             time.sleep(_retry_delay(attempt, response.headers.get("retry-after")))
@@ -213,27 +232,38 @@ class Prefixes:
     def __init__(self, client: Client) -> None:
         self._c = client
 
-    def upload(self, path: str | Path, name: str = "", visibility: str = "private") -> Prefix:
+    # Each creation sends an Idempotency-Key (a new UUID per call unless `idempotency_key` is given:
+    # pass your own to retry a call across processes); its retries resend it, so they never duplicate.
+    def upload(
+        self,
+        path: str | Path,
+        name: str = "",
+        visibility: str = "private",
+        idempotency_key: str | None = None,
+    ) -> Prefix:
         """Upload a native `.safetensors` prefix file or a PEFT adapter directory."""
         data = {"name": name, "visibility": visibility}
-        return Prefix.model_validate(
-            self._c._request("POST", "/prefixes", files=_upload_files(path), data=data).json()
-        )
+        kwargs = {"files": _upload_files(path), "data": data, **_creation(idempotency_key)}
+        return Prefix.model_validate(self._c._request("POST", "/prefixes", **kwargs).json())
 
-    def from_text(self, text: str, name: str = "", visibility: str = "private") -> Prefix:
+    def from_text(
+        self, text: str, name: str = "", visibility: str = "private", idempotency_key: str | None = None
+    ) -> Prefix:
         """Compile a text prompt (instruction or few-shot block) into a prefix."""
         body = {"text": text, "name": name, "visibility": visibility}
-        return Prefix.model_validate(self._c._request("POST", "/prefixes", json=body).json())
+        kwargs = {"json": body, **_creation(idempotency_key)}
+        return Prefix.model_validate(self._c._request("POST", "/prefixes", **kwargs).json())
 
     def train(
         self,
         examples: Iterable[dict] | str | Path,
         name: str = "",
         visibility: str = "private",
+        idempotency_key: str | None = None,
         **hyperparameters: Any,
     ) -> Job:
         """Train a prefix from `[{"input", "output"}, ...]` or a JSONL file; returns the queued `Job`."""
-        kwargs = _train_request(examples, name, visibility, hyperparameters)
+        kwargs = {**_train_request(examples, name, visibility, hyperparameters), **_creation(idempotency_key)}
         return Job(self._c, JobState.model_validate(self._c._request("POST", "/prefixes", **kwargs).json()))
 
     def list(self) -> list[Prefix]:
@@ -269,8 +299,16 @@ class Job:
         self.state = JobState.model_validate(self._c._request("GET", f"/jobs/{self.id}").json())
         return self.state
 
-    def cancel(self) -> JobState:
+    def cancel(self, wait: bool = False, poll_s: float = 0.2, timeout: float = 60.0) -> JobState:
+        """Ask the server to cancel; a running job stops at its worker's next progress save (about a
+        second), so the answer may still say `running`. With `wait`, return once the job has ended."""
         self.state = JobState.model_validate(self._c._request("DELETE", f"/jobs/{self.id}").json())
+        deadline = time.monotonic() + timeout
+        while wait and not self.state.done:
+            if time.monotonic() > deadline:
+                raise Timeout(f"job {self.id} still {self.state.status} {timeout}s after it was cancelled")
+            time.sleep(poll_s)
+            self.refresh()
         return self.state
 
     def wait(self, progress: bool = False, poll_s: float = 1.0, timeout: float | None = None) -> Prefix:
@@ -326,7 +364,10 @@ class AsyncClient:
             except httpx.TimeoutException as exc:
                 raise Timeout(f"{method} {path} timed out: {exc}") from exc
             except httpx.TransportError as exc:
-                raise ServerError(f"{method} {path} failed: {exc}") from exc
+                if not _retries_transport_errors(kwargs) or attempt == self.max_retries:
+                    raise ServerError(f"{method} {path} failed: {exc}") from exc
+                await asyncio.sleep(_retry_delay(attempt, None))
+                continue
             if response.status_code not in RETRY_STATUSES or attempt == self.max_retries:
                 return _check(response)
             await asyncio.sleep(_retry_delay(attempt, response.headers.get("retry-after")))
@@ -369,23 +410,34 @@ class AsyncPrefixes:
     def __init__(self, client: AsyncClient) -> None:
         self._c = client
 
-    async def upload(self, path: str | Path, name: str = "", visibility: str = "private") -> Prefix:
+    async def upload(
+        self,
+        path: str | Path,
+        name: str = "",
+        visibility: str = "private",
+        idempotency_key: str | None = None,
+    ) -> Prefix:
         data = {"name": name, "visibility": visibility}
-        response = await self._c._request("POST", "/prefixes", files=_upload_files(path), data=data)
+        kwargs = {"files": _upload_files(path), "data": data, **_creation(idempotency_key)}
+        response = await self._c._request("POST", "/prefixes", **kwargs)
         return Prefix.model_validate(response.json())
 
-    async def from_text(self, text: str, name: str = "", visibility: str = "private") -> Prefix:
+    async def from_text(
+        self, text: str, name: str = "", visibility: str = "private", idempotency_key: str | None = None
+    ) -> Prefix:
         body = {"text": text, "name": name, "visibility": visibility}
-        return Prefix.model_validate((await self._c._request("POST", "/prefixes", json=body)).json())
+        kwargs = {"json": body, **_creation(idempotency_key)}
+        return Prefix.model_validate((await self._c._request("POST", "/prefixes", **kwargs)).json())
 
     async def train(
         self,
         examples: Iterable[dict] | str | Path,
         name: str = "",
         visibility: str = "private",
+        idempotency_key: str | None = None,
         **hyperparameters: Any,
     ) -> AsyncJob:
-        kwargs = _train_request(examples, name, visibility, hyperparameters)
+        kwargs = {**_train_request(examples, name, visibility, hyperparameters), **_creation(idempotency_key)}
         response = await self._c._request("POST", "/prefixes", **kwargs)
         return AsyncJob(self._c, JobState.model_validate(response.json()))
 
@@ -421,8 +473,15 @@ class AsyncJob:
         self.state = JobState.model_validate((await self._c._request("GET", f"/jobs/{self.id}")).json())
         return self.state
 
-    async def cancel(self) -> JobState:
+    async def cancel(self, wait: bool = False, poll_s: float = 0.2, timeout: float = 60.0) -> JobState:
+        """As `Job.cancel`."""
         self.state = JobState.model_validate((await self._c._request("DELETE", f"/jobs/{self.id}")).json())
+        deadline = time.monotonic() + timeout
+        while wait and not self.state.done:
+            if time.monotonic() > deadline:
+                raise Timeout(f"job {self.id} still {self.state.status} {timeout}s after it was cancelled")
+            await asyncio.sleep(poll_s)
+            await self.refresh()
         return self.state
 
     async def wait(self, progress: bool = False, poll_s: float = 1.0, timeout: float | None = None) -> Prefix:

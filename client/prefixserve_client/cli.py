@@ -94,7 +94,7 @@ def _train(client: Client, a: argparse.Namespace) -> None:
 def _job(client: Client, a: argparse.Namespace) -> None:
     job = client.jobs.get(a.job_id)
     if a.cancel:
-        job.cancel()
+        job.cancel(wait=True)  # prints the job once it has stopped: "cancelled" (or how it ended)
     elif a.wait:
         job.wait(progress=True, poll_s=a.poll)
     _print_json(job.state)

@@ -6,20 +6,37 @@ Synchronous and single-threaded; `AsyncEngine` drives it from a background threa
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ContextTooLong, EngineOverloaded, InvalidRequest, PrefixServeError
+from ..errors import (
+    ContextTooLong,
+    EngineFault,
+    EngineOverloaded,
+    InvalidRequest,
+    PrefixError,
+    PrefixServeError,
+)
 from ..model import LoadedModel
 from .detokenizer import Detokenizer
 from .prefixes import PrefixProvider, PrefixTable
 from .request import FinishReason, Request, SamplingParams
-from .runner import ModelRunner, RowInput
+from .runner import ModelRunner, RowInput, StepOutput
 from .sampling import make_generator, sample_rows
-from .scheduler import Scheduler, SchedulerConfig, Sequence
+from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, Sequence
+
+log = logging.getLogger(__name__)
 
 MAX_INPUT_CHARS = 1_000_000
+MIN_REQUEST_TOKENS = 2  # a request holds at least one input token and asks for at least one new token
+
+
+def longest_usable_prefix(capacity: int) -> int:
+    """The longest prefix a request can still run with in `capacity` positions (n_positions or the
+    slot's max_seq_len): `_check_fits` needs prefix + input + max_new_tokens <= capacity."""
+    return capacity - MIN_REQUEST_TOKENS
 
 
 @dataclass(frozen=True)
@@ -77,6 +94,7 @@ class EngineCore:
         self.scheduler = Scheduler(self.config.scheduler_config(), self.prefixes.is_ready)
         self.runner = ModelRunner(model, self.config.max_running, self.max_seq_len)
         self._live: dict[str, _Live] = {}
+        self._scrub: set[str] = set()  # rows that ended with bad numbers: zero their slot when freed
         self._ids = itertools.count()
 
     # ---- requests ------------------------------------------------------------------------------
@@ -181,63 +199,160 @@ class EngineCore:
 
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        failed = self._fail_unloadable()
+        """One cycle: free, admit, forward, drop the rows that went bad, sample, update, emit.
+
+        A row whose numbers turn non-finite, whose prefix cannot be placed or whose draw fails ends
+        alone with its error; the other rows' tokens are what they would have been without it. A
+        forward pass that raises fails that step's rows only (logged); the engine carries on.
+        """
+        out = self._fail_unloadable()
         plan = self.scheduler.schedule()
         for rid in plan.freed:
-            self.runner.free(rid)
+            self.runner.free(rid, scrub=rid in self._scrub)
+            self._scrub.discard(rid)
         if not plan.chunks:
-            return failed
-        rows = [self._row(c.request_id, c.start, c.num_tokens, c.first, c.sample) for c in plan.chunks]
-        sample_ids, logits = self.runner.execute(rows)  # logits [n_sample, V]
-        self._unpin_after_first_chunk(rows)
-        lives = [self._live[rid] for rid in sample_ids]
-        tokens = sample_rows(logits, [lv.request.params for lv in lives], [lv.generator for lv in lives])
-        sampled = dict(zip(sample_ids, tokens, strict=True))
+            return out
+        rows = [row for c in plan.chunks if (row := self._admit(c, out)) is not None]
+        result = self._forward(rows, out)
+        if result is None:
+            self.scheduler.update({})
+            return out
+        out += self._drop_nonfinite(result)
+        keep = [i for i, rid in enumerate(result.sample_ids) if rid in self._live]
+        logits = result.logits if len(keep) == len(result.sample_ids) else result.logits[keep]  # [n, V]
+        sampled = self._sample([result.sample_ids[i] for i in keep], logits, out)
         finished = {f.request_id: f.reason for f in self.scheduler.update(sampled)}
         record = logits if self.config.record_logits else None
-        return failed + [
-            self._output(rid, tok, i, record, finished) for i, (rid, tok) in enumerate(sampled.items())
-        ]
+        for i, (rid, tok) in enumerate(sampled.items()):
+            out.append(self._emit(rid, tok, i, record, finished))
+        return out
+
+    def _admit(self, chunk: ScheduledChunk, out: list[RequestOutput]) -> RowInput | None:
+        """The chunk's row input; a first chunk takes its slot and places its prefix here, so a prefix
+        that cannot be placed ends its own request (appended to `out`) and nothing else."""
+        rid = chunk.request_id
+        prefix_id = self._live[rid].request.prefix_id
+        try:
+            if chunk.first:
+                self._open(rid)
+            return self._row(rid, chunk.start, chunk.num_tokens, chunk.sample)
+        except PrefixServeError as exc:  # e.g. the provider's own error
+            error = exc
+        except ValueError as exc:  # the runner refused the prefix's shape
+            error = PrefixError(prefix_id, f"it could not be placed in the row's KV slot: {exc}")
+        except Exception as exc:  # anything else while admitting one row is still that row's alone
+            log.exception("admitting request %s failed; ending it", rid)
+            error = EngineFault(f"admitting this request failed ({type(exc).__name__}, logged)")
+        out.append(self._end(rid, error))
+        return None
+
+    def _forward(self, rows: list[RowInput], out: list[RequestOutput]) -> StepOutput | None:
+        """The batched forward pass. If it raises, no row can be blamed: the step's rows end with an
+        EngineFault (appended to `out`), the traceback is logged, and None is returned."""
+        if not rows:
+            return None
+        try:
+            return self.runner.execute(rows)
+        except Exception as exc:  # the engine must outlive any one step
+            log.exception("engine step failed; ending its %d rows, the engine keeps serving", len(rows))
+            error = EngineFault(
+                f"the engine step running this request failed ({type(exc).__name__}, logged); the request"
+                " was ended and may be retried"
+            )
+            out += [self._end(r.request_id, error) for r in rows]
+            return None
+
+    def _drop_nonfinite(self, result: StepOutput) -> list[RequestOutput]:
+        """End the rows whose last hidden state or logits are NaN/Inf (one host sync of `[B]` bools)."""
+        finite = result.finite.tolist()
+        if all(finite):
+            return []
+        bad = [rid for rid, ok in zip(result.row_ids, finite, strict=True) if not ok]
+        dtype = str(self.model.dtype).removeprefix("torch.")
+        log.warning("ending %d rows whose values turned non-finite: %s", len(bad), bad)
+        return [self._end(rid, self._nonfinite_error(rid, dtype)) for rid in bad]
+
+    def _nonfinite_error(self, rid: str, dtype: str) -> PrefixError:
+        req = self._live[rid].request
+        when = f"at new token {len(req.output_ids) + 1}" if req.output_ids else "while reading the input"
+        problem = f"the model's activations turned NaN/Inf {when} (serving dtype {dtype})"
+        if req.prefix_id is not None:
+            problem += ", so its values are unusable with this model"
+        return PrefixError(req.prefix_id, problem)
+
+    def _sample(self, ids: list[str], logits: torch.Tensor, out: list[RequestOutput]) -> dict[str, int]:
+        """One token per row of `logits [n, V]`; a row whose draw fails ends alone (into `out`)."""
+        lives = [self._live[rid] for rid in ids]
+        params, gens = [lv.request.params for lv in lives], [lv.generator for lv in lives]
+        try:
+            tokens, failed = sample_rows(logits, params, gens)
+        except Exception as exc:  # the shared greedy max: no one row explains it
+            log.exception("sampling failed for a whole step; ending its %d rows", len(ids))
+            error = EngineFault(f"sampling this step failed ({type(exc).__name__}, logged)")
+            out += [self._end(rid, error) for rid in ids]
+            return {}
+        for i, exc in failed.items():
+            prefix_id = lives[i].request.prefix_id
+            out.append(self._end(ids[i], PrefixError(prefix_id, f"sampling from its logits failed: {exc}")))
+        return {rid: tok for i, (rid, tok) in enumerate(zip(ids, tokens, strict=True)) if i not in failed}
+
+    def _emit(
+        self, rid: str, token: int, row: int, logits: torch.Tensor | None, finished: dict[str, FinishReason]
+    ) -> RequestOutput:
+        try:
+            return self._output(rid, token, row, logits, finished)
+        except Exception as exc:  # e.g. detokenizing: this row's fault alone
+            log.exception("emitting a token of request %s failed; ending it", rid)
+            error = EngineFault(f"emitting its token failed ({type(exc).__name__}, logged)")
+            return self._end(rid, error, scrub=False)
+
+    def _end(self, rid: str, error: PrefixServeError, scrub: bool = True) -> RequestOutput:
+        """End a request with `error` now. `scrub`: its numbers may be bad, so its slot (if it has one)
+        is zeroed when the next plan frees it."""
+        live = self._live.get(rid)
+        req = live.request if live is not None else None
+        if self.scheduler.finish(rid, FinishReason.ERROR) and scrub:
+            self._scrub.add(rid)  # finish() of a running row puts it in the next plan's freed list
+        if live is not None:
+            self._drop(rid)
+        return RequestOutput(
+            request_id=rid,
+            token_ids=[],
+            text="",
+            finish_reason=FinishReason.ERROR,
+            prefix_tokens=req.prefix_len if req else 0,
+            prompt_tokens=len(req.prompt_ids) if req else 0,
+            completion_tokens=len(req.output_ids) if req else 0,
+            error=error,
+        )
 
     def _fail_unloadable(self) -> list[RequestOutput]:
         """End the waiting requests whose prefix failed to load, with that error."""
         out: list[RequestOutput] = []
         for seq in self.scheduler.waiting():
             error = self.prefixes.failure(seq.prefix_id) if seq.prefix_id is not None else None
-            if error is None:
-                continue
-            req = self._live[seq.request_id].request
-            self.scheduler.finish(seq.request_id, FinishReason.ERROR)
-            self._drop(seq.request_id)
-            out.append(
-                RequestOutput(
-                    request_id=seq.request_id,
-                    token_ids=[],
-                    text="",
-                    finish_reason=FinishReason.ERROR,
-                    prefix_tokens=req.prefix_len,
-                    prompt_tokens=len(req.prompt_ids),
-                    error=error,
-                )
-            )
+            if error is not None:
+                out.append(self._end(seq.request_id, error, scrub=False))
         return out
 
-    def _row(self, request_id: str, start: int, n: int, first: bool, sample: bool) -> RowInput:
+    def _row(self, request_id: str, start: int, n: int, sample: bool) -> RowInput:
         req = self._live[request_id].request
         p = req.prompt_ids  # a chunk lies inside the prompt, or is the last sampled token
         tokens = (
             p[start : start + n] if start < len(p) else req.output_ids[start - len(p) : start - len(p) + n]
         )
-        prefix = self.prefixes.get(req.prefix_id) if first and req.prefix_id is not None else None
-        return RowInput(request_id, tokens, req.prefix_len + start, prefix, open_slot=first, sample=sample)
+        return RowInput(request_id, tokens, req.prefix_len + start, sample=sample)
 
-    def _unpin_after_first_chunk(self, rows: list[RowInput]) -> None:
-        for row in rows:
-            live = self._live[row.request_id]
-            # K/V now live in the slot; an NTK prefix stays pinned while the row uses it
-            if isinstance(row.prefix, torch.Tensor) and live.prefix_pinned:
-                self.prefixes.release(live.request.prefix_id)
-                live.prefix_pinned = False
+    def _open(self, request_id: str) -> None:
+        """Take the row's slot and place its prefix there. K/V are copied into the slot, so their pin
+        goes now; an NTK prefix stays pinned while the row uses it."""
+        live = self._live[request_id]
+        prefix_id = live.request.prefix_id
+        prefix = self.prefixes.get(prefix_id) if prefix_id is not None else None
+        self.runner.open(request_id, prefix)
+        if isinstance(prefix, torch.Tensor) and live.prefix_pinned:
+            self.prefixes.release(prefix_id)
+            live.prefix_pinned = False
 
     def _output(
         self, rid: str, token: int, row: int, logits: torch.Tensor | None, finished: dict[str, FinishReason]
@@ -273,6 +388,7 @@ class EngineCore:
             self._drop(rid)
         self.scheduler.schedule()  # drain the freed list
         self.runner.reset()
+        self._scrub.clear()  # reset zeroed every slot
         return ids
 
     def run_to_completion(self) -> dict[str, list[RequestOutput]]:

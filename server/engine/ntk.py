@@ -51,16 +51,17 @@ def ntk_combine(
     o `[..., H, D]`: attention output over the row's own keys, lse `[..., H]`: the log-sum-exp of those
     scaled scores, q `[..., H, D]`: the queries; this layer's z `[..., H, D, D]` and k `[..., H, D]`,
     broadcast over the leading dims (one prefix for all, or one per row). -> `[..., H, D]`.
-    With S = exp(lse): out = (o S + phi(q) Z) / (S + phi(q).k), computed with S and the NTK terms both
-    scaled by exp(-max(lse, 0)) so neither can overflow.
+    With S = exp(lse): out = (o S + phi(q) Z) / (S + phi(q).k), computed in float32 whatever the serving
+    dtype (phi(q) Z could overflow float16), with S and the NTK terms both scaled by exp(-max(lse, 0)) so
+    neither can overflow.
     """
-    f = phi(q)  # [..., H, D]
-    u = torch.matmul(f.unsqueeze(-2), z).squeeze(-2)  # [..., H, D]
-    w = (f * k).sum(-1)  # [..., H]
+    f = phi(q.float())  # [..., H, D]
+    u = torch.matmul(f.unsqueeze(-2), z.float()).squeeze(-2)  # [..., H, D]
+    w = (f * k.float()).sum(-1)  # [..., H]
     top = lse.clamp(min=0.0)  # [..., H]
     a = torch.exp(lse - top).unsqueeze(-1)  # [..., H, 1]
     c = torch.exp(-top).unsqueeze(-1)  # [..., H, 1]
-    return (o * a + u * c) / (a + w.unsqueeze(-1) * c)
+    return ((o * a + u * c) / (a + w.unsqueeze(-1) * c)).to(o.dtype)  # lse is float32: back to o's dtype
 
 
 def check_ntk(prefix: NtkPrefix, n_layer: int, n_head: int, head_dim: int) -> str | None:

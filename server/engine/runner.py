@@ -1,7 +1,7 @@
 """The model runner: one frozen GPT-2, one batched forward pass per step, rows with different prefixes.
 
 KV slots are allocated once: `k, v [n_layer, n_slots, n_head, max_seq_len, head_dim]`. A row owns one
-slot; its prefix K/V sit at positions `0 .. P-1` and its tokens at `P .. P+T-1` (DESIGN.md
+slot; its prefix K/V sit at positions `0 .. P-1` and its tokens at `P .. P+T-1` (architecture.md
 invariant 2), so slot position = absolute position and each row attends to its own prefix plus its
 own tokens. Slots in use are kept dense (`0 .. n_used-1`): when a row leaves, the last row moves into
 its slot, so decode attention runs over one contiguous view of the cache.
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ..model import LayerWeights, LoadedModel, ModelSpec
 from . import ntk_triton
 from .ntk import NtkPrefix, ntk_combine
+from .prefixes import PrefixState
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,16 @@ class RowInput:
     prefix: torch.Tensor | NtkPrefix | None = None
     open_slot: bool = False  # the row's first chunk: take a fresh slot (and place its prefix)
     sample: bool = True  # return logits for the row's last token
+
+
+@dataclass
+class StepOutput:
+    """What one forward pass returns."""
+
+    sample_ids: list[str]  # the rows that sample, in the order of `logits`
+    logits: torch.Tensor  # [n_sample, V]
+    row_ids: list[str]  # every row of the step, in the order of `finite`
+    finite: torch.Tensor  # [B] bool: the row's last hidden state (and logits, if it samples) are finite
 
 
 @dataclass
@@ -83,7 +94,8 @@ class _Batch:
     decode_bias: torch.Tensor | None  # [S_used, 1, 1, span] additive mask: 0 or -inf
     decode_q_slots: torch.Tensor | None  # [Bd] slot of each decode row; None when Bd == S_used
     prefill_groups: list[_PrefillGroup]
-    sample_idx: torch.Tensor  # [n_sample] token index whose logits are returned
+    last_idx: torch.Tensor  # [B] token index of each row's last token
+    sample_rows: torch.Tensor | None  # [n_sample] the rows (of B) whose logits are returned; None: all
     ntk: _NtkPlan | None = None  # None: no row has an NTK prefix
 
 
@@ -135,30 +147,55 @@ class ModelRunner:
     def num_used(self) -> int:
         return len(self._row_in)
 
-    def _open(self, row: RowInput) -> int:
-        if row.request_id in self._slot_of:
-            raise RuntimeError(
-                f"request {row.request_id!r} already holds slot {self._slot_of[row.request_id]}"
-            )
+    def open(self, request_id: str, prefix: PrefixState | None) -> int:
+        """Take the next free slot for a row and place its prefix there. A prefix that does not fit
+        raises before anything is recorded, so a failed open leaves the runner as it was."""
+        if request_id in self._slot_of:
+            raise RuntimeError(f"request {request_id!r} already holds slot {self._slot_of[request_id]}")
         if self.num_used >= self.num_slots:
             raise RuntimeError(f"all {self.num_slots} KV slots are in use")
         slot = self.num_used
-        self._slot_of[row.request_id] = slot
-        self._row_in.append(row.request_id)
-        self._filled.append(0)
-        self._ntk.append(isinstance(row.prefix, NtkPrefix))
-        if isinstance(row.prefix, NtkPrefix):
-            self._place_ntk(slot, row.prefix)
-        elif row.prefix is not None:
-            p = row.prefix.shape[3]
-            self.kv[:, :, slot, :, :p] = row.prefix  # [L, 2, H, P, D]
-            self._filled[slot] = p
+        filled = self._place(slot, prefix)
+        self._slot_of[request_id] = slot
+        self._row_in.append(request_id)
+        self._filled.append(filled)
+        self._ntk.append(isinstance(prefix, NtkPrefix))
         return slot
 
-    def free(self, request_id: str) -> None:
-        """Release a row's slot; the last used slot moves into the hole so slots stay dense."""
-        slot = self._slot_of.pop(request_id)
-        last = self.num_used - 1
+    def _open(self, row: RowInput) -> int:
+        return self.open(row.request_id, row.prefix)
+
+    def _place(self, slot: int, prefix: PrefixState | None) -> int:
+        """Copy a prefix into a free slot; returns the positions it fills."""
+        if isinstance(prefix, NtkPrefix):
+            self._place_ntk(slot, prefix)
+            return 0
+        if prefix is None:
+            return 0
+        s = self.spec
+        want = (s.n_layer, 2, s.n_head, s.head_dim)
+        got = tuple(prefix.shape)
+        if len(got) != 5 or got[:3] + got[4:] != want or not 1 <= got[3] <= self.max_seq_len:
+            raise ValueError(
+                f"prefix K/V must be [{want[0]}, 2, {want[2]}, P, {want[3]}] with 1 <= P <="
+                f" {self.max_seq_len}, got {list(got)}"
+            )
+        self.kv[:, :, slot, :, : got[3]] = prefix  # [L, 2, H, P, D]
+        return got[3]
+
+    def free(self, request_id: str, scrub: bool = False) -> None:
+        """Release a row's slot; the last used slot moves into the hole so slots stay dense. An id
+        without a slot (its open failed) is ignored.
+
+        `scrub`: the row's numbers went bad, so zero what it leaves behind. Decode attention reads each
+        slot up to the longest row's length and masks the rest by adding -inf, and NaN + -inf is NaN:
+        stale non-finite K/V would reach whichever row takes the slot next.
+        """
+        slot = self._slot_of.pop(request_id, None)
+        if slot is None:
+            return
+        stale, last = self._filled[slot], self.num_used - 1
+        n = 0
         if slot != last:
             n = self._filled[last]
             self.kv[:, :, slot, :, :n] = self.kv[:, :, last, :, :n]  # [L, 2, H, n, D]
@@ -167,6 +204,8 @@ class ModelRunner:
             if self._ntk[slot]:
                 self.ntk_z[:, slot], self.ntk_k[:, slot] = self.ntk_z[:, last], self.ntk_k[:, last]
             self._slot_of[moved] = slot
+        if scrub and stale > n:
+            self.kv[:, :, slot, :, n:stale] = 0  # [L, 2, H, stale - n, D]
         self._row_in.pop()
         self._filled.pop()
         self._ntk.pop()
@@ -181,7 +220,9 @@ class ModelRunner:
         self.ntk_z[:, slot], self.ntk_k[:, slot] = prefix.z, prefix.k
 
     def reset(self) -> None:
-        """Forget every row (after an error that left the step half done)."""
+        """Forget every row (after an error that left the step half done), zeroing what they wrote."""
+        for slot, filled in enumerate(self._filled):
+            self.kv[:, :, slot, :, :filled] = 0  # [L, 2, H, filled, D]
         self._slot_of.clear()
         self._row_in.clear()
         self._filled.clear()
@@ -189,10 +230,8 @@ class ModelRunner:
 
     # ---- one step ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(
-        self, rows: list[RowInput], inputs_embeds: torch.Tensor | None = None
-    ) -> tuple[list[str], torch.Tensor]:
-        """Run one forward pass. Returns the sampling rows' ids and their logits `[n_sample, V]`.
+    def execute(self, rows: list[RowInput], inputs_embeds: torch.Tensor | None = None) -> StepOutput:
+        """Run one forward pass: the sampling rows' logits, and which rows stayed finite.
 
         `inputs_embeds [N, C]` replaces the token embeddings (a soft prompt being compiled).
         """
@@ -204,10 +243,16 @@ class ModelRunner:
         x = tok + self.w.wpe[batch.pos]  # [N, C]
         for layer, lw in enumerate(self.w.layers):
             x = self._block(layer, lw, x, batch)
-        h = x[batch.sample_idx]  # [n_sample, C]
+        h = x[batch.last_idx]  # [B, C]
         h = F.layer_norm(h, (self.spec.n_embd,), self.w.lnf_w, self.w.lnf_b, self.spec.layer_norm_eps)
-        logits = h @ self.w.lm_head  # [n_sample, V]
-        return [r.request_id for r in order if r.sample], logits
+        hs = h if batch.sample_rows is None else h[batch.sample_rows]  # [n_sample, C]
+        logits = hs @ self.w.lm_head  # [n_sample, V]
+        return StepOutput(
+            sample_ids=[r.request_id for r in order if r.sample],
+            logits=logits,
+            row_ids=[r.request_id for r in order],
+            finite=_finite_rows(h, logits, batch.sample_rows),
+        )
 
     def _prepare(self, rows: list[RowInput]) -> tuple[_Batch, list[RowInput]]:
         slot_of = self._slot_of
@@ -219,9 +264,10 @@ class ModelRunner:
         ids: list[int] = []
         pos: list[int] = []
         slot: list[int] = []
-        sample_idx: list[int] = []
+        last_idx: list[int] = []
+        sample_rows: list[int] = []
         starts: list[int] = []  # each row's first token index in the step
-        for r in decode + prefill:
+        for i, r in enumerate(decode + prefill):
             s, n = slot_of[r.request_id], len(r.tokens)
             starts.append(len(ids))
             if r.position + n > self.max_seq_len:
@@ -229,8 +275,9 @@ class ModelRunner:
             ids += r.tokens
             pos += range(r.position, r.position + n)
             slot += [s] * n
+            last_idx.append(len(ids) - 1)
             if r.sample:
-                sample_idx.append(len(ids) - 1)
+                sample_rows.append(i)
             self._filled[s] = r.position + n
         dev = self.device
         lens = [r.position + 1 for r in decode]
@@ -247,7 +294,10 @@ class ModelRunner:
             if len(decode) == self.num_used
             else torch.tensor(slot[: len(decode)], device=dev),
             prefill_groups=groups,
-            sample_idx=torch.tensor(sample_idx, device=dev, dtype=torch.long),
+            last_idx=torch.tensor(last_idx, device=dev, dtype=torch.long),
+            sample_rows=None
+            if len(sample_rows) == len(last_idx)
+            else torch.tensor(sample_rows, device=dev, dtype=torch.long),
             ntk=self._ntk_plan(decode, groups, prefill, starts),
         ), decode + prefill
 
@@ -368,8 +418,9 @@ class ModelRunner:
         used, span = self.num_used, b.decode_span
         k = self.k[layer, :used, :, :span]  # [S_used, H, span, D]
         v = self.v[layer, :used, :, :span]  # [S_used, H, span, D]
+        # q scaled first: the product is the logit itself, which the prefix bound keeps within fp16
         s = (
-            torch.matmul(q.unsqueeze(2), k.transpose(-1, -2)).float() * scale + b.decode_bias
+            torch.matmul((q * scale).unsqueeze(2), k.transpose(-1, -2)).float() + b.decode_bias
         )  # [S, H, 1, span]
         lse = torch.logsumexp(s, -1, keepdim=True)  # [S_used, H, 1, 1]
         o = torch.matmul(torch.exp(s - lse).to(v.dtype), v)  # [S_used, H, 1, D]
@@ -397,15 +448,15 @@ class ModelRunner:
             rows, slots = plan.decode_rows, plan.decode_slots  # [R]
             qd = q[rows]  # [R, H, D]
             k = self.k[layer][slots, :, : b.decode_span]  # [R, H, span, D]
-            s = torch.matmul(qd.unsqueeze(2), k.transpose(-1, -2)).squeeze(2)  # [R, H, span]
-            lse_d = torch.logsumexp(s.float() * scale + b.decode_bias[slots, 0], -1)  # [R, H]
+            s = torch.matmul((qd * scale).unsqueeze(2), k.transpose(-1, -2)).squeeze(2)  # [R, H, span]
+            lse_d = torch.logsumexp(s.float() + b.decode_bias[slots, 0], -1)  # [R, H]
             out[rows] = ntk_combine(out[rows], lse_d, qd, z[slots], kv[slots])
         for g, mine in zip(b.prefill_groups, plan.groups, strict=True):
             if mine is None:
                 continue
             qs = q[g.offset : g.offset + g.rows * g.length].view(g.rows, g.length, *q.shape[1:])[mine.rows]
             k = self.k[layer][mine.slots, :, : g.start + g.length]  # [g, H, end, D]
-            s = torch.einsum("gnhd,ghed->gnhe", qs, k).float() * scale  # [g, n, H, end]
+            s = torch.einsum("gnhd,ghed->gnhe", qs * scale, k).float()  # [g, n, H, end]
             lse_g = torch.logsumexp(s.masked_fill(~g.mask[None, :, None, :], float("-inf")), -1)  # [g, n, H]
             o = out[mine.tokens].view(qs.shape)  # [g, n, H, D]
             zs, ks = z[mine.slots].unsqueeze(1), kv[mine.slots].unsqueeze(1)  # [g, 1, H, D, D], [g, 1, H, D]
@@ -437,6 +488,19 @@ class ModelRunner:
         vs = self.v[layer][g.slots, :, :end]  # [G, H, end, D]
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=g.mask, scale=scale)  # [G, H, n, D]
         return o.transpose(1, 2).reshape(-1, *q.shape[1:])
+
+
+def _finite_rows(h: torch.Tensor, logits: torch.Tensor, sample_rows: torch.Tensor | None) -> torch.Tensor:
+    """Which rows stayed finite: h `[B, C]` (each row's normalised last hidden state), logits
+    `[n_sample, V]` of the rows `sample_rows` (None: all) -> `[B]` bool. NaN or Inf anywhere in a
+    row's slot reaches its last token through attention and layer norm, so this sees every bad row,
+    sampling or not. A float32 sum is one pass and non-finite exactly when a term is (short of
+    overflowing float32, which no sane row does), cheaper than `isfinite().all()`."""
+    ok = h.sum(-1, dtype=torch.float32).isfinite()  # [B]
+    if logits.shape[0]:
+        sampled = logits.sum(-1, dtype=torch.float32).isfinite()  # [n_sample]
+        ok = ok & sampled if sample_rows is None else ok.index_put((sample_rows,), sampled & ok[sample_rows])
+    return ok
 
 
 def compile_prefix(

@@ -39,10 +39,19 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Draw one token from one row's logits `[V]` with the row's own generator."""
+    probs = filter_logits(logits.float(), params).softmax(-1)  # [V]
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
 def sample_rows(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> list[int]:
-    """Pick one token per row. logits `[B, V]`; returns B token ids."""
+) -> tuple[list[int], dict[int, Exception]]:
+    """Pick one token per row. logits `[B, V]` (finite: the engine drops rows that are not); returns B
+    token ids and, by row index, the sampling rows whose draw raised (their token is meaningless).
+    Each sampling row draws alone, so one that fails costs no other row anything; the greedy rows
+    share one max, which fails for all of them or none (the caller's step fault)."""
     out = [0] * len(params)
     greedy = [i for i, p in enumerate(params) if p.greedy]
     if greedy:
@@ -50,8 +59,11 @@ def sample_rows(
         picks = rows.max(-1).indices.tolist()  # the first maximum, like argmax, but ~2.5x faster on CPU
         for i, t in zip(greedy, picks, strict=True):
             out[i] = t
+    failed: dict[int, Exception] = {}
     for i, p in enumerate(params):
         if not p.greedy:
-            probs = filter_logits(logits[i].float(), p).softmax(-1)  # [V]
-            out[i] = int(torch.multinomial(probs, 1, generator=generators[i]))
-    return out
+            try:
+                out[i] = sample_one(logits[i], p, generators[i])
+            except Exception as exc:  # whatever it is, it is this row's alone
+                failed[i] = exc
+    return out, failed

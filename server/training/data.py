@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InvalidRequest
+from ..inputs import Text, parse_json
 from ..model import LoadedModel
 from .trainer import TrainConfig, encode_example
 
@@ -15,15 +16,16 @@ MAX_FIELD_CHARS = 20_000
 
 
 class TrainExample(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    input: str = Field(..., max_length=MAX_FIELD_CHARS)
-    output: str = Field(..., max_length=MAX_FIELD_CHARS)
+    model_config = ConfigDict(extra="forbid", strict=True)
+    input: Text = Field(..., max_length=MAX_FIELD_CHARS)
+    output: Text = Field(..., max_length=MAX_FIELD_CHARS)
 
 
 class Hyperparameters(BaseModel):
-    """Every TrainConfig field, optional; defaults from the paper's table-to-text setting."""
+    """Every TrainConfig field, optional; defaults from the paper's table-to-text setting. Strict: an
+    integer field takes only a JSON integer (not "3", 2.0 or true); float fields also take integers."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     prefix_len: int | None = Field(None, ge=1, le=512)
     hidden: int | None = Field(None, ge=1, le=4096)
     epochs: int | None = Field(None, ge=1, le=100)
@@ -35,7 +37,7 @@ class Hyperparameters(BaseModel):
     grad_clip: float | None = Field(None, gt=0.0, le=1000.0)
     val_fraction: float | None = Field(None, ge=0.0, le=0.5)
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    separator: str | None = Field(None, max_length=16)
+    separator: Text | None = Field(None, max_length=16)
     kind: Literal["prefix_kv", "ntk"] | None = Field(
         None, description="prefix_kv (prefix tuning, the default) or ntk (NTK-Attention)"
     )
@@ -53,6 +55,7 @@ class TrainSpec(Hyperparameters):
 class TrainPrefixRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {
@@ -71,7 +74,7 @@ class TrainPrefixRequest(BaseModel):
         },
     )
     train: TrainSpec
-    name: str = Field("", max_length=128)
+    name: Text = Field("", max_length=128)
     visibility: str = Field("private", pattern="^(private|public)$")
 
 
@@ -86,8 +89,8 @@ def parse_jsonl(raw: bytes) -> list[TrainExample]:
         if not line.strip():
             continue
         try:
-            out.append(TrainExample.model_validate_json(line))
-        except ValueError as exc:
+            out.append(TrainExample.model_validate(parse_json(line)))
+        except ValueError as exc:  # malformed or too deep JSON, or a record that does not validate
             raise InvalidRequest(
                 f"train line {i + 1}", f'expected {{"input": str, "output": str}}: {exc}'
             ) from None

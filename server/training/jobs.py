@@ -1,7 +1,7 @@
 """Training jobs: the record, and the queue that delivers them to workers.
 
-`RedisJobQueue`: a Redis Stream with one consumer group (DESIGN.md: Redis is the job queue). Delivery
-is at-least-once: a worker acks a job only when it is finished; a job whose worker died stays pending
+`RedisJobQueue`: a Redis Stream with one consumer group (docs/architecture.md: Redis is the job queue).
+Delivery is at-least-once: a worker acks a job only when it is finished; a job whose worker died stays pending
 and another worker takes it over with XAUTOCLAIM once it has been idle for `reclaim_s` (a running
 worker heartbeats to keep it). Job records are JSON strings without a TTL (AOF keeps them across a
 Redis restart); the training data itself lives in the durable store.
@@ -12,18 +12,25 @@ Redis restart); the training data itself lives in the durable store.
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import redis
 
+from prefix_store.redis_health import RedisConfig, RedisHealth, RedisUnavailable
+
 from ..errors import PrefixServeError
 from .trainer import Progress
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STREAM = "prefixserve:jobs"
 GROUP = "workers"
@@ -61,7 +68,8 @@ class Job:
     name: str = ""
     visibility: str = "private"
     status: JobStatus = JobStatus.QUEUED
-    attempts: int = 0
+    attempts: int = 0  # runs started; a reclaimed job resumes as the next attempt
+    interrupted: int = 0  # runs a worker shutdown ended (not counted against max_attempts)
     progress: Progress = field(default_factory=Progress)  # epoch, step, loss, eta, loss curve
     error: str | None = None
     prefix_id: str | None = None
@@ -119,35 +127,93 @@ def cancel(q: JobQueue, job_id: str) -> Job:
 
 
 class RedisJobQueue:
-    def __init__(self, url: str, reclaim_s: float = 60.0) -> None:
-        self.r = redis.Redis.from_url(url)
+    """Every call has the connect/read timeouts of `RedisHealth.config` and goes through that shared
+    health state, so a down or slow Redis answers `RedisUnavailable` (HTTP 503 + Retry-After) at once
+    instead of hanging; the server runs these calls on threads, never on its event loop. The consumer
+    group is created lazily and again whenever Redis lost it (FLUSHALL, a restart without persistence),
+    by the server on submit and by workers on NOGROUP, so neither needs a restart. Consumers idle for
+    `dead_after_s` with nothing pending (dead workers) are removed from the group by the workers."""
+
+    def __init__(
+        self,
+        url: str,
+        reclaim_s: float = 60.0,
+        health: RedisHealth | None = None,
+        dead_after_s: float | None = None,
+    ) -> None:
+        self.health = health or RedisHealth(RedisConfig(url))
+        self.r = self.health.config.client()
+        self._blocking: dict[float, redis.Redis] = {}  # clients whose read timeout covers a BLOCK
         self.reclaim_ms = int(reclaim_s * 1000)
+        self.dead_after_ms = int((dead_after_s if dead_after_s is not None else 5 * reclaim_s) * 1000)
+        self._next_sweep = 0.0
+
+    # ---- plumbing ------------------------------------------------------------------------------
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """`fn()` through the health state; a lost consumer group is recreated and `fn` retried once."""
+
+        def grouped() -> T:
+            try:
+                return fn()
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                self._create_group()
+                return fn()
+
+        return self.health.run(what, grouped)
+
+    def _create_group(self) -> None:
+        """From the stream's start ("0"), so entries added while the group was missing are delivered."""
         try:
             self.r.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+            log.info("created the job queue's consumer group %r on %r", GROUP, STREAM)
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
 
+    def _blocking_client(self, block_s: float) -> redis.Redis:
+        if block_s not in self._blocking:
+            self._blocking[block_s] = self.health.config.client(extra_read_s=block_s)
+        return self._blocking[block_s]
+
+    # ---- the queue -----------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
-        self.save(job)
-        self.r.xadd(STREAM, {"job_id": job.id})
+        job.updated_at = _now()
+
+        def submit() -> None:
+            self._create_group()  # cheap, and makes a flushed Redis usable without waiting for a worker
+            pipe = self.r.pipeline(transaction=True)
+            pipe.set(RECORD + job.id, job.to_json())
+            pipe.xadd(STREAM, {"job_id": job.id})
+            pipe.execute()
+
+        self._call("submitting a training job", submit)
 
     def get(self, job_id: str) -> Job:
-        raw = self.r.get(RECORD + job_id)
+        raw = self._call("reading a job", lambda: self.r.get(RECORD + job_id))
         if raw is None:
             raise JobNotFound(job_id)
         return Job.from_json(raw)
 
     def save(self, job: Job) -> None:
         job.updated_at = _now()
-        self.r.set(RECORD + job.id, job.to_json())
+        self._call("saving a job", lambda: self.r.set(RECORD + job.id, job.to_json()))
 
     def claim(self, consumer: str, block_s: float) -> tuple[str, Job] | None:
         """A job whose worker died (idle past reclaim_s) first, else a new one."""
-        _, claimed, *_ = self.r.xautoclaim(STREAM, GROUP, consumer, self.reclaim_ms, "0-0", count=1)
+        self._sweep_dead(consumer)
+        _, claimed, *_ = self._call(
+            "claiming a job",
+            lambda: self.r.xautoclaim(STREAM, GROUP, consumer, self.reclaim_ms, "0-0", count=1),
+        )
         if not claimed:
-            got = self.r.xreadgroup(
-                GROUP, consumer, {STREAM: ">"}, count=1, block=max(1, int(block_s * 1000))
+            block = self._blocking_client(block_s)
+            got = self._call(
+                "waiting for a job",
+                lambda: block.xreadgroup(
+                    GROUP, consumer, {STREAM: ">"}, count=1, block=max(1, int(block_s * 1000))
+                ),
             )
             claimed = got[0][1] if got else []
         if not claimed:
@@ -161,19 +227,46 @@ class RedisJobQueue:
             return None
 
     def heartbeat(self, consumer: str, delivery: str) -> None:
-        self.r.xclaim(STREAM, GROUP, consumer, 0, [delivery], justid=True)  # resets the idle time
+        self._call(  # resets the idle time
+            "heartbeat", lambda: self.r.xclaim(STREAM, GROUP, consumer, 0, [delivery], justid=True)
+        )
 
     def ack(self, delivery: str) -> None:
-        self.r.xack(STREAM, GROUP, delivery)
+        self._call("acknowledging a job", lambda: self.r.xack(STREAM, GROUP, delivery))
 
     def release(self, delivery: str, job: Job) -> None:
         return None  # left pending: XAUTOCLAIM hands it out again after reclaim_s
 
     def request_cancel(self, job_id: str) -> None:
-        self.r.set(RECORD + job_id + ":cancel", "1")
+        self._call("cancelling a job", lambda: self.r.set(RECORD + job_id + ":cancel", "1"))
 
     def cancel_requested(self, job_id: str) -> bool:
-        return bool(self.r.exists(RECORD + job_id + ":cancel"))
+        return bool(self._call("reading a cancel flag", lambda: self.r.exists(RECORD + job_id + ":cancel")))
+
+    # ---- dead consumers ------------------------------------------------------------------------
+    def consumers(self) -> list[dict]:
+        """XINFO CONSUMERS of the group (name, pending, idle ms); [] when there is no group."""
+        try:
+            return self._call("listing consumers", lambda: self.r.xinfo_consumers(STREAM, GROUP))
+        except RedisUnavailable as exc:
+            if isinstance(exc.__cause__, redis.ResponseError):  # no stream yet
+                return []
+            raise
+
+    def _sweep_dead(self, keep: str) -> None:
+        """At most every reclaim_s: delete consumers idle past dead_after_s with nothing pending (a
+        pending job is first reclaimed by XAUTOCLAIM, so no delivery is ever lost)."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self.reclaim_ms / 1000
+        for info in self.consumers():
+            name = info["name"].decode() if isinstance(info["name"], bytes) else str(info["name"])
+            if name != keep and info["pending"] == 0 and info["idle"] > self.dead_after_ms:
+                self._call(
+                    "removing a dead consumer", lambda n=name: self.r.xgroup_delconsumer(STREAM, GROUP, n)
+                )
+                log.info("removed dead consumer %s (idle %.0fs, nothing pending)", name, info["idle"] / 1000)
 
 
 class LocalJobQueue:

@@ -20,7 +20,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +77,22 @@ class Progress:
     eta_s: float | None = None
     losses: list[float] = field(default_factory=list)  # one per optimizer step
     eval_losses: list[float] = field(default_factory=list)  # one per epoch, if validating
+
+    def copy(self) -> Progress:
+        """A copy that shares no list with this one."""
+        return replace(self, losses=list(self.losses), eval_losses=list(self.eval_losses))
+
+
+@dataclass
+class TrainState:
+    """Everything needed to resume training at an epoch boundary (server/training/checkpoint.py
+    stores it without pickle: safetensors for the tensors, JSON for the rest)."""
+
+    epochs_done: int
+    progress: Progress
+    encoder: dict[str, torch.Tensor]  # the prefix encoder's state_dict (P' and the MLP, or NTK state)
+    optimizer: dict  # AdamW state_dict
+    scheduler: dict  # the LR schedule's state_dict
 
 
 class Cancelled(Exception):
@@ -237,9 +253,17 @@ class PrefixTrainer:
         return self.model(input_ids=ids, attention_mask=full_mask, labels=labels, **cache).loss
 
     def train(
-        self, pairs: list[tuple[str, str]], on_progress: Callable[[Progress], None] | None = None
+        self,
+        pairs: list[tuple[str, str]],
+        on_progress: Callable[[Progress], None] | None = None,
+        resume: TrainState | None = None,
+        on_epoch: Callable[[TrainState], None] | None = None,
     ) -> tuple[dict[str, torch.Tensor], Progress]:
-        """Train on (input, output) pairs; returns the prefix's tensors (`tensors()`) and the record."""
+        """Train on (input, output) pairs; returns the prefix's tensors (`tensors()`) and the record.
+
+        `on_epoch` gets the state after every epoch but the last; `resume` continues from such a state
+        with the same result as an uninterrupted run (each epoch's order depends only on the seed and
+        the epoch, and dropout is off)."""
         cfg = self.config
         data = [encode_example(self.tok, x, y, cfg.separator) for x, y in pairs]
         rng = random.Random(cfg.seed)
@@ -254,9 +278,12 @@ class PrefixTrainer:
         )
         sched = get_linear_schedule_with_warmup(opt, cfg.warmup_steps, steps_per_epoch * cfg.epochs)
         prog = Progress(total_steps=steps_per_epoch * cfg.epochs)
+        first_epoch = 0
+        if resume is not None:
+            first_epoch, prog = resume.epochs_done, self._restore(resume, opt, sched)
         pad = self.tok.eos_token_id
-        start = time.monotonic()
-        for epoch in range(cfg.epochs):
+        start, start_step = time.monotonic(), prog.step
+        for epoch in range(first_epoch, cfg.epochs):
             prog.epoch = epoch + 1
             epoch_order = train[:]
             random.Random(cfg.seed + epoch).shuffle(epoch_order)
@@ -271,7 +298,7 @@ class PrefixTrainer:
                 prog.loss = loss.item()
                 prog.losses.append(prog.loss)
                 elapsed = time.monotonic() - start
-                prog.eta_s = elapsed / prog.step * (prog.total_steps - prog.step)
+                prog.eta_s = elapsed / (prog.step - start_step) * (prog.total_steps - prog.step)
                 if on_progress is not None:
                     on_progress(prog)
             if val:
@@ -279,7 +306,24 @@ class PrefixTrainer:
                 prog.eval_losses.append(prog.eval_loss)
                 if on_progress is not None:
                     on_progress(prog)
+            if on_epoch is not None and epoch + 1 < cfg.epochs:
+                on_epoch(self._snapshot(epoch + 1, prog, opt, sched))
         return self.tensors(), prog
+
+    def _snapshot(self, epochs_done: int, prog: Progress, opt, sched) -> TrainState:
+        return TrainState(
+            epochs_done,
+            prog.copy(),
+            {k: v.detach().cpu().clone() for k, v in self.encoder.state_dict().items()},
+            opt.state_dict(),
+            sched.state_dict(),
+        )
+
+    def _restore(self, state: TrainState, opt, sched) -> Progress:
+        self.encoder.load_state_dict(state.encoder)
+        opt.load_state_dict(state.optimizer)
+        sched.load_state_dict(state.scheduler)
+        return state.progress.copy()
 
     @torch.no_grad()
     def evaluate_batches(self, data: list[tuple[list[int], list[int]]]) -> float:

@@ -3,6 +3,11 @@
 `prefixserve worker` runs it as its own process (N of them share one Redis consumer group); without
 Redis the server runs the same code on a thread. Publishing is idempotent: the prefix id is derived
 from the job id and the store never overwrites, so a job re-run after a crash yields one prefix.
+
+After every epoch the worker stores a checkpoint (server/training/checkpoint.py) in the durable store; a
+job taken over from a dead worker resumes from it, so its progress only goes back to the last epoch
+boundary, and only together with a new `attempts` number. A Redis outage does not stop a running job:
+progress saves and heartbeats are skipped until Redis is back, and the job's end is saved once it is.
 """
 
 from __future__ import annotations
@@ -13,17 +18,20 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from transformers import GPT2LMHeadModel
 
+from prefix_store.redis_health import RedisUnavailable
 from prefix_store.service import PrefixService
 from prefix_store.store import PrefixExists
 
+from ..errors import PrefixServeError
 from ..model import load_hf_model
+from .checkpoint import CheckpointMismatch, decode_checkpoint, encode_checkpoint
 from .jobs import TERMINAL, Job, JobQueue, JobStatus
-from .trainer import Cancelled, Interrupted, PrefixTrainer, Progress, TrainConfig
+from .trainer import Cancelled, Interrupted, PrefixTrainer, Progress, TrainConfig, TrainState
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +77,10 @@ class Worker:
         while not stop.is_set():
             try:
                 self.run_once()
-            except Exception:  # the queue itself failed (e.g. Redis restarting): retry shortly
+            except RedisUnavailable as exc:  # logged once per outage by the queue's RedisHealth
+                log.debug("worker %s: %s", self.name, exc)
+                stop.wait(self.config.poll_s)
+            except Exception:  # the queue itself failed unexpectedly: retry shortly
                 log.exception("worker %s: queue error", self.name)
                 stop.wait(self.config.poll_s)
 
@@ -85,21 +96,51 @@ class Worker:
         if self.queue.cancel_requested(job.id):
             self._end(delivery, job, JobStatus.CANCELLED)
             return True
-        job.attempts += 1
-        if job.attempts > self.config.max_attempts:
+        job.attempts += 1  # every run is a new attempt; runs a shutdown interrupted do not count as failures
+        if job.attempts - job.interrupted > self.config.max_attempts:
             self._end(delivery, job, JobStatus.FAILED)
             return True
+        resume = self._resume_state(job)
+        # the new attempt number and where this attempt starts (the last checkpoint, or step 0) are
+        # saved together: a job's progress never goes back without its attempt number going up
+        job.progress = resume.progress.copy() if resume else Progress(total_steps=job.progress.total_steps)
         job.status = JobStatus.RUNNING
         self.queue.save(job)
-        self._run(delivery, job)
+        self._run(delivery, job, resume)
         return True
 
-    def _run(self, delivery: str, job: Job) -> None:
+    def _resume_state(self, job: Job) -> TrainState | None:
+        """The job's last epoch checkpoint, if a previous attempt left one for this config."""
+        try:
+            raw = self.service.store.get_checkpoint(job.id)
+            if raw is None:
+                return None
+            state = decode_checkpoint(raw, job.config)
+        except (CheckpointMismatch, OSError) as exc:
+            log.warning("job %s: ignoring its checkpoint (%s); training from the start", job.id, exc)
+            return None
+        log.info("job %s: attempt %d resumes after epoch %d", job.id, job.attempts, state.epochs_done)
+        return state
+
+    def _checkpoint(self, job: Job):
+        def on_epoch(state: TrainState) -> None:
+            try:
+                self.service.store.put_checkpoint(job.id, encode_checkpoint(state, job.config))
+            except (OSError, PrefixServeError) as exc:  # best effort (a full disk too): the job goes on
+                log.warning(
+                    "job %s: could not store the epoch %d checkpoint: %s", job.id, state.epochs_done, exc
+                )
+
+        return on_epoch
+
+    def _run(self, delivery: str, job: Job, resume: TrainState | None) -> None:
         cfg = TrainConfig(**job.config)
         try:
             pairs = read_pairs(self.service.store.get_training_data(job.id))
             trainer = PrefixTrainer(self._model(), self.service.model.tokenizer, cfg)
-            prefix, prog = trainer.train(pairs, self._progress(delivery, job))
+            prefix, prog = trainer.train(
+                pairs, self._progress(delivery, job), resume=resume, on_epoch=self._checkpoint(job)
+            )
             self._record(job, prog)
             try:
                 meta = self.service.add_tensors(
@@ -117,10 +158,10 @@ class Worker:
             self._end(delivery, job, JobStatus.SUCCEEDED)
         except Cancelled:
             self._end(delivery, job, JobStatus.CANCELLED)
-        except Interrupted:  # shutting down: not the job's fault, so not an attempt
-            job.attempts -= 1
+        except Interrupted:  # shutting down: not the job's fault, so not a failed attempt
+            job.interrupted += 1
             job.status = JobStatus.QUEUED
-            self.queue.save(job)
+            self._until_done(lambda: self.queue.save(job))
             self.queue.release(delivery, job)
         except Exception as exc:
             log.exception("job %s failed (attempt %d)", job.id, job.attempts)
@@ -129,8 +170,18 @@ class Worker:
                 self._end(delivery, job, JobStatus.FAILED)
             else:
                 job.status = JobStatus.QUEUED
-                self.queue.save(job)
+                self._until_done(lambda: self.queue.save(job))
                 self.queue.release(delivery, job)
+
+    def _until_done(self, call) -> None:
+        """Run a queue call that must not be lost (a job's end), retrying while Redis is unavailable;
+        gives up only when the worker stops (the job then stays pending and is reclaimed)."""
+        while True:
+            try:
+                return call()
+            except RedisUnavailable:
+                if self._stop.wait(self.config.poll_s):
+                    raise
 
     def _progress(self, delivery: str, job: Job):
         last_save = last_beat = time.monotonic()
@@ -140,28 +191,32 @@ class Worker:
             if self._stop.is_set():
                 raise Interrupted
             now = time.monotonic()
-            if now - last_beat >= self.config.heartbeat_s:
-                self.queue.heartbeat(self.name, delivery)
-                last_beat = now
-            if now - last_save >= self.config.save_every_s or prog.step == prog.total_steps:
-                if self.queue.cancel_requested(job.id):
-                    raise Cancelled
-                self._record(job, prog)
-                self.queue.save(job)
-                last_save = now
+            try:  # Redis down: training goes on; these are retried at the next interval
+                if now - last_beat >= self.config.heartbeat_s:
+                    last_beat = now
+                    self.queue.heartbeat(self.name, delivery)
+                if now - last_save >= self.config.save_every_s or prog.step == prog.total_steps:
+                    last_save = now
+                    if self.queue.cancel_requested(job.id):
+                        raise Cancelled
+                    self._record(job, prog)
+                    self.queue.save(job)
+            except RedisUnavailable:
+                pass
 
         return on_progress
 
     @staticmethod
     def _record(job: Job, prog: Progress) -> None:
-        job.progress = replace(prog, losses=list(prog.losses), eval_losses=list(prog.eval_losses))
+        job.progress = prog.copy()
 
     def _end(self, delivery: str, job: Job, status: JobStatus) -> None:
         job.status = status
         if status == JobStatus.SUCCEEDED:
             job.progress.eta_s = 0.0
-        self.queue.save(job)
-        self.queue.ack(delivery)
+        self._until_done(lambda: self.queue.save(job))
+        self._until_done(lambda: self.queue.ack(delivery))
+        self.service.store.delete_checkpoint(job.id)
         log.info(
             "job %s %s (attempt %d)%s",
             job.id,
