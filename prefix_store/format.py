@@ -1,6 +1,6 @@
 """The prefix file: one self-describing safetensors file per prefix.
 
-Kind `prefix_kv`: tensor `past_key_values` `[n_layer, 2, n_head, P, head_dim]` (DESIGN.md invariant 1).
+Kind `prefix_kv`: tensor `past_key_values` `[n_layer, 2, n_head, P, head_dim]` (architecture.md invariant 1).
 Kind `ntk` (NTK-Attention, server/engine/ntk.py; no positions, prefix_len 0): `ntk_k [n_layer, n_head,
 head_dim]` and either `ntk_z [n_layer, n_head, head_dim, head_dim]` or its low-rank factors
 `ntk_z_a [.., head_dim, s]` and `ntk_z_b [.., s, head_dim]`. Both carry string metadata (format

@@ -1,6 +1,6 @@
 """Importers: PEFT prefix tuning, PEFT prompt tuning and plain text, each to canonical K/V.
 
-Canonical layout (DESIGN.md invariant 1): `[n_layer, 2, n_head, P, head_dim]`. PEFT's prefix tuning
+Canonical layout (docs/architecture.md invariant 1): `[n_layer, 2, n_head, P, head_dim]`. PEFT's prefix tuning
 `prompt_embeddings [P, n_layer*2*n_embd]` maps to it as PEFT itself does: view
 `[P, n_layer*2, n_head, head_dim]`, permute to `[n_layer*2, n_head, P, head_dim]`, layer l's key is
 row 2l and its value row 2l+1. With `prefix_projection`, PEFT saves the projected embeddings, so both

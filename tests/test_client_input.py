@@ -1,4 +1,4 @@
-"""Client input never causes a 5xx (DESIGN.md invariant 12), against a live server: deeply nested
+"""Client input never causes a 5xx (architecture.md invariant 12), against a live server: deeply nested
 JSON at every JSON entry point, PEFT weights checked before use (dtype, shape, byte span), PEFT
 configs for another base model, prefixes that leave no room to generate, lone surrogates, strict
 integers, and an unexpected error that answers a JSON 500 on a connection that stays usable."""

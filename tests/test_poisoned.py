@@ -1,4 +1,4 @@
-"""Poisoned prefixes and rows fail alone (DESIGN.md invariant 10).
+"""Poisoned prefixes and rows fail alone (architecture.md invariant 10).
 
 Upload validation bounds prefix magnitudes from the served model (`MagnitudeBounds`, README
 "Magnitudes"), so attention cannot overflow in float16, bfloat16 or float32. The engine guards per row

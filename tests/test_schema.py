@@ -2,7 +2,7 @@
 
 Driven through each operation's Hypothesis strategy (schemathesis' pytest plugin does not support
 pytest 9 yet): schema-conforming data for every operation, and schema-violating data for every
-operation with a request body (client input never causes a 5xx: DESIGN.md invariant 12). Bounded
+operation with a request body (client input never causes a 5xx: architecture.md invariant 12). Bounded
 (EXAMPLES per operation and mode) so it runs in well under a minute on the 2-core CI machine.
 """
 
