@@ -30,21 +30,18 @@ from prefixserve.errors import PrefixServeError
 from prefixserve.inputs import check_text, parse_json
 from prefixserve.model import LoadedModel, ModelSpec
 
+from .limits import KIND_NTK, KIND_PREFIX_KV, KINDS, MAX_NAME_LEN, VISIBILITIES
+
 FORMAT_VERSION = "1"
-KIND_PREFIX_KV = "prefix_kv"
-KIND_NTK = "ntk"
-KINDS = (KIND_PREFIX_KV, KIND_NTK)
 TENSOR_NAME = "past_key_values"
 TENSOR_SETS = {  # the tensors a file of each kind holds (sorted names)
     KIND_PREFIX_KV: ([TENSOR_NAME],),
     KIND_NTK: (["ntk_k", "ntk_z"], ["ntk_k", "ntk_z_a", "ntk_z_b"]),
 }
 SOURCES = ("upload", "peft", "text", "train")
-VISIBILITIES = ("private", "public")
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 MAX_HEADER_BYTES = 64 * 1024
-MAX_NAME_LEN = 128
 PREFIX_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{2,63}$")
 OPTIONAL = {"input_suffix": ""}  # metadata added after format version 1 first shipped
 
@@ -53,6 +50,7 @@ class InvalidPrefixFile(PrefixServeError):
     """An uploaded or stored prefix file is malformed or does not fit the loaded model (HTTP 422)."""
 
     kind = "invalid_prefix"
+    status = 422
 
 
 def check_prefix_id(prefix_id: str) -> str:

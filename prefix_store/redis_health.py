@@ -56,6 +56,7 @@ class RedisUnavailable(PrefixServeError):
     """Redis is down or too slow; what needs it answers HTTP 503 with Retry-After."""
 
     kind = "unavailable"
+    status = 503
 
     def __init__(self, what: str, reason: str, retry_after: float, attempted: bool = True) -> None:
         super().__init__(f"{what} needs Redis, which is unavailable ({reason}); retry in {retry_after:.0f}s")

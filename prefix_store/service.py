@@ -34,6 +34,7 @@ from .format import (
     read_meta,
 )
 from .importers import PEFT_TENSOR, import_peft, text_to_kv
+from .limits import DEFAULT_MAX_PREFIX_LEN
 from .pool import DevicePool
 from .redis_health import RedisConfig, RedisHealth
 from .store import DurableStore
@@ -57,7 +58,7 @@ class StoreConfig:
     local_cache_bytes: int = 256 * 2**20
     device_pool_bytes: int = 1 * 2**30
     max_file_bytes: int = 64 * 2**20  # uploads are capped before parsing
-    max_prefix_len: int = 512
+    max_prefix_len: int = DEFAULT_MAX_PREFIX_LEN
     load_workers: int = 2
 
 
@@ -66,7 +67,6 @@ class PrefixService:
         self,
         model: LoadedModel,
         config: StoreConfig | None = None,
-        max_prefix_len: int | None = None,
         redis_health: RedisHealth | None = None,
     ):
         """`redis_health`: the process's shared Redis state (built from the config when not given)."""
@@ -87,7 +87,6 @@ class PrefixService:
         )
         limit = min(  # a stored prefix must leave room for a request (one input and one new token)
             self.config.max_prefix_len,
-            max_prefix_len or self.config.max_prefix_len,
             longest_usable_prefix(model.spec.n_positions),
         )
         self.expect = Expect(

@@ -40,12 +40,14 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 class PrefixExists(PrefixServeError):
     kind = "conflict"
+    status = 409
 
 
 class InsufficientStorage(PrefixServeError):
     """The durable store's disk is full or its quota is spent (HTTP 507); nothing was published."""
 
     kind = "insufficient_storage"
+    status = 507
 
     def __init__(self, what: str, exc: OSError) -> None:
         code = errno.errorcode.get(exc.errno or 0, str(exc.errno))

@@ -9,15 +9,16 @@ import logging
 from pathlib import Path
 
 from .errors import PrefixServeError
+from .limits import TENANT_NAME_MAX
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TENANT = "default"
-TENANT_NAME_MAX = 64
 
 
 class Unauthorized(PrefixServeError):
     kind = "unauthorized"
+    status = 401
 
 
 def _digest(key: str) -> bytes:

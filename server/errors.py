@@ -1,21 +1,25 @@
 """Named errors. Each message says what was expected and what was found.
 
-One boundary (the HTTP app) maps these to status codes; the engine and store only raise them.
+Every class carries its HTTP `status` and its `kind` (the `type` of the JSON error body); the one
+HTTP boundary (`prefixserve.api.errors`) reads both, the engine and store only raise them.
 """
 
 from __future__ import annotations
 
 
 class PrefixServeError(Exception):
-    """Base class of every error this package raises on purpose."""
+    """Base class of every error this package raises on purpose: `kind` is the error's `type` in
+    the JSON body, `status` its HTTP status code."""
 
     kind = "server_error"
+    status = 500
 
 
 class InvalidRequest(PrefixServeError):
     """A request parameter is out of range or malformed (HTTP 422)."""
 
     kind = "invalid_request"
+    status = 422
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
@@ -38,6 +42,7 @@ class PrefixNotFound(PrefixServeError):
     """No prefix with this id is known (or the caller may not see it)."""
 
     kind = "prefix_not_found"
+    status = 404
 
     def __init__(self, prefix_id: str) -> None:
         super().__init__(f"prefix {prefix_id!r} not found")
@@ -48,12 +53,14 @@ class InvalidPrefix(PrefixServeError):
     """A prefix tensor does not fit the loaded model (shape, dtype, values)."""
 
     kind = "invalid_prefix"
+    status = 422
 
 
 class EngineOverloaded(PrefixServeError):
     """The waiting queue is full; the caller should retry later (HTTP 429)."""
 
     kind = "overloaded"
+    status = 429
 
     def __init__(self, waiting: int, limit: int) -> None:
         super().__init__(f"engine queue is full: {waiting} requests waiting, limit {limit}")
@@ -65,6 +72,7 @@ class UnsupportedModel(PrefixServeError):
     """The checkpoint is not a GPT-2-family model this engine can run."""
 
     kind = "unsupported_model"
+    status = 500
 
 
 class PrefixError(PrefixServeError):
@@ -73,6 +81,7 @@ class PrefixError(PrefixServeError):
     every other row of the batch carries on unchanged."""
 
     kind = "prefix_error"
+    status = 422
 
     def __init__(self, prefix_id: str | None, problem: str) -> None:
         where = f"prefix {prefix_id!r}" if prefix_id is not None else "this request (no prefix)"
@@ -85,3 +94,4 @@ class EngineFault(PrefixServeError):
     rows of that step end with this error (HTTP 500); the engine keeps serving."""
 
     kind = "server_error"
+    status = 500

@@ -42,12 +42,12 @@ from fastapi.responses import JSONResponse
 from prefix_store.store import DurableStore, PrefixExists
 
 from .errors import InvalidRequest
+from .limits import MAX_IDEMPOTENCY_KEY_CHARS as MAX_KEY_CHARS
 
 log = logging.getLogger(__name__)
 
 HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
-MAX_KEY_CHARS = 255
 RECORD_KIND = "idempotency"
 SWEEP_EVERY_S = 3600.0
 

@@ -18,7 +18,9 @@ from typing import Annotated
 
 from pydantic import BeforeValidator
 
-MAX_JSON_DEPTH = 32  # deepest nesting of arrays/objects accepted anywhere (real documents need <= 4)
+from .limits import MAX_JSON_DEPTH
+
+__all__ = ["MAX_JSON_DEPTH", "JsonTooDeep", "Text", "check_text", "json_depth", "parse_json"]
 
 
 class JsonTooDeep(ValueError):

@@ -1,84 +1,78 @@
-"""Per-tenant requests/minute and tokens/minute.
+"""Every client-facing limit, in one place: the HTTP schemas, the OpenAI endpoint, the engine's own
+validation, training submissions and the store all read these.
 
-Fixed one-minute windows. With Redis the counters are shared by every replica (INCRBY on a key
-that expires with its window), through the asyncio client, so the event loop never waits on Redis;
-without Redis each replica counts locally. While Redis is down or slow the limiter **fails open** to
-per-replica counting (a tenant may then get up to N times its limit across N replicas): no request
-fails or waits for it, and the outage is logged once (`prefix_store.redis_health.RedisHealth`).
+The store's limits (kinds, name length, default prefix length) live in `prefix_store.limits`, the
+lowest layer that needs them, and are re-exported here.
 """
 
 from __future__ import annotations
 
-import math
-import threading
-import time
-from collections import Counter
+from prefix_store.limits import (
+    DEFAULT_MAX_PREFIX_LEN,
+    KIND_NTK,
+    KIND_PREFIX_KV,
+    KINDS,
+    MAX_NAME_LEN,
+    VISIBILITIES,
+)
 
-from prefix_store.redis_health import RedisHealth, RedisUnavailable
+__all__ = [
+    "DEFAULT_MAX_PREFIX_LEN",
+    "KINDS",
+    "KIND_NTK",
+    "KIND_PREFIX_KV",
+    "MAX_EXAMPLES",
+    "MAX_FIELD_CHARS",
+    "MAX_IDEMPOTENCY_KEY_CHARS",
+    "MAX_INPUT_CHARS",
+    "MAX_JSON_DEPTH",
+    "MAX_MODEL_CHARS",
+    "MAX_NAME_LEN",
+    "MAX_NEW_TOKENS",
+    "MAX_SEED",
+    "MAX_SEPARATOR_CHARS",
+    "MAX_STOP_LEN",
+    "MAX_STOP_STRINGS",
+    "MAX_TEMPERATURE",
+    "OPENAI_MAX_STOP_STRINGS",
+    "TENANT_NAME_MAX",
+    "VISIBILITIES",
+    "stop_problem",
+]
 
-from .errors import PrefixServeError
+# ---- generation ----------------------------------------------------------------------------------
+MAX_INPUT_CHARS = 100_000  # one input (prompt) in characters, over HTTP and in the engine
+MAX_NEW_TOKENS = 4096
+MAX_TEMPERATURE = 100.0  # 0 = greedy
+MAX_SEED = 2**63 - 1
+MAX_STOP_STRINGS = 16
+OPENAI_MAX_STOP_STRINGS = 4  # as OpenAI's own API
+MAX_STOP_LEN = 256  # characters of one stop string
+MAX_MODEL_CHARS = 256  # the OpenAI `model` field (a prefix id or the base model's name)
 
-WINDOW_S = 60
+# ---- client input --------------------------------------------------------------------------------
+MAX_JSON_DEPTH = 32  # deepest nesting of arrays/objects accepted anywhere (real documents need <= 4)
+MAX_IDEMPOTENCY_KEY_CHARS = 255
+TENANT_NAME_MAX = 64
+
+# ---- training submissions ------------------------------------------------------------------------
+MAX_EXAMPLES = 50_000
+MAX_FIELD_CHARS = 20_000  # one example's input or output
+MAX_SEPARATOR_CHARS = 16
 
 
-class RateLimited(PrefixServeError):
-    kind = "rate_limited"
-
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class RateLimiter:
-    """Create it on the event loop that calls `check` (the asyncio client belongs to that loop)."""
-
-    def __init__(
-        self, requests_per_minute: int, tokens_per_minute: int, health: RedisHealth | None = None
-    ) -> None:
-        self.limits = {"requests": requests_per_minute, "tokens": tokens_per_minute}
-        self.health = health
-        self._redis = health.config.async_client() if health is not None else None
-        self._local: Counter[str] = Counter()
-        self._lock = threading.Lock()
-
-    async def close(self) -> None:
-        if self._redis is not None:
-            await self._redis.aclose()
-
-    async def check(self, tenant: str, tokens: int) -> None:
-        """Count one request of `tokens` tokens for the tenant; RateLimited if a limit is exceeded."""
-        now = time.time()
-        window = int(now // WINDOW_S)
-        retry_after = math.ceil((window + 1) * WINDOW_S - now)
-        for what, amount in (("requests", 1), ("tokens", tokens)):
-            limit = self.limits[what]
-            if limit <= 0:
-                continue
-            used = await self._add(f"prefixserve:rl:{tenant}:{what}:{window}", amount)
-            if used > limit:
-                raise RateLimited(
-                    f"tenant {tenant!r} exceeded {limit} {what} per minute ({used} this minute)", retry_after
-                )
-
-    async def _add(self, key: str, amount: int) -> int:
-        if self._redis is not None and self.health is not None:
-            try:
-                return await self.health.arun("rate limiting", lambda: self._shared_add(key, amount))
-            except RedisUnavailable:
-                pass  # fail open: count on this replica (the health object logged the outage once)
-        return self._local_add(key, amount)
-
-    async def _shared_add(self, key: str, amount: int) -> int:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.incrby(key, amount)
-            pipe.expire(key, WINDOW_S + 5)
-            return int((await pipe.execute())[0])
-
-    def _local_add(self, key: str, amount: int) -> int:
-        with self._lock:
-            self._local[key] += amount
-            if len(self._local) > 10_000:  # drop old windows
-                current = key.rsplit(":", 1)[1]
-                for k in [k for k in self._local if not k.endswith(":" + current)]:
-                    del self._local[k]
-            return self._local[key]
+def stop_problem(
+    stops: list[str] | tuple[str, ...], max_count: int = MAX_STOP_STRINGS
+) -> tuple[str, str] | None:
+    """The one stop rule: `(field, message)` for the first problem (too many strings, an empty or too
+    long one), or None when the list is fine. Schemas raise it as a ValueError, the engine as
+    InvalidRequest."""
+    if len(stops) > max_count:
+        return "stop", f"expected at most {max_count} stop strings, got {len(stops)}"
+    for i, s in enumerate(stops):
+        if not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_LEN:
+            return (
+                f"stop[{i}]",
+                f"expected a non-empty string of at most {MAX_STOP_LEN} characters, got {s!r}",
+            )
+    return None

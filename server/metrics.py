@@ -31,6 +31,7 @@ NO_TENANT = "-"  # the label of requests that never authenticated (401s, /health
 
 class MetricsForbidden(PrefixServeError):
     kind = "forbidden"
+    status = 403
 
 
 def tenant_label(tenant: str) -> str:

@@ -10,11 +10,29 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from prefix_store.format import PREFIX_ID, PrefixMeta
 
 from .engine import SamplingParams
-from .engine.request import MAX_SEED, MAX_STOP_LEN, MAX_STOP_STRINGS
 from .inputs import Text, check_text
+from .limits import (
+    MAX_INPUT_CHARS,
+    MAX_NAME_LEN,
+    MAX_NEW_TOKENS,
+    MAX_SEED,
+    MAX_STOP_STRINGS,
+    MAX_TEMPERATURE,
+    VISIBILITIES,
+    stop_problem,
+)
 
-MAX_INPUT_CHARS = 100_000
-MAX_NEW_TOKENS = 4096
+
+def stop_strings(value: list[str] | str | None, max_count: int = MAX_STOP_STRINGS) -> list[str] | None:
+    """The `stop` field of a request body as a list (None stays None), checked by the one stop rule
+    (`limits.stop_problem`) and for lone surrogates; a ValueError (-> 422) names the problem."""
+    items = [value] if isinstance(value, str) else value
+    if items is None:
+        return None
+    problem = stop_problem(items, max_count)
+    if problem is not None:
+        raise ValueError(": ".join(problem))
+    return [check_text(s) for s in items]
 
 
 class GenerateRequest(BaseModel):
@@ -41,7 +59,7 @@ class GenerateRequest(BaseModel):
     )
     input: Text = Field(..., min_length=1, max_length=MAX_INPUT_CHARS)
     max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy")
+    temperature: float = Field(0.0, ge=0.0, le=MAX_TEMPERATURE, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=1_000_000, description="0 = off")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
@@ -52,14 +70,7 @@ class GenerateRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: list[str] | str | None) -> list[str] | None:
-        items = [v] if isinstance(v, str) else v
-        if items is None:
-            return None
-        if len(items) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(items)}")
-        if any(not s or len(s) > MAX_STOP_LEN for s in items):
-            raise ValueError(f"stop strings must be 1-{MAX_STOP_LEN} characters")
-        return [check_text(s) for s in items]
+        return stop_strings(v)
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(
@@ -99,15 +110,15 @@ class TextPrefixRequest(BaseModel):
     )
 
     text: Text = Field(..., min_length=1, max_length=MAX_INPUT_CHARS)
-    name: Text = Field("", max_length=128)
-    visibility: Literal["private", "public"] = "private"
+    name: Text = Field("", max_length=MAX_NAME_LEN)
+    visibility: Literal[VISIBILITIES] = "private"
 
 
 class PrefixInfo(BaseModel):
     id: str
     name: str
     owner: str
-    visibility: Literal["private", "public"]
+    visibility: Literal[VISIBILITIES]
     source: str
     kind: str
     prefix_len: int

@@ -97,7 +97,7 @@ def run_worker(settings: ServerSettings) -> None:
     from prefix_store.redis_health import RedisHealth
     from prefix_store.service import PrefixService
 
-    from .app import _load
+    from .app import load_configured_model
     from .training.jobs import RedisJobQueue
     from .training.worker import Worker
 
@@ -106,7 +106,7 @@ def run_worker(settings: ServerSettings) -> None:
         raise SystemExit(
             "prefixserve worker needs PREFIXSERVE_REDIS_URL (without Redis the server trains in-process)"
         )
-    model = _load(settings)
+    model = load_configured_model(settings)
     health = RedisHealth(settings.redis_config())  # timeouts and the outage log, shared by cache and queue
     service = PrefixService(model, settings.store_config(), redis_health=health)
     stop = threading.Event()

@@ -10,6 +10,7 @@ from prefix_store.service import StoreConfig
 
 from .engine import EngineConfig
 from .engine.core import longest_usable_prefix
+from .limits import DEFAULT_MAX_PREFIX_LEN
 from .metrics import MetricsConfig
 from .protocol import ConnectionLimits
 
@@ -36,7 +37,7 @@ class ServerSettings:
     cache_ttl_s: int = 24 * 3600
     device_pool_bytes: int = 1 << 30
     max_upload_bytes: int = 64 << 20
-    max_prefix_len: int = 512
+    max_prefix_len: int = DEFAULT_MAX_PREFIX_LEN
     # engine
     max_running: int = 32
     max_tokens_per_step: int = 512

@@ -483,11 +483,11 @@ def test_error_after_streaming_began_is_an_error_event(tiny_model, tmp_path):
 
 
 def test_auto_model_falls_back_to_the_offline_tiny_model(tmp_path, caplog):
-    from prefixserve.app import _load
+    from prefixserve.app import load_configured_model
 
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # the hub is unreachable for this test
     with caplog.at_level("WARNING"):
-        model = _load(ServerSettings(model="auto", data_dir=str(tmp_path)))
+        model = load_configured_model(ServerSettings(model="auto", data_dir=str(tmp_path)))
     assert model.name == str(tmp_path / "tiny-gpt2") and model.spec.n_layer == 3
     assert "OFFLINE TINY MODEL" in caplog.text
 

@@ -100,12 +100,12 @@ def test_auto_model_falls_back_to_the_tiny_model_when_the_hub_is_unreachable(tmp
     script = """
 import logging, time
 logging.basicConfig(level=logging.WARNING)
-from prefixserve.app import _load
+from prefixserve.app import load_configured_model
 from prefixserve.model import hub_model_available
 from prefixserve.settings import ServerSettings
 assert not hub_model_available("gpt2")
 t = time.monotonic()
-model = _load(ServerSettings(model="auto", data_dir=%r))
+model = load_configured_model(ServerSettings(model="auto", data_dir=%r))
 print(model.name, round(time.monotonic() - t, 1))
 """
     env = {

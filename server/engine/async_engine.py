@@ -31,6 +31,7 @@ class _Stream:
 
 class EngineStopped(PrefixServeError):
     kind = "unavailable"
+    status = 503
 
 
 class AsyncEngine:

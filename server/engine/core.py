@@ -19,6 +19,7 @@ from ..errors import (
     PrefixError,
     PrefixServeError,
 )
+from ..limits import MAX_INPUT_CHARS
 from ..model import LoadedModel
 from .detokenizer import Detokenizer
 from .prefixes import PrefixProvider, PrefixTable
@@ -29,7 +30,6 @@ from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, Sequence
 
 log = logging.getLogger(__name__)
 
-MAX_INPUT_CHARS = 1_000_000
 MIN_REQUEST_TOKENS = 2  # a request holds at least one input token and asks for at least one new token
 
 

@@ -6,10 +6,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from ..errors import InvalidRequest
+from ..limits import MAX_SEED, MAX_TEMPERATURE, stop_problem
 
-MAX_STOP_STRINGS = 16
-MAX_STOP_LEN = 256
-MAX_SEED = 2**63 - 1
 GREEDY_BELOW = 1e-5
 
 
@@ -49,9 +47,9 @@ class SamplingParams:
             f"expected an integer >= 1, got {self.max_new_tokens!r}",
         )
         _check(
-            self.temperature >= 0.0 and self.temperature <= 100.0,
+            0.0 <= self.temperature <= MAX_TEMPERATURE,
             "temperature",
-            f"expected a number in [0, 100] (0 = greedy), got {self.temperature!r}",
+            f"expected a number in [0, {MAX_TEMPERATURE:g}] (0 = greedy), got {self.temperature!r}",
         )
         _check(
             isinstance(self.top_k, int) and 0 <= self.top_k <= vocab_size,
@@ -64,17 +62,9 @@ class SamplingParams:
             "seed",
             f"expected an integer in [0, 2**63 - 1], got {self.seed!r}",
         )
-        _check(
-            len(self.stop) <= MAX_STOP_STRINGS,
-            "stop",
-            f"expected at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}",
-        )
-        for i, s in enumerate(self.stop):
-            _check(
-                isinstance(s, str) and 0 < len(s) <= MAX_STOP_LEN,
-                f"stop[{i}]",
-                f"expected a non-empty string of at most {MAX_STOP_LEN} characters, got {s!r}",
-            )
+        problem = stop_problem(self.stop)
+        if problem is not None:
+            raise InvalidRequest(*problem)
 
 
 def _check(ok: bool, name: str, message: str) -> None:

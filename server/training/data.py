@@ -8,11 +8,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InvalidRequest
 from ..inputs import Text, parse_json
+from ..limits import (
+    DEFAULT_MAX_PREFIX_LEN,
+    KINDS,
+    MAX_EXAMPLES,
+    MAX_FIELD_CHARS,
+    MAX_NAME_LEN,
+    MAX_SEPARATOR_CHARS,
+)
 from ..model import LoadedModel
 from .trainer import TrainConfig, encode_example
-
-MAX_EXAMPLES = 50_000
-MAX_FIELD_CHARS = 20_000
 
 
 class TrainExample(BaseModel):
@@ -26,7 +31,7 @@ class Hyperparameters(BaseModel):
     integer field takes only a JSON integer (not "3", 2.0 or true); float fields also take integers."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    prefix_len: int | None = Field(None, ge=1, le=512)
+    prefix_len: int | None = Field(None, ge=1, le=DEFAULT_MAX_PREFIX_LEN)
     hidden: int | None = Field(None, ge=1, le=4096)
     epochs: int | None = Field(None, ge=1, le=100)
     batch_size: int | None = Field(None, ge=1, le=256)
@@ -37,8 +42,8 @@ class Hyperparameters(BaseModel):
     grad_clip: float | None = Field(None, gt=0.0, le=1000.0)
     val_fraction: float | None = Field(None, ge=0.0, le=0.5)
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    separator: Text | None = Field(None, max_length=16)
-    kind: Literal["prefix_kv", "ntk"] | None = Field(
+    separator: Text | None = Field(None, max_length=MAX_SEPARATOR_CHARS)
+    kind: Literal[KINDS] | None = Field(
         None, description="prefix_kv (prefix tuning, the default) or ntk (NTK-Attention)"
     )
     ntk_rank: int | None = Field(None, ge=0, le=1024, description="ntk: rank s of Z = Z_a Z_b; 0 = full Z")
@@ -74,7 +79,7 @@ class TrainPrefixRequest(BaseModel):
         },
     )
     train: TrainSpec
-    name: Text = Field("", max_length=128)
+    name: Text = Field("", max_length=MAX_NAME_LEN)
     visibility: str = Field("private", pattern="^(private|public)$")
 
 

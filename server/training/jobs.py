@@ -50,6 +50,7 @@ TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 class JobNotFound(PrefixServeError):
     kind = "job_not_found"
+    status = 404
 
     def __init__(self, job_id: str) -> None:
         super().__init__(f"job {job_id!r} not found")

@@ -28,11 +28,11 @@ from torch import nn
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from prefix_store.importers import peft_to_canonical
+from prefix_store.limits import KIND_PREFIX_KV, KINDS
 from prefixserve.engine.ntk import ntk_combine
 from prefixserve.model import hf_cache_kwargs
 
 IGNORE = -100
-KINDS = ("prefix_kv", "ntk")
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class TrainConfig:
     val_fraction: float = 0.0  # held out for an eval loss per epoch
     seed: int = 42
     separator: str = "\n"  # between x and y; appended to the input at serving time
-    kind: str = "prefix_kv"  # or "ntk" (prefix_len and hidden do not apply to it)
+    kind: str = KIND_PREFIX_KV  # or "ntk" (prefix_len and hidden do not apply to it)
     ntk_rank: int = 0  # ntk: rank s of Z = Z_a Z_b; 0 = a full Z [D, D]
 
     def __post_init__(self) -> None:
@@ -61,7 +61,7 @@ class TrainConfig:
     @property
     def positions(self) -> int:
         """Positions the trained prefix occupies (an NTK prefix occupies none)."""
-        return self.prefix_len if self.kind == "prefix_kv" else 0
+        return self.prefix_len if self.kind == KIND_PREFIX_KV else 0
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -9,19 +9,22 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .app import ERRORS, State, _collect, _error_event, _first, _state, start_generation, tenant_of
-from .engine import FinishReason, SamplingParams
-from .engine.request import MAX_SEED, MAX_STOP_LEN
-from .inputs import Text, check_text
-from .schemas import MAX_INPUT_CHARS, MAX_NEW_TOKENS
+from ...engine import FinishReason, RequestOutput, SamplingParams
+from ...inputs import Text, check_text
+from ...limits import MAX_INPUT_CHARS, MAX_MODEL_CHARS, MAX_NEW_TOKENS, MAX_SEED, OPENAI_MAX_STOP_STRINGS
+from ...schemas import stop_strings
+from ..errors import ERRORS, BoundedJsonRoute, error_event
+from ..generation import collect, first_output, start_generation
+from ..state import State, get_state, tenant_of
 
-OPENAI_STOP_MAX = 4
+router = APIRouter(tags=["openai"], route_class=BoundedJsonRoute)
 
 
 class CompletionRequest(BaseModel):
@@ -40,7 +43,7 @@ class CompletionRequest(BaseModel):
         },
     )
 
-    model: Text = Field(..., min_length=1, max_length=256)
+    model: Text = Field(..., min_length=1, max_length=MAX_MODEL_CHARS)
     prompt: str | list[str] = Field(..., description="one prompt (a list must hold exactly one)")
     max_tokens: int = Field(16, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -66,12 +69,7 @@ class CompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> list[str]:
-        items = [v] if isinstance(v, str) else (v or [])
-        if len(items) > OPENAI_STOP_MAX or any(not s or len(s) > MAX_STOP_LEN for s in items):
-            raise ValueError(
-                f"up to {OPENAI_STOP_MAX} non-empty stop strings of at most {MAX_STOP_LEN} characters"
-            )
-        return [check_text(s) for s in items]
+        return stop_strings(v, OPENAI_MAX_STOP_STRINGS) or []
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(
@@ -125,57 +123,56 @@ def _openai_reason(reason: FinishReason) -> Literal["stop", "length"]:
     return "length" if reason == FinishReason.LENGTH else "stop"  # OpenAI reports EOS as "stop"
 
 
-def install(app: FastAPI) -> None:
-    @app.get("/v1/models", tags=["openai"], response_model=ModelList, responses=ERRORS)
-    async def models(request: Request, tenant: str = Depends(tenant_of)) -> ModelList:
-        """The base model and every prefix this tenant may use, as OpenAI model cards."""
-        state = _state(request)
-        cards = [ModelCard(id=base_model_name(state), created=0, owned_by="prefixserve")]
-        for meta in await asyncio.to_thread(state.service.list, tenant):  # disk: off the event loop
-            created = int(time.mktime(time.strptime(meta.created_at[:19], "%Y-%m-%dT%H:%M:%S")))
-            cards.append(ModelCard(id=meta.id, created=created, owned_by=meta.owner))
-        return ModelList(data=cards)
+@router.get("/v1/models", response_model=ModelList, responses=ERRORS)
+async def models(request: Request, tenant: str = Depends(tenant_of)) -> ModelList:
+    """The base model and every prefix this tenant may use, as OpenAI model cards."""
+    state = get_state(request)
+    cards = [ModelCard(id=base_model_name(state), created=0, owned_by="prefixserve")]
+    for meta in await asyncio.to_thread(state.service.list, tenant):  # disk: off the event loop
+        created = int(time.mktime(time.strptime(meta.created_at[:19], "%Y-%m-%dT%H:%M:%S")))
+        cards.append(ModelCard(id=meta.id, created=created, owned_by=meta.owner))
+    return ModelList(data=cards)
 
-    @app.post(
-        "/v1/completions",
-        tags=["openai"],
-        response_model=Completion,
-        responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}},
-    )
-    async def completions(body: CompletionRequest, request: Request, tenant: str = Depends(tenant_of)):
-        """OpenAI text completions; `model` is a prefix id or the base model's name."""
-        state = _state(request)
-        prefix_id = None if body.model == base_model_name(state) else body.model
-        rid = f"cmpl-{uuid.uuid4().hex[:24]}"
-        _, outputs = await start_generation(
-            state, tenant, body.prompt, body.sampling_params(), prefix_id, rid
+
+@router.post(
+    "/v1/completions",
+    response_model=Completion,
+    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}},
+)
+async def completions(body: CompletionRequest, request: Request, tenant: str = Depends(tenant_of)):
+    """OpenAI text completions; `model` is a prefix id or the base model's name."""
+    state = get_state(request)
+    prefix_id = None if body.model == base_model_name(state) else body.model
+    rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+    _, outputs = await start_generation(state, tenant, body.prompt, body.sampling_params(), prefix_id, rid)
+    created = int(time.time())
+    if body.stream:
+        first = await first_output(request, outputs)
+        return StreamingResponse(
+            _chunks(rid, body.model, created, first, outputs), media_type="text/event-stream"
         )
-        created = int(time.time())
-        if body.stream:
-            first = await _first(request, outputs)
-            return StreamingResponse(
-                _chunks(rid, body.model, created, first, outputs), media_type="text/event-stream"
+    result = await collect(request, state, rid, prefix_id, outputs)
+    usage = result.usage
+    return Completion(
+        id=rid,
+        created=created,
+        model=body.model,
+        choices=[
+            CompletionChoice(
+                text=result.text, finish_reason=_openai_reason(FinishReason(result.finish_reason))
             )
-        result = await _collect(request, state, rid, prefix_id, outputs)
-        usage = result.usage
-        return Completion(
-            id=rid,
-            created=created,
-            model=body.model,
-            choices=[
-                CompletionChoice(
-                    text=result.text, finish_reason=_openai_reason(FinishReason(result.finish_reason))
-                )
-            ],
-            usage=CompletionUsage(
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                total_tokens=usage.prompt_tokens + usage.completion_tokens,
-            ),
-        )
+        ],
+        usage=CompletionUsage(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.prompt_tokens + usage.completion_tokens,
+        ),
+    )
 
 
-async def _chunks(rid: str, model: str, created: int, first, rest):
+async def _chunks(
+    rid: str, model: str, created: int, first: RequestOutput, rest: AsyncIterator[RequestOutput]
+) -> AsyncIterator[str]:
     """OpenAI streaming: `data: {chunk}` per token, the last with finish_reason, then `data: [DONE]`."""
     try:
         out = first
@@ -193,6 +190,6 @@ async def _chunks(rid: str, model: str, created: int, first, rest):
                 return
             out = await anext(rest)
     except Exception as exc:
-        yield _error_event(exc).replace("event: error\n", "")
+        yield error_event(exc).replace("event: error\n", "")
     finally:
         await rest.aclose()

@@ -1,0 +1,142 @@
+"""Generation shared by /generate and /v1/completions: admission and limits (`start_generation`),
+then either a whole answer (`collect`) or a stream (`first_output`, then `sse`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+from fastapi import Request
+
+from ..engine import FinishReason, RequestOutput, SamplingParams
+from ..engine.request import Request as EngineRequest
+from ..schemas import GenerateResponse, Usage
+from .errors import DeadlineExceeded, Draining, error_event
+from .state import State
+
+T = TypeVar("T")
+
+
+async def start_generation(
+    state: State, tenant: str, text: str, params: SamplingParams, prefix_id: str | None, rid: str
+) -> tuple[EngineRequest, AsyncIterator[RequestOutput]]:
+    """Admission, tenant check, validation and rate limits, then the request's output stream. No
+    Redis or disk call waits on the event loop: the limiter is asyncio, a cold prefix's metadata is
+    read on a thread (after which `prepare` finds it in memory)."""
+    state.admit()
+    if prefix_id is not None:
+        text += (await state.visible(prefix_id, tenant)).input_suffix  # a trained prefix's separator
+    prepared = state.engine.core.prepare(text, params, prefix_id, rid)
+    await state.limiter.check(tenant, len(prepared.prompt_ids) + params.max_new_tokens)
+    return prepared, _timed(state, tenant, state.engine.stream(prepared))
+
+
+async def _timed(
+    state: State, tenant: str, outputs: AsyncIterator[RequestOutput]
+) -> AsyncIterator[RequestOutput]:
+    """Pass outputs through, recording time to first token, inter-token latency and token counts."""
+    start = last = time.monotonic()
+    first = True
+    async for out in outputs:
+        now = time.monotonic()
+        if out.token_ids:
+            (state.metrics.ttft if first else state.metrics.itl).observe(now - (start if first else last))
+            state.metrics.count_tokens(tenant, len(out.token_ids))
+            first, last = False, now
+        yield out
+
+
+async def while_connected(request: Request, awaitable: Awaitable[T], timeout_s: float | None = None) -> T:
+    """Await `awaitable`, checking every 50 ms that the client is still there (and, with `timeout_s`,
+    the deadline); a client that leaves or a passed deadline cancels it."""
+    task = asyncio.ensure_future(awaitable)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.05)
+            if task.done():
+                break
+            if await request.is_disconnected():
+                raise asyncio.CancelledError  # the finally below cancels the task
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeadlineExceeded(f"generation did not finish within {timeout_s}s")
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def first_output(request: Request, outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+    """The first output of a stream; a client that leaves while its request waits aborts it. Errors
+    before the first token are plain HTTP errors; after it they travel in the stream."""
+    try:
+        return await while_connected(request, anext(outputs))
+    except BaseException:
+        await outputs.aclose()  # aborts the sequence (a no-op if the stream already ended)
+        raise
+
+
+def usage(out: RequestOutput) -> dict[str, int]:
+    """A finished request's token counts, as the `usage` of /generate."""
+    return {
+        "prefix_tokens": out.prefix_tokens,
+        "prompt_tokens": out.prompt_tokens,
+        "completion_tokens": out.completion_tokens,
+    }
+
+
+async def sse(
+    rid: str, prefix_id: str | None, first: RequestOutput, rest: AsyncIterator[RequestOutput]
+) -> AsyncIterator[str]:
+    """SSE events; leaving this generator early (client gone) closes `rest`, which aborts the request."""
+    try:
+        out = first
+        while True:
+            if out.token_ids or out.text:
+                token = {"id": rid, "token_ids": out.token_ids, "text": out.text}
+                yield f"event: token\ndata: {json.dumps(token)}\n\n"
+            if out.finished:
+                done = {
+                    "id": rid,
+                    "prefix_id": prefix_id,
+                    "finish_reason": out.finish_reason.value,
+                    "usage": usage(out),
+                }
+                yield f"event: done\ndata: {json.dumps(done)}\n\n"
+                return
+            out = await anext(rest)
+    except Exception as exc:  # after the headers went out, errors travel as an event
+        yield error_event(exc)
+    finally:
+        await rest.aclose()
+
+
+async def collect(
+    request: Request, state: State, rid: str, prefix_id: str | None, outputs: AsyncIterator[RequestOutput]
+) -> GenerateResponse:
+    """Gather a whole answer; a client that disconnects or a passed deadline aborts the request."""
+
+    async def gather() -> tuple[str, RequestOutput]:
+        text, last = [], None
+        async for out in outputs:
+            text.append(out.text)
+            last = out
+        return "".join(text), last
+
+    try:
+        text, last = await while_connected(request, gather(), state.settings.request_timeout_s)
+    finally:
+        await outputs.aclose()
+    if last.finish_reason == FinishReason.CANCELLED:
+        raise Draining("the request was cancelled because the server is stopping")
+    return GenerateResponse(
+        id=rid,
+        prefix_id=prefix_id,
+        text=text,
+        finish_reason=last.finish_reason.value,
+        usage=Usage(**usage(last)),
+    )

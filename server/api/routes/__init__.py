@@ -1,0 +1,5 @@
+"""One `APIRouter` per resource; none imports another's private names."""
+
+from . import generate, jobs, openai, ops, prefixes
+
+ROUTERS = (ops.router, generate.router, prefixes.router, jobs.router, openai.router)

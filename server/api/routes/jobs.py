@@ -1,0 +1,35 @@
+"""Training jobs: status and cancellation (a tenant sees only its own jobs)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends, Request
+
+from ...schemas import JobInfo
+from ...training.jobs import Job, JobNotFound, cancel
+from ..errors import ERRORS, BoundedJsonRoute
+from ..state import State, get_state, tenant_of
+
+router = APIRouter(tags=["jobs"], route_class=BoundedJsonRoute)
+
+
+async def _own_job(state: State, job_id: str, tenant: str) -> Job:
+    job = await asyncio.to_thread(state.jobs.get, job_id)  # 503 + Retry-After when Redis is unavailable
+    if job.tenant != tenant:  # another tenant's job is indistinguishable from none
+        raise JobNotFound(job_id)
+    return job
+
+
+@router.get("/jobs/{job_id}", response_model=JobInfo, responses=ERRORS)
+async def get_job(job_id: str, request: Request, tenant: str = Depends(tenant_of)) -> JobInfo:
+    """A training job's status, progress and loss curve (your own jobs only)."""
+    return JobInfo.of(await _own_job(get_state(request), job_id, tenant))
+
+
+@router.delete("/jobs/{job_id}", response_model=JobInfo, responses=ERRORS)
+async def cancel_job(job_id: str, request: Request, tenant: str = Depends(tenant_of)) -> JobInfo:
+    """Cancel a job: a queued one ends now, a running one within about a second."""
+    state = get_state(request)
+    await _own_job(state, job_id, tenant)
+    return JobInfo.of(await asyncio.to_thread(cancel, state.jobs, job_id))

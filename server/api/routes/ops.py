@@ -1,0 +1,57 @@
+"""Operations: liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ...schemas import ErrorResponse
+from ..errors import BoundedJsonRoute, Draining, error_response
+from ..state import State, get_state
+
+router = APIRouter(tags=["ops"], route_class=BoundedJsonRoute)
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/ready", responses={503: {"model": ErrorResponse}})
+async def ready(request: Request):
+    """Readiness: the model is loaded and warmed up (independent of Redis, whose state it reports:
+    "up", "down" (generation still works, from the durable store) or "none" (not configured))."""
+    state: State | None = getattr(request.app.state, "s", None)
+    if state is None or not state.ready or state.draining:
+        return error_response(Draining("not ready"))
+    spec = state.model.spec
+    return {
+        "status": "ready",
+        "redis": state.redis.state if state.redis is not None else "none",
+        "model": {
+            "name": state.model.served_name,  # the base model's id in /v1/models
+            "fingerprint": state.model.fingerprint,
+            "dtype": str(state.model.dtype),
+            "n_layer": spec.n_layer,
+            "n_head": spec.n_head,
+            "n_embd": spec.n_embd,
+            "n_positions": spec.n_positions,
+            "vocab_size": spec.vocab_size,
+        },
+    }
+
+
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
+)
+async def metrics(request: Request) -> PlainTextResponse:
+    """Prometheus metrics. With PREFIXSERVE_METRICS_KEY set, only for `Authorization: Bearer <that
+    key>`; otherwise, when auth is on, only for loopback clients (401 / 403). Tenant labels are
+    pseudonyms unless PREFIXSERVE_METRICS_TENANT_LABELS=true."""
+    metrics = get_state(request).metrics
+    metrics.access.check(request.headers.get("authorization"), request.client and request.client.host)
+    return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,341 @@
+"""Prefixes: add (upload, PEFT adapter, text, or a training job), list, read, delete.
+
+POST /prefixes takes multipart uploads (size-capped before parsing) or JSON; with an
+`Idempotency-Key` a retry gets the first answer again (`prefixserve.idempotency`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
+
+from prefix_store.format import InvalidPrefixFile, PrefixMeta
+from prefix_store.service import new_prefix_id
+from prefix_store.store import PrefixExists
+
+from ...errors import InvalidRequest, PrefixNotFound
+from ...idempotency import fingerprint, json_fingerprint, parse_key
+from ...inputs import check_text, parse_json
+from ...limits import MAX_IDEMPOTENCY_KEY_CHARS, MAX_NAME_LEN, VISIBILITIES
+from ...schemas import JobInfo, PrefixInfo, PrefixList, TextPrefixRequest, inline_schema
+from ...training.data import Hyperparameters, TrainExample, TrainPrefixRequest, parse_jsonl, validate_dataset
+from ...training.jobs import Job, JobNotFound
+from ..errors import ERRORS, BoundedJsonRoute, ClientGone, Forbidden, PayloadTooLarge
+from ..state import State, get_state, tenant_of
+
+router = APIRouter(tags=["prefixes"], route_class=BoundedJsonRoute)
+
+MULTIPART_FRAMING_BYTES = 64 * 1024  # allowed beyond max_upload_bytes for boundaries and headers
+
+_UPLOAD_DOC = {
+    "parameters": [
+        {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY_CHARS},
+            "description": "a retry with the same key (per tenant, 24 h) gets the first answer again;"
+            " the same key with a different request is 422",
+        }
+    ],
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "a native prefix file"},
+                        "adapter_config": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "PEFT config",
+                        },
+                        "adapter_model": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "PEFT weights",
+                        },
+                        "train": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "JSONL {input, output}",
+                        },
+                        "hyperparameters": {"type": "string", "description": "JSON, with a train upload"},
+                        "name": {"type": "string", "maxLength": MAX_NAME_LEN},
+                        "visibility": {"type": "string", "enum": list(VISIBILITIES)},
+                    },
+                }
+            },
+            "application/json": {
+                "schema": {"oneOf": [inline_schema(TextPrefixRequest), inline_schema(TrainPrefixRequest)]}
+            },
+        },
+    },
+}
+
+
+@router.post(
+    "/prefixes",
+    status_code=201,
+    response_model=PrefixInfo,
+    responses={**ERRORS, 202: {"model": JobInfo, "description": "a training job was queued"}},
+    openapi_extra=_UPLOAD_DOC,
+)
+async def add_prefix(request: Request, tenant: str = Depends(tenant_of)):
+    """Add a prefix: upload a native `.safetensors` prefix (`file`) or a PEFT adapter
+    (`adapter_config` + `adapter_model`) as multipart, compile a text prompt (JSON `{"text"}`), or
+    train one: JSON `{"train": {"examples": [{"input", "output"}], ...hyperparameters}}` or a
+    multipart `train` JSONL file (+ `hyperparameters` as JSON) -> 202 with the job.
+
+    With an `Idempotency-Key` header (1-255 printable ASCII characters, per tenant), a retry of the
+    same request within `PREFIXSERVE_IDEMPOTENCY_TTL_S` gets the first answer again (same status,
+    same id, `Idempotent-Replayed: true`), even across a server restart; the same key with a
+    different request is 422."""
+    state = get_state(request)
+    state.admit()
+    creation = _Creation(state, tenant, parse_key(request.headers.get("idempotency-key")))
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("application/json"):
+        return await _add_json(request, state, creation)
+    if not ctype.startswith("multipart/form-data"):
+        raise InvalidPrefixFile(f"expected multipart/form-data or application/json, got {ctype or 'none'!r}")
+    return await _add_upload(request, state, creation)
+
+
+@router.get("/prefixes", response_model=PrefixList, responses=ERRORS)
+async def list_prefixes(request: Request, tenant: str = Depends(tenant_of)) -> PrefixList:
+    """Your own prefixes and every public one."""
+    metas = await asyncio.to_thread(get_state(request).service.list, tenant)
+    return PrefixList(prefixes=[PrefixInfo.of(m) for m in metas])
+
+
+@router.get("/prefixes/{prefix_id}", response_model=PrefixInfo, responses=ERRORS)
+async def get_prefix(prefix_id: str, request: Request, tenant: str = Depends(tenant_of)) -> PrefixInfo:
+    return PrefixInfo.of(await get_state(request).visible(prefix_id, tenant))
+
+
+@router.delete("/prefixes/{prefix_id}", status_code=204, responses={**ERRORS, 403: {}})
+async def delete_prefix(prefix_id: str, request: Request, tenant: str = Depends(tenant_of)) -> None:
+    """Delete one of your prefixes (public ones too); others' prefixes cannot be deleted."""
+    state = get_state(request)
+    meta = await state.visible(prefix_id, tenant)
+    if meta.owner != tenant:
+        raise Forbidden(
+            f"prefix {prefix_id!r} is public but owned by another tenant; only its owner can delete it"
+        )
+    await asyncio.to_thread(state.service.delete, prefix_id)
+
+
+# ---- creation: planned ids, idempotency --------------------------------------------------------
+def _new_job_id() -> str:
+    return f"job-{uuid.uuid4().hex[:16]}"
+
+
+def _job_accepted(job: Job) -> JSONResponse:
+    return JSONResponse(JobInfo.of(job).model_dump(), 202, headers={"Location": f"/jobs/{job.id}"})
+
+
+@dataclass(frozen=True)
+class _Creation:
+    """One POST /prefixes: its work runs under a planned id, through `Idempotency` when the request
+    carries a key (a retry then gets the first answer), directly otherwise."""
+
+    state: State
+    tenant: str
+    key: str | None
+
+    async def prefix(
+        self, fingerprint: Callable[[], str], add: Callable[[str], Awaitable[PrefixMeta]]
+    ) -> JSONResponse:
+        async def create(prefix_id: str) -> JSONResponse:
+            return JSONResponse(PrefixInfo.of(await add(prefix_id)).model_dump(), 201)
+
+        return await self._run(fingerprint, new_prefix_id(), create, self._recover_prefix)
+
+    async def job(
+        self, fingerprint: Callable[[], str], submit: Callable[[str], Awaitable[JSONResponse]]
+    ) -> JSONResponse:
+        return await self._run(fingerprint, _new_job_id(), submit, self._recover_job)
+
+    async def _run(
+        self,
+        fingerprint: Callable[[], str],
+        planned_id: str,
+        create: Callable[[str], Awaitable[JSONResponse]],
+        recover: Callable[[str], Awaitable[JSONResponse | None]],
+    ) -> JSONResponse:
+        if self.key is None:
+            return await create(planned_id)
+        return await self.state.idempotency.run(
+            self.tenant, self.key, fingerprint(), planned_id, create, recover
+        )
+
+    async def _recover_prefix(self, prefix_id: str) -> JSONResponse | None:
+        """The answer for a planned prefix id already published (by this tenant), else None."""
+        try:
+            meta = await asyncio.to_thread(self.state.service.meta, prefix_id)
+        except PrefixNotFound:
+            return None
+        if meta.owner != self.tenant:
+            return None
+        return JSONResponse(PrefixInfo.of(meta).model_dump(), 201)
+
+    async def _recover_job(self, job_id: str) -> JSONResponse | None:
+        """The answer for a planned job id already queued (by this tenant), else None."""
+        try:
+            job = await asyncio.to_thread(self.state.jobs.get, job_id)
+        except JobNotFound:
+            return None
+        if job.tenant != self.tenant:
+            return None
+        return _job_accepted(job)
+
+
+async def _submit_training(
+    state: State,
+    tenant: str,
+    hyper: Hyperparameters,
+    examples: list[TrainExample],
+    name: str,
+    visibility: str,
+    job_id: str,
+) -> JSONResponse:
+    """Validate the dataset now (not in the worker), store it durably, queue the job -> 202.
+    `job_id`: the planned id (a resumed idempotent request may find its dataset already stored)."""
+    cfg = hyper.config()
+    data = await asyncio.to_thread(
+        validate_dataset, examples, cfg, state.model, state.service.expect.max_prefix_len
+    )
+    job = Job(
+        id=job_id,
+        tenant=tenant,
+        config=cfg.to_dict(),
+        n_examples=len(examples),
+        name=name,
+        visibility=visibility,
+    )
+    if state.redis is not None:  # known down: 503 before writing anything that would need undoing
+        state.redis.check("submitting a training job")
+    store = state.service.store
+    # 507 when the disk is full; PrefixExists: a resumed idempotent request whose dataset (same
+    # fingerprint) was stored before a stop
+    with contextlib.suppress(PrefixExists):
+        await asyncio.to_thread(store.put_training_data, job.id, data)
+    try:
+        await asyncio.to_thread(state.jobs.submit, job)  # 503 + Retry-After when Redis is unavailable
+    except Exception:
+        await asyncio.to_thread(store.delete_training_data, job.id)  # no orphan dataset
+        raise
+    return _job_accepted(job)
+
+
+# ---- request bodies ------------------------------------------------------------------------------
+def _json_object(raw: bytes | str, field: str = "body") -> dict:
+    try:
+        data = parse_json(raw)
+    except ValueError as exc:  # malformed, not UTF-8, or nested too deeply
+        raise InvalidRequest(field, f"expected a JSON object: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest(field, f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone(f"the client left after {size} bytes of the request body") from None
+    return b"".join(chunks)
+
+
+async def _add_json(request: Request, state: State, creation: _Creation) -> JSONResponse:
+    """JSON `{"text"}` compiles a text prefix; `{"train": {...}}` queues a training job."""
+    tenant = creation.tenant
+    data = _json_object(await _read_limited(request, state.settings.max_upload_bytes))
+    if "train" in data:
+        body = TrainPrefixRequest.model_validate(data)
+        return await creation.job(
+            lambda: json_fingerprint(data),
+            lambda job_id: _submit_training(
+                state, tenant, body.train, body.train.examples, body.name, body.visibility, job_id
+            ),
+        )
+    text = TextPrefixRequest.model_validate(data)
+    return await creation.prefix(
+        lambda: json_fingerprint(data),
+        lambda pid: asyncio.to_thread(
+            state.service.add_text, text.text, tenant, text.name, text.visibility, pid
+        ),
+    )
+
+
+async def _add_upload(request: Request, state: State, creation: _Creation) -> JSONResponse:
+    """A multipart upload: a native file, a PEFT adapter, or a JSONL training set."""
+    limit = state.settings.max_upload_bytes
+    body = await _read_limited(request, limit + MULTIPART_FRAMING_BYTES)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield body
+
+    try:
+        form = await MultiPartParser(
+            request.headers, chunks(), max_files=3, max_fields=8, max_part_size=limit
+        ).parse()
+    except MultiPartException as exc:
+        raise InvalidPrefixFile(f"malformed multipart upload: {exc.message}") from None
+    name = str(form.get("name") or "")
+    visibility = str(form.get("visibility") or "private")
+    if len(name) > MAX_NAME_LEN or visibility not in VISIBILITIES:
+        raise InvalidPrefixFile(
+            f"name must be at most {MAX_NAME_LEN} characters and visibility 'private' or 'public'"
+        )
+    try:
+        check_text(name)  # a form's charset (utf-7, unicode_escape, ...) can decode to lone surrogates
+    except ValueError as exc:
+        raise InvalidRequest("name", str(exc)) from None
+    files = {k: await v.read() for k, v in form.multi_items() if hasattr(v, "read")}
+    texts = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+    parts = [*files.items(), *((k, v.encode("utf-8", "surrogatepass")) for k, v in texts.items())]
+    tenant, service = creation.tenant, state.service
+    if set(files) == {"train"}:
+        examples = parse_jsonl(files["train"])
+        hyper = Hyperparameters.model_validate(
+            _json_object(str(form.get("hyperparameters") or "{}"), "hyperparameters")
+        )
+        return await creation.job(
+            lambda: fingerprint("form", parts),
+            lambda job_id: _submit_training(state, tenant, hyper, examples, name, visibility, job_id),
+        )
+    if set(files) == {"file"}:
+        return await creation.prefix(
+            lambda: fingerprint("form", parts),
+            lambda pid: asyncio.to_thread(service.add_file, files["file"], tenant, name, visibility, pid),
+        )
+    if set(files) == {"adapter_config", "adapter_model"}:
+        cfg, weights = files["adapter_config"], files["adapter_model"]
+        return await creation.prefix(
+            lambda: fingerprint("form", parts),
+            lambda pid: asyncio.to_thread(service.add_peft, cfg, weights, tenant, name, visibility, pid),
+        )
+    raise InvalidPrefixFile(
+        "upload either 'file' (a prefix .safetensors), 'adapter_config' + 'adapter_model' (PEFT)"
+        " or 'train' (a JSONL dataset);"
+        f" got {sorted(files)}"
+    )

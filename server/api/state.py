@@ -1,0 +1,68 @@
+"""The per-app `State` (built by the lifespan in `prefixserve.app`) and the dependencies through which
+routes reach it and the caller's tenant."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from prefix_store.format import InvalidPrefixFile, PrefixMeta
+from prefix_store.redis_health import RedisHealth
+from prefix_store.service import PrefixService
+
+from ..auth import Tenants
+from ..engine import AsyncEngine
+from ..errors import PrefixNotFound
+from ..idempotency import Idempotency
+from ..metrics import Metrics
+from ..model import LoadedModel
+from ..ratelimit import RateLimiter
+from ..settings import ServerSettings
+from ..training.jobs import JobQueue
+from .errors import Draining
+
+
+@dataclass
+class State:
+    settings: ServerSettings
+    model: LoadedModel
+    service: PrefixService
+    engine: AsyncEngine
+    tenants: Tenants
+    limiter: RateLimiter
+    metrics: Metrics
+    jobs: JobQueue
+    redis: RedisHealth | None = None  # shared by the cache, the limiter and the job queue
+    ready: bool = False
+    draining: bool = False
+    idempotency: Idempotency = field(kw_only=True)  # Idempotency-Key records on POST /prefixes
+
+    def admit(self) -> None:
+        """Refuse new work (503) while the server is not ready yet or draining."""
+        if self.draining or not self.ready:
+            raise Draining("the server is shutting down or not ready; retry on another replica")
+
+    async def visible(self, prefix_id: str, tenant: str) -> PrefixMeta:
+        """The prefix's metadata if the tenant may use it; read from the store on a thread the first
+        time. An unknown id and another tenant's private one are the same 404."""
+        try:
+            meta = self.service.cached_meta(prefix_id)
+            if meta is None:
+                meta = await asyncio.to_thread(self.service.meta, prefix_id)
+            return self.service.visible(prefix_id, tenant, meta)
+        except InvalidPrefixFile:  # an id that cannot exist is simply not found
+            raise PrefixNotFound(prefix_id) from None
+
+
+def get_state(request: Request) -> State:
+    """The app's State (a dependency: `state: State = Depends(get_state)`)."""
+    return request.app.state.s
+
+
+def tenant_of(request: Request) -> str:
+    """Authenticate; the tenant's name (401 without a valid key)."""
+    tenant = get_state(request).tenants.authenticate(request.headers.get("authorization"))
+    request.state.tenant = tenant
+    return tenant
