@@ -508,5 +508,15 @@ def test_over_http_the_poisoned_prefix_gets_prefix_error_and_another_tenant_is_u
         )
         assert "".join(e["text"] for kind, e in bob_events if kind == "token") == alone
         assert httpx.post(url + "/generate", headers=B, json=bob, timeout=60).json()["text"] == alone
+        # the SDK raises it as what it is: the prefix's data is unusable (a 422), not a server error
+        from prefixserve_client import Client, ValidationError
+
+        with Client(url, api_key=ALICE, max_retries=0) as client:
+            pieces = client.stream(mine, "The Eagle", max_new_tokens=100, ignore_eos=True)
+            next(pieces)
+            runner.kv[:, 1, : runner.num_used, :, :2] = NAN  # the only running row goes bad
+            with pytest.raises(ValidationError) as raised:
+                list(pieces)
+        assert raised.value.status == 422 and raised.value.type == "prefix_error"
     finally:
         server.stop()

@@ -23,6 +23,8 @@ from ._errors import PrefixServeError, ServerError, Timeout, error_for
 from ._models import GenerateResult, JobState, Prefix
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+# What an SSE `error` event's type would have answered as a plain HTTP error (the stream had begun).
+SSE_ERROR_STATUS = {"unavailable": 503, "prefix_error": 422, "timeout": 504}
 ENV_API_KEY = "PREFIXSERVE_API_KEY"
 ENV_BASE_URL = "PREFIXSERVE_BASE_URL"
 RETRY_STATUSES = (429, 503)
@@ -99,7 +101,7 @@ def _stream_item(event: str, data: dict) -> str | None:
     """The text of a token event; raises on an error event; None on `done`."""
     if event == "error":
         err = data.get("error", {})
-        raise error_for(503 if err.get("type") == "unavailable" else 500, data, None)
+        raise error_for(SSE_ERROR_STATUS.get(err.get("type"), 500), data, None)
     return data.get("text", "") if event == "token" else None
 
 
