@@ -34,6 +34,7 @@ from transformers import GPT2LMHeadModel, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from prefix_store.service import PrefixService, StoreConfig
+from prefixserve.compile import bind_model
 from prefixserve.errors import PrefixServeError
 from prefixserve.model import LoadedModel, hf_cache_kwargs, load_hf_model, load_model
 from prefixserve.schemas import GenerateRequest
@@ -226,7 +227,7 @@ def create_app(model_path: str, store_url: str, device: str, dtype: str, cfg: Ba
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model = await asyncio.to_thread(load_model, model_path, dtype, device)
         hf = await asyncio.to_thread(load_hf_model, model_path, model.dtype, model.device)
-        service = PrefixService(model, StoreConfig(url=store_url))
+        service = PrefixService(bind_model(model), StoreConfig(url=store_url))
         state["b"] = baseline = Baseline(model, hf, service, cfg)
         baseline.start()
         yield

@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.engine import GPT2_SMALL, RESULTS
 from prefix_store.redis_server import free_port
 from prefix_store.service import PrefixService, StoreConfig
+from prefixserve.compile import bind_model
 from prefixserve.model import load_model
 from prefixserve.tiny import write_tiny_model
 
@@ -316,7 +317,7 @@ def start_servers(setup: Setup, names: list[str], log_dir: Path) -> dict[str, Se
 def make_prefixes(setup: Setup, n: int, prefix_len: int) -> list[str]:
     """n public prefixes of activation-sized random values, written to the shared store."""
     model = load_model(setup.model_dir, setup.dtype, "cpu")
-    service = PrefixService(model, StoreConfig(url=setup.store))
+    service = PrefixService(bind_model(model), StoreConfig(url=setup.store))
     g = torch.Generator().manual_seed(0)
     ids = []
     for i in range(n):

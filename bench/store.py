@@ -31,6 +31,7 @@ from bench.engine import GPT2_SMALL, RESULTS
 from prefix_store.format import decode_prefix
 from prefix_store.redis_server import RedisServer
 from prefix_store.service import PrefixService, StoreConfig
+from prefixserve.compile import bind_model
 from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
 from prefixserve.model import LoadedModel, load_model
 from prefixserve.tiny import write_tiny_model
@@ -128,7 +129,7 @@ def main() -> None:
             device_pool_bytes=args.pool * per_prefix,
             load_workers=2,
         )
-        svc = PrefixService(model, cfg)
+        svc = PrefixService(bind_model(model), cfg)
         g = torch.Generator().manual_seed(1)
         lat: dict[int, dict[str, list[float]]] = {}
         for p in (10, 200):
@@ -145,13 +146,13 @@ def main() -> None:
         distinct = len(set(picks))
 
         svc.pool.close()  # rotation: a pool of `--pool` prefixes, everything else loaded on demand
-        svc = PrefixService(model, cfg)
+        svc = PrefixService(bind_model(model), cfg)
         rotation = closed_loop(model, svc, ids, picks, new_tokens)
         rot_stats = svc.stats.snapshot()
         svc.pool.close()
 
         resident_cfg = StoreConfig(**{**cfg.__dict__, "device_pool_bytes": (args.prefixes + 10) * per_prefix})
-        svc = PrefixService(model, resident_cfg)
+        svc = PrefixService(bind_model(model), resident_cfg)
         for pid in ids:  # every prefix resident before the clock starts
             svc.pool.put(pid, decode_prefix(svc.load_bytes(pid), svc.expect)[0])
         resident = closed_loop(model, svc, ids, picks, new_tokens)

@@ -1,13 +1,13 @@
 """The prefix file: one self-describing safetensors file per prefix.
 
 Kind `prefix_kv`: tensor `past_key_values` `[n_layer, 2, n_head, P, head_dim]` (architecture.md invariant 1).
-Kind `ntk` (NTK-Attention, server/engine/ntk.py; no positions, prefix_len 0): `ntk_k [n_layer, n_head,
-head_dim]` and either `ntk_z [n_layer, n_head, head_dim, head_dim]` or its low-rank factors
-`ntk_z_a [.., head_dim, s]` and `ntk_z_b [.., s, head_dim]`. Both carry string metadata (format
-version, kind, model fingerprint, length, dtype, name, owner, visibility, source, created_at, sha256
-of the tensor bytes in name order). Reading never unpickles: the header is parsed here, checked
-field by field (each error names what was expected and what was found), and only then is the tensor
-built from the raw bytes.
+Kind `ntk` (NTK-Attention, server/engine/ntk.py; data type in state.py; no positions, prefix_len 0):
+`ntk_k [n_layer, n_head, head_dim]` and either `ntk_z [n_layer, n_head, head_dim, head_dim]` or its
+low-rank factors `ntk_z_a [.., head_dim, s]` and `ntk_z_b [.., s, head_dim]`. Both carry string
+metadata (format version, kind, model fingerprint, length, dtype, name, owner, visibility, source,
+created_at, sha256 of the tensor bytes in name order). Reading never unpickles: the header is parsed
+here, checked field by field (each error names what was expected and what was found), and only then
+is the tensor built from the raw bytes.
 """
 
 from __future__ import annotations
@@ -16,21 +16,20 @@ import hashlib
 import math
 import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import save as st_save
 
-from prefixserve.engine.ntk import NtkPrefix
-from prefixserve.engine.prefixes import PrefixState
-from prefixserve.engine.runner import compile_prefix
-from prefixserve.errors import PrefixServeError
-from prefixserve.inputs import check_text, parse_json
-from prefixserve.model import LoadedModel, ModelSpec
-
+from .errors import PrefixServeError
+from .inputs import check_text, parse_json
 from .limits import KIND_NTK, KIND_PREFIX_KV, KINDS, MAX_NAME_LEN, VISIBILITIES
+from .spec import ModelSpec
+from .state import NtkPrefix, PrefixState
 
 FORMAT_VERSION = "1"
 TENSOR_NAME = "past_key_values"
@@ -214,13 +213,17 @@ class MagnitudeBounds:
     ntk: tuple[float, ...]  # [n_layer], for ntk_z and ntk_k
 
     @classmethod
-    def of(cls, model: LoadedModel) -> MagnitudeBounds:
-        spec = model.spec
+    def derive(cls, spec: ModelSpec, layers: Sequence[Any], own_peaks: torch.Tensor) -> MagnitudeBounds:
+        """The bounds from the frozen weights and the model's own K/V peaks. `layers`: per layer the
+        attention weights `ln1_w`, `ln1_b` `[C]`, `attn_w` `[C, 3C]`, `attn_b` `[3C]`, `proj_w` `[C, C]`
+        (attributes, as the server's `LayerWeights`); `own_peaks [L, 2]`: the largest |key| and |value|
+        the model gives each layer on PROBE_TEXT (measured by the server, which runs the model:
+        `prefixserve.compile.magnitude_bounds`)."""
         h, d = spec.n_head, spec.head_dim
         cap = F16_MAX / OUTPUT_HEADROOM
-        own = _own_peaks(model) * OWN_MARGIN  # [L, 2]
+        own = own_peaks.float().cpu() * OWN_MARGIN  # [L, 2]
         key, value = [], []
-        for layer, lw in enumerate(model.weights.layers):
+        for layer, lw in enumerate(layers):
             g, b, w, bias = (_bf16(t) for t in (lw.ln1_w, lw.ln1_b, lw.attn_w, lw.attn_b))
             q = _query_norm_bound(g, b, w, bias, h)
             proj = float(_bf16(lw.proj_w).abs().sum(0).max())  # max_j ||W_o[:, j]||_1 ([in, out] layout)
@@ -229,13 +232,6 @@ class MagnitudeBounds:
             key.append(_round_down(min(cap, max(worst_k, float(own[layer, 0])))))
             value.append(_round_down(min(cap, max(worst_v, float(own[layer, 1])))))
         return cls(tuple(key), tuple(value), (_round_down(cap),) * spec.n_layer)
-
-
-def _own_peaks(model: LoadedModel) -> torch.Tensor:
-    """The largest |key| and |value| per layer `[L, 2]` that the model gives the probe text."""
-    ids = model.tokenizer.encode(PROBE_TEXT)[: model.spec.n_positions]
-    kv = compile_prefix(model, token_ids=ids).float()  # [L, 2, H, P, D]
-    return kv.abs().flatten(2).max(-1).values.cpu()  # [L, 2]
 
 
 def _bf16(t: torch.Tensor) -> torch.Tensor:

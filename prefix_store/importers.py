@@ -4,20 +4,19 @@ Canonical layout (docs/architecture.md invariant 1): `[n_layer, 2, n_head, P, he
 `prompt_embeddings [P, n_layer*2*n_embd]` maps to it as PEFT itself does: view
 `[P, n_layer*2, n_head, head_dim]`, permute to `[n_layer*2, n_head, P, head_dim]`, layer l's key is
 row 2l and its value row 2l+1. With `prefix_projection`, PEFT saves the projected embeddings, so both
-variants import the same way. Prompt tuning (a soft prompt `[P, n_embd]`) and text are run once
-through the frozen model; their per-layer K/V are the prefix.
+variants import the same way. Prompt tuning (a soft prompt `[P, n_embd]`) is run once through the
+frozen model (`ModelBinding.compile_embeds`, on the server side); its per-layer K/V are the prefix.
+Text is compiled on the server side too (`prefixserve.compile.text_to_kv`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from prefixserve.engine.core import longest_usable_prefix
-from prefixserve.engine.runner import compile_prefix
-from prefixserve.inputs import parse_json
-from prefixserve.model import LoadedModel
-
+from .binding import ModelBinding
 from .format import InvalidPrefixFile, all_finite, parse_header, tensor_from_raw, tensor_layout, tensor_raw
+from .inputs import parse_json
+from .limits import longest_usable_prefix
 
 PEFT_TENSOR = "prompt_embeddings"
 PEFT_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING")
@@ -32,7 +31,7 @@ def peft_to_canonical(emb: torch.Tensor, n_layer: int, n_head: int) -> torch.Ten
     return kv.reshape(n_layer, 2, n_head, p, d).contiguous()
 
 
-def parse_peft_config(raw: bytes, model: LoadedModel) -> dict:
+def parse_peft_config(raw: bytes, model: ModelBinding) -> dict:
     """Check adapter_config.json against the loaded model; every mismatch names both values."""
     if len(raw) > MAX_CONFIG_BYTES:
         raise InvalidPrefixFile(f"adapter_config.json is {len(raw)} bytes; the limit is {MAX_CONFIG_BYTES}")
@@ -63,7 +62,7 @@ def parse_peft_config(raw: bytes, model: LoadedModel) -> dict:
     return cfg
 
 
-def _check_base_model(cfg: dict, model: LoadedModel) -> None:
+def _check_base_model(cfg: dict, model: ModelBinding) -> None:
     """The adapter's dimensions must be the served model's. Its `base_model_name_or_path` is only named
     in the error: a matching model may live under any name or local path."""
     spec = model.spec
@@ -84,7 +83,7 @@ def _check_base_model(cfg: dict, model: LoadedModel) -> None:
 def import_peft(
     config_raw: bytes,
     weights_raw: bytes,
-    model: LoadedModel,
+    model: ModelBinding,
     max_bytes: int,
     max_prefix_len: int | None = None,
 ) -> torch.Tensor:
@@ -118,14 +117,4 @@ def import_peft(
     emb = tensor_from_raw(raw, dtype, shape).float()  # [P, width]
     if cfg["peft_type"] == "PREFIX_TUNING":
         return peft_to_canonical(emb, spec.n_layer, spec.n_head)
-    return compile_prefix(model, embeds=emb).float().cpu()
-
-
-def text_to_kv(text: str, model: LoadedModel, max_len: int) -> torch.Tensor:
-    """An instruction or few-shot block compiled once into its K/V."""
-    ids = model.tokenizer.encode(text, add_special_tokens=False) if isinstance(text, str) else []
-    if not ids:
-        raise InvalidPrefixFile("text must be a non-empty string")
-    if len(ids) > max_len:
-        raise InvalidPrefixFile(f"text is {len(ids)} tokens; a prefix may be at most {max_len}")
-    return compile_prefix(model, token_ids=ids).float().cpu()
+    return model.compile_embeds(emb)

@@ -11,3 +11,11 @@ KINDS = (KIND_PREFIX_KV, KIND_NTK)
 VISIBILITIES = ("private", "public")
 MAX_NAME_LEN = 128  # a prefix's (or training job's) display name, in characters
 DEFAULT_MAX_PREFIX_LEN = 512  # positions a stored prefix may occupy, before the model's own cap
+MAX_JSON_DEPTH = 32  # deepest nesting of arrays/objects accepted anywhere (real documents need <= 4)
+MIN_REQUEST_TOKENS = 2  # a request holds at least one input token and asks for at least one new token
+
+
+def longest_usable_prefix(capacity: int) -> int:
+    """The longest prefix a request can still run with in `capacity` positions (n_positions or the
+    slot's max_seq_len): the engine's `_check_fits` needs prefix + input + max_new_tokens <= capacity."""
+    return capacity - MIN_REQUEST_TOKENS

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from prefixserve.engine.prefixes import PrefixState, prefix_length, prefix_nbytes
-from prefixserve.errors import PrefixServeError
-
 from .cache import Stats
+from .errors import PrefixServeError
+from .state import PrefixState, prefix_length, prefix_nbytes
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import TypeVar
 import redis
 import redis.asyncio as aredis
 
-from prefixserve.errors import PrefixServeError
+from .errors import PrefixServeError
 
 log = logging.getLogger(__name__)
 

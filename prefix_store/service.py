@@ -14,29 +14,26 @@ from dataclasses import dataclass
 
 import torch
 
-from prefixserve.engine.core import longest_usable_prefix
-from prefixserve.engine.prefixes import PrefixState
-from prefixserve.errors import PrefixNotFound
-from prefixserve.model import LoadedModel
-
+from .binding import ModelBinding
 from .cache import ByteCache, LocalByteCache, RedisByteCache, Stats
+from .errors import PrefixNotFound
 from .format import (
     DTYPE_NAMES,
     MAX_HEADER_BYTES,
     TENSOR_NAME,
     Expect,
     InvalidPrefixFile,
-    MagnitudeBounds,
     PrefixMeta,
     decode_prefix,
     decode_tensors,
     encode_tensors,
     read_meta,
 )
-from .importers import PEFT_TENSOR, import_peft, text_to_kv
-from .limits import DEFAULT_MAX_PREFIX_LEN
+from .importers import PEFT_TENSOR, import_peft
+from .limits import DEFAULT_MAX_PREFIX_LEN, longest_usable_prefix
 from .pool import DevicePool
 from .redis_health import RedisConfig, RedisHealth
+from .state import PrefixState
 from .store import DurableStore
 
 log = logging.getLogger(__name__)
@@ -65,11 +62,12 @@ class StoreConfig:
 class PrefixService:
     def __init__(
         self,
-        model: LoadedModel,
+        model: ModelBinding,
         config: StoreConfig | None = None,
         redis_health: RedisHealth | None = None,
     ):
-        """`redis_health`: the process's shared Redis state (built from the config when not given)."""
+        """`model`: the served model as the store sees it (`prefixserve.compile.bind_model(loaded)`);
+        `redis_health`: the process's shared Redis state (built from the config when not given)."""
         self.model = model
         self.config = config or StoreConfig()
         self.stats = Stats()
@@ -89,9 +87,7 @@ class PrefixService:
             self.config.max_prefix_len,
             longest_usable_prefix(model.spec.n_positions),
         )
-        self.expect = Expect(
-            model.spec, model.fingerprint, limit, self.config.max_file_bytes, MagnitudeBounds.of(model)
-        )
+        self.expect = Expect(model.spec, model.fingerprint, limit, self.config.max_file_bytes, model.bounds)
         self.pool = DevicePool(
             self._load_tensor,
             self.length,
@@ -197,7 +193,7 @@ class PrefixService:
         visibility: str = "private",
         prefix_id: str | None = None,
     ) -> PrefixMeta:
-        kv = text_to_kv(text, self.model, self.expect.max_prefix_len)
+        kv = self.model.compile_text(text, self.expect.max_prefix_len)
         return self.add_tensor(kv, owner, name, visibility, "text", prefix_id)
 
     # ---- read ----------------------------------------------------------------------------------

@@ -27,8 +27,7 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from prefixserve.errors import PrefixNotFound, PrefixServeError
-
+from .errors import PrefixNotFound, PrefixServeError
 from .format import PREFIX_ID, check_prefix_id
 
 log = logging.getLogger(__name__)

@@ -23,6 +23,7 @@ from .api.errors import install_error_handlers
 from .api.routes import ROUTERS
 from .api.state import State
 from .auth import Tenants
+from .compile import bind_model
 from .engine import AsyncEngine, EngineCore
 from .idempotency import Idempotency
 from .metrics import Metrics
@@ -72,7 +73,7 @@ def create_app(settings: ServerSettings | None = None, model: LoadedModel | None
         redis_health = RedisHealth(redis_cfg) if redis_cfg is not None else None  # one per process
         # the store sweeps leftover temp files as it opens: disk work, so off the event loop
         service = await asyncio.to_thread(
-            PrefixService, loaded, settings.store_config(), redis_health=redis_health
+            PrefixService, bind_model(loaded), settings.store_config(), redis_health=redis_health
         )
         core = EngineCore(loaded, settings.engine_config(), prefixes=service.pool)
         engine = AsyncEngine(core)

@@ -1,18 +1,26 @@
 """Named errors. Each message says what was expected and what was found.
 
 Every class carries its HTTP `status` and its `kind` (the `type` of the JSON error body); the one
-HTTP boundary (`prefixserve.api.errors`) reads both, the engine and store only raise them.
+HTTP boundary (`prefixserve.api.errors`) reads both, the engine and store only raise them. The base
+class and the store's errors live in `prefix_store.errors` (the lowest layer that raises them) and are
+re-exported here: the same classes, so `except PrefixServeError` catches every one.
 """
 
 from __future__ import annotations
 
+from prefix_store.errors import PrefixNotFound, PrefixServeError
 
-class PrefixServeError(Exception):
-    """Base class of every error this package raises on purpose: `kind` is the error's `type` in
-    the JSON body, `status` its HTTP status code."""
-
-    kind = "server_error"
-    status = 500
+__all__ = [
+    "ContextTooLong",
+    "EngineFault",
+    "EngineOverloaded",
+    "InvalidPrefix",
+    "InvalidRequest",
+    "PrefixError",
+    "PrefixNotFound",
+    "PrefixServeError",
+    "UnsupportedModel",
+]
 
 
 class InvalidRequest(PrefixServeError):
@@ -36,17 +44,6 @@ class ContextTooLong(InvalidRequest):
             f"prefix length {prefix_len} + input tokens {input_len} + max_new_tokens {max_new_tokens}"
             f" = {total} exceeds the {what} of {limit}",
         )
-
-
-class PrefixNotFound(PrefixServeError):
-    """No prefix with this id is known (or the caller may not see it)."""
-
-    kind = "prefix_not_found"
-    status = 404
-
-    def __init__(self, prefix_id: str) -> None:
-        super().__init__(f"prefix {prefix_id!r} not found")
-        self.prefix_id = prefix_id
 
 
 class InvalidPrefix(PrefixServeError):

@@ -1,7 +1,7 @@
 """Every client-facing limit, in one place: the HTTP schemas, the OpenAI endpoint, the engine's own
 validation, training submissions and the store all read these.
 
-The store's limits (kinds, name length, default prefix length) live in `prefix_store.limits`, the
+The store's limits (kinds, name length, default prefix length, JSON depth) live in `prefix_store.limits`, the
 lowest layer that needs them, and are re-exported here.
 """
 
@@ -12,6 +12,7 @@ from prefix_store.limits import (
     KIND_NTK,
     KIND_PREFIX_KV,
     KINDS,
+    MAX_JSON_DEPTH,
     MAX_NAME_LEN,
     VISIBILITIES,
 )
@@ -51,7 +52,6 @@ MAX_STOP_LEN = 256  # characters of one stop string
 MAX_MODEL_CHARS = 256  # the OpenAI `model` field (a prefix id or the base model's name)
 
 # ---- client input --------------------------------------------------------------------------------
-MAX_JSON_DEPTH = 32  # deepest nesting of arrays/objects accepted anywhere (real documents need <= 4)
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 TENANT_NAME_MAX = 64
 

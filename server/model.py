@@ -26,6 +26,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from prefix_store.spec import ModelSpec
+
 from .errors import InvalidRequest, UnsupportedModel
 
 DTYPES: dict[str, torch.dtype] = {
@@ -61,59 +63,31 @@ def parse_device(name: str | torch.device) -> torch.device:
     return device
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """The dimensions and options of a GPT-2-family model that the engine needs."""
-
-    n_layer: int
-    n_head: int
-    n_embd: int
-    n_positions: int
-    vocab_size: int
-    layer_norm_eps: float
-    activation: str
-    scale_attn_weights: bool
-    scale_attn_by_inverse_layer_idx: bool
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    def prefix_shape(self, prefix_len: int) -> tuple[int, int, int, int, int]:
-        """Canonical prefix layout (architecture.md invariant 1): [n_layer, 2, n_head, P, head_dim]."""
-        return (self.n_layer, 2, self.n_head, prefix_len, self.head_dim)
-
-    def attn_scale(self, layer: int) -> float:
-        scale = self.head_dim**-0.5 if self.scale_attn_weights else 1.0
-        if self.scale_attn_by_inverse_layer_idx:
-            scale /= layer + 1
-        return scale
-
-    @classmethod
-    def from_config(cls, config: GPT2Config) -> ModelSpec:
-        if config.model_type != "gpt2":
-            raise UnsupportedModel(
-                f"expected a GPT-2-family checkpoint (model_type 'gpt2'), got {config.model_type!r}"
-            )
-        if getattr(config, "add_cross_attention", False):
-            raise UnsupportedModel("GPT-2 checkpoints with cross-attention are not supported")
-        if config.activation_function not in ACTIVATIONS:
-            raise UnsupportedModel(
-                f"activation {config.activation_function!r} is not supported; expected one of {ACTIVATIONS}"
-            )
-        if config.n_embd % config.n_head:
-            raise UnsupportedModel(f"n_embd {config.n_embd} is not divisible by n_head {config.n_head}")
-        return cls(
-            n_layer=config.n_layer,
-            n_head=config.n_head,
-            n_embd=config.n_embd,
-            n_positions=config.n_positions,
-            vocab_size=config.vocab_size,
-            layer_norm_eps=config.layer_norm_epsilon,
-            activation=config.activation_function,
-            scale_attn_weights=config.scale_attn_weights,
-            scale_attn_by_inverse_layer_idx=config.scale_attn_by_inverse_layer_idx,
+def spec_from_config(config: GPT2Config) -> ModelSpec:
+    """The spec of a GPT-2-family checkpoint's config; UnsupportedModel for anything else."""
+    if config.model_type != "gpt2":
+        raise UnsupportedModel(
+            f"expected a GPT-2-family checkpoint (model_type 'gpt2'), got {config.model_type!r}"
         )
+    if getattr(config, "add_cross_attention", False):
+        raise UnsupportedModel("GPT-2 checkpoints with cross-attention are not supported")
+    if config.activation_function not in ACTIVATIONS:
+        raise UnsupportedModel(
+            f"activation {config.activation_function!r} is not supported; expected one of {ACTIVATIONS}"
+        )
+    if config.n_embd % config.n_head:
+        raise UnsupportedModel(f"n_embd {config.n_embd} is not divisible by n_head {config.n_head}")
+    return ModelSpec(
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        n_embd=config.n_embd,
+        n_positions=config.n_positions,
+        vocab_size=config.vocab_size,
+        layer_norm_eps=config.layer_norm_epsilon,
+        activation=config.activation_function,
+        scale_attn_weights=config.scale_attn_weights,
+        scale_attn_by_inverse_layer_idx=config.scale_attn_by_inverse_layer_idx,
+    )
 
 
 @dataclass
@@ -213,7 +187,7 @@ class LoadedModel:
 def load_hf_model(name_or_path: str | Path, dtype: torch.dtype, device: torch.device) -> GPT2LMHeadModel:
     """The checkpoint as a frozen HF module in eval mode (used by loaders, references and baselines)."""
     config = AutoConfig.from_pretrained(str(name_or_path))
-    ModelSpec.from_config(config)  # reject non-GPT-2 checkpoints before loading weights
+    spec_from_config(config)  # reject non-GPT-2 checkpoints before loading weights
     model = GPT2LMHeadModel.from_pretrained(str(name_or_path), dtype=dtype)
     model.to(device).eval().requires_grad_(False)
     return model
@@ -258,7 +232,7 @@ def load_model(
     torch_device = parse_device(device)
     hf = load_hf_model(name_or_path, torch_dtype, torch_device)
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
-    spec, weights = ModelSpec.from_config(hf.config), GPT2Weights.from_hf(hf)
+    spec, weights = spec_from_config(hf.config), GPT2Weights.from_hf(hf)
     return LoadedModel(
         name=str(name_or_path),
         spec=spec,

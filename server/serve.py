@@ -98,6 +98,7 @@ def run_worker(settings: ServerSettings) -> None:
     from prefix_store.service import PrefixService
 
     from .app import load_configured_model
+    from .compile import bind_model
     from .training.jobs import RedisJobQueue
     from .training.worker import Worker
 
@@ -108,7 +109,7 @@ def run_worker(settings: ServerSettings) -> None:
         )
     model = load_configured_model(settings)
     health = RedisHealth(settings.redis_config())  # timeouts and the outage log, shared by cache and queue
-    service = PrefixService(model, settings.store_config(), redis_health=health)
+    service = PrefixService(bind_model(model), settings.store_config(), redis_health=health)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
+from prefix_store.limits import longest_usable_prefix
 from prefix_store.redis_health import RedisConfig
 from prefix_store.service import StoreConfig
 
 from .engine import EngineConfig
-from .engine.core import longest_usable_prefix
 from .limits import DEFAULT_MAX_PREFIX_LEN
 from .metrics import MetricsConfig
 from .protocol import ConnectionLimits

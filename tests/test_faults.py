@@ -18,6 +18,7 @@ import redis
 
 from prefix_store.redis_health import RedisConfig, RedisHealth, RedisUnavailable
 from prefix_store.service import PrefixService, StoreConfig
+from prefixserve.compile import bind_model
 from prefixserve.training.jobs import GROUP, STREAM, RedisJobQueue
 from prefixserve.training.synthetic import table_to_text
 from prefixserve.training.worker import Worker, WorkerConfig
@@ -213,7 +214,7 @@ def test_job_queue_works_again_after_flushall_without_restarts(tiny_model, tmp_p
     """A worker and a server keep running across FLUSHALL: the worker recreates the consumer group by
     itself (NOGROUP is not fatal) and a job submitted afterwards is trained and served."""
     server = LiveServer(settings_for(tmp_path, redis_url=own_redis.url, job_reclaim_s=2), tiny_model).start()
-    service = PrefixService(tiny_model, StoreConfig(url=server.state.service.config.url))
+    service = PrefixService(bind_model(tiny_model), StoreConfig(url=server.state.service.config.url))
     worker = Worker(RedisJobQueue(own_redis.url, reclaim_s=2), service, WorkerConfig(poll_s=0.2))
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,), name="worker")

@@ -16,7 +16,8 @@ import transformers
 from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from transformers import GPT2LMHeadModel
 
-from prefix_store.importers import import_peft, text_to_kv
+from prefix_store.importers import import_peft
+from prefixserve.compile import bind_model, text_to_kv
 from prefixserve.engine import EngineCore, SamplingParams
 
 from .reference import hf_greedy
@@ -94,7 +95,7 @@ def imported(tmp_path, model) -> torch.Tensor:
     return import_peft(
         (tmp_path / "adapter_config.json").read_bytes(),
         (tmp_path / "adapter_model.safetensors").read_bytes(),
-        model,
+        bind_model(model),
         MAX_BYTES,
     )
 

@@ -195,8 +195,9 @@ def test_malformed_ntk_files_are_rejected_with_a_reason(tiny_model, expect):
 def test_an_ntk_prefix_from_the_store_serves_in_a_mixed_batch(tiny_model, hf_model, tmp_path):
     """Store -> device pool -> engine, next to a prefix-KV row, equals the formula's reference."""
     from prefix_store.service import PrefixService, StoreConfig
+    from prefixserve.compile import bind_model
 
-    service = PrefixService(tiny_model, StoreConfig(url=str(tmp_path / "store")))
+    service = PrefixService(bind_model(tiny_model), StoreConfig(url=str(tmp_path / "store")))
     try:
         tensors = ntk_tensors(tiny_model, rank=4)
         meta = service.add_tensors(tensors, "alice", "ntk")

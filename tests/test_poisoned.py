@@ -32,6 +32,7 @@ from prefix_store.format import (
     encode_tensors,
 )
 from prefix_store.service import PrefixService, StoreConfig
+from prefixserve.compile import bind_model, magnitude_bounds
 from prefixserve.engine import EngineConfig, EngineCore, FinishReason, SamplingParams
 from prefixserve.engine.ntk import NtkPrefix
 from prefixserve.engine.runner import compile_prefix
@@ -50,12 +51,12 @@ A, B = {"Authorization": f"Bearer {ALICE}"}, {"Authorization": f"Bearer {BOB}"}
 
 @pytest.fixture(scope="module")
 def bounds(tiny_model) -> MagnitudeBounds:
-    return MagnitudeBounds.of(tiny_model)
+    return magnitude_bounds(tiny_model)
 
 
 @pytest.fixture
 def service(tiny_model, tmp_path):
-    svc = PrefixService(tiny_model, StoreConfig(url=str(tmp_path / "store")))
+    svc = PrefixService(bind_model(tiny_model), StoreConfig(url=str(tmp_path / "store")))
     yield svc
     svc.close()
 
@@ -68,7 +69,7 @@ def test_the_bound_is_the_documented_one_in_every_serving_dtype(tiny_model, tiny
         (8100.0,) * 3,
     )  # README
     for dtype in ("bfloat16", "float16"):  # one checkpoint, one bound (as it has one fingerprint)
-        assert MagnitudeBounds.of(load_model(tiny_model_dir, dtype=dtype)) == bounds
+        assert magnitude_bounds(load_model(tiny_model_dir, dtype=dtype)) == bounds
 
 
 def test_the_models_own_keys_and_values_are_always_within_the_bound(tmp_path):
@@ -78,7 +79,7 @@ def test_the_models_own_keys_and_values_are_always_within_the_bound(tmp_path):
     from prefixserve.tiny import TinyModelConfig, write_tiny_model
 
     model = load_model(write_tiny_model(tmp_path / "wide", TinyModelConfig(initializer_range=8.0)))
-    bounds = MagnitudeBounds.of(model)
+    bounds = magnitude_bounds(model)
     text = "name : The Mill | food : Chinese | area : riverside. The Mill is a Chinese restaurant."
     kv = compile_prefix(model, token_ids=model.tokenizer.encode(text))  # [L, 2, H, P, D]
     own = kv.abs().flatten(2).max(-1).values  # [L, 2]
@@ -87,7 +88,7 @@ def test_the_models_own_keys_and_values_are_always_within_the_bound(tmp_path):
     )  # floor governs
     assert all(float(o) <= b for b, o in zip(bounds.key, own[:, 0], strict=True))
     assert all(float(o) <= b for b, o in zip(bounds.value, own[:, 1], strict=True))
-    service = PrefixService(model, StoreConfig(url=str(tmp_path / "store")))
+    service = PrefixService(bind_model(model), StoreConfig(url=str(tmp_path / "store")))
     try:
         assert service.add_text(text, "alice").prefix_len == kv.shape[3]  # accepted
     finally:

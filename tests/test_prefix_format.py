@@ -21,6 +21,7 @@ from prefix_store.format import (
     read_meta,
 )
 from prefix_store.importers import import_peft, peft_to_canonical
+from prefixserve.compile import bind_model
 
 MAX_BYTES = 1 << 20
 
@@ -257,15 +258,15 @@ def test_wrong_peft_adapters_are_named(tiny_model, cfg_over, weights, pattern):
     if weights is not None:
         w = st_save(weights)
     with pytest.raises(InvalidPrefixFile, match=pattern):
-        import_peft(cfg, w, tiny_model, MAX_BYTES)
+        import_peft(cfg, w, bind_model(tiny_model), MAX_BYTES)
 
 
 def test_peft_config_not_json_and_pickled_weights(tiny_model):
     cfg, w = peft_files(tiny_model)
     with pytest.raises(InvalidPrefixFile, match=r"adapter_config\.json is not valid JSON"):
-        import_peft(b"{nope", w, tiny_model, MAX_BYTES)
+        import_peft(b"{nope", w, bind_model(tiny_model), MAX_BYTES)
     with pytest.raises(InvalidPrefixFile, match="Python pickle"):
-        import_peft(cfg, pickle.dumps({"prompt_embeddings": 1}), tiny_model, MAX_BYTES)
+        import_peft(cfg, pickle.dumps({"prompt_embeddings": 1}), bind_model(tiny_model), MAX_BYTES)
 
 
 def test_peft_layout_matches_pefts_own_split(tiny_model):

@@ -13,6 +13,7 @@ from prefix_store.cache import KEY_PREFIX, LocalByteCache
 from prefix_store.format import InvalidPrefixFile, PrefixMeta, encode_prefix
 from prefix_store.service import PrefixService, StoreConfig
 from prefix_store.store import DurableStore, PrefixExists
+from prefixserve.compile import bind_model
 from prefixserve.engine import EngineConfig, EngineCore, FinishReason, SamplingParams
 from prefixserve.errors import PrefixNotFound
 
@@ -78,7 +79,7 @@ def service_factory(tmp_path, tiny_model):
 
     def make(redis_url: str | None = None, **over) -> PrefixService:
         cfg = StoreConfig(url=str(tmp_path / "store"), redis_url=redis_url, max_prefix_len=64, **over)
-        svc = PrefixService(tiny_model, cfg)
+        svc = PrefixService(bind_model(tiny_model), cfg)
         made.append(svc)
         return svc
 

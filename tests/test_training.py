@@ -21,6 +21,7 @@ from transformers import GPT2LMHeadModel, get_linear_schedule_with_warmup
 
 from prefix_store.importers import peft_to_canonical
 from prefix_store.service import PrefixService, StoreConfig
+from prefixserve.compile import bind_model
 from prefixserve.training.checkpoint import CheckpointMismatch, decode_checkpoint, encode_checkpoint
 from prefixserve.training.jobs import (
     TERMINAL,
@@ -162,7 +163,7 @@ def submit(service: PrefixService, queue, pairs, config: TrainConfig, tenant: st
 
 
 def test_failing_job_ends_failed_after_max_attempts_and_rerun_publishes_once(tiny_model, tmp_path):
-    service = PrefixService(tiny_model, StoreConfig(url=str(tmp_path / "store")))
+    service = PrefixService(bind_model(tiny_model), StoreConfig(url=str(tmp_path / "store")))
     queue = LocalJobQueue()
     worker = Worker(queue, service, WorkerConfig(max_attempts=3, poll_s=0.05))
     broken = submit(service, queue, table_to_text(4), FAST)
@@ -187,7 +188,7 @@ def test_failing_job_ends_failed_after_max_attempts_and_rerun_publishes_once(tin
 
 
 def test_cancel_queued_and_running_jobs(tiny_model, tmp_path):
-    service = PrefixService(tiny_model, StoreConfig(url=str(tmp_path / "store")))
+    service = PrefixService(bind_model(tiny_model), StoreConfig(url=str(tmp_path / "store")))
     queue = LocalJobQueue()
     queued = submit(service, queue, table_to_text(4), FAST)
     assert cancel(queue, queued.id).status == JobStatus.CANCELLED
@@ -350,7 +351,7 @@ def test_worker_killed_mid_job_resumes_from_its_checkpoint_and_publishes_exactly
     from that checkpoint as attempt 2 (progress never goes back without the attempt number going up),
     publishes one prefix, deletes the checkpoint, and removes the dead worker's consumer."""
     store = tmp_path / "store"
-    service = PrefixService(tiny_model, StoreConfig(url=str(store)))
+    service = PrefixService(bind_model(tiny_model), StoreConfig(url=str(store)))
     queue = RedisJobQueue(own_redis.url, reclaim_s=2)
     per_epoch = 25  # 100 examples, batch 4
     job = submit(
@@ -388,7 +389,10 @@ def test_worker_killed_mid_job_resumes_from_its_checkpoint_and_publishes_exactly
         assert done.progress.losses[:per_epoch] == before and len(done.progress.losses) == 4 * per_epoch
         assert [m.id for m in service.list("alice")] == [f"pfx-{job.id}"]
         assert service.meta(done.prefix_id).source == "train"
-        assert service.store.get_checkpoint(job.id) is None  # removed once the job ended
+        deadline = time.monotonic() + 30  # the worker removes it right after saving the job's end
+        while service.store.get_checkpoint(job.id) is not None:
+            assert time.monotonic() < deadline, "the checkpoint outlived its job"
+            time.sleep(0.02)
         deadline = time.monotonic() + 30  # the dead consumer: idle past 5 x reclaim_s, nothing pending
         while len(queue.consumers()) != 1:
             assert time.monotonic() < deadline, queue.consumers()

@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+# the store caps stored prefixes by these too, so they live in its limits (re-exported here)
+from prefix_store.limits import MIN_REQUEST_TOKENS as MIN_REQUEST_TOKENS
+from prefix_store.limits import longest_usable_prefix as longest_usable_prefix
+
 from ..errors import (
     ContextTooLong,
     EngineFault,
@@ -29,14 +33,6 @@ from .sampling import make_generator, sample_rows
 from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, Sequence
 
 log = logging.getLogger(__name__)
-
-MIN_REQUEST_TOKENS = 2  # a request holds at least one input token and asks for at least one new token
-
-
-def longest_usable_prefix(capacity: int) -> int:
-    """The longest prefix a request can still run with in `capacity` positions (n_positions or the
-    slot's max_seq_len): `_check_fits` needs prefix + input + max_new_tokens <= capacity."""
-    return capacity - MIN_REQUEST_TOKENS
 
 
 @dataclass(frozen=True)

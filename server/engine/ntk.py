@@ -7,35 +7,18 @@ attends to its own (causal) keys K and values V gets
 
 with phi(x) = elu(x / D**0.25) + 1. The extra terms cost O(D^2) per token and head, whatever the
 prefix "length". A row with an NTK prefix occupies no cache positions: its tokens start at 0.
+The `NtkPrefix` data type lives in `prefix_store.state` (the store builds it from files) and is
+re-exported here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
+from prefix_store.state import NtkPrefix
 
-@dataclass(frozen=True)
-class NtkPrefix:
-    """One NTK prefix: z `[n_layer, n_head, D, D]` and k `[n_layer, n_head, D]`."""
-
-    z: torch.Tensor  # [L, H, D, D]
-    k: torch.Tensor  # [L, H, D]
-
-    @staticmethod
-    def from_factors(z_a: torch.Tensor, z_b: torch.Tensor, k: torch.Tensor) -> NtkPrefix:
-        """Low-rank Z = Z_a Z_b, multiplied in fp32 and kept in k's dtype: z_a `[L, H, D, s]`,
-        z_b `[L, H, s, D]`."""
-        return NtkPrefix((z_a.float() @ z_b.float()).to(k.dtype), k)
-
-    def to(self, device: torch.device, dtype: torch.dtype) -> NtkPrefix:
-        return NtkPrefix(self.z.to(device, dtype), self.k.to(device, dtype))
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.z, self.k))
+__all__ = ["NtkPrefix", "check_ntk", "ntk_combine", "phi"]
 
 
 def phi(q: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ request's slot, and the engine `release`s the pin right after. A load that fails
 
 `PrefixTable` keeps prefixes in memory (registered directly, or announced and registered later);
 the store's device pool (`prefix_store.pool.DevicePool`) implements the same protocol with an
-asynchronous loader behind it.
+asynchronous loader behind it. `PrefixState` and its helpers live in `prefix_store.state` and are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -18,21 +19,19 @@ from typing import Protocol
 
 import torch
 
+from prefix_store.state import PrefixState, prefix_length, prefix_nbytes
+
 from ..errors import InvalidPrefix, PrefixNotFound, PrefixServeError
 from ..model import ModelSpec
 from .ntk import NtkPrefix, check_ntk
 
-# What a provider hands the runner: K/V `[n_layer, 2, n_head, P, head_dim]` or an NTK prefix (length 0)
-PrefixState = torch.Tensor | NtkPrefix
-
-
-def prefix_length(state: PrefixState) -> int:
-    """Positions the prefix occupies in a row's slot (an NTK prefix occupies none)."""
-    return 0 if isinstance(state, NtkPrefix) else state.shape[3]
-
-
-def prefix_nbytes(state: PrefixState) -> int:
-    return state.nbytes if isinstance(state, NtkPrefix) else state.numel() * state.element_size()
+__all__ = [
+    "PrefixProvider",
+    "PrefixState",
+    "PrefixTable",
+    "prefix_length",
+    "prefix_nbytes",
+]
 
 
 class PrefixProvider(Protocol):

@@ -27,8 +27,9 @@ from prefix_store.redis_health import RedisUnavailable
 from prefix_store.service import PrefixService
 from prefix_store.store import PrefixExists
 
+from ..compile import BoundModel
 from ..errors import PrefixServeError
-from ..model import load_hf_model
+from ..model import LoadedModel, load_hf_model
 from .checkpoint import CheckpointMismatch, decode_checkpoint, encode_checkpoint
 from .jobs import TERMINAL, Job, JobQueue, JobStatus
 from .trainer import Cancelled, Interrupted, PrefixTrainer, Progress, TrainConfig, TrainState
@@ -64,10 +65,20 @@ class Worker:
         self._hf = hf_model
         self._stop = threading.Event()
 
+    def _loaded(self) -> LoadedModel:
+        """The served model behind the store's binding (`prefixserve.compile.bind_model`)."""
+        model = self.service.model
+        if not isinstance(model, BoundModel):
+            raise TypeError(
+                f"the worker trains on a loaded model: expected a PrefixService over bind_model(model),"
+                f" got one over {type(model).__name__}"
+            )
+        return model.loaded
+
     def _model(self) -> GPT2LMHeadModel:
         if self._hf is None:  # fp32 for training, on the GPU when there is one
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            self._hf = load_hf_model(self.service.model.name, torch.float32, device)
+            self._hf = load_hf_model(self._loaded().name, torch.float32, device)
         return self._hf
 
     def run(self, stop: threading.Event) -> None:
@@ -137,7 +148,7 @@ class Worker:
         cfg = TrainConfig(**job.config)
         try:
             pairs = read_pairs(self.service.store.get_training_data(job.id))
-            trainer = PrefixTrainer(self._model(), self.service.model.tokenizer, cfg)
+            trainer = PrefixTrainer(self._model(), self._loaded().tokenizer, cfg)
             prefix, prog = trainer.train(
                 pairs, self._progress(delivery, job), resume=resume, on_epoch=self._checkpoint(job)
             )
