@@ -129,7 +129,8 @@ def main() -> None:
             device_pool_bytes=args.pool * per_prefix,
             load_workers=2,
         )
-        svc = PrefixService(bind_model(model), cfg)
+        bound = bind_model(model)  # the store's view of the model (bounds measured once)
+        svc = PrefixService(bound, cfg)
         g = torch.Generator().manual_seed(1)
         lat: dict[int, dict[str, list[float]]] = {}
         for p in (10, 200):
@@ -146,13 +147,13 @@ def main() -> None:
         distinct = len(set(picks))
 
         svc.pool.close()  # rotation: a pool of `--pool` prefixes, everything else loaded on demand
-        svc = PrefixService(bind_model(model), cfg)
+        svc = PrefixService(bound, cfg)
         rotation = closed_loop(model, svc, ids, picks, new_tokens)
         rot_stats = svc.stats.snapshot()
         svc.pool.close()
 
         resident_cfg = StoreConfig(**{**cfg.__dict__, "device_pool_bytes": (args.prefixes + 10) * per_prefix})
-        svc = PrefixService(bind_model(model), resident_cfg)
+        svc = PrefixService(bound, resident_cfg)
         for pid in ids:  # every prefix resident before the clock starts
             svc.pool.put(pid, decode_prefix(svc.load_bytes(pid), svc.expect)[0])
         resident = closed_loop(model, svc, ids, picks, new_tokens)

@@ -59,15 +59,19 @@ class ClientGone(PrefixServeError):
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422, 429, 503, 507)}  # OpenAPI
 
 
-def error_response(exc: Exception) -> JSONResponse:
-    """The JSON answer for any exception: a named error's own status and kind, else a logged 500."""
+def _describe(exc: Exception) -> tuple[Exception, int, str, str]:
+    """(the error as answered, status, type, message): a named error's own, else a logged 500."""
     if isinstance(exc, OSError) and exc.errno in NO_SPACE:  # a disk filled up outside the store's writes
         exc = InsufficientStorage("this request", exc)
     if isinstance(exc, PrefixServeError):
-        status, kind, message = exc.status, exc.kind, str(exc)
-    else:
-        log.exception("unhandled error", exc_info=exc)
-        status, kind, message = 500, "server_error", "internal server error"
+        return exc, exc.status, exc.kind, str(exc)
+    log.exception("unhandled error", exc_info=exc)
+    return exc, 500, "server_error", "internal server error"
+
+
+def error_response(exc: Exception) -> JSONResponse:
+    """The JSON answer for any exception, with its status (and Retry-After / WWW-Authenticate)."""
+    exc, status, kind, message = _describe(exc)
     headers = {}
     if status in (429, 503):  # 503: draining or not ready yet
         headers["Retry-After"] = str(max(1, int(getattr(exc, "retry_after", 1))))
@@ -78,8 +82,7 @@ def error_response(exc: Exception) -> JSONResponse:
 
 def error_event(exc: Exception) -> str:
     """An error after a stream's headers went out: an SSE `error` event with the same body."""
-    kind = exc.kind if isinstance(exc, PrefixServeError) else "server_error"
-    message = str(exc) if isinstance(exc, PrefixServeError) else "internal server error"
+    _, _, kind, message = _describe(exc)
     return f"event: error\ndata: {json.dumps({'error': {'type': kind, 'message': message}})}\n\n"
 
 
