@@ -162,9 +162,6 @@ class ModelRunner:
         self._ntk.append(isinstance(prefix, NtkPrefix))
         return slot
 
-    def _open(self, row: RowInput) -> int:
-        return self.open(row.request_id, row.prefix)
-
     def _place(self, slot: int, prefix: PrefixState | None) -> int:
         """Copy a prefix into a free slot; returns the positions it fills."""
         if isinstance(prefix, NtkPrefix):
@@ -237,7 +234,7 @@ class ModelRunner:
         """
         for row in rows:
             if row.open_slot:
-                self._open(row)
+                self.open(row.request_id, row.prefix)
         batch, order = self._prepare(rows)
         tok = self.w.wte[batch.ids] if inputs_embeds is None else inputs_embeds.to(self.device, self.dtype)
         x = tok + self.w.wpe[batch.pos]  # [N, C]
