@@ -31,8 +31,8 @@ from transformers import GPT2LMHeadModel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine import GPT2_SMALL, RESULTS, sync
+from prefix_store.state import NtkPrefix
 from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
-from prefixserve.engine.ntk import NtkPrefix
 from prefixserve.model import LoadedModel, load_model
 from prefixserve.tiny import write_tiny_model
 from prefixserve.training.synthetic import table_to_text

@@ -25,3 +25,10 @@ class PrefixNotFound(PrefixServeError):
     def __init__(self, prefix_id: str) -> None:
         super().__init__(f"prefix {prefix_id!r} not found")
         self.prefix_id = prefix_id
+
+
+class InvalidPrefixFile(PrefixServeError):
+    """An uploaded or stored prefix file is malformed or does not fit the loaded model (HTTP 422)."""
+
+    kind = "invalid_prefix"
+    status = 422

@@ -1,9 +1,8 @@
 """The prefix file: one self-describing safetensors file per prefix.
 
-Kind `prefix_kv`: tensor `past_key_values` `[n_layer, 2, n_head, P, head_dim]` (architecture.md invariant 1).
-Kind `ntk` (NTK-Attention, server/engine/ntk.py; data type in state.py; no positions, prefix_len 0):
-`ntk_k [n_layer, n_head, head_dim]` and either `ntk_z [n_layer, n_head, head_dim, head_dim]` or its
-low-rank factors `ntk_z_a [.., head_dim, s]` and `ntk_z_b [.., s, head_dim]`. Both carry string
+Each kind (kinds/: `prefix_kv`, tensor `past_key_values` `[n_layer, 2, n_head, P, head_dim]`,
+architecture.md invariant 1; `ntk`, NTK-Attention's `ntk_k` and `ntk_z` or its low-rank factors, no
+positions) names its tensors and checks their shapes and magnitudes. Every file carries string
 metadata (format version, kind, model fingerprint, length, dtype, name, owner, visibility, source,
 created_at, sha256 of the tensor bytes in name order). Reading never unpickles: the header is parsed
 here, checked field by field (each error names what was expected and what was found), and only then
@@ -25,31 +24,21 @@ import numpy as np
 import torch
 from safetensors.torch import save as st_save
 
-from .errors import PrefixServeError
+from .errors import InvalidPrefixFile as InvalidPrefixFile
 from .inputs import check_text, parse_json
-from .limits import KIND_NTK, KIND_PREFIX_KV, KINDS, MAX_NAME_LEN, VISIBILITIES
+from .kinds import BY_NAME, TENSOR_SETS, kind_with_tensors
+from .kinds.kv import TENSOR_NAME
+from .limits import KIND_PREFIX_KV, KINDS, MAX_NAME_LEN, VISIBILITIES
 from .spec import ModelSpec
-from .state import NtkPrefix, PrefixState
+from .state import PrefixState
 
 FORMAT_VERSION = "1"
-TENSOR_NAME = "past_key_values"
-TENSOR_SETS = {  # the tensors a file of each kind holds (sorted names)
-    KIND_PREFIX_KV: ([TENSOR_NAME],),
-    KIND_NTK: (["ntk_k", "ntk_z"], ["ntk_k", "ntk_z_a", "ntk_z_b"]),
-}
 SOURCES = ("upload", "peft", "text", "train")
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 MAX_HEADER_BYTES = 64 * 1024
 PREFIX_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{2,63}$")
 OPTIONAL = {"input_suffix": ""}  # metadata added after format version 1 first shipped
-
-
-class InvalidPrefixFile(PrefixServeError):
-    """An uploaded or stored prefix file is malformed or does not fit the loaded model (HTTP 422)."""
-
-    kind = "invalid_prefix"
-    status = 422
 
 
 def check_prefix_id(prefix_id: str) -> str:
@@ -119,7 +108,7 @@ class PrefixMeta:
             raise InvalidPrefixFile(
                 f"input_suffix must be at most 16 characters, got {len(self.input_suffix)}"
             )
-        if (self.kind == KIND_NTK) != (self.prefix_len == 0):
+        if BY_NAME[self.kind].positional != (self.prefix_len > 0):
             raise InvalidPrefixFile(
                 f"prefix_len must be 0 for an ntk prefix and >= 1 for a prefix_kv one, got {self.prefix_len}"
                 f" for kind {self.kind!r}"
@@ -153,13 +142,15 @@ def encode_tensors(tensors: dict[str, torch.Tensor], meta: PrefixMeta) -> bytes:
             f"prefix tensors must share one dtype of {sorted(DTYPE_NAMES.values())}, "
             f"got {sorted(map(str, dtypes))}"
         )
-    kind = KIND_PREFIX_KV if TENSOR_NAME in tensors else KIND_NTK
+    kind = kind_with_tensors(tensors)
+    if kind is None:
+        raise InvalidPrefixFile(f"expected the tensors of one kind {TENSOR_SETS}, got {sorted(tensors)}")
     digest = hashlib.sha256(b"".join(tensor_bytes(t) for t in tensors.values())).hexdigest()
     meta = PrefixMeta(
         **{
             **meta.to_strings(),
-            "kind": kind,
-            "prefix_len": tensors[TENSOR_NAME].shape[3] if kind == KIND_PREFIX_KV else 0,
+            "kind": kind.name,
+            "prefix_len": kind.length(kind.from_tensors(tensors)),
             "dtype": DTYPE_NAMES[dtypes.pop()],
             "sha256": digest,
         }
@@ -356,11 +347,7 @@ def decode_prefix(data: bytes, expect: Expect) -> tuple[PrefixState, PrefixMeta]
     """Validate everything, then build the prefix: K/V `[n_layer, 2, n_head, P, head_dim]` or an
     NtkPrefix (low-rank Z multiplied out), on the CPU, and its metadata."""
     tensors, meta = decode_tensors(data, expect)
-    if meta.kind == KIND_PREFIX_KV:
-        return tensors[TENSOR_NAME], meta
-    if "ntk_z" in tensors:
-        return NtkPrefix(tensors["ntk_z"], tensors["ntk_k"]), meta
-    return NtkPrefix.from_factors(tensors["ntk_z_a"], tensors["ntk_z_b"], tensors["ntk_k"]), meta
+    return BY_NAME[meta.kind].from_tensors(tensors), meta
 
 
 def decode_tensors(data: bytes, expect: Expect) -> tuple[dict[str, torch.Tensor], PrefixMeta]:
@@ -382,10 +369,8 @@ def decode_tensors(data: bytes, expect: Expect) -> tuple[dict[str, torch.Tensor]
                 f"metadata dtype {meta.dtype!r} does not match the tensor's {DTYPE_NAMES[dtype]!r}"
             )
         shapes[name], dtypes[name] = shape, dtype
-    if meta.kind == KIND_PREFIX_KV:
-        _check_shape(shapes[TENSOR_NAME], meta, expect)
-    else:
-        _check_ntk_shapes(shapes, expect.spec)
+    kind = BY_NAME[meta.kind]
+    kind.check_shapes(shapes, meta.prefix_len, expect)
     if meta.model_fingerprint != expect.fingerprint:
         raise InvalidPrefixFile(
             f"prefix was made for model {meta.model_fingerprint}, but this server runs {expect.fingerprint}"
@@ -396,7 +381,8 @@ def decode_tensors(data: bytes, expect: Expect) -> tuple[dict[str, torch.Tensor]
     if not all(all_finite(raw, dtypes[n]) for n, raw in raws.items()):
         raise InvalidPrefixFile("prefix contains NaN or Inf values")
     if expect.bounds is not None:
-        check_magnitudes({n: as_float32(raw, dtypes[n], shapes[n]) for n, raw in raws.items()}, expect.bounds)
+        arrays = {n: as_float32(raw, dtypes[n], shapes[n]) for n, raw in raws.items()}
+        kind.check_magnitudes(arrays, expect.bounds)
     return {n: tensor_from_raw(raw, dtypes[n], shapes[n]) for n, raw in raws.items()}, meta
 
 
@@ -456,69 +442,8 @@ def as_float32(raw: bytes, dtype: torch.dtype, shape: list[int]) -> np.ndarray:
 
 def check_magnitudes(arrays: dict[str, np.ndarray], bounds: MagnitudeBounds) -> None:
     """Raise InvalidPrefixFile unless every layer's values are within `bounds` (and NTK's k >= 0).
-    `arrays`: a file's finite tensors by name, as float32."""
-    n_layer = len(bounds.key)
-    if TENSOR_NAME in arrays:
-        peaks = np.abs(arrays[TENSOR_NAME].reshape(n_layer, 2, -1)).max(-1)  # [L, 2]
-        _check_peaks(f"{TENSOR_NAME} keys", peaks[:, 0], bounds.key)
-        _check_peaks(f"{TENSOR_NAME} values", peaks[:, 1], bounds.value)
-        return
-    k = arrays["ntk_k"].reshape(n_layer, -1)  # [L, H*D]
-    if (low := float(k.min())) < 0:
-        layer = int(np.argmin(k.min(-1)))
-        raise InvalidPrefixFile(
-            f"ntk_k must be >= 0 everywhere (so the NTK denominator S + phi(q).k stays positive; a trained"
-            f" k is softplus(.) > 0), got {low:.4g} at layer {layer}"
-        )
-    _check_peaks("ntk_k", k.max(-1), bounds.ntk)
-    if "ntk_z" in arrays:
-        z, name = arrays["ntk_z"], "ntk_z"
-    else:
-        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught just below
-            z, name = arrays["ntk_z_a"] @ arrays["ntk_z_b"], "ntk_z (= ntk_z_a @ ntk_z_b)"
-    _check_peaks(name, np.abs(z).reshape(n_layer, -1).max(-1), bounds.ntk)
-
-
-def _check_peaks(what: str, peaks: np.ndarray, limits: tuple[float, ...]) -> None:
-    """peaks, limits `[L]`: the largest |value| and the bound per layer; names the worst layer."""
-    ratio = peaks / np.asarray(limits)  # [L]; NaN (an overflowed product) counts as over
-    if not bool(np.all(ratio <= 1.0)):
-        layer = int(np.argmax(np.where(np.isnan(ratio), np.inf, ratio)))
-        raise InvalidPrefixFile(
-            f"{what}: largest |value| at layer {layer} is {peaks[layer]:.4g}, above this model's bound of"
-            f" {limits[layer]:.4g} (prefix magnitudes are bounded so that attention cannot overflow in"
-            " float16, bfloat16 or float32; see README, 'Magnitudes')"
-        )
-
-
-def _check_shape(shape: list[int], meta: PrefixMeta, expect: Expect) -> None:
-    if len(shape) != 5:
-        raise InvalidPrefixFile(f"shape must be [n_layer, 2, n_head, P, head_dim] (5 dims), got {shape}")
-    p = shape[3]
-    want = list(expect.spec.prefix_shape(p))
-    if shape != want:
-        raise InvalidPrefixFile(f"shape must be {want} for this model, got {shape}")
-    if not 1 <= p <= expect.max_prefix_len:
-        raise InvalidPrefixFile(
-            f"prefix length must be in [1, {expect.max_prefix_len}], got {p} (the limit is max_prefix_len,"
-            " or less where the model's context must still hold one input token and one new token)"
-        )
-    if p != meta.prefix_len:
-        raise InvalidPrefixFile(
-            f"metadata prefix_len {meta.prefix_len} does not match the tensor's length {p}"
-        )
-
-
-def _check_ntk_shapes(shapes: dict[str, list[int]], spec: ModelSpec) -> None:
-    lh, d = [spec.n_layer, spec.n_head], spec.head_dim
-    want = {"ntk_k": [*lh, d], "ntk_z": [*lh, d, d]}
-    if "ntk_z_a" in shapes:
-        rank = shapes["ntk_z_a"][-1] if len(shapes["ntk_z_a"]) == 4 else -1
-        if not 1 <= rank <= d:
-            raise InvalidPrefixFile(
-                f"ntk_z_a must be [{lh[0]}, {lh[1]}, {d}, s] with 1 <= s <= {d}, got {shapes['ntk_z_a']}"
-            )
-        want.update(ntk_z_a=[*lh, d, rank], ntk_z_b=[*lh, rank, d])
-    for name, shape in shapes.items():
-        if shape != want[name]:
-            raise InvalidPrefixFile(f"{name} must have shape {want[name]} for this model, got {shape}")
+    `arrays`: a file's finite tensors by name, as float32; their kind checks them."""
+    kind = kind_with_tensors(arrays)
+    if kind is None:
+        raise InvalidPrefixFile(f"expected the tensors of one kind {TENSOR_SETS}, got {sorted(arrays)}")
+    kind.check_magnitudes(arrays, bounds)

@@ -1,6 +1,6 @@
 """What a loaded prefix is in memory: canonical K/V or an NTK prefix (pure data types).
 
-The engine (`prefixserve.engine.prefixes`, `prefixserve.engine.ntk`) re-exports these and runs them;
+The kinds (`prefix_store.kinds`) validate and attend with these, the engine serves them;
 the store builds them from files and keeps them in the device pool.
 """
 

@@ -109,6 +109,16 @@ class Metrics:
         Gauge("prefixserve_running_sequences", "Sequences in the batch", registry=r).set_function(
             lambda: core.scheduler.num_running
         )
+        blocks = core.scheduler.blocks
+        Gauge("prefixserve_kv_blocks_total", "Blocks of the paged KV pool", registry=r).set_function(
+            lambda: blocks.capacity
+        )
+        Gauge("prefixserve_kv_blocks_free", "Free blocks of the paged KV pool", registry=r).set_function(
+            lambda: blocks.num_free
+        )
+        Gauge(
+            "prefixserve_preemptions", "Rows preempted for KV memory since start (recomputed)", registry=r
+        ).set_function(lambda: core.scheduler.num_preemptions)
         r.register(_TierCollector(service))
 
     def tenant(self, tenant: str) -> str:

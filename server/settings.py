@@ -39,10 +39,12 @@ class ServerSettings:
     max_upload_bytes: int = 64 << 20
     max_prefix_len: int = DEFAULT_MAX_PREFIX_LEN
     # engine
-    max_running: int = 32
-    max_tokens_per_step: int = 512
+    max_running: int = 0  # rows per batch; 0: 256 on CUDA, 64 on CPU
+    max_tokens_per_step: int = 0  # 0: max(512, max_running)
     max_waiting: int = 256
     max_seq_len: int = 0  # 0: the model's n_positions
+    kv_cache_tokens: int = 0  # paged KV pool of the rows' own tokens; 0: max_running * max_seq_len / 2
+    kv_block_size: int = 16  # tokens per KV block
     # tenants and limits
     # "auto": on exactly when API keys are configured; "false": one default tenant, no keys (local use;
     # logged as a warning); "true": keys required even when none are configured (everything 401s)
@@ -106,10 +108,12 @@ class ServerSettings:
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
-            max_running=self.max_running,
-            max_tokens_per_step=self.max_tokens_per_step,
+            max_running=self.max_running or None,
+            max_tokens_per_step=self.max_tokens_per_step or None,
             max_waiting=self.max_waiting,
             max_seq_len=self.max_seq_len or None,
+            kv_cache_tokens=self.kv_cache_tokens or None,
+            block_size=self.kv_block_size,
         )
 
     def redis_config(self) -> RedisConfig | None:

@@ -74,6 +74,9 @@ def test_health_ready_metrics(api):
         "prefixserve_time_to_first_token_seconds",
         "prefixserve_inter_token_latency_seconds",
         "prefixserve_prefix_loads_total",
+        "prefixserve_kv_blocks_total",
+        "prefixserve_kv_blocks_free",
+        "prefixserve_preemptions",
     ):
         assert name in text, name
     # tenants appear as pseudonyms (tests/test_connections.py: access rules, names when configured)
@@ -249,13 +252,13 @@ def test_tenant_isolation_matrix(api):
 # ---- disconnects, overload, limits ------------------------------------------------------------
 def test_streaming_client_disconnect_frees_the_slot(api):
     core = api.state.engine.core
-    wait_until(lambda: core.runner.num_used == 0)
+    wait_until(lambda: core.num_running == 0)
     req = {"input": "The Mill", "max_new_tokens": 200, "stream": True}
     with httpx.stream("POST", api.url + "/generate", json=req, headers=A) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("event: token")
-        assert core.runner.num_used == 1
-    wait_until(lambda: core.runner.num_used == 0 and core.num_live == 0)
+        assert core.num_running == 1
+    wait_until(lambda: core.num_running == 0 and core.num_live == 0)
 
 
 def test_streaming_client_that_leaves_while_queued_is_dropped_from_the_queue(tmp_path):
@@ -281,8 +284,8 @@ def test_streaming_client_that_leaves_while_queued_is_dropped_from_the_queue(tmp
             ):
                 pass
             wait_until(lambda: core.num_live == 1, timeout=2)  # gone from the queue within moments
-            assert core.runner.num_used == 1 and next(lines).startswith("data: ")  # the first still runs
-        wait_until(lambda: core.num_live == 0 and core.runner.num_used == 0)
+            assert core.num_running == 1 and next(lines).startswith("data: ")  # the first still runs
+        wait_until(lambda: core.num_live == 0 and core.num_running == 0)
     finally:
         server.stop()
 
@@ -296,7 +299,7 @@ def generated_tokens(api, tenant: str) -> float:
 
 def test_non_streaming_client_disconnect_frees_the_slot(api):
     core = api.state.engine.core
-    wait_until(lambda: core.runner.num_used == 0)
+    wait_until(lambda: core.num_running == 0)
     before = generated_tokens(api, "alice")
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(
@@ -305,7 +308,7 @@ def test_non_streaming_client_disconnect_frees_the_slot(api):
             headers=A,
             timeout=httpx.Timeout(5, read=0.02),
         )
-    wait_until(lambda: core.num_live == 0 and core.runner.num_used == 0)
+    wait_until(lambda: core.num_live == 0 and core.num_running == 0)
     assert generated_tokens(api, "alice") - before < 240  # aborted, not run to the end
 
 

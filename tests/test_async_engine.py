@@ -60,9 +60,9 @@ def test_closing_the_stream_cancels_and_frees_the_slot(engine):
             PROMPTS[0], SamplingParams(max_new_tokens=200, ignore_eos=True), prefix_id="p3"
         )
         got = [await anext(stream) for _ in range(3)]
-        assert engine.core.runner.num_used == 1
+        assert engine.core.num_running == 1
         await stream.aclose()  # what a disconnecting HTTP client does
-        await wait_for(lambda: engine.core.runner.num_used == 0 and not engine.core.has_work)
+        await wait_for(lambda: engine.core.num_running == 0 and not engine.core.has_work)
         return got
 
     got = asyncio.run(main())
@@ -77,11 +77,11 @@ def test_cancelled_task_aborts_its_request(engine):
                 pass
 
         task = asyncio.create_task(consume())
-        await wait_for(lambda: engine.core.runner.num_used == 1)
+        await wait_for(lambda: engine.core.num_running == 1)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await wait_for(lambda: engine.core.num_live == 0 and engine.core.runner.num_used == 0)
+        await wait_for(lambda: engine.core.num_live == 0 and engine.core.num_running == 0)
 
     asyncio.run(main())
 

@@ -156,11 +156,11 @@ def test_cancel_frees_slot_at_next_step_and_others_are_unaffected(tiny_model, hf
     for _ in range(3):
         for o in engine.step():
             outs.setdefault(o.request_id, []).append(o)
-    assert engine.runner.num_used == 3
+    assert engine.num_running == 3
     assert engine.abort(a) and not engine.abort(a)
     for o in engine.step():
         outs.setdefault(o.request_id, []).append(o)
-    assert engine.runner.num_used == 2  # freed within one step
+    assert engine.num_running == 2  # freed within one step
     assert engine.prefixes.pins("p2") == 0
     d = engine.add_request(PROMPTS[4], SamplingParams(max_new_tokens=5), prefix_id="p4")  # reuses the slot
     while engine.has_work:
@@ -171,7 +171,7 @@ def test_cancel_frees_slot_at_next_step_and_others_are_unaffected(tiny_model, hf
         prompt = tiny_model.tokenizer.encode(PROMPTS[{b: 1, c: 3, d: 4}[rid]])
         ref, _ = hf_greedy(hf_model, prompt, prefixes.get(pid), len(outs[rid]))
         assert collect(outs[rid])[0] == ref  # slot compaction moved rows without corrupting them
-    assert engine.runner.num_used == 0
+    assert engine.num_running == 0
 
 
 # ---- validation ------------------------------------------------------------------------------

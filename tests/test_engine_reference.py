@@ -72,7 +72,7 @@ def test_mixed_prefixes_join_mid_flight_match_hf(tiny_model, hf_model, budget):
             torch.testing.assert_close(
                 a, b, rtol=1e-4, atol=1e-4, msg=lambda m, i=i, rid=rid: f"{rid} step {i}: {m}"
             )
-    assert not engine.has_work and engine.runner.num_used == 0  # every slot was freed
+    assert not engine.has_work and engine.num_running == 0  # every row left the batch
 
 
 def test_alone_equals_in_batch(tiny_model):

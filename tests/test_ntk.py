@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
+from prefix_store.state import NtkPrefix
 from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
-from prefixserve.engine.ntk import NtkPrefix
 from prefixserve.errors import InvalidPrefix
 from prefixserve.model import LoadedModel
 
@@ -247,7 +247,7 @@ def test_trained_ntk_prefix_lowers_held_out_loss_and_serves_as_trained(tiny_mode
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fused_gpu_decode_kernel_matches_the_eager_path(tiny_model_dir, hf_model):
-    from prefixserve.engine import ntk_triton
+    from prefix_store.kinds import ntk_triton
     from prefixserve.model import load_model
 
     gpu = load_model(tiny_model_dir, device="cuda")

@@ -32,9 +32,9 @@ from prefix_store.format import (
     encode_tensors,
 )
 from prefix_store.service import PrefixService, StoreConfig
+from prefix_store.state import NtkPrefix
 from prefixserve.compile import bind_model, magnitude_bounds
 from prefixserve.engine import EngineConfig, EngineCore, FinishReason, SamplingParams
-from prefixserve.engine.ntk import NtkPrefix
 from prefixserve.engine.runner import compile_prefix
 from prefixserve.errors import EngineFault, PrefixError
 from prefixserve.model import LoadedModel, load_model
@@ -368,7 +368,7 @@ def test_a_poisoned_row_ends_alone_and_the_others_equal_their_solo_runs(
         assert tokens == ref_tokens, f"r{i} ({row[0]}): {tokens} != alone {ref_tokens}"
         for a, b in zip(logits, ref_logits, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert engine.runner.num_used == 0 and engine.num_live == 0 and engine.prefixes.pins("bad") == 0
+    assert engine.num_running == 0 and engine.num_live == 0 and engine.prefixes.pins("bad") == 0
 
     # ...and the engine keeps serving: a short row takes the poisoned row's slot (0) next to a longer
     # one, so decode attention reads that slot past the row's own length (masked, but NaN + -inf = NaN)
@@ -404,7 +404,7 @@ def test_a_step_fault_ends_that_steps_rows_and_the_engine_keeps_serving(tiny_mod
         alone = new_engine(tiny_model, 512, good_prefixes(tiny_model))
         ref = alone.add_request(prompt, SamplingParams(max_new_tokens=n), pid)
         assert collect(rest[rid])[0] == collect(alone.run_to_completion()[ref])[0]
-    assert engine.runner.num_used == 0
+    assert engine.num_running == 0
 
 
 def test_a_prefix_that_cannot_be_placed_ends_only_its_own_request(tiny_model, service):
@@ -498,8 +498,8 @@ def test_over_http_the_poisoned_prefix_gets_prefix_error_and_another_tenant_is_u
                 alice_lines = ra.iter_lines()
                 head = next(alice_lines), next(alice_lines)
                 rid = json.loads(head[1][6:])["id"]
-                slot = runner._slot_of[rid]
-                runner.kv[:, 1, slot, :, :2] = NAN  # the row's slot goes bad while it decodes
+                first_block = server.state.engine.core.scheduler.get(rid).blocks[0]
+                runner.kv[:, 1, first_block, :2] = NAN  # the row's values go bad while it decodes
                 alice_events = sse_events([*head, *alice_lines])
             bob_events = sse_events([bob_first, *bob_lines])
         assert alice_events[0][0] == "token" and alice_events[-1][0] == "error"
@@ -515,7 +515,8 @@ def test_over_http_the_poisoned_prefix_gets_prefix_error_and_another_tenant_is_u
         with Client(url, api_key=ALICE, max_retries=0) as client:
             pieces = client.stream(mine, "The Eagle", max_new_tokens=100, ignore_eos=True)
             next(pieces)
-            runner.kv[:, 1, : runner.num_used, :, :2] = NAN  # the only running row goes bad
+            (only,) = server.state.engine.core.scheduler.running()
+            runner.kv[:, 1, only.blocks[0], :2] = NAN  # the only running row goes bad
             with pytest.raises(ValidationError) as raised:
                 list(pieces)
         assert raised.value.status == 422 and raised.value.type == "prefix_error"

@@ -186,3 +186,104 @@ def test_many_requests_all_finish_in_arrival_order_of_admission():
         assert s.num_running <= 3 and plan.num_tokens <= 8
     assert admitted == [f"r{i}" for i in range(10)]
     assert sorted(finished) == sorted(admitted)
+
+
+# ---- memory: KV blocks -------------------------------------------------------------------------
+
+
+def make_paged(blocks: int, block_size: int = 4, max_running: int = 8, budget: int = 64) -> Scheduler:
+    """A scheduler over `blocks` usable KV blocks (plus the null block), no watermark."""
+    return Scheduler(SchedulerConfig(max_running, budget, blocks + 1, block_size), lambda pid: True)
+
+
+def drain(s: Scheduler) -> None:
+    while s.has_work:
+        run_step(s)
+
+
+def test_admission_is_by_free_blocks_not_by_rows():
+    s = make_paged(blocks=5, block_size=4)
+    for r, prompt in (("a", 8), ("b", 8), ("c", 8)):  # two blocks each
+        s.add(seq(r, prompt=prompt, max_new=2))
+    plan, _ = run_step(s)
+    assert [c.request_id for c in plan.chunks] == ["a", "b"]  # c would need 2 of the 1 left
+    assert [len(c.blocks) for c in plan.chunks] == [2, 2] and s.blocks.num_free == 1
+    assert (s.num_running, s.num_waiting) == (2, 1)
+
+
+def test_rows_grow_block_by_block_and_return_them_when_done():
+    s = make_paged(blocks=10, block_size=4)
+    s.add(seq("a", prompt=3, max_new=6, eos=None))
+    plan, _ = run_step(s)
+    assert plan.chunks[0].blocks == s.get("a").blocks and len(s.get("a").blocks) == 1
+    run_step(s)  # token 4 (index 3) still fits the first block
+    assert len(s.get("a").blocks) == 1
+    run_step(s)  # index 4: a second block
+    assert len(s.get("a").blocks) == 2
+    drain(s)
+    assert s.blocks.num_free == 10
+
+
+def test_out_of_blocks_preempts_the_newest_row_which_recomputes_later():
+    s = make_paged(blocks=4, block_size=4, budget=64)
+    s.add(seq("old", prompt=4, max_new=8, eos=None))
+    s.add(seq("new", prompt=4, max_new=8, eos=None))
+    run_step(s)  # both prefilled (4 tokens: one block each), one token sampled each
+    for _ in range(4):  # decode tokens 4..7: each row holds 2 blocks, none left
+        run_step(s)
+    assert s.blocks.num_free == 0 and s.get("old").num_computed == 8
+    plan, _ = run_step(s)  # "old" needs a third block for token 8: "new" (the newest) is preempted
+    assert plan.preempted == ["new"] and [c.request_id for c in plan.chunks] == ["old"]
+    new = s.get("new")
+    assert (new.num_computed, new.blocks, s.num_waiting, s.num_preemptions) == (0, [], 1, 1)
+    generated = new.num_generated
+    while s.get("old") is not None:
+        run_step(s)
+    plan, _ = run_step(s)  # memory is back: "new" recomputes prompt + output so far, then samples
+    (chunk,) = plan.chunks
+    assert (chunk.request_id, chunk.first, chunk.start, chunk.num_tokens, chunk.sample) == (
+        "new",
+        True,
+        0,
+        4 + generated,
+        True,
+    )
+    assert s.get("new").num_generated == generated + 1  # exactly one new token for that step
+    drain(s)
+    assert s.blocks.num_free == 4
+
+
+def test_a_row_preempts_itself_when_it_is_the_newest():
+    s = make_paged(blocks=3, block_size=2, budget=64)
+    s.add(seq("a", prompt=3, max_new=10, eos=None))
+    s.add(seq("b", prompt=2, max_new=10, eos=None))
+    run_step(s)  # a: 2 blocks (room for one more token), b: 1 full block; none free
+    plan, _ = run_step(s)  # b needs a block and is itself the newest: it steps back, a runs on
+    assert plan.preempted == ["b"] and [c.request_id for c in plan.chunks] == ["a"]
+    assert s.get("b").num_computed == 0 and s.blocks.num_free == 1
+
+
+def test_block_accounting_after_thousands_of_requests_with_cancels_and_preemptions():
+    import random
+
+    rng = random.Random(0)
+    s = make_paged(blocks=40, block_size=4, max_running=12, budget=48)
+    added = 0
+    step = 0
+    while added < 2000 or s.has_work:
+        for _ in range(rng.randint(0, 3)):
+            if added < 2000:
+                s.add(seq(f"r{added}", prompt=rng.randint(1, 30), max_new=rng.randint(1, 20), eos=None))
+                added += 1
+        plan = s.schedule()
+        sampled = {c.request_id: 7 for c in plan.chunks if c.sample}
+        s.update(sampled)
+        for r in s.running():  # every running row's table covers what it has computed
+            assert len(r.blocks) * 4 >= r.num_computed
+        held = sum(len(r.blocks) for r in s.running())
+        assert held + s.blocks.num_free == 40, f"step {step}: {held} held + {s.blocks.num_free} free != 40"
+        if step % 7 == 0 and s.num_running:  # cancel one (running or waiting)
+            victim = rng.choice(s.running() + s.waiting())
+            s.finish(victim.request_id, FinishReason.CANCELLED)
+        step += 1
+    assert s.blocks.num_free == 40 and s.num_preemptions > 0

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
+
+from prefix_store.kinds import kind_of
 
 # the store caps stored prefixes by these too, so they live in its limits (re-exported here)
 from prefix_store.limits import MIN_REQUEST_TOKENS as MIN_REQUEST_TOKENS
@@ -24,9 +26,10 @@ from ..errors import (
     PrefixServeError,
 )
 from ..limits import MAX_INPUT_CHARS
-from ..model import LoadedModel
+from ..model import LoadedModel, ModelSpec
+from .blocks import blocks_for
 from .detokenizer import Detokenizer
-from .prefixes import PrefixProvider, PrefixTable
+from .prefixes import PrefixProvider, PrefixState, PrefixTable
 from .request import FinishReason, Request, SamplingParams
 from .runner import ModelRunner, RowInput, StepOutput
 from .sampling import make_generator, sample_rows
@@ -35,17 +38,45 @@ from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, Sequence
 log = logging.getLogger(__name__)
 
 
+DEFAULT_MAX_RUNNING = {"cuda": 256, "cpu": 64}  # rows per batch by device type (others: the CPU's)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    max_running: int = 32  # sequences in one batch (KV slots allocated up front)
-    max_tokens_per_step: int = 512  # tokens per forward pass; longer prompts are prefilled in chunks
+    max_running: int | None = None  # rows in one batch; None: DEFAULT_MAX_RUNNING for the device
+    max_tokens_per_step: int | None = None  # tokens per forward pass (None: max(512, max_running));
+    # longer prompts are prefilled in chunks
     max_waiting: int = 256  # requests queued beyond the running ones; more -> EngineOverloaded
-    max_seq_len: int | None = None  # slot capacity (prefix + input + output); None: the model's n_positions
-    max_prefix_len: int | None = None  # None: half the slot capacity
+    max_seq_len: int | None = None  # longest row (prefix + input + output); None: the model's n_positions
+    max_prefix_len: int | None = None  # None: half of max_seq_len
+    # the paged KV pool of the rows' own tokens, in tokens; None: max_running * max_seq_len / 2 (each row
+    # half full on average; rows needing more preempt the newest). At least max_seq_len.
+    kv_cache_tokens: int | None = None
+    block_size: int = 16  # tokens per KV block
     record_logits: bool = False  # attach each step's logits to the outputs (tests, debugging)
 
+    def resolved(self, device: torch.device, max_seq_len: int) -> EngineConfig:
+        """The configuration with every default filled in for this device and row length."""
+        running = self.max_running or DEFAULT_MAX_RUNNING.get(device.type, DEFAULT_MAX_RUNNING["cpu"])
+        tokens = max(self.kv_cache_tokens or running * max_seq_len // 2, max_seq_len)
+        return replace(
+            self,
+            max_running=running,
+            max_tokens_per_step=self.max_tokens_per_step or max(512, running),
+            max_seq_len=max_seq_len,
+            kv_cache_tokens=tokens,
+        )
+
     def scheduler_config(self) -> SchedulerConfig:
-        return SchedulerConfig(max_running=self.max_running, max_tokens_per_step=self.max_tokens_per_step)
+        """For a resolved configuration."""
+        num_blocks = blocks_for(self.kv_cache_tokens, self.block_size) + 1  # + the null block
+        return SchedulerConfig(
+            max_running=self.max_running,
+            max_tokens_per_step=self.max_tokens_per_step,
+            num_blocks=num_blocks,
+            block_size=self.block_size,
+            watermark_blocks=max(1, num_blocks // 100),
+        )
 
 
 @dataclass
@@ -74,7 +105,8 @@ class _Live:
     request: Request
     detok: Detokenizer
     generator: torch.Generator | None
-    prefix_pinned: bool
+    prefix_pinned: bool  # held from `add` until the request ends: its rows read the resident prefix
+    prefix: PrefixState | None = None  # the resident prefix, once the row is admitted
 
 
 class EngineCore:
@@ -82,15 +114,16 @@ class EngineCore:
         self, model: LoadedModel, config: EngineConfig | None = None, prefixes: PrefixProvider | None = None
     ) -> None:
         self.model = model
-        self.config = config or EngineConfig()
         spec = model.spec
-        self.max_seq_len = min(self.config.max_seq_len or spec.n_positions, spec.n_positions)
+        config = config or EngineConfig()
+        self.max_seq_len = min(config.max_seq_len or spec.n_positions, spec.n_positions)
+        self.config = config.resolved(model.device, self.max_seq_len)
         self.max_prefix_len = self.config.max_prefix_len or self.max_seq_len // 2
         self.prefixes = prefixes or PrefixTable(spec, model.dtype, model.device, self.max_prefix_len)
-        self.scheduler = Scheduler(self.config.scheduler_config(), self.prefixes.is_ready)
-        self.runner = ModelRunner(model, self.config.max_running, self.max_seq_len)
+        scheduler = self.config.scheduler_config()
+        self.scheduler = Scheduler(scheduler, self.prefixes.is_ready)
+        self.runner = ModelRunner(model, scheduler.num_blocks, scheduler.block_size)
         self._live: dict[str, _Live] = {}
-        self._scrub: set[str] = set()  # rows that ended with bad numbers: zero their slot when freed
         self._ids = itertools.count()
 
     # ---- requests ------------------------------------------------------------------------------
@@ -193,6 +226,11 @@ class EngineCore:
     def num_live(self) -> int:
         return len(self._live)
 
+    @property
+    def num_running(self) -> int:
+        """Rows in the batch (holding KV blocks)."""
+        return self.scheduler.num_running
+
     # ---- one step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One cycle: free, admit, forward, drop the rows that went bad, sample, update, emit.
@@ -202,10 +240,7 @@ class EngineCore:
         forward pass that raises fails that step's rows only (logged); the engine carries on.
         """
         out = self._fail_unloadable()
-        plan = self.scheduler.schedule()
-        for rid in plan.freed:
-            self.runner.free(rid, scrub=rid in self._scrub)
-            self._scrub.discard(rid)
+        plan = self.scheduler.schedule()  # blocks of finished rows are back; preempted rows wait again
         if not plan.chunks:
             return out
         rows = [row for c in plan.chunks if (row := self._admit(c, out)) is not None]
@@ -224,18 +259,18 @@ class EngineCore:
         return out
 
     def _admit(self, chunk: ScheduledChunk, out: list[RequestOutput]) -> RowInput | None:
-        """The chunk's row input; a first chunk takes its slot and places its prefix here, so a prefix
-        that cannot be placed ends its own request (appended to `out`) and nothing else."""
+        """The chunk's row input; a first chunk looks its resident prefix up here, so a prefix that
+        does not fit ends its own request (appended to `out`) and nothing else."""
         rid = chunk.request_id
         prefix_id = self._live[rid].request.prefix_id
         try:
             if chunk.first:
                 self._open(rid)
-            return self._row(rid, chunk.start, chunk.num_tokens, chunk.sample)
+            return self._row(rid, chunk)
         except PrefixServeError as exc:  # e.g. the provider's own error
             error = exc
-        except ValueError as exc:  # the runner refused the prefix's shape
-            error = PrefixError(prefix_id, f"it could not be placed in the row's KV slot: {exc}")
+        except ValueError as exc:  # the prefix does not fit the row
+            error = PrefixError(prefix_id, f"it could not be placed in the row's batch: {exc}")
         except Exception as exc:  # anything else while admitting one row is still that row's alone
             log.exception("admitting request %s failed; ending it", rid)
             error = EngineFault(f"admitting this request failed ({type(exc).__name__}, logged)")
@@ -307,8 +342,10 @@ class EngineCore:
         is zeroed when the next plan frees it."""
         live = self._live.get(rid)
         req = live.request if live is not None else None
-        if self.scheduler.finish(rid, FinishReason.ERROR) and scrub:
-            self._scrub.add(rid)  # finish() of a running row puts it in the next plan's freed list
+        seq = self.scheduler.get(rid)
+        if scrub and seq is not None:
+            self.runner.zero_blocks(seq.blocks)
+        self.scheduler.finish(rid, FinishReason.ERROR)
         if live is not None:
             self._drop(rid)
         return RequestOutput(
@@ -331,24 +368,24 @@ class EngineCore:
                 out.append(self._end(seq.request_id, error, scrub=False))
         return out
 
-    def _row(self, request_id: str, start: int, n: int, sample: bool) -> RowInput:
-        req = self._live[request_id].request
-        p = req.prompt_ids  # a chunk lies inside the prompt, or is the last sampled token
-        tokens = (
-            p[start : start + n] if start < len(p) else req.output_ids[start - len(p) : start - len(p) + n]
-        )
-        return RowInput(request_id, tokens, req.prefix_len + start, sample=sample)
+    def _row(self, request_id: str, chunk: ScheduledChunk) -> RowInput:
+        live = self._live[request_id]
+        req, start, n = live.request, chunk.start, chunk.num_tokens
+        p, out = req.prompt_ids, req.output_ids  # a chunk reads the prompt, then what it generated
+        tokens = p[start : start + n] + out[max(start - len(p), 0) : max(start + n - len(p), 0)]
+        return RowInput(request_id, tokens, start, chunk.blocks, live.prefix, sample=chunk.sample)
 
     def _open(self, request_id: str) -> None:
-        """Take the row's slot and place its prefix there. K/V are copied into the slot, so their pin
-        goes now; an NTK prefix stays pinned while the row uses it."""
+        """Look the row's resident prefix up (it stays pinned, so resident, until the request ends):
+        every step reads it in place."""
         live = self._live[request_id]
         prefix_id = live.request.prefix_id
-        prefix = self.prefixes.get(prefix_id) if prefix_id is not None else None
-        self.runner.open(request_id, prefix)
-        if isinstance(prefix, torch.Tensor) and live.prefix_pinned:
-            self.prefixes.release(prefix_id)
-            live.prefix_pinned = False
+        if prefix_id is None:
+            return
+        prefix = self.prefixes.get(prefix_id)
+        if (problem := _misfit(prefix, self.model.spec, live.request.prefix_len)) is not None:
+            raise ValueError(problem)
+        live.prefix = prefix
 
     def _output(
         self, rid: str, token: int, row: int, logits: torch.Tensor | None, finished: dict[str, FinishReason]
@@ -383,8 +420,7 @@ class EngineCore:
             self.scheduler.finish(rid, FinishReason.CANCELLED)
             self._drop(rid)
         self.scheduler.schedule()  # drain the freed list
-        self.runner.reset()
-        self._scrub.clear()  # reset zeroed every slot
+        self.runner.kv.zero_()  # whatever the failed step wrote is gone
         return ids
 
     def run_to_completion(self) -> dict[str, list[RequestOutput]]:
@@ -394,3 +430,15 @@ class EngineCore:
             for out in self.step():
                 outputs.setdefault(out.request_id, []).append(out)
         return outputs
+
+
+def _misfit(prefix: PrefixState, spec: ModelSpec, length: int) -> str | None:
+    """Why a resident prefix cannot serve a row validated for `length` positions, or None (shapes only:
+    its values were checked when it was loaded)."""
+    kind = kind_of(prefix)
+    if kind.length(prefix) != length:
+        return f"it holds {kind.length(prefix)} positions, the request was checked for {length}"
+    if kind.positional and tuple(prefix.shape) != spec.prefix_shape(length):
+        want = f"[{spec.n_layer}, 2, {spec.n_head}, P, {spec.head_dim}]"
+        return f"prefix K/V must be {want} with P = {length}, got {list(prefix.shape)}"
+    return None

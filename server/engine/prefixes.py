@@ -2,8 +2,9 @@
 
 The engine talks to prefixes through `PrefixProvider`: it asks a prefix's `length` when it validates
 a request, `acquire`s it when the request is queued (pinning it, and starting a load if it is not on
-the device), the scheduler admits the request once `is_ready`, the runner copies `get`'s K/V into the
-request's slot, and the engine `release`s the pin right after. A load that fails is reported by
+the device), the scheduler admits the request once `is_ready`, every step of the request reads `get`'s
+resident state in place (nothing is copied per row), and the engine `release`s the pin when the request
+ends, so a prefix is evicted only when no request references it. A load that fails is reported by
 `failure`, and the waiting requests for that prefix end with that error.
 
 `PrefixTable` keeps prefixes in memory (registered directly, or announced and registered later);
@@ -19,11 +20,11 @@ from typing import Protocol
 
 import torch
 
+from prefix_store.kinds import kind_of
 from prefix_store.state import PrefixState, prefix_length, prefix_nbytes
 
 from ..errors import InvalidPrefix, PrefixNotFound, PrefixServeError
 from ..model import ModelSpec
-from .ntk import NtkPrefix, check_ntk
 
 __all__ = [
     "PrefixProvider",
@@ -73,32 +74,12 @@ class PrefixTable:
         self.spec, self.dtype, self.device, self.max_len = spec, dtype, device, max_len
         self._entries: dict[str, _Entry] = {}
 
-    def check(self, kv: torch.Tensor) -> None:
-        """Raise InvalidPrefix unless `kv` has the canonical shape for this model, finite values."""
-        if kv.dim() != 5:
-            raise InvalidPrefix(
-                f"prefix must have 5 dims [n_layer, 2, n_head, P, head_dim], got shape {list(kv.shape)}"
-            )
-        expected = self.spec.prefix_shape(kv.shape[3])
-        if tuple(kv.shape) != expected:
-            raise InvalidPrefix(f"prefix shape must be {list(expected)} for this model, got {list(kv.shape)}")
-        if not 1 <= kv.shape[3] <= self.max_len:
-            raise InvalidPrefix(f"prefix length must be in [1, {self.max_len}], got {kv.shape[3]}")
-        if not kv.is_floating_point():
-            raise InvalidPrefix(f"prefix dtype must be floating point, got {kv.dtype}")
-        if not bool(torch.isfinite(kv).all()):
-            raise InvalidPrefix("prefix contains NaN or Inf values")
-
-    def register(self, prefix_id: str, kv: PrefixState) -> None:
-        """Make a prefix resident (validated, in the model's dtype, on its device)."""
-        if isinstance(kv, NtkPrefix):
-            spec = self.spec
-            if (problem := check_ntk(kv, spec.n_layer, spec.n_head, spec.head_dim)) is not None:
-                raise InvalidPrefix(problem)
-            state, length = kv.to(self.device, self.dtype), 0
-        else:
-            self.check(kv)
-            state, length = kv.detach().to(device=self.device, dtype=self.dtype).contiguous(), kv.shape[3]
+    def register(self, prefix_id: str, state: PrefixState) -> None:
+        """Make a prefix resident (validated by its kind, in the model's dtype, on its device)."""
+        kind = kind_of(state)
+        if (problem := kind.check(state, self.spec, self.max_len)) is not None:
+            raise InvalidPrefix(problem)
+        state, length = kind.to(state, self.device, self.dtype), kind.length(state)
         entry = self._entries.get(prefix_id)
         if entry is None:
             self._entries[prefix_id] = _Entry(length, state)

@@ -8,6 +8,12 @@ of one sequence (prompt tokens while prefilling, in chunks if the step's token b
 the last sampled token while decoding). A row whose chunk reaches the last known token samples the
 next one. Running rows come first (so they never starve), then waiting requests in arrival order;
 a waiting request whose prefix is not on the device yet is skipped without blocking those behind it.
+
+Memory: a row's own tokens live in KV blocks (blocks.py) that the scheduler hands out as the row
+grows. A waiting request is admitted while the blocks of its first chunk are free (beyond a small
+watermark kept for the running rows to grow); when a running row needs a block and none is free, the
+newest running row is preempted: its blocks are freed and it goes back to the front of the queue, to
+recompute its tokens (prompt and output so far) when memory allows. Its output is unchanged.
 """
 
 from __future__ import annotations
@@ -16,13 +22,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
+from .blocks import BlockAllocator, blocks_for
 from .request import FinishReason
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_running: int = 32  # sequences in the batch (= KV slots)
+    max_running: int = 32  # sequences in the batch
     max_tokens_per_step: int = 512  # tokens computed per forward pass, prefill chunks included
+    num_blocks: int = 1 << 40  # KV blocks in the pool (block 0 is the null block); default: unbounded
+    block_size: int = 16  # tokens per KV block
+    watermark_blocks: int = 0  # admission leaves this many blocks free for the running rows to grow
 
     def __post_init__(self) -> None:
         if self.max_running < 1:
@@ -50,9 +60,11 @@ class Sequence:
     max_new_tokens: int
     eos_token_id: int | None  # None: never stop on EOS
     num_tokens: int = 0  # prompt + generated so far
-    num_computed: int = 0  # tokens whose K/V are in the slot
+    num_computed: int = 0  # tokens whose K/V are in the row's blocks
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None
+    blocks: list[int] = field(default_factory=list)  # the row's block table
+    num_preemptions: int = 0
 
     def __post_init__(self) -> None:
         self.num_tokens = self.num_prompt_tokens
@@ -67,14 +79,16 @@ class ScheduledChunk:
     request_id: str
     start: int  # index (into prompt + output tokens) of the first token computed
     num_tokens: int
-    first: bool  # first chunk of this sequence: the runner opens its slot and places its prefix
+    first: bool  # first chunk of this sequence (again, after a preemption)
     sample: bool  # the chunk reaches the last known token: sample the next one
+    blocks: list[int]  # the row's block table, covering start + num_tokens (valid until the next plan)
 
 
 @dataclass
 class SchedulePlan:
     chunks: list[ScheduledChunk] = field(default_factory=list)
-    freed: list[str] = field(default_factory=list)  # sequences that left the batch: free their slots
+    freed: list[str] = field(default_factory=list)  # sequences that left the batch (blocks returned)
+    preempted: list[str] = field(default_factory=list)  # running rows sent back to the queue
 
     @property
     def num_tokens(self) -> int:
@@ -100,6 +114,8 @@ class Scheduler:
         self._by_id: dict[str, Sequence] = {}
         self._to_free: list[str] = []  # left the batch since the last plan
         self._last_plan: SchedulePlan | None = None
+        self.blocks = BlockAllocator(config.num_blocks, config.block_size)
+        self.num_preemptions = 0  # rows sent back to the queue for want of blocks, ever
 
     # ---- queries -------------------------------------------------------------------------------
     @property
@@ -117,8 +133,16 @@ class Scheduler:
     def waiting(self) -> list[Sequence]:
         return list(self._waiting)
 
+    def running(self) -> list[Sequence]:
+        """The rows in the batch, oldest first."""
+        return list(self._running)
+
     def get(self, request_id: str) -> Sequence | None:
         return self._by_id.get(request_id)
+
+    def can_ever_fit(self, tokens: int) -> bool:
+        """Whether a row of `tokens` own tokens fits the KV pool at all (alone)."""
+        return blocks_for(tokens, self.config.block_size) <= self.blocks.capacity
 
     # ---- requests in and out -------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -128,7 +152,7 @@ class Scheduler:
         self._waiting.append(seq)
 
     def finish(self, request_id: str, reason: FinishReason) -> bool:
-        """End a sequence now (stop string, cancel, error); its slot is freed by the next plan.
+        """End a sequence now (stop string, cancel, error); its blocks are free at once.
 
         Returns False if the request is unknown or already finished.
         """
@@ -141,6 +165,8 @@ class Scheduler:
         else:
             self._running.remove(seq)
             self._to_free.append(request_id)
+        self.blocks.free(seq.blocks)
+        seq.blocks = []
         return True
 
     # ---- the cycle -----------------------------------------------------------------------------
@@ -151,26 +177,67 @@ class Scheduler:
         decoding = [s for s in self._running if s.num_computed >= s.num_prompt_tokens]
         prefilling = [s for s in self._running if s.num_computed < s.num_prompt_tokens]
         for seq in decoding + prefilling:  # decode rows first: one token each, always fits the budget
-            budget -= self._schedule_chunk(plan, seq, budget, first=False)
+            if seq.status is Status.RUNNING:  # (not preempted earlier in this loop)
+                budget -= self._schedule_running(plan, seq, budget)
         for seq in list(self._waiting):
             if budget == 0 or len(self._running) >= self.config.max_running:
                 break
+            if seq.request_id in plan.preempted:
+                break  # memory ran out this step: it waits for the next
             if seq.prefix_id is not None and not self._prefix_ready(seq.prefix_id):
                 continue  # keeps its place in line; does not block the requests behind it
+            n = min(seq.num_tokens, budget)
+            if not self._admissible(blocks_for(n, self.config.block_size)):
+                break  # first come, first served: no later request jumps ahead for want of memory
             self._waiting.remove(seq)
             self._running.append(seq)
             seq.status = Status.RUNNING
-            budget -= self._schedule_chunk(plan, seq, budget, first=True)
+            seq.blocks = self.blocks.allocate(blocks_for(n, self.config.block_size))
+            plan.chunks.append(self._chunk(seq, n, first=True))
+            budget -= n
         self._last_plan = plan
         return plan
 
-    @staticmethod
-    def _schedule_chunk(plan: SchedulePlan, seq: Sequence, budget: int, first: bool) -> int:
+    def _admissible(self, need: int) -> bool:
+        reserve = self.config.watermark_blocks if self._running else 0
+        return need + reserve <= self.blocks.num_free
+
+    def _schedule_running(self, plan: SchedulePlan, seq: Sequence, budget: int) -> int:
+        """Schedule a running row's next chunk, growing its block table; preempts the newest rows
+        while blocks are short (possibly this one). Returns the budget it used, less what preempted
+        rows gave back."""
         n = min(seq.num_tokens - seq.num_computed, budget)
-        if n > 0:
-            done = seq.num_computed + n == seq.num_tokens
-            plan.chunks.append(ScheduledChunk(seq.request_id, seq.num_computed, n, first, sample=done))
-        return n
+        if n <= 0:
+            return 0
+        need = blocks_for(seq.num_computed + n, self.config.block_size) - len(seq.blocks)
+        returned = 0
+        while need > self.blocks.num_free:
+            victim = self._running[-1]
+            returned += self._preempt(plan, victim)
+            if victim is seq:
+                return -returned
+        seq.blocks += self.blocks.allocate(need)
+        plan.chunks.append(self._chunk(seq, n, first=False))
+        return n - returned
+
+    def _preempt(self, plan: SchedulePlan, seq: Sequence) -> int:
+        """Send a running row back to the front of the queue, freeing its blocks; its tokens so far are
+        recomputed when it runs again. Returns the tokens of its chunk already in `plan` (removed)."""
+        self._running.remove(seq)
+        self.blocks.free(seq.blocks)
+        seq.blocks, seq.num_computed, seq.status = [], 0, Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self._waiting.insert(0, seq)
+        plan.preempted.append(seq.request_id)
+        mine = [c for c in plan.chunks if c.request_id == seq.request_id]
+        plan.chunks = [c for c in plan.chunks if c.request_id != seq.request_id]
+        return sum(c.num_tokens for c in mine)
+
+    @staticmethod
+    def _chunk(seq: Sequence, n: int, first: bool) -> ScheduledChunk:
+        done = seq.num_computed + n == seq.num_tokens
+        return ScheduledChunk(seq.request_id, seq.num_computed, n, first, sample=done, blocks=seq.blocks)
 
     def update(self, sampled: dict[str, int]) -> list[Finished]:
         """Record the last plan's results: K/V computed, one new token per sampling row."""

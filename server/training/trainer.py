@@ -7,7 +7,7 @@ encoder_hidden_size=k)` is an exact reference). A training sequence is z = [x; s
 loss on y and eos only. Positions of z follow the prefix (P .. P+T-1), as at serving time. After
 training the MLP is discarded and only P (canonical `[n_layer, 2, n_head, P, head_dim]`) is kept.
 
-`kind="ntk"` trains an NTK-Attention prefix instead (server/engine/ntk.py): per layer and head a
+`kind="ntk"` trains an NTK-Attention prefix instead (prefix_store/kinds/ntk.py): per layer and head a
 `Z [D, D]` (or `Z_a [D, s] Z_b [s, D]` with `ntk_rank` s) and `k [D]`, through the same attention
 formula the server computes (`ntk_combine`), on the same data and job API. k is kept positive
 (k = softplus(k')), as it is in the paper's derivation (a sum of positive features), so the
@@ -28,8 +28,8 @@ from torch import nn
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from prefix_store.importers import peft_to_canonical
+from prefix_store.kinds.ntk import ntk_combine
 from prefix_store.limits import KIND_PREFIX_KV, KINDS
-from prefixserve.engine.ntk import ntk_combine
 from prefixserve.model import hf_cache_kwargs
 
 IGNORE = -100

@@ -1,0 +1,126 @@
+"""Engine v2 on the tiny model: paged own-token KV, admission by memory, preemption, prefixes read in
+place (never copied per row) and evicted only when no row references them, shared-prefix attention."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
+
+from .reference import hf_greedy
+from .test_engine_reference import PROMPTS, collect, make_prefixes
+from .test_ntk import make_ntk
+from .test_store import kv_for, service_factory  # noqa: F401  (a fixture)
+
+GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
+SEEDED = SamplingParams(max_new_tokens=40, ignore_eos=True, temperature=0.9, top_p=0.9, seed=7)
+
+
+def engine_with(model, prefixes: dict, **config) -> EngineCore:
+    engine = EngineCore(model, EngineConfig(**config))
+    for pid, state in prefixes.items():
+        engine.prefixes.register(pid, state)
+    return engine
+
+
+def run_mix(engine: EngineCore, mix: list[tuple[str | None, SamplingParams]]) -> dict[str, list[int]]:
+    for i, (pid, params) in enumerate(mix):
+        engine.add_request(PROMPTS[i % len(PROMPTS)], params, prefix_id=pid, request_id=f"r{i}")
+    return {rid: collect(outs)[0] for rid, outs in engine.run_to_completion().items()}
+
+
+def test_preempted_requests_end_exactly_as_their_uninterrupted_run(tiny_model):
+    prefixes = {**make_prefixes(tiny_model, [3, 9]), "n1": make_ntk(tiny_model, 1)}
+    mix = [
+        ("p3", GREEDY),
+        (None, GREEDY),
+        ("n1", GREEDY),
+        ("p9", SEEDED),
+        ("p3", dataclasses.replace(SEEDED, seed=8)),
+        (None, dataclasses.replace(SEEDED, seed=9)),
+        ("n1", SEEDED),
+        ("p9", GREEDY),
+    ]
+    roomy = engine_with(tiny_model, prefixes, max_running=8)
+    expected = run_mix(roomy, mix)
+    assert roomy.scheduler.num_preemptions == 0
+    # the smallest pool the engine allows (one longest row): rows grow until the newest is preempted
+    tight = engine_with(tiny_model, prefixes, max_running=8, max_seq_len=64, kv_cache_tokens=64, block_size=4)
+    got = run_mix(tight, mix)
+    assert tight.scheduler.num_preemptions >= 3
+    assert got == expected
+    assert tight.scheduler.blocks.num_free == tight.scheduler.blocks.capacity  # every block came back
+
+
+def test_memory_not_rows_limits_the_batch(tiny_model):
+    """64 rows of 8 own tokens (one block each) fit a pool that full-length slots would fill with 4."""
+    tokens = 4 * 128 + 4 * 8  # 68 blocks of 8
+    engine = engine_with(
+        tiny_model, {}, max_running=64, max_seq_len=128, kv_cache_tokens=tokens, block_size=8
+    )
+    for i in range(64):
+        engine.add_request([5, 6, 7], SamplingParams(max_new_tokens=5, ignore_eos=True), request_id=f"r{i}")
+    first = engine.step()
+    assert engine.num_running == 64 and len(first) == 64  # all admitted at once, one token each
+    outs = engine.run_to_completion()
+    assert len(outs) == 64 and all(len(collect(o)[0]) == 4 for o in outs.values())
+
+
+def test_rows_sharing_a_prefix_read_it_in_place_and_match_hf(tiny_model, hf_model):
+    """Many rows on one long prefix (one stacked attention call per layer), beside rows with short
+    distinct prefixes (one padded call) and none: each equals HF with its prefix as past_key_values."""
+    long = make_prefixes(tiny_model, [100], seed=3)["p100"]
+    short = make_prefixes(tiny_model, [1, 2, 5, 7], seed=4)
+    prefixes = {"long": long, **short}
+    engine = engine_with(tiny_model, prefixes, max_running=16, record_logits=True)
+    before = {pid: engine.prefixes.get(pid).clone() for pid in prefixes}
+    mix = ["long"] * 6 + list(short) + [None, None]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    rids = {}
+    for i, pid in enumerate(mix):
+        rids[engine.add_request(PROMPTS[i % len(PROMPTS)], params, prefix_id=pid)] = (pid, i)
+    outs = engine.run_to_completion()
+    for rid, (pid, i) in rids.items():
+        tokens, logits, _ = collect(outs[rid])
+        prompt = tiny_model.tokenizer.encode(PROMPTS[i % len(PROMPTS)])
+        ref_tokens, ref_logits = hf_greedy(hf_model, prompt, prefixes.get(pid), 6)
+        assert tokens == ref_tokens, f"{rid} ({pid})"
+        for a, b in zip(logits, ref_logits, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for pid, kv in before.items():  # read in place, never written
+        assert torch.equal(engine.prefixes.get(pid), kv)
+
+
+def test_a_prefix_is_evicted_only_when_no_row_references_it(service_factory, tiny_model, hf_model):  # noqa: F811
+    kvs = [kv_for(tiny_model, 6, seed=i) for i in range(3)]
+    one = kvs[0].numel() * 4
+    svc = service_factory(device_pool_bytes=one + one // 2)  # room for one prefix at a time
+    ids = [svc.add_tensor(kv, owner="a").id for kv in kvs]
+    for pid in ids:
+        svc.pool.evict(pid)
+    engine = EngineCore(tiny_model, EngineConfig(max_running=4), prefixes=svc.pool)
+    prompt = tiny_model.tokenizer.encode(PROMPTS[0])
+    long_params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    first = engine.add_request(prompt, long_params, prefix_id=ids[0])
+    outs: dict[str, list] = {}
+
+    def step() -> None:
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).append(o)
+
+    while engine.num_running == 0:
+        step()
+    second = engine.add_request(prompt, SamplingParams(max_new_tokens=3, ignore_eos=True), prefix_id=ids[1])
+    while second not in outs or not outs[second][-1].finished:  # its load needs room: ids[0] is in use
+        step()
+        assert ids[0] in svc.pool.resident(), "a prefix in use was evicted"
+    assert svc.pool.resident_bytes > svc.pool.budget  # over budget rather than evicting a referenced one
+    while engine.has_work:
+        step()
+    assert svc.pool.pins(ids[0]) == 0
+    engine.add_request(prompt, SamplingParams(max_new_tokens=2), prefix_id=ids[2])
+    engine.run_to_completion()
+    assert ids[0] not in svc.pool.resident()  # unreferenced now: evicted for the next load
+    assert collect(outs[first])[0] == hf_greedy(hf_model, prompt, kvs[0], 30)[0]
