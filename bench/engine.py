@@ -133,7 +133,9 @@ class Bench:
             spec, wl = self.model.spec, self.wl
             engine = EngineCore(
                 self.model,
-                EngineConfig(max_running=wl.batch, max_waiting=wl.batch, max_seq_len=plen + 64),
+                EngineConfig(
+                    max_running=wl.batch, max_waiting=wl.batch, max_seq_len=plen + 64, max_prefix_len=plen
+                ),
             )
             g = torch.Generator().manual_seed(plen)
             for i in range(wl.batch if distinct else 1):

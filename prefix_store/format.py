@@ -150,7 +150,7 @@ def encode_tensors(tensors: dict[str, torch.Tensor], meta: PrefixMeta) -> bytes:
         **{
             **meta.to_strings(),
             "kind": kind.name,
-            "prefix_len": kind.length(kind.from_tensors(tensors)),
+            "prefix_len": kind.length(kind.from_tensors(tensors)) if kind.positional else 0,
             "dtype": DTYPE_NAMES[dtypes.pop()],
             "sha256": digest,
         }

@@ -17,5 +17,5 @@ MIN_REQUEST_TOKENS = 2  # a request holds at least one input token and asks for 
 
 def longest_usable_prefix(capacity: int) -> int:
     """The longest prefix a request can still run with in `capacity` positions (n_positions or the
-    slot's max_seq_len): the engine's `_check_fits` needs prefix + input + max_new_tokens <= capacity."""
+    engine's max_seq_len): the engine's `_check_fits` needs prefix + input + max_new_tokens <= capacity."""
     return capacity - MIN_REQUEST_TOKENS

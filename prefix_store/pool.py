@@ -2,10 +2,11 @@
 
 It implements the engine's `PrefixProvider`. `acquire` pins a prefix and, on a miss, starts loading
 it on a worker thread (cache -> store -> validation -> device), so a cold prefix never stalls the
-decode loop; the scheduler admits the waiting request once `is_ready`. The engine releases the pin
-as soon as the prefix K/V have been copied into the request's KV slot (an NTK prefix, which the row
-reads every step, stays pinned until the request ends). Unpinned prefixes are
-evicted least-recently-used first when a load needs room.
+decode loop; the scheduler admits the waiting request once `is_ready`. Every step of the request reads
+the resident prefix in place, so the engine releases the pin only when the request ends: a prefix is
+never evicted while a request references it, and the pool may exceed its budget by the prefixes of the
+requests in the engine (bounded by max_running + max_waiting). Unpinned prefixes are evicted
+least-recently-used first when a load needs room.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ PrefixState = torch.Tensor | NtkPrefix
 
 
 def prefix_length(state: PrefixState) -> int:
-    """Positions the prefix occupies in a row's slot (an NTK prefix occupies none)."""
+    """Positions the prefix occupies before a row's own tokens (an NTK prefix occupies none)."""
     return 0 if isinstance(state, NtkPrefix) else state.shape[3]
 
 

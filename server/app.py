@@ -11,8 +11,6 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import replace
-from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -24,41 +22,39 @@ from .api.routes import ROUTERS
 from .api.state import State
 from .auth import Tenants
 from .compile import bind_model
-from .engine import AsyncEngine, EngineCore
+from .engine import AsyncEngine, EngineClient, EngineCore
+from .engine.prepare import RequestPreparer
+from .engine.process import EngineProcess, engine_address
 from .idempotency import Idempotency
+from .loading import load_configured_model
 from .metrics import Metrics
-from .model import LoadedModel, hub_model_available, load_model
+from .model import LoadedModel
 from .ratelimit import RateLimiter
 from .settings import ServerSettings
-from .tiny import write_tiny_model
 from .training.jobs import JobQueue, LocalJobQueue, RedisJobQueue
 from .training.worker import Worker
 
 log = logging.getLogger(__name__)
 
 
-def load_configured_model(settings: ServerSettings) -> LoadedModel:
-    """The configured model; "auto" is gpt2 from the hub (or its local cache), else the tiny model."""
-    if settings.model == "auto":
-        reason = None if hub_model_available("gpt2") else "the hub is unreachable and gpt2 is not cached"
-        if reason is None:
-            try:
-                return load_model("gpt2", dtype=settings.dtype, device=settings.device)
-            except OSError as exc:
-                reason = str(exc).splitlines()[0]
-        log.warning(
-            "could not load gpt2 (%s); serving the OFFLINE TINY MODEL instead (random weights, for trying"
-            " the API). Set PREFIXSERVE_MODEL to choose.",
-            reason,
-        )
-        return load_configured_model(replace(settings, model="tiny"))
-    name = settings.model
-    if name == "tiny":
-        path = Path(settings.data_dir) / "tiny-gpt2"
-        if not (path / "config.json").exists():
-            write_tiny_model(path)
-        name = str(path)
-    return load_model(name, dtype=settings.dtype, device=settings.device)
+async def start_engine_process(settings: ServerSettings, loaded: LoadedModel) -> EngineClient:
+    """The engine core in its own process: started here (and restarted whenever it dies), or the one
+    at `settings.engine_address` (API workers of `prefixserve serve --api-workers N`)."""
+    address = settings.engine_address or engine_address()
+    owner = None if settings.engine_address else EngineProcess(settings, address)
+    if owner is not None:
+        owner.start()
+    spec = loaded.spec
+    max_seq_len = min(settings.max_seq_len or spec.n_positions, spec.n_positions)
+    client = EngineClient(
+        address, RequestPreparer(loaded.tokenizer, spec, max_seq_len), loaded.tokenizer, owner
+    )
+    try:
+        await client.start()
+    except BaseException:
+        client.stop()
+        raise
+    return client
 
 
 def create_app(settings: ServerSettings | None = None, model: LoadedModel | None = None) -> FastAPI:
@@ -75,8 +71,11 @@ def create_app(settings: ServerSettings | None = None, model: LoadedModel | None
         service = await asyncio.to_thread(
             PrefixService, bind_model(loaded), settings.store_config(), redis_health=redis_health
         )
-        core = EngineCore(loaded, settings.engine_config(), prefixes=service.pool)
-        engine = AsyncEngine(core)
+        if model is None and settings.engine_process:
+            engine = await start_engine_process(settings, loaded)
+        else:  # a model given by the caller (tests, embedding) runs here, on a thread of this process
+            engine = AsyncEngine(EngineCore(loaded, settings.engine_config(), prefixes=service.pool))
+            engine.start()
         metrics = Metrics(engine, service, settings.metrics_config())
         engine.on_step = metrics.batch.observe
         tenants = Tenants.from_settings(settings.api_keys, settings.api_keys_file, settings.auth_enabled)
@@ -109,7 +108,6 @@ def create_app(settings: ServerSettings | None = None, model: LoadedModel | None
             idempotency=Idempotency(service.store, settings.idempotency_ttl_s),
         )
         app.state.s = state
-        engine.start()
         async for _ in engine.generate("warm up", None):  # one real pass before /ready says yes
             pass
         if watch_task is not None:  # /ready then says whether Redis is up (at most one timeout)

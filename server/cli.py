@@ -26,7 +26,8 @@ def _serve(args: argparse.Namespace) -> int:
     from .serve import serve
     from .settings import ServerSettings
 
-    overrides = {k: v for k, v in {"model": args.model, "host": args.host, "port": args.port}.items() if v}
+    given = {"model": args.model, "host": args.host, "port": args.port, "api_workers": args.api_workers}
+    overrides = {k: v for k, v in given.items() if v}
     serve(ServerSettings.from_env(**overrides))
     return 0
 
@@ -58,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default=None, help="hub id, directory, or 'tiny' (offline tiny model)")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
+    serve.add_argument(
+        "--api-workers",
+        type=int,
+        default=None,
+        help="API processes on one engine process (default 1; more needs PREFIXSERVE_REDIS_URL)",
+    )
     serve.set_defaults(func=_serve)
     worker = sub.add_parser("worker", help="run a training worker on the Redis job queue")
     worker.add_argument("--model", default=None, help="the same model the servers run")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -13,7 +14,8 @@ from prometheus_client.core import CounterMetricFamily
 from prefix_store.service import PrefixService
 
 from .auth import Unauthorized
-from .engine import AsyncEngine
+from .engine import AsyncEngine, EngineClient
+from .engine.wire import EngineStats
 from .errors import PrefixServeError
 
 
@@ -74,7 +76,7 @@ class MetricsAccess:
 
 class Metrics:
     def __init__(
-        self, engine: AsyncEngine, service: PrefixService, config: MetricsConfig | None = None
+        self, engine: AsyncEngine | EngineClient, service: PrefixService, config: MetricsConfig | None = None
     ) -> None:
         self.config = config or MetricsConfig()
         self.access = MetricsAccess(self.config)
@@ -102,24 +104,17 @@ class Metrics:
             registry=r,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
         )
-        core = engine.core
-        Gauge("prefixserve_queue_depth", "Requests waiting", registry=r).set_function(
-            lambda: core.scheduler.num_waiting
-        )
-        Gauge("prefixserve_running_sequences", "Sequences in the batch", registry=r).set_function(
-            lambda: core.scheduler.num_running
-        )
-        blocks = core.scheduler.blocks
-        Gauge("prefixserve_kv_blocks_total", "Blocks of the paged KV pool", registry=r).set_function(
-            lambda: blocks.capacity
-        )
-        Gauge("prefixserve_kv_blocks_free", "Free blocks of the paged KV pool", registry=r).set_function(
-            lambda: blocks.num_free
-        )
-        Gauge(
-            "prefixserve_preemptions", "Rows preempted for KV memory since start (recomputed)", registry=r
-        ).set_function(lambda: core.scheduler.num_preemptions)
+        stats = engine.stats  # the engine's own counts (in this process, or the last heard from its own)
+        gauges = {
+            "prefixserve_queue_depth": ("Requests waiting", "waiting"),
+            "prefixserve_running_sequences": ("Sequences in the batch", "running"),
+            "prefixserve_kv_blocks_total": ("Blocks of the paged KV pool", "kv_blocks_total"),
+            "prefixserve_kv_blocks_free": ("Free blocks of the paged KV pool", "kv_blocks_free"),
+        }
+        for name, (text, field) in gauges.items():
+            Gauge(name, text, registry=r).set_function(lambda field=field: getattr(stats(), field))
         r.register(_TierCollector(service))
+        r.register(_PreemptionCollector(stats))
 
     def tenant(self, tenant: str) -> str:
         """The value of a `tenant` label: the name only when configured (tenant_labels)."""
@@ -127,6 +122,20 @@ class Metrics:
 
     def count_tokens(self, tenant: str, n: int) -> None:
         self.tokens.labels(self.tenant(tenant)).inc(n)
+
+
+class _PreemptionCollector:
+    """Rows preempted for KV memory (and recomputed later), from the scheduler's count."""
+
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+        self.stats = stats
+
+    def collect(self):
+        family = CounterMetricFamily(
+            "prefixserve_preemptions", "Rows preempted for KV memory since start (recomputed later)"
+        )
+        family.add_metric([], self.stats().preemptions)
+        yield family
 
 
 class _TierCollector:

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
+from dataclasses import asdict, replace
 from types import FrameType
 from typing import Any
 
@@ -13,6 +20,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from .app import create_app
+from .engine.process import SETTINGS_ENV, EngineProcess, engine_address
 from .protocol import DrainState, guarded_protocol
 from .settings import ServerSettings
 
@@ -85,8 +93,64 @@ class DrainingServer(uvicorn.Server):
 def serve(settings: ServerSettings) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings.check_exposure()
+    if settings.api_workers > 1:
+        serve_api_workers(settings)
+        return
     app = create_app(settings)
-    DrainingServer(uvicorn_config(app, settings), app).run()
+    sockets = [reuse_port_socket(settings)] if settings.engine_address else None  # an API worker
+    DrainingServer(uvicorn_config(app, settings), app).run(sockets=sockets)
+
+
+def reuse_port_socket(settings: ServerSettings) -> socket.socket:
+    """The listening socket of one of several API workers: SO_REUSEPORT, so the kernel spreads the
+    connections over the workers bound to the same port."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((settings.host, settings.port))  # listening starts once the app is ready (uvicorn)
+    return sock
+
+
+def serve_api_workers(settings: ServerSettings) -> None:
+    """`prefixserve serve --api-workers N`: one engine process and N API processes on one port. This
+    process supervises them: a dead engine or worker is started again; SIGTERM drains the workers
+    (each finishes its requests in flight), then stops the engine."""
+    if not settings.redis_url:
+        raise SystemExit(
+            "--api-workers > 1 needs PREFIXSERVE_REDIS_URL: jobs, rate limits and idempotency keys are"
+            " shared between the API processes through Redis"
+        )
+    address = engine_address()
+    engine = EngineProcess(settings, address)
+    engine.start()
+    worker = replace(settings, api_workers=1, engine_address=address)
+    env = {**os.environ, SETTINGS_ENV: json.dumps(asdict(worker))}
+    command = [sys.executable, "-m", "prefixserve.serve"]
+    workers = [subprocess.Popen(command, env=env) for _ in range(settings.api_workers)]
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    log.info("%d API workers on port %d, one engine process", len(workers), settings.port)
+    while not stop.wait(0.5):
+        for i, proc in enumerate(workers):
+            if proc.poll() is not None:
+                log.error("API worker (pid %d) exited (%s); starting it again", proc.pid, proc.returncode)
+                workers[i] = subprocess.Popen(command, env=env)
+    for proc in workers:
+        proc.send_signal(signal.SIGTERM)
+    for proc in workers:
+        try:
+            proc.wait(settings.shutdown_grace_s + 10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    engine.stop()
+
+
+def main() -> None:
+    """`python -m prefixserve.serve`: one API worker, its settings (engine address included) in
+    SETTINGS_ENV (started by `serve_api_workers`)."""
+    serve(ServerSettings(**json.loads(os.environ[SETTINGS_ENV])))
 
 
 def run_worker(settings: ServerSettings) -> None:
@@ -97,8 +161,8 @@ def run_worker(settings: ServerSettings) -> None:
     from prefix_store.redis_health import RedisHealth
     from prefix_store.service import PrefixService
 
-    from .app import load_configured_model
     from .compile import bind_model
+    from .loading import load_configured_model
     from .training.jobs import RedisJobQueue
     from .training.worker import Worker
 
@@ -114,3 +178,7 @@ def run_worker(settings: ServerSettings) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     Worker(RedisJobQueue(settings.redis_url, settings.job_reclaim_s, health), service).run(stop)
+
+
+if __name__ == "__main__":
+    main()

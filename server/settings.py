@@ -45,6 +45,11 @@ class ServerSettings:
     max_seq_len: int = 0  # 0: the model's n_positions
     kv_cache_tokens: int = 0  # paged KV pool of the rows' own tokens; 0: max_running * max_seq_len / 2
     kv_block_size: int = 16  # tokens per KV block
+    # the engine core runs in its own process (API processes talk to it over ZeroMQ); false: on a thread
+    # of the API process (one process, as embedding it in Python does)
+    engine_process: bool = True
+    engine_address: str = ""  # connect to this running engine (ipc:// or tcp://) instead of starting one
+    api_workers: int = 1  # API processes on one engine (more than 1 needs PREFIXSERVE_REDIS_URL)
     # tenants and limits
     # "auto": on exactly when API keys are configured; "false": one default tenant, no keys (local use;
     # logged as a warning); "true": keys required even when none are configured (everything 401s)

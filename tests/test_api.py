@@ -486,7 +486,7 @@ def test_error_after_streaming_began_is_an_error_event(tiny_model, tmp_path):
 
 
 def test_auto_model_falls_back_to_the_offline_tiny_model(tmp_path, caplog):
-    from prefixserve.app import load_configured_model
+    from prefixserve.loading import load_configured_model
 
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # the hub is unreachable for this test
     with caplog.at_level("WARNING"):

@@ -100,7 +100,7 @@ def test_auto_model_falls_back_to_the_tiny_model_when_the_hub_is_unreachable(tmp
     script = """
 import logging, time
 logging.basicConfig(level=logging.WARNING)
-from prefixserve.app import load_configured_model
+from prefixserve.loading import load_configured_model
 from prefixserve.model import hub_model_available
 from prefixserve.settings import ServerSettings
 assert not hub_model_available("gpt2")

@@ -196,6 +196,20 @@ def make_paged(blocks: int, block_size: int = 4, max_running: int = 8, budget: i
     return Scheduler(SchedulerConfig(max_running, budget, blocks + 1, block_size), lambda pid: True)
 
 
+def test_allocator_reuses_freed_blocks_then_fresh_ones_never_past_the_pool():
+    from prefixserve.engine.blocks import BlockAllocator
+
+    a = BlockAllocator(num_blocks=11, block_size=16)  # blocks 1..10
+    first = a.allocate(7)
+    a.free(first)
+    second = a.allocate(8)  # the 7 freed ones and one fresh
+    assert sorted(second) == list(range(1, 9)) and a.num_free == 2
+    assert sorted(a.allocate(2)) == [9, 10] and a.num_free == 0
+    a.free(second)
+    with pytest.raises(RuntimeError, match="never handed out"):
+        a.free([11])
+
+
 def drain(s: Scheduler) -> None:
     while s.has_work:
         run_step(s)
@@ -280,7 +294,9 @@ def test_block_accounting_after_thousands_of_requests_with_cancels_and_preemptio
         s.update(sampled)
         for r in s.running():  # every running row's table covers what it has computed
             assert len(r.blocks) * 4 >= r.num_computed
-        held = sum(len(r.blocks) for r in s.running())
+        tables = [b for r in s.running() for b in r.blocks]
+        assert len(set(tables)) == len(tables) and all(0 < b <= 40 for b in tables)  # owned once, real
+        held = len(tables)
         assert held + s.blocks.num_free == 40, f"step {step}: {held} held + {s.blocks.num_free} free != 40"
         if step % 7 == 0 and s.num_running:  # cancel one (running or waiting)
             victim = rng.choice(s.running() + s.waiting())

@@ -67,6 +67,10 @@ class PrefixKind(Protocol):
         ...
 
     # ---- attention (an instance per engine: it may keep the last step's stacked tensors) ---------
+    def idle(self) -> None:
+        """A step without rows of this kind: let go of anything kept from earlier steps."""
+        ...
+
     def plan(self, members: dict[int, list[int]], states: dict[int, Any], device: torch.device) -> Any:
         """Once per step. `members`: prefix (by identity) -> the step's token indices attending to it;
         `states`: the same keys -> the resident states."""
@@ -98,6 +102,10 @@ class StackCache:
     def __init__(self) -> None:
         self._states: list[Any] = []
         self._value: Any = None
+
+    def clear(self) -> None:
+        """Let go of the stack (a step without stacked prefixes): no copy outlives its use."""
+        self._states, self._value = [], None
 
     def get(self, states: list[Any], build) -> Any:
         same = len(states) == len(self._states) and all(

@@ -3,8 +3,9 @@
 
 Attention (Hydragen): the query tokens of every row that shares a prefix are stacked and attend to
 its K/V in one matmul per layer, so a popular prefix is read once per step whatever the number of rows.
-Distinct short prefixes (at most `PAD_LIMIT` positions) are padded into one batched call instead of one
-call each; their stack is rebuilt only when the set of prefixes in the step changes.
+Distinct short prefixes (at most `PAD_LIMIT` positions, read by at most `PAD_TOKENS` queries: decode rows)
+are padded into one batched call instead of one call each; their stack is rebuilt only when the set of
+prefixes in the step changes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 
 TENSOR_NAME = "past_key_values"
 PAD_LIMIT = 64  # prefixes up to this long share one padded call; longer ones get a call each
+PAD_TOKENS = 8  # ... when at most this many query tokens attend to each (decode rows): queries are
+# padded to the largest group, so a prefill chunk goes alone rather than pad every group to its length
 
 
 @dataclass
@@ -112,10 +115,17 @@ class KvPrefixKind:
         return state.detach().to(device=device, dtype=dtype).contiguous()  # [L, 2, H, P, D]
 
     # ---- attention -------------------------------------------------------------------------------
+    def idle(self) -> None:
+        self._stacks.clear()
+
     def plan(
         self, members: dict[int, list[int]], states: dict[int, torch.Tensor], device: torch.device
     ) -> _Plan:
-        short = {key: toks for key, toks in members.items() if states[key].shape[3] <= PAD_LIMIT}
+        short = {
+            key: toks
+            for key, toks in members.items()
+            if states[key].shape[3] <= PAD_LIMIT and len(toks) <= PAD_TOKENS
+        }
         if len(short) < 2:  # one call per prefix is as good as a batch of one
             short = {}
         singles = [
@@ -124,6 +134,7 @@ class KvPrefixKind:
             if key not in short
         ]
         if not short:
+            self._stacks.clear()
             return _Plan(None, None, singles)
         groups = QueryGroups.build(short, device)
         stack = self._stacks.get([states[key] for key in groups.keys], _stack)

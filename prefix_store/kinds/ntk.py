@@ -73,16 +73,20 @@ def check_ntk(prefix: NtkPrefix, n_layer: int, n_head: int, head_dim: int) -> st
     return None
 
 
+PAD_TOKENS = 8  # prefixes read by at most this many query tokens are batched (padded to the largest)
+
+
 @dataclass
 class _Plan:
-    groups: QueryGroups
-    z: torch.Tensor  # [G, L, H, D, D]
-    k: torch.Tensor  # [G, L, H, D]
+    groups: QueryGroups | None  # prefixes read by few tokens (decode rows), in one padded call
+    z: torch.Tensor | None  # [G, L, H, D, D] their stacked Z
+    k: torch.Tensor | None  # [G, L, H, D]
+    singles: list[tuple[torch.Tensor, NtkPrefix]]  # (token indices [Tg], prefix): a call each
 
 
 class NtkPrefixKind:
     name: ClassVar[str] = KIND_NTK
-    positional: ClassVar[bool] = False  # its prefix occupies positions before the row's tokens
+    positional: ClassVar[bool] = False  # occupies no positions: the row's tokens start at 0
     tensor_sets: ClassVar[tuple[list[str], ...]] = (["ntk_k", "ntk_z"], ["ntk_k", "ntk_z_a", "ntk_z_b"])
 
     def __init__(self) -> None:
@@ -150,20 +154,39 @@ class NtkPrefixKind:
         return state.to(device, dtype)
 
     # ---- attention -------------------------------------------------------------------------------
+    def idle(self) -> None:
+        self._stacks.clear()
+
     def plan(
         self, members: dict[int, list[int]], states: dict[int, NtkPrefix], device: torch.device
     ) -> _Plan:
-        groups = QueryGroups.build(members, device)
+        few = {key: toks for key, toks in members.items() if len(toks) <= PAD_TOKENS}
+        singles = [
+            (torch.tensor(toks, device=device), states[key])
+            for key, toks in members.items()
+            if key not in few
+        ]
+        if not few:
+            self._stacks.clear()
+            return _Plan(None, None, None, singles)
+        groups = QueryGroups.build(few, device)
         z, k = self._stacks.get([states[key] for key in groups.keys], _stack)
-        return _Plan(groups, z, k)
+        return _Plan(groups, z, k, singles)
 
     def attend(self, layer: int, q: torch.Tensor, plan: _Plan, scale: float) -> tuple[torch.Tensor, Partial]:
-        g = plan.groups
-        qg = q[g.padded]  # [G, Tmax, H, D]
-        part = ntk_partial(
-            qg, plan.z[:, layer].unsqueeze(1), plan.k[:, layer].unsqueeze(1)
-        )  # [G, Tmax, H, ..]
-        return g.tokens, Partial(part.num[g.valid], part.den[g.valid], part.m[g.valid])
+        tokens: list[torch.Tensor] = []
+        parts: list[Partial] = []
+        if (g := plan.groups) is not None:
+            qg = q[g.padded]  # [G, Tmax, H, D]
+            part = ntk_partial(
+                qg, plan.z[:, layer].unsqueeze(1), plan.k[:, layer].unsqueeze(1)
+            )  # num [G, Tmax, H, D], den and m [G, Tmax, H]
+            tokens.append(g.tokens)
+            parts.append(Partial(part.num[g.valid], part.den[g.valid], part.m[g.valid]))
+        for toks, state in plan.singles:  # every query of the prefix's rows at once
+            tokens.append(toks)
+            parts.append(ntk_partial(q[toks], state.z[layer], state.k[layer]))  # over [Tg, H, ..]
+        return torch.cat(tokens) if len(tokens) > 1 else tokens[0], Partial.cat(parts)
 
     # ---- the fused CUDA decode kernel --------------------------------------------------------------
     @staticmethod
@@ -183,20 +206,17 @@ class NtkPrefixKind:
         """A decode step whose every row has an NTK prefix, in one Triton kernel per layer (CUDA): the
         softmax over each row's own keys and the NTK terms together. q `[B, H, D]` (one token per row),
         k/v `[B, H, span, D]`, lens `[B]` int32 -> `[B, H, D]`."""
-        row_group = _row_groups(plan.groups, q.shape[0])  # [B]
-        z = plan.z[:, layer][row_group].contiguous()  # [B, H, D, D]
-        kv = plan.k[:, layer][row_group].contiguous()  # [B, H, D]
+        rows, heads, d = q.shape
+        z = q.new_empty(rows, heads, d, d)  # [B, H, D, D] each row's Z (token i is row i)
+        kv = q.new_empty(rows, heads, d)  # [B, H, D]
+        if (g := plan.groups) is not None:
+            which = torch.arange(len(g.sizes), device=q.device).repeat_interleave(
+                torch.tensor(g.sizes, device=q.device)
+            )  # [T] each grouped token's group
+            z[g.tokens], kv[g.tokens] = plan.z[which, layer], plan.k[which, layer]
+        for toks, state in plan.singles:
+            z[toks], kv[toks] = state.z[layer], state.k[layer]
         return ntk_triton.ntk_decode(q, k, v, lens, z, kv, scale)
-
-
-def _row_groups(groups: QueryGroups, rows: int) -> torch.Tensor:
-    """For a decode step (token i = row i): each row's group index. -> `[B]`."""
-    index = torch.empty(rows, dtype=torch.long, device=groups.tokens.device)
-    which = torch.arange(len(groups.sizes), device=index.device).repeat_interleave(
-        torch.tensor(groups.sizes, device=index.device)
-    )
-    index[groups.tokens] = which
-    return index
 
 
 def _stack(states: list[NtkPrefix]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -89,7 +89,7 @@ def ntk_decode(
     kvec: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """q `[S, H, D]`, k/v `[S, H, span, D]` (strided slot views), lens `[S]` positions per row,
+    """q `[S, H, D]`, k/v `[S, H, span, D]` (strided views), lens `[S]` positions per row,
     z `[S, H, D, D]`, kvec `[S, H, D]` (contiguous) -> `[S, H, D]`."""
     rows, heads, dim = q.shape
     out = torch.empty(rows, heads, dim, dtype=q.dtype, device=q.device)

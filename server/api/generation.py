@@ -27,9 +27,12 @@ async def start_generation(
     Redis or disk call waits on the event loop: the limiter is asyncio, a cold prefix's metadata is
     read on a thread (after which `prepare` finds it in memory)."""
     state.admit()
+    prefix_len = 0
     if prefix_id is not None:
-        text += (await state.visible(prefix_id, tenant)).input_suffix  # a trained prefix's separator
-    prepared = state.engine.core.prepare(text, params, prefix_id, rid)
+        meta = await state.visible(prefix_id, tenant)
+        text += meta.input_suffix  # a trained prefix's separator
+        prefix_len = meta.prefix_len
+    prepared = state.engine.prepare(text, params, prefix_id, rid, prefix_len)
     await state.limiter.check(tenant, len(prepared.prompt_ids) + params.max_new_tokens)
     return prepared, _timed(state, tenant, state.engine.stream(prepared))
 

@@ -13,7 +13,7 @@ from prefix_store.redis_health import RedisHealth
 from prefix_store.service import PrefixService
 
 from ..auth import Tenants
-from ..engine import AsyncEngine
+from ..engine import AsyncEngine, EngineClient
 from ..errors import PrefixNotFound
 from ..idempotency import Idempotency
 from ..metrics import Metrics
@@ -29,7 +29,7 @@ class State:
     settings: ServerSettings
     model: LoadedModel
     service: PrefixService
-    engine: AsyncEngine
+    engine: AsyncEngine | EngineClient  # in this process, or in its own (engine/process.py)
     tenants: Tenants
     limiter: RateLimiter
     metrics: Metrics

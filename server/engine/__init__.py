@@ -1,6 +1,7 @@
 """The engine: one frozen GPT-2 serving many prefixes in one batched forward pass."""
 
 from .async_engine import AsyncEngine, EngineStopped
+from .client import EngineClient
 from .core import EngineConfig, EngineCore, RequestOutput
 from .prefixes import PrefixTable
 from .request import FinishReason, SamplingParams
@@ -8,6 +9,7 @@ from .scheduler import Scheduler, SchedulerConfig
 
 __all__ = [
     "AsyncEngine",
+    "EngineClient",
     "EngineConfig",
     "EngineCore",
     "EngineStopped",

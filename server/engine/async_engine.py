@@ -3,8 +3,8 @@
 Callers never touch the core's state directly: `generate` validates in the caller's thread
 (`EngineCore.prepare` reads only immutable state), then posts the request to an inbox that the engine
 thread drains between steps. Each step's outputs are handed to the callers' event loops. A caller
-that stops iterating (client disconnect, task cancellation) aborts its request, which frees the slot
-at the next step.
+that stops iterating (client disconnect, task cancellation) aborts its request, which frees its place
+in the batch (and its KV blocks) at once.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from ..errors import EngineOverloaded, PrefixServeError
 from .core import EngineCore, RequestOutput
 from .request import Request, SamplingParams
+from .wire import EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,23 @@ class AsyncEngine:
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def stats(self) -> EngineStats:
+        return self.core.stats()
+
+    def prepare(
+        self,
+        input: str | list[int],
+        params: SamplingParams | None = None,
+        prefix_id: str | None = None,
+        request_id: str | None = None,
+        prefix_len: int | None = None,
+    ) -> Request:
+        """Validate and tokenize (EngineCore.prepare; safe from any thread)."""
+        return self.core.prepare(input, params, prefix_id, request_id, prefix_len)
+
+    def evict(self, prefix_id: str) -> None:
+        """Nothing to do: the store's device pool is this engine's (PrefixService.delete evicted it)."""
 
     # ---- requests ------------------------------------------------------------------------------
     async def generate(

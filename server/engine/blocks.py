@@ -38,12 +38,16 @@ class BlockAllocator:
     def allocate(self, n: int) -> list[int]:
         if n > self.num_free:
             raise RuntimeError(f"asked for {n} KV blocks, {self.num_free} are free")
-        taken = self._free[len(self._free) - n :] if n else []
-        del self._free[len(self._free) - len(taken) :]
-        fresh = n - len(taken)
+        reused = min(n, len(self._free))
+        taken = self._free[len(self._free) - reused :]
+        del self._free[len(self._free) - reused :]
+        fresh = n - reused
         taken += range(self._fresh, self._fresh + fresh)
         self._fresh += fresh
         return taken
 
     def free(self, blocks: list[int]) -> None:
+        bad = [b for b in blocks if not NULL_BLOCK < b < self._fresh]
+        if bad:
+            raise RuntimeError(f"freeing KV blocks that were never handed out: {bad[:4]}")
         self._free.extend(blocks)

@@ -5,7 +5,6 @@ Synchronous and single-threaded; `AsyncEngine` drives it from a background threa
 
 from __future__ import annotations
 
-import itertools
 import logging
 from dataclasses import dataclass, field, replace
 
@@ -18,22 +17,22 @@ from prefix_store.limits import MIN_REQUEST_TOKENS as MIN_REQUEST_TOKENS
 from prefix_store.limits import longest_usable_prefix as longest_usable_prefix
 
 from ..errors import (
-    ContextTooLong,
     EngineFault,
     EngineOverloaded,
     InvalidRequest,
     PrefixError,
     PrefixServeError,
 )
-from ..limits import MAX_INPUT_CHARS
 from ..model import LoadedModel, ModelSpec
 from .blocks import blocks_for
 from .detokenizer import Detokenizer
 from .prefixes import PrefixProvider, PrefixState, PrefixTable
+from .prepare import RequestPreparer
 from .request import FinishReason, Request, SamplingParams
 from .runner import ModelRunner, RowInput, StepOutput
 from .sampling import make_generator, sample_rows
 from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, Sequence
+from .wire import EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +49,19 @@ class EngineConfig:
     max_seq_len: int | None = None  # longest row (prefix + input + output); None: the model's n_positions
     max_prefix_len: int | None = None  # None: half of max_seq_len
     # the paged KV pool of the rows' own tokens, in tokens; None: max_running * max_seq_len / 2 (each row
-    # half full on average; rows needing more preempt the newest). At least max_seq_len.
+    # half full on average; rows needing more preempt the newest), on CUDA at most half the free device
+    # memory. At least max_seq_len.
     kv_cache_tokens: int | None = None
     block_size: int = 16  # tokens per KV block
     record_logits: bool = False  # attach each step's logits to the outputs (tests, debugging)
+    detokenize: bool = True  # False: outputs carry token ids only (text and stop strings done by the caller)
 
-    def resolved(self, device: torch.device, max_seq_len: int) -> EngineConfig:
-        """The configuration with every default filled in for this device and row length."""
+    def resolved(self, device: torch.device, max_seq_len: int, fits: int | None = None) -> EngineConfig:
+        """The configuration with every default filled in for this device and row length. `fits`: the
+        most KV tokens the device's memory allows (caps the default pool, not an explicit one)."""
         running = self.max_running or DEFAULT_MAX_RUNNING.get(device.type, DEFAULT_MAX_RUNNING["cpu"])
-        tokens = max(self.kv_cache_tokens or running * max_seq_len // 2, max_seq_len)
+        tokens = self.kv_cache_tokens or min(running * max_seq_len // 2, fits or 1 << 62)
+        tokens = max(tokens, max_seq_len)
         return replace(
             self,
             max_running=running,
@@ -103,7 +106,7 @@ class _Live:
     """Engine-side state of a request while it is in the engine."""
 
     request: Request
-    detok: Detokenizer
+    detok: Detokenizer | None  # None: the caller detokenizes (an API process; engine/client.py)
     generator: torch.Generator | None
     prefix_pinned: bool  # held from `add` until the request ends: its rows read the resident prefix
     prefix: PrefixState | None = None  # the resident prefix, once the row is admitted
@@ -117,14 +120,14 @@ class EngineCore:
         spec = model.spec
         config = config or EngineConfig()
         self.max_seq_len = min(config.max_seq_len or spec.n_positions, spec.n_positions)
-        self.config = config.resolved(model.device, self.max_seq_len)
+        self.config = config.resolved(model.device, self.max_seq_len, _tokens_that_fit(model))
         self.max_prefix_len = self.config.max_prefix_len or self.max_seq_len // 2
         self.prefixes = prefixes or PrefixTable(spec, model.dtype, model.device, self.max_prefix_len)
         scheduler = self.config.scheduler_config()
         self.scheduler = Scheduler(scheduler, self.prefixes.is_ready)
         self.runner = ModelRunner(model, scheduler.num_blocks, scheduler.block_size)
         self._live: dict[str, _Live] = {}
-        self._ids = itertools.count()
+        self.preparer = RequestPreparer(model.tokenizer, spec, self.max_seq_len)
 
     # ---- requests ------------------------------------------------------------------------------
     def prepare(
@@ -133,43 +136,13 @@ class EngineCore:
         params: SamplingParams | None = None,
         prefix_id: str | None = None,
         request_id: str | None = None,
+        prefix_len: int | None = None,
     ) -> Request:
-        """Validate and tokenize a request without touching engine state (safe from any thread)."""
-        params = params or SamplingParams()
-        params.validate(self.model.spec.vocab_size)
-        prompt_ids = self._tokenize(input)
-        prefix_len = self.prefixes.length(prefix_id) if prefix_id is not None else 0
-        self._check_fits(prefix_len, len(prompt_ids), params.max_new_tokens)
-        rid = request_id or f"req-{next(self._ids)}"
-        return Request(rid, prompt_ids, params, prefix_id=prefix_id, prefix_len=prefix_len)
-
-    def _tokenize(self, input: str | list[int]) -> list[int]:
-        if isinstance(input, str):
-            if len(input) > MAX_INPUT_CHARS:
-                raise InvalidRequest(
-                    "input", f"expected at most {MAX_INPUT_CHARS} characters, got {len(input)}"
-                )
-            ids = self.model.tokenizer.encode(input, add_special_tokens=False)
-        else:
-            ids = list(input)
-            vocab = self.model.spec.vocab_size
-            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
-            if bad:
-                raise InvalidRequest("input", f"token ids must be integers in [0, {vocab}), got {bad[0]!r}")
-        if not ids:
-            raise InvalidRequest("input", "expected at least one input token, got an empty input")
-        return ids
-
-    def _check_fits(self, prefix_len: int, input_len: int, max_new_tokens: int) -> None:
-        total = prefix_len + input_len + max_new_tokens
-        if total > self.model.spec.n_positions:
-            raise ContextTooLong(
-                prefix_len, input_len, max_new_tokens, self.model.spec.n_positions, "model's n_positions"
-            )
-        if total > self.max_seq_len:
-            raise ContextTooLong(
-                prefix_len, input_len, max_new_tokens, self.max_seq_len, "engine's max_seq_len"
-            )
+        """Validate and tokenize a request without touching engine state (safe from any thread).
+        `prefix_len`: the prefix's positions when the caller knows them (else asked of the provider)."""
+        if prefix_len is None:
+            prefix_len = self.prefixes.length(prefix_id) if prefix_id is not None else 0
+        return self.preparer.prepare(input, params, prefix_id, prefix_len, request_id)
 
     def add(self, request: Request) -> None:
         """Queue a prepared request (engine thread only). Raises EngineOverloaded when full."""
@@ -190,7 +163,7 @@ class EngineCore:
         )
         self._live[request.request_id] = _Live(
             request,
-            Detokenizer(self.model.tokenizer, params.stop),
+            Detokenizer(self.model.tokenizer, params.stop) if self.config.detokenize else None,
             make_generator(params, self.model.device),
             request.prefix_id is not None,
         )
@@ -207,7 +180,7 @@ class EngineCore:
         return request.request_id
 
     def abort(self, request_id: str) -> bool:
-        """Cancel a request; its slot is freed by the next step. False if it is not in the engine."""
+        """Cancel a request; its KV blocks are free at once. False if it is not in the engine."""
         if not self.scheduler.finish(request_id, FinishReason.CANCELLED):
             return False
         self._drop(request_id)
@@ -225,6 +198,12 @@ class EngineCore:
     @property
     def num_live(self) -> int:
         return len(self._live)
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            s.num_waiting, s.num_running, s.blocks.capacity, s.blocks.num_free, s.num_preemptions
+        )
 
     @property
     def num_running(self) -> int:
@@ -338,8 +317,8 @@ class EngineCore:
             return self._end(rid, error, scrub=False)
 
     def _end(self, rid: str, error: PrefixServeError, scrub: bool = True) -> RequestOutput:
-        """End a request with `error` now. `scrub`: its numbers may be bad, so its slot (if it has one)
-        is zeroed when the next plan frees it."""
+        """End a request with `error` now. `scrub`: its numbers may be bad, so its KV blocks (if it holds
+        any) are zeroed before they are freed."""
         live = self._live.get(rid)
         req = live.request if live is not None else None
         seq = self.scheduler.get(rid)
@@ -368,19 +347,23 @@ class EngineCore:
                 out.append(self._end(seq.request_id, error, scrub=False))
         return out
 
-    def _row(self, request_id: str, chunk: ScheduledChunk) -> RowInput:
-        live = self._live[request_id]
+    def _row(self, rid: str, chunk: ScheduledChunk) -> RowInput:
+        live = self._live[rid]
         req, start, n = live.request, chunk.start, chunk.num_tokens
         p, out = req.prompt_ids, req.output_ids  # a chunk reads the prompt, then what it generated
         tokens = p[start : start + n] + out[max(start - len(p), 0) : max(start + n - len(p), 0)]
-        return RowInput(request_id, tokens, start, chunk.blocks, live.prefix, sample=chunk.sample)
+        if len(tokens) != n:
+            raise RuntimeError(
+                f"chunk [{start}, {start + n}) of {rid} lies past its {len(p) + len(out)} tokens"
+            )
+        return RowInput(rid, tokens, start, chunk.blocks, live.prefix, sample=chunk.sample)
 
     def _open(self, request_id: str) -> None:
         """Look the row's resident prefix up (it stays pinned, so resident, until the request ends):
         every step reads it in place."""
         live = self._live[request_id]
         prefix_id = live.request.prefix_id
-        if prefix_id is None:
+        if prefix_id is None or live.prefix is not None:  # (a preempted row keeps the one it had)
             return
         prefix = self.prefixes.get(prefix_id)
         if (problem := _misfit(prefix, self.model.spec, live.request.prefix_len)) is not None:
@@ -394,15 +377,16 @@ class EngineCore:
         req = live.request
         req.output_ids.append(token)
         reason = finished.get(rid)
-        if reason != FinishReason.EOS:  # the EOS token itself is not text
-            live.detok.add(token)
-        if reason is None and live.detok.stopped:
+        detok = live.detok
+        if detok is not None and reason != FinishReason.EOS:  # the EOS token itself is not text
+            detok.add(token)
+        if reason is None and detok is not None and detok.stopped:
             self.scheduler.finish(rid, FinishReason.STOP)
             reason = FinishReason.STOP
         out = RequestOutput(
             request_id=rid,
             token_ids=[token],
-            text=live.detok.emit(final=reason is not None),
+            text=detok.emit(final=reason is not None) if detok is not None else "",
             finish_reason=reason,
             prefix_tokens=req.prefix_len,
             prompt_tokens=len(req.prompt_ids),
@@ -442,3 +426,17 @@ def _misfit(prefix: PrefixState, spec: ModelSpec, length: int) -> str | None:
         want = f"[{spec.n_layer}, 2, {spec.n_head}, P, {spec.head_dim}]"
         return f"prefix K/V must be {want} with P = {length}, got {list(prefix.shape)}"
     return None
+
+
+KV_MEMORY_FRACTION = 0.5  # of the device memory free at start-up, at most, for the default KV pool
+
+
+def _tokens_that_fit(model: LoadedModel) -> int | None:
+    """On CUDA: the KV tokens that fit in KV_MEMORY_FRACTION of the free device memory (the default
+    pool never takes the device's last bytes, whatever the model's size). Elsewhere: no cap."""
+    if model.device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(model.device)
+    spec = model.spec
+    token_bytes = spec.n_layer * 2 * spec.n_embd * model.dtype.itemsize  # K and V of one token
+    return int(free * KV_MEMORY_FRACTION) // token_bytes

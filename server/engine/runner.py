@@ -182,6 +182,9 @@ class ModelRunner:
                 states.setdefault(kind, {})[key] = r.prefix
         dev = self.device
         parts = ([self._decode_part(decode)] if decode else []) + self._prefill_parts(prefill, len(decode))
+        for k in self.kinds:
+            if type(k) not in members:
+                k.idle()
         kinds = [
             (k, k.plan(members[type(k)], states[type(k)], dev)) for k in self.kinds if type(k) in members
         ]

@@ -161,7 +161,7 @@ class Scheduler:
             return False
         seq.status, seq.finish_reason = Status.FINISHED, reason
         if seq in self._waiting:
-            self._waiting.remove(seq)  # never had a slot
+            self._waiting.remove(seq)  # holds no blocks (never admitted, or preempted)
         else:
             self._running.remove(seq)
             self._to_free.append(request_id)
@@ -174,9 +174,11 @@ class Scheduler:
         plan = SchedulePlan(freed=self._to_free)
         self._to_free = []
         budget = self.config.max_tokens_per_step
-        decoding = [s for s in self._running if s.num_computed >= s.num_prompt_tokens]
-        prefilling = [s for s in self._running if s.num_computed < s.num_prompt_tokens]
-        for seq in decoding + prefilling:  # decode rows first: one token each, always fits the budget
+        # decode rows first (one token each: they always fit the budget), then chunks of prompts and of
+        # rows recomputing after a preemption
+        decoding = [s for s in self._running if s.num_tokens - s.num_computed == 1]
+        prefilling = [s for s in self._running if s.num_tokens - s.num_computed > 1]
+        for seq in decoding + prefilling:
             if seq.status is Status.RUNNING:  # (not preempted earlier in this loop)
                 budget -= self._schedule_running(plan, seq, budget)
         for seq in list(self._waiting):
@@ -184,7 +186,7 @@ class Scheduler:
                 break
             if seq.request_id in plan.preempted:
                 break  # memory ran out this step: it waits for the next
-            if seq.prefix_id is not None and not self._prefix_ready(seq.prefix_id):
+            if self._prefix_pending(seq):
                 continue  # keeps its place in line; does not block the requests behind it
             n = min(seq.num_tokens, budget)
             if not self._admissible(blocks_for(n, self.config.block_size)):
@@ -197,6 +199,10 @@ class Scheduler:
             budget -= n
         self._last_plan = plan
         return plan
+
+    def _prefix_pending(self, seq: Sequence) -> bool:
+        """Its prefix is not on the device yet (a preempted row still holds the one it ran with)."""
+        return seq.prefix_id is not None and not seq.num_preemptions and not self._prefix_ready(seq.prefix_id)
 
     def _admissible(self, need: int) -> bool:
         reserve = self.config.watermark_blocks if self._running else 0

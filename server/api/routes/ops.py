@@ -26,6 +26,8 @@ async def ready(request: Request):
     state: State | None = getattr(request.app.state, "s", None)
     if state is None or not state.ready or state.draining:
         return error_response(Draining("not ready"))
+    if not state.engine.running:  # e.g. its process died and is being started again
+        return error_response(Draining("the engine is not running; retry shortly"))
     spec = state.model.spec
     return {
         "status": "ready",

@@ -133,6 +133,7 @@ async def delete_prefix(prefix_id: str, request: Request, tenant: str = Depends(
             f"prefix {prefix_id!r} is public but owned by another tenant; only its owner can delete it"
         )
     await asyncio.to_thread(state.service.delete, prefix_id)
+    state.engine.evict(prefix_id)  # an engine in its own process has its own device pool
 
 
 # ---- creation: planned ids, idempotency --------------------------------------------------------

@@ -1,0 +1,5 @@
+"""`python -m prefixserve.engine ADDRESS`: the engine core process (process.py)."""
+
+from .process import main
+
+main()

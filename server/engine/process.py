@@ -1,0 +1,248 @@
+"""The engine core in its own process (as vLLM v1 does): scheduler + runner in a busy loop, nothing else.
+
+The API process(es) do HTTP, auth, validation, tokenization, detokenization, stop strings and SSE,
+and talk to this process over one ZeroMQ ROUTER socket (wire.py: MessagePack, no pickle). Each step's
+new tokens go back as one message per client. While idle the engine sends a heartbeat, so a client
+notices within a couple of seconds when the engine is gone.
+
+`EngineProcess` (in the process that owns the engine: the API process, or `prefixserve serve` with
+several API workers) starts it as `python -m prefixserve.engine` and starts it again when it dies.
+The settings travel as JSON in an environment variable (they may hold keys: not on argv).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, replace
+
+import msgspec
+import zmq
+
+from ..errors import EngineFault, PrefixServeError
+from .core import EngineCore, RequestOutput
+from .request import FinishReason
+from .wire import (
+    HEARTBEAT_S,
+    Abort,
+    Add,
+    Beat,
+    Error,
+    Evict,
+    Hello,
+    Output,
+    RemoteError,
+    Step,
+    Welcome,
+    encode,
+    to_engine,
+)
+
+log = logging.getLogger(__name__)
+SETTINGS_ENV = "PREFIXSERVE_ENGINE_SETTINGS"
+
+
+class EngineLoop:
+    """The engine process's loop: receive, step, send. Single-threaded; owns the core."""
+
+    def __init__(self, core: EngineCore, address: str, evict: Callable[[str], None]) -> None:
+        self.core, self.evict = core, evict
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(address)
+        self.engine_id = uuid.uuid4().hex
+        self.owner: dict[str, bytes] = {}  # request id -> the client that sent it
+        self.clients: set[bytes] = set()
+        self.stopping = False
+
+    def run(self) -> None:
+        last_beat = 0.0
+        parent = os.getppid()
+        while not self.stopping and os.getppid() == parent:  # an orphaned engine ends itself
+            idle = not self.core.has_work
+            if self.sock.poll(int(HEARTBEAT_S * 1000) if idle else 0):
+                self._drain()
+            if self.core.has_work:
+                self._step()
+            now = time.monotonic()
+            if now - last_beat >= HEARTBEAT_S:
+                beat = encode(Beat(self.core.stats()))
+                for client in self.clients:
+                    self.sock.send_multipart([client, beat])
+                last_beat = now
+        self.sock.close()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                client, frame = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:  # not two frames: not one of ours
+                continue
+            try:
+                self._handle(client, to_engine.decode(frame))
+            except msgspec.DecodeError as exc:
+                log.warning("dropping a malformed message from a client: %s", exc)
+
+    def _handle(self, client: bytes, msg: Hello | Add | Abort | Evict) -> None:
+        if isinstance(msg, Hello):
+            self.clients.add(client)
+            self.sock.send_multipart([client, encode(Welcome(self.engine_id, self.core.stats()))])
+        elif isinstance(msg, Add):
+            self.owner[msg.request_id] = client
+            try:
+                self.core.add(msg.request())
+            except PrefixServeError as exc:
+                self.owner.pop(msg.request_id, None)
+                error = Output(
+                    msg.request_id, [], "error", msg.prefix_len, len(msg.prompt_ids), 0, _error(exc)
+                )
+                self.sock.send_multipart([client, encode(Step([error], 0, self.core.stats()))])
+        elif isinstance(msg, Abort):
+            if self.core.abort(msg.request_id):
+                self.owner.pop(msg.request_id, None)
+        else:
+            self.evict(msg.prefix_id)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.core.step()
+        except Exception as exc:  # a failed step must not end the engine: its requests fail
+            log.exception("engine step failed; failing %d requests", self.core.num_live)
+            fault = EngineFault(f"the engine step failed ({type(exc).__name__}, logged)")
+            outputs = [_failed(rid, fault) for rid in self.core.fail_all()]
+        by_client: dict[bytes, list[Output]] = {}
+        for out in outputs:
+            client = self.owner.get(out.request_id)
+            if client is None:
+                continue
+            by_client.setdefault(client, []).append(_wire(out))
+            if out.finished:
+                del self.owner[out.request_id]
+        sampled = sum(1 for out in outputs if out.token_ids)
+        stats = self.core.stats()
+        for client, outs in by_client.items():
+            self.sock.send_multipart([client, encode(Step(outs, sampled, stats))])
+
+
+def _error(exc: PrefixServeError) -> Error:
+    return RemoteError.wire(exc)
+
+
+def _failed(rid: str, error: PrefixServeError) -> RequestOutput:
+    return RequestOutput(rid, [], "", finish_reason=FinishReason.ERROR, error=error)
+
+
+def _wire(out: RequestOutput) -> Output:
+    return Output(
+        out.request_id,
+        out.token_ids,
+        None if out.finish_reason is None else str(out.finish_reason),
+        out.prefix_tokens,
+        out.prompt_tokens,
+        out.completion_tokens,
+        None if out.error is None else _error(out.error),
+    )
+
+
+def main() -> None:
+    """`python -m prefixserve.engine ADDRESS`: settings from SETTINGS_ENV (JSON)."""
+    from prefix_store.redis_health import RedisHealth
+    from prefix_store.service import PrefixService
+
+    from ..compile import bind_model
+    from ..loading import load_configured_model
+    from ..settings import ServerSettings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s engine: %(message)s")
+    address = sys.argv[1]
+    settings = ServerSettings(**json.loads(os.environ[SETTINGS_ENV]))
+    model = load_configured_model(settings)
+    redis_cfg = settings.redis_config()
+    health = RedisHealth(redis_cfg) if redis_cfg is not None else None
+    service = PrefixService(bind_model(model), settings.store_config(), redis_health=health)
+    core = EngineCore(model, replace(settings.engine_config(), detokenize=False), prefixes=service.pool)
+    loop = EngineLoop(core, address, service.pool.evict)
+
+    def stop(*_: object) -> None:
+        loop.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("engine process %d serving on %s", os.getpid(), address)
+    loop.run()
+    service.close()
+
+
+def engine_address() -> str:
+    """A fresh local (ipc://) address for an engine process."""
+    return f"ipc://{tempfile.gettempdir()}/prefixserve-engine-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+class EngineProcess:
+    """Starts the engine process and starts it again whenever it dies (until `stop`)."""
+
+    def __init__(self, settings: object, address: str, restart_delay_s: float = 0.5) -> None:
+        self.address, self.restart_delay_s = address, restart_delay_s
+        self._env = {**os.environ, SETTINGS_ENV: json.dumps(asdict(settings))}  # type: ignore[call-overload]
+        self._proc: subprocess.Popen | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._watch: threading.Thread | None = None
+        self.restarts = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        self._spawn()
+        self._watch = threading.Thread(target=self._supervise, name="engine-supervisor", daemon=True)
+        self._watch.start()
+
+    def _spawn(self) -> None:
+        with self._lock:
+            if self._stop.is_set():
+                return
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "prefixserve.engine", self.address], env=self._env
+            )
+        log.info("started the engine process (pid %d) on %s", self._proc.pid, self.address)
+
+    def _supervise(self) -> None:
+        while not self._stop.wait(0.2):
+            proc = self._proc
+            if proc is not None and proc.poll() is not None and not self._stop.is_set():
+                log.error(
+                    "the engine process (pid %d) exited with %s; starting it again", proc.pid, proc.returncode
+                )
+                self.restarts += 1
+                time.sleep(self.restart_delay_s)
+                self._spawn()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        with self._lock:
+            proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

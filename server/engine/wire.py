@@ -1,0 +1,117 @@
+"""The messages between API processes and the engine process (ZeroMQ frames, MessagePack via msgspec).
+
+Compact and pickle-free: every message is a typed msgspec Struct, decoded against its schema (a
+malformed frame is an error, never code). The engine answers each step with one `Step` per client,
+carrying every new token of that client's rows for the step, so the API side receives one message per
+step, not one per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgspec
+
+from ..errors import PrefixServeError
+from .request import Request, SamplingParams
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What the engine reports with every step and heartbeat (the API's /metrics gauges read it)."""
+
+    waiting: int = 0
+    running: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_free: int = 0
+    preemptions: int = 0
+
+
+# ---- API -> engine ---------------------------------------------------------------------------
+class Hello(msgspec.Struct, tag="hello"):
+    """A client (re)connects; the engine answers Welcome."""
+
+
+class Add(msgspec.Struct, tag="add"):
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    prefix_id: str | None
+    prefix_len: int
+
+    @staticmethod
+    def of(request: Request, wire_id: str) -> Add:
+        return Add(wire_id, request.prompt_ids, request.params, request.prefix_id, request.prefix_len)
+
+    def request(self) -> Request:
+        return Request(self.request_id, self.prompt_ids, self.params, self.prefix_id, self.prefix_len)
+
+
+class Abort(msgspec.Struct, tag="abort"):
+    request_id: str
+
+
+class Evict(msgspec.Struct, tag="evict"):
+    """A prefix was deleted: drop it from the engine's device pool (once no request holds it)."""
+
+    prefix_id: str
+
+
+ToEngine = Hello | Add | Abort | Evict
+
+
+# ---- engine -> API ---------------------------------------------------------------------------
+class Error(msgspec.Struct, array_like=True):
+    kind: str
+    status: int
+    message: str
+
+
+class Output(msgspec.Struct, array_like=True):
+    """New tokens of one request in one step (text is made on the API side)."""
+
+    request_id: str
+    token_ids: list[int]
+    finish_reason: str | None
+    prefix_tokens: int
+    prompt_tokens: int
+    completion_tokens: int
+    error: Error | None = None
+
+
+class Step(msgspec.Struct, tag="step"):
+    outputs: list[Output]
+    sampled: int  # rows sampled in the step (all clients): the batch-size histogram
+    stats: EngineStats
+
+
+class Welcome(msgspec.Struct, tag="welcome"):
+    engine_id: str  # a new id per engine process: a client sees a restart
+    stats: EngineStats
+
+
+class Beat(msgspec.Struct, tag="beat"):
+    """The engine is alive (sent to every known client while idle, at least every HEARTBEAT_S)."""
+
+    stats: EngineStats
+
+
+FromEngine = Step | Welcome | Beat
+HEARTBEAT_S = 0.5
+
+to_engine = msgspec.msgpack.Decoder(ToEngine)
+from_engine = msgspec.msgpack.Decoder(FromEngine)
+encode = msgspec.msgpack.Encoder().encode
+
+
+class RemoteError(PrefixServeError):
+    """An error the engine process raised for one request, as the API answers it (its kind, status
+    and message cross the process boundary; the class stays behind)."""
+
+    def __init__(self, kind: str, status: int, message: str) -> None:
+        super().__init__(message)
+        self.kind, self.status = kind, status
+
+    @staticmethod
+    def wire(exc: PrefixServeError) -> Error:
+        return Error(exc.kind, exc.status, str(exc))

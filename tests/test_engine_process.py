@@ -1,0 +1,153 @@
+"""The engine core in its own process (`prefixserve serve`, engine/process.py): the same answers as the
+engine in-process, a killed engine answers 503 fast and comes back, N API workers on one engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
+
+from .test_engine_reference import PROMPTS, collect
+from .test_serve import start_server
+
+
+def children(pid: int) -> list[int]:
+    """The direct child processes of `pid`, started by any of its threads (Linux /proc)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:  # the thread ended meanwhile
+            continue
+    return found
+
+
+def engine_pid(api_pid: int) -> int:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for pid in children(api_pid):
+            if "prefixserve.engine" in Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " "):
+                return pid
+        time.sleep(0.05)
+    raise AssertionError(f"no engine process under {api_pid}")
+
+
+def sse(lines) -> list[tuple[str, dict]]:
+    events, kind = [], None
+    for line in lines:
+        if line.startswith("event: "):
+            kind = line[7:]
+        elif line.startswith("data: "):
+            events.append((kind, json.loads(line[6:])))
+    return events
+
+
+def test_answers_equal_the_in_process_engine(tiny_model, tiny_model_dir, tmp_path):
+    core = EngineCore(tiny_model, EngineConfig(max_running=8))
+    cases = [(p, SamplingParams(max_new_tokens=12)) for p in PROMPTS[:3]]
+    cases.append((PROMPTS[1], SamplingParams(max_new_tokens=40, temperature=0.8, seed=3)))
+    rid = core.add_request(PROMPTS[0], SamplingParams(max_new_tokens=60, ignore_eos=True))
+    free_text = collect(core.run_to_completion()[rid])[2]
+    stop = free_text[len(free_text) // 2 : len(free_text) // 2 + 3]  # a stop string that occurs
+    cases.append((PROMPTS[0], SamplingParams(max_new_tokens=60, stop=(stop,), ignore_eos=True)))
+    expected = []
+    for text, params in cases:
+        rid = core.add_request(text, params)
+        expected.append(collect(core.run_to_completion()[rid]))
+    proc, url = start_server(tiny_model_dir, tmp_path)
+    try:
+        for (text, params), (tokens, _, want) in zip(cases, expected, strict=True):
+            body = {"input": text, "max_new_tokens": params.max_new_tokens, "temperature": params.temperature}
+            body |= {"seed": params.seed, "stop": list(params.stop), "ignore_eos": params.ignore_eos}
+            got = httpx.post(url + "/generate", json=body, timeout=30).json()
+            assert got["text"] == want, (text, params)
+            with httpx.stream("POST", url + "/generate", json={**body, "stream": True}, timeout=30) as r:
+                events = sse(r.iter_lines())
+            streamed = [t for kind, e in events if kind == "token" for t in e["token_ids"]]
+            assert "".join(e["text"] for kind, e in events if kind == "token") == want
+            assert streamed == tokens and events[-1][0] == "done"
+            assert events[-1][1]["finish_reason"] == ("stop" if params.stop else "length")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_a_killed_engine_fails_requests_in_flight_fast_and_is_started_again(tiny_model_dir, tmp_path):
+    proc, url = start_server(tiny_model_dir, tmp_path)
+    try:
+        first = engine_pid(proc.pid)
+        long = {"input": "The Eagle", "max_new_tokens": 200, "ignore_eos": True}
+        results: dict[str, object] = {}
+
+        def whole() -> None:  # a non-streaming request in flight
+            results["whole"] = httpx.post(url + "/generate", json=long, timeout=30)
+
+        t = threading.Thread(target=whole)
+        with httpx.stream("POST", url + "/generate", json={**long, "stream": True}, timeout=30) as r:
+            lines = r.iter_lines()
+            head = [next(lines), next(lines)]  # the first token arrived
+            t.start()
+            time.sleep(0.2)
+            os.kill(first, signal.SIGKILL)
+            killed = time.monotonic()
+            events = sse([*head, *lines])
+            ended = time.monotonic() - killed
+        t.join(10)
+        assert events[0][0] == "token" and events[-1][0] == "error", events[-3:]
+        assert events[-1][1]["error"]["type"] == "unavailable" and ended < 5, ended
+        whole = results["whole"]
+        assert whole.status_code == 503 and whole.headers["retry-after"], whole.text
+        assert httpx.get(url + "/ready", timeout=5).status_code == 503  # while it starts again
+        refused = httpx.post(url + "/generate", json={"input": "x", "max_new_tokens": 2}, timeout=5)
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "unavailable"
+        deadline = time.monotonic() + 60
+        while httpx.get(url + "/ready", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, "the engine was not started again"
+            time.sleep(0.1)
+        assert engine_pid(proc.pid) != first
+        again = httpx.post(url + "/generate", json={"input": "The Eagle", "max_new_tokens": 5}, timeout=30)
+        assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 5
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert "starting it again" in proc.stdout.read().decode(errors="replace")
+
+
+def test_api_workers_share_one_engine(tiny_model_dir, tmp_path, redis_url):
+    proc, url = start_server(
+        tiny_model_dir, tmp_path, PREFIXSERVE_REDIS_URL=redis_url, PREFIXSERVE_API_WORKERS="2"
+    )
+    try:
+        workers = [
+            p for p in children(proc.pid) if "prefixserve.serve" in Path(f"/proc/{p}/cmdline").read_text()
+        ]
+        engines = [
+            p for p in children(proc.pid) if "prefixserve.engine" in Path(f"/proc/{p}/cmdline").read_text()
+        ]
+        assert len(workers) == 2 and len(engines) == 1
+        body = {"input": "The Eagle", "max_new_tokens": 6}
+        want = httpx.post(url + "/generate", json=body, timeout=30).json()["text"]
+        answers: list[str] = []
+
+        def call() -> None:
+            with httpx.Client(timeout=30) as c:  # a new connection each: spread over the workers
+                answers.append(c.post(url + "/generate", json=body).json()["text"])
+
+        threads = [threading.Thread(target=call) for _ in range(12)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert answers == [want] * 12
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    for pid in workers + engines:  # all stopped with it
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
