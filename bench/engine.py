@@ -74,6 +74,15 @@ class Workload:
         return self.batch * self.new_tokens
 
 
+def engine_config(batch: int, max_seq_len: int, **more) -> EngineConfig:
+    """`batch` rows of `max_seq_len`, default token budget (prefill runs in chunks). The paged KV pool
+    gets the memory full-length slots would take, so the columns measure speed, not memory pressure:
+    no row is ever preempted (`kv_rows_at_budget` measures memory)."""
+    if "kv_cache_tokens" in EngineConfig.__dataclass_fields__:  # (the engine before paging had slots)
+        more["kv_cache_tokens"] = batch * max_seq_len
+    return EngineConfig(max_running=batch, max_waiting=batch, max_seq_len=max_seq_len, **more)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -91,11 +100,7 @@ class Bench:
         self.params = SamplingParams(max_new_tokens=wl.new_tokens, ignore_eos=True)
         self.engine = EngineCore(
             model,
-            EngineConfig(  # default token budget: prefill runs in chunks
-                max_running=wl.batch,
-                max_waiting=wl.batch,
-                max_seq_len=wl.prefix_len + wl.input_len + wl.new_tokens,
-            ),
+            engine_config(wl.batch, wl.prefix_len + wl.input_len + wl.new_tokens),
         )
         for i in range(wl.batch):
             self.engine.prefixes.register(f"p{i}", self.prefixes[i])
@@ -133,9 +138,7 @@ class Bench:
             spec, wl = self.model.spec, self.wl
             engine = EngineCore(
                 self.model,
-                EngineConfig(
-                    max_running=wl.batch, max_waiting=wl.batch, max_seq_len=plen + 64, max_prefix_len=plen
-                ),
+                engine_config(wl.batch, plen + 64, max_prefix_len=plen),
             )
             g = torch.Generator().manual_seed(plen)
             for i in range(wl.batch if distinct else 1):

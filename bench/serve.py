@@ -7,6 +7,11 @@ Three servers run as their own processes, on one model checkpoint and one prefix
   prefixserve  this project (`prefixserve serve`): continuous batching, mixed prefixes per step
   sequential   HF generate one request at a time, prefix as past_key_values (how PEFT users serve)
   grouped      a static batcher of HF generate that only batches requests sharing a prefix
+  engine       prefixserve's engine without HTTP: the same EngineCore (AsyncEngine, in this process),
+               fed the same arrivals through its Python API (`engine_tok_s`); prefixserve over HTTP
+               (`http_tok_s`) against it is what the API, the IPC and SSE cost
+  threaded     prefixserve with its engine on a thread of the API process (PREFIXSERVE_ENGINE_PROCESS
+               =false: the design before the engine got its own process), for before/after
 
 (bench/baselines.py; the same /generate body and SSE events, the same bounded queue and 429s.)
 
@@ -55,11 +60,13 @@ from bench.engine import GPT2_SMALL, RESULTS
 from prefix_store.redis_server import free_port
 from prefix_store.service import PrefixService, StoreConfig
 from prefixserve.compile import bind_model
+from prefixserve.engine import AsyncEngine, EngineConfig, EngineCore, SamplingParams
+from prefixserve.errors import PrefixServeError
 from prefixserve.model import load_model
 from prefixserve.tiny import write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
-SYSTEMS = ("prefixserve", "sequential", "grouped")
+SYSTEMS = ("prefixserve", "sequential", "grouped", "engine", "threaded")
 WORDS = (  # inputs are drawn from these
     "name food area price rating family friendly near city centre riverside coffee shop pub restaurant "
     "italian french english chinese cheap moderate high average customer the a is of and with in to"
@@ -199,6 +206,63 @@ async def run_load(
     return outcomes, start
 
 
+class EngineDirect:
+    """The engine alone: EngineCore on a thread of this process (AsyncEngine), the same configuration
+    and prefix store as the prefixserve server, driven through its Python API."""
+
+    def __init__(self, setup: Setup) -> None:
+        model = load_model(setup.model_dir, setup.dtype, setup.device)
+        self.service = PrefixService(bind_model(model), StoreConfig(url=setup.store))
+        config = EngineConfig(max_running=setup.max_running, max_waiting=setup.max_waiting)
+        self.engine = AsyncEngine(EngineCore(model, config, prefixes=self.service.pool))
+        self.engine.start()
+
+    def stop(self) -> None:
+        self.engine.stop()
+        self.service.close()
+
+
+async def one_engine_request(engine: AsyncEngine, a: Arrival, prefix_id: str, outcome: Outcome) -> None:
+    params = SamplingParams(max_new_tokens=a.max_new_tokens, ignore_eos=True)
+    try:
+        request = engine.prepare(a.input, params, prefix_id)
+        outcome.status = 200
+        async for out in engine.stream(request):
+            now = time.perf_counter()
+            outcome.token_times.extend([now] * len(out.token_ids))
+            if out.finished:
+                outcome.ended, outcome.prompt_tokens = now, out.prompt_tokens
+    except PrefixServeError as exc:
+        outcome.status, outcome.error = exc.status, str(exc)[:200]
+    except asyncio.CancelledError:
+        outcome.cut = True
+        raise
+
+
+async def run_engine_load(
+    direct: EngineDirect, load: Load, prefix_ids: list[str], drain_s: float
+) -> tuple[list[Outcome], float]:
+    """`run_load` through the engine's Python API instead of HTTP."""
+    plan = arrivals(load)
+    start = time.perf_counter()
+    tasks, outcomes = [], []
+    for a in plan:
+        delay = start + a.at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        outcome = Outcome(sent=time.perf_counter())
+        outcomes.append(outcome)
+        tasks.append(asyncio.create_task(one_engine_request(direct.engine, a, prefix_ids[a.prefix], outcome)))
+    if tasks:
+        _, pending = await asyncio.wait(
+            tasks, timeout=max(0.0, start + load.duration_s + drain_s - time.perf_counter())
+        )
+        for t in pending:  # cut off: closing the stream aborts the request
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    return outcomes, start
+
+
 # ---- metrics -----------------------------------------------------------------------------------
 def pct(xs: list[float], q: float) -> float | None:
     return round(float(np.percentile(xs, q)) * 1e3, 1) if xs else None
@@ -285,11 +349,14 @@ class ServerProcess:
         self.log.close()
 
 
-def start_servers(setup: Setup, names: list[str], log_dir: Path) -> dict[str, ServerProcess]:
-    servers = {}
+def start_servers(setup: Setup, names: list[str], log_dir: Path) -> dict[str, ServerProcess | EngineDirect]:
+    servers: dict[str, ServerProcess | EngineDirect] = {}
     for name in names:
+        if name == "engine":
+            servers[name] = EngineDirect(setup)
+            continue
         port = free_port()
-        if name == "prefixserve":
+        if name in ("prefixserve", "threaded"):
             cmd = [sys.executable, "-m", "prefixserve.cli", "serve"]
             env = {
                 "PREFIXSERVE_MODEL": setup.model_dir,
@@ -301,6 +368,7 @@ def start_servers(setup: Setup, names: list[str], log_dir: Path) -> dict[str, Se
                 "PREFIXSERVE_AUTH": "false",
                 "PREFIXSERVE_MAX_RUNNING": str(setup.max_running),
                 "PREFIXSERVE_MAX_WAITING": str(setup.max_waiting),
+                "PREFIXSERVE_ENGINE_PROCESS": "false" if name == "threaded" else "true",
             }
         else:
             cmd = [sys.executable, "-m", "bench.baselines", "--mode", name, "--model", setup.model_dir]
@@ -310,8 +378,17 @@ def start_servers(setup: Setup, names: list[str], log_dir: Path) -> dict[str, Se
             env = {}
         servers[name] = ServerProcess(name, cmd, env, port, log_dir)
     for server in servers.values():
-        server.wait_ready()
+        if isinstance(server, ServerProcess):
+            server.wait_ready()
     return servers
+
+
+async def load_on(
+    server: ServerProcess | EngineDirect, load: Load, prefix_ids: list[str], drain_s: float
+) -> tuple[list[Outcome], float]:
+    if isinstance(server, EngineDirect):
+        return await run_engine_load(server, load, prefix_ids, drain_s)
+    return await run_load(server.url, load, prefix_ids, drain_s)
 
 
 def make_prefixes(setup: Setup, n: int, prefix_len: int) -> list[str]:
@@ -503,7 +580,11 @@ def main() -> None:
 
 
 async def measure(
-    args, servers: dict[str, ServerProcess], prefix_ids: list[str], base: Load, sweep: list[int]
+    args,
+    servers: dict[str, ServerProcess | EngineDirect],
+    prefix_ids: list[str],
+    base: Load,
+    sweep: list[int],
 ) -> dict:
     if args.rate:
         capacity = args.rate
@@ -523,10 +604,11 @@ async def measure(
     }
     rows = []
     for name, server in servers.items():
-        points = sweep if name == "prefixserve" or not args.quick else [n for n in sweep if n == 100]
+        full = name in ("prefixserve", "engine", "threaded") or not args.quick
+        points = sweep if full else [n for n in sweep if n == 100]
         for n in points:
             load = replace(base, n_prefixes=n, rate=hi, seed=n)
-            outcomes, start = await run_load(server.url, load, prefix_ids, drain_s=0.0)
+            outcomes, start = await load_on(server, load, prefix_ids, drain_s=0.0)
             r = summarize(outcomes, start, load, args.slo_ttft_ms / 1e3, args.warmup)
             results["throughput"].setdefault(name, {})[str(n)] = r
             rows.append((name, r))
@@ -535,7 +617,7 @@ async def measure(
     rows = []
     for name, server in servers.items():
         load = replace(base, n_prefixes=args.latency_n, rate=lo, duration_s=args.latency_duration, seed=7)
-        outcomes, start = await run_load(server.url, load, prefix_ids, args.drain)
+        outcomes, start = await load_on(server, load, prefix_ids, args.drain)
         r = summarize(outcomes, start, load, args.slo_ttft_ms / 1e3, args.warmup)
         results["latency"][name] = r
         rows.append((name, r))
@@ -567,6 +649,11 @@ def headline(results: dict) -> dict:
         "ttft_p99_ms_100": lat.get("prefixserve", {}).get("ttft_ms", {}).get("p99"),
         "slo_attainment_100": lat.get("prefixserve", {}).get("slo_attainment"),
         "capacity_req_s": results["capacity_req_s"],
+        "engine_tok_s": tok("engine", 100),
+        "http_tok_s": tok("prefixserve", 100),
+        "engine_ttft_p99_ms_100": lat.get("engine", {}).get("ttft_ms", {}).get("p99"),
+        "threaded_tok_s": tok("threaded", 100),
+        "threaded_ttft_p99_ms_100": lat.get("threaded", {}).get("ttft_ms", {}).get("p99"),
     }
 
     def ratio(a: str, b: str) -> float | None:
@@ -575,7 +662,13 @@ def headline(results: dict) -> dict:
     h["tok_s_1000_over_tok_s_1"] = ratio("tok_s_1000", "tok_s_1")
     h["tok_s_100_over_seq"] = ratio("tok_s_100", "baseline_seq_tok_s_100")
     h["tok_s_100_over_group"] = ratio("tok_s_100", "baseline_group_tok_s_100")
-    targets = {"tok_s_1000_over_tok_s_1": 0.9, "tok_s_100_over_seq": 10, "tok_s_100_over_group": 2}
+    h["http_over_engine"] = ratio("http_tok_s", "engine_tok_s")
+    targets = {
+        "tok_s_1000_over_tok_s_1": 0.9,
+        "tok_s_100_over_seq": 10,
+        "tok_s_100_over_group": 2,
+        "http_over_engine": 0.9,
+    }
     print(f"\n{'ratio':<26}{'measured':>10}{'target':>10}")
     for k, target in targets.items():
         v = h[k]

@@ -22,6 +22,7 @@ import torch
 
 from .cache import Stats
 from .errors import PrefixServeError
+from .kinds import kind_of
 from .state import PrefixState, prefix_length, prefix_nbytes
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ class DevicePool:
 
     def put(self, prefix_id: str, kv: PrefixState) -> None:
         """Make a prefix resident now (e.g. right after it was created on this server)."""
-        tensor = kv.to(self.device, self.dtype)
+        tensor = kind_of(kv).to(kv, self.device, self.dtype)
         with self._lock:
             entry = self._entries.setdefault(prefix_id, _Entry(prefix_length(kv)))
             self._install(prefix_id, entry, tensor)
@@ -156,7 +157,8 @@ class DevicePool:
     # ---- loading (worker threads) ----------------------------------------------------------------
     def _load_into_pool(self, prefix_id: str) -> None:
         try:
-            tensor = self._load(prefix_id).to(self.device, self.dtype)
+            state = self._load(prefix_id)
+            tensor = kind_of(state).to(state, self.device, self.dtype)  # its device layout
         except PrefixServeError as exc:
             self._loaded(prefix_id, None, exc)
         except Exception as exc:  # an unexpected loader fault must still release the waiting requests

@@ -37,9 +37,13 @@ PrefixState = torch.Tensor | NtkPrefix
 
 
 def prefix_length(state: PrefixState) -> int:
-    """Positions the prefix occupies before a row's own tokens (an NTK prefix occupies none)."""
-    return 0 if isinstance(state, NtkPrefix) else state.shape[3]
+    """Positions the prefix occupies before a row's own tokens (its kind says; NTK: none)."""
+    from .kinds import kind_of  # (the kinds build on these types)
+
+    return kind_of(state).length(state)
 
 
 def prefix_nbytes(state: PrefixState) -> int:
-    return state.nbytes if isinstance(state, NtkPrefix) else state.numel() * state.element_size()
+    from .kinds import kind_of
+
+    return kind_of(state).nbytes(state)

@@ -113,7 +113,7 @@ class Metrics:
         }
         for name, (text, field) in gauges.items():
             Gauge(name, text, registry=r).set_function(lambda field=field: getattr(stats(), field))
-        r.register(_TierCollector(service))
+        r.register(_TierCollector(service, stats))
         r.register(_PreemptionCollector(stats))
 
     def tenant(self, tenant: str) -> str:
@@ -139,16 +139,20 @@ class _PreemptionCollector:
 
 
 class _TierCollector:
-    """Prefix hits / misses / errors per tier, from the store's counters."""
+    """Prefix hits / misses / errors per tier, from the store's counters: this process's, plus those of
+    an engine in its own process (its device pool and caches are there)."""
 
-    def __init__(self, service: PrefixService) -> None:
-        self.service = service
+    def __init__(self, service: PrefixService, stats: Callable[[], EngineStats]) -> None:
+        self.service, self.stats = service, stats
 
     def collect(self):
         family = CounterMetricFamily(
             "prefixserve_prefix_loads", "Prefix lookups per tier", labels=["tier", "result"]
         )
-        for key, value in self.service.stats.snapshot().items():
+        counts = self.service.stats.snapshot()
+        for key, value in self.stats().prefix_loads.items():
+            counts[key] = counts.get(key, 0) + value
+        for key, value in sorted(counts.items()):
             tier, _, result = key.partition("_")
             family.add_metric([tier, result], value)
         yield family

@@ -151,3 +151,49 @@ def test_api_workers_share_one_engine(tiny_model_dir, tmp_path, redis_url):
         proc.wait(timeout=60)
     for pid in workers + engines:  # all stopped with it
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_the_engine_loop_drops_malformed_frames_and_answers_in_one_message_per_step(tiny_model, tmp_path):
+    """The wire without a subprocess: an EngineLoop on a thread, a DEALER as the client."""
+    import msgspec
+    import zmq
+
+    from prefixserve.engine.process import EngineLoop
+    from prefixserve.engine.wire import Add, Hello, Step, Welcome, encode, from_engine
+
+    core = EngineCore(tiny_model, EngineConfig(max_running=4, detokenize=False))
+    address = f"ipc://{tmp_path}/engine.sock"
+    loop = EngineLoop(core, address, evict=lambda pid: None)
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(address)
+    try:
+        sock.send(b"\x93not-a-message")  # garbage, then a frame of the wrong type: both dropped
+        sock.send(msgspec.msgpack.encode({"type": "add", "request_id": 5}))
+        sock.send(encode(Hello()))
+        assert sock.poll(5000)
+        welcome = from_engine.decode(sock.recv())
+        assert isinstance(welcome, Welcome) and welcome.engine_id == loop.engine_id
+        params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+        for i in range(2):
+            sock.send(encode(Add(f"r{i}", [5, 6, 7], params, None, 0)))
+        tokens: dict[str, list[int]] = {"r0": [], "r1": []}
+        finished, sizes = set(), []
+        while len(finished) < 2:
+            assert sock.poll(5000)
+            msg = from_engine.decode(sock.recv())
+            if isinstance(msg, Step):
+                sizes.append(len(msg.outputs))
+                for out in msg.outputs:
+                    tokens[out.request_id] += out.token_ids
+                    if out.finish_reason is not None:
+                        finished.add(out.request_id)
+        ref = EngineCore(tiny_model)
+        rid = ref.add_request([5, 6, 7], params)
+        assert tokens["r0"] == tokens["r1"] == collect(ref.run_to_completion()[rid])[0]
+        assert 2 in sizes  # both rows' tokens of a step in one message
+    finally:
+        loop.stopping = True
+        thread.join(5)
+        sock.close()

@@ -36,6 +36,7 @@ from .wire import (
     Abort,
     Add,
     Beat,
+    EngineStats,
     Error,
     Evict,
     Hello,
@@ -54,8 +55,14 @@ SETTINGS_ENV = "PREFIXSERVE_ENGINE_SETTINGS"
 class EngineLoop:
     """The engine process's loop: receive, step, send. Single-threaded; owns the core."""
 
-    def __init__(self, core: EngineCore, address: str, evict: Callable[[str], None]) -> None:
-        self.core, self.evict = core, evict
+    def __init__(
+        self,
+        core: EngineCore,
+        address: str,
+        evict: Callable[[str], None],
+        load_counts: Callable[[], dict[str, int]] = dict,
+    ) -> None:
+        self.core, self.evict, self.load_counts = core, evict, load_counts
         self.sock = zmq.Context.instance().socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(address)
@@ -75,11 +82,14 @@ class EngineLoop:
                 self._step()
             now = time.monotonic()
             if now - last_beat >= HEARTBEAT_S:
-                beat = encode(Beat(self.core.stats()))
+                beat = encode(Beat(self.stats()))
                 for client in self.clients:
                     self.sock.send_multipart([client, beat])
                 last_beat = now
         self.sock.close()
+
+    def stats(self) -> EngineStats:
+        return replace(self.core.stats(), prefix_loads=self.load_counts())
 
     def _drain(self) -> None:
         while True:
@@ -97,7 +107,7 @@ class EngineLoop:
     def _handle(self, client: bytes, msg: Hello | Add | Abort | Evict) -> None:
         if isinstance(msg, Hello):
             self.clients.add(client)
-            self.sock.send_multipart([client, encode(Welcome(self.engine_id, self.core.stats()))])
+            self.sock.send_multipart([client, encode(Welcome(self.engine_id, self.stats()))])
         elif isinstance(msg, Add):
             self.owner[msg.request_id] = client
             try:
@@ -107,7 +117,7 @@ class EngineLoop:
                 error = Output(
                     msg.request_id, [], "error", msg.prefix_len, len(msg.prompt_ids), 0, _error(exc)
                 )
-                self.sock.send_multipart([client, encode(Step([error], 0, self.core.stats()))])
+                self.sock.send_multipart([client, encode(Step([error], 0, self.stats()))])
         elif isinstance(msg, Abort):
             if self.core.abort(msg.request_id):
                 self.owner.pop(msg.request_id, None)
@@ -130,7 +140,7 @@ class EngineLoop:
             if out.finished:
                 del self.owner[out.request_id]
         sampled = sum(1 for out in outputs if out.token_ids)
-        stats = self.core.stats()
+        stats = self.stats()
         for client, outs in by_client.items():
             self.sock.send_multipart([client, encode(Step(outs, sampled, stats))])
 
@@ -172,7 +182,7 @@ def main() -> None:
     health = RedisHealth(redis_cfg) if redis_cfg is not None else None
     service = PrefixService(bind_model(model), settings.store_config(), redis_health=health)
     core = EngineCore(model, replace(settings.engine_config(), detokenize=False), prefixes=service.pool)
-    loop = EngineLoop(core, address, service.pool.evict)
+    loop = EngineLoop(core, address, service.pool.evict, service.stats.snapshot)
 
     def stop(*_: object) -> None:
         loop.stopping = True
@@ -199,6 +209,7 @@ class EngineProcess:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._watch: threading.Thread | None = None
+        self._started = 0.0
         self.restarts = 0
 
     @property
@@ -218,20 +229,25 @@ class EngineProcess:
         with self._lock:
             if self._stop.is_set():
                 return
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "prefixserve.engine", self.address], env=self._env
-            )
+            # its own session: a terminal's Ctrl-C reaches the API process, which drains, then stops it
+            command = [sys.executable, "-m", "prefixserve.engine", self.address]
+            self._proc = subprocess.Popen(command, env=self._env, start_new_session=True)
+            self._started = time.monotonic()
         log.info("started the engine process (pid %d) on %s", self._proc.pid, self.address)
 
     def _supervise(self) -> None:
+        delay = self.restart_delay_s
         while not self._stop.wait(0.2):
             proc = self._proc
             if proc is not None and proc.poll() is not None and not self._stop.is_set():
+                # one that keeps dying at start (a model that cannot load) is retried ever more slowly
+                lived = time.monotonic() - self._started
+                delay = self.restart_delay_s if lived > 60 else min(2 * delay, 30.0)
                 log.error(
                     "the engine process (pid %d) exited with %s; starting it again", proc.pid, proc.returncode
                 )
                 self.restarts += 1
-                time.sleep(self.restart_delay_s)
+                time.sleep(delay)
                 self._spawn()
 
     def stop(self, timeout: float = 10.0) -> None:

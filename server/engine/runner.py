@@ -115,6 +115,7 @@ class ModelRunner:
         self._act = _activation(spec.activation)
         self.kinds: list[PrefixKind] = [cls() for cls in KIND_CLASSES]  # each keeps its own stack cache
         self.fused_ntk = NtkPrefixKind.fused_available(self.device)  # one Triton kernel per layer on CUDA
+        self._gathered = [self.kv.new_empty(0, *shape[3:]) for _ in range(2)]  # K, V: [n, bs, H, D]
 
     @property
     def block_bytes(self) -> int:
@@ -280,11 +281,22 @@ class ModelRunner:
         return out, lse
 
     def _gather(self, layer: int, part: _Paged) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows' own K and V, block by block: -> two `[R, H, S, D]` views of gathered copies."""
-        spec = self.spec
-        k = self.kv[layer, 0].index_select(0, part.table).view(part.rows, -1, spec.n_head, spec.head_dim)
-        v = self.kv[layer, 1].index_select(0, part.table).view(part.rows, -1, spec.n_head, spec.head_dim)
-        return k.transpose(1, 2), v.transpose(1, 2)
+        """The rows' own K and V, block by block, into two reused buffers (a fresh tensor per call
+        costs page faults as large as the copy): -> two `[R, H, S, D]` views."""
+        spec, n = self.spec, part.table.numel()
+        out = []
+        for i in (0, 1):  # K, V
+            buf = self._gather_buffer(i, n)  # [n, bs, H, D]
+            torch.index_select(self.kv[layer, i], 0, part.table, out=buf)
+            out.append(buf.view(part.rows, -1, spec.n_head, spec.head_dim).transpose(1, 2))
+        return out[0], out[1]
+
+    def _gather_buffer(self, i: int, blocks: int) -> torch.Tensor:
+        """Buffer i (0: K, 1: V) for `blocks` gathered blocks -> `[blocks, bs, H, D]` (grown as needed)."""
+        shape = self.kv.shape[3:]  # [bs, H, D]
+        if self._gathered[i].shape[0] < blocks:
+            self._gathered[i] = self.kv.new_empty(int(blocks * 1.25) + 1, *shape)
+        return self._gathered[i][:blocks]
 
 
 def _padded(blocks: list[int], n: int) -> list[int]:

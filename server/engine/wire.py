@@ -8,7 +8,7 @@ step, not one per token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 
@@ -25,6 +25,8 @@ class EngineStats:
     kv_blocks_total: int = 0
     kv_blocks_free: int = 0
     preemptions: int = 0
+    prefix_loads: dict[str, int] = field(default_factory=dict)  # the engine's own store counters, by
+    # "tier_result" (its device pool and caches live in its process); empty for an engine in-process
 
 
 # ---- API -> engine ---------------------------------------------------------------------------
