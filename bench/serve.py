@@ -7,9 +7,9 @@ Three servers run as their own processes, on one model checkpoint and one prefix
   prefixserve  this project (`prefixserve serve`): continuous batching, mixed prefixes per step
   sequential   HF generate one request at a time, prefix as past_key_values (how PEFT users serve)
   grouped      a static batcher of HF generate that only batches requests sharing a prefix
-  engine       prefixserve's engine without HTTP: the same EngineCore (AsyncEngine, in this process),
-               fed the same arrivals through its Python API (`engine_tok_s`); prefixserve over HTTP
-               (`http_tok_s`) against it is what the API, the IPC and SSE cost
+  engine       prefixserve's engine without HTTP: the same EngineCore in this process, fed the same
+               arrivals between its steps (`engine_tok_s`); prefixserve over HTTP (`http_tok_s`)
+               against it is what the API processes, the IPC and SSE cost
   threaded     prefixserve with its engine on a thread of the API process (PREFIXSERVE_ENGINE_PROCESS
                =false: the design before the engine got its own process), for before/after
 
@@ -60,7 +60,7 @@ from bench.engine import GPT2_SMALL, RESULTS
 from prefix_store.redis_server import free_port
 from prefix_store.service import PrefixService, StoreConfig
 from prefixserve.compile import bind_model
-from prefixserve.engine import AsyncEngine, EngineConfig, EngineCore, SamplingParams
+from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
 from prefixserve.errors import PrefixServeError
 from prefixserve.model import load_model
 from prefixserve.tiny import write_tiny_model
@@ -207,60 +207,54 @@ async def run_load(
 
 
 class EngineDirect:
-    """The engine alone: EngineCore on a thread of this process (AsyncEngine), the same configuration
-    and prefix store as the prefixserve server, driven through its Python API."""
+    """The engine alone: an EngineCore in this process, the same configuration and prefix store as the
+    prefixserve server, fed the same arrivals between its steps (no client, no HTTP, no IPC)."""
 
     def __init__(self, setup: Setup) -> None:
         model = load_model(setup.model_dir, setup.dtype, setup.device)
         self.service = PrefixService(bind_model(model), StoreConfig(url=setup.store))
         config = EngineConfig(max_running=setup.max_running, max_waiting=setup.max_waiting)
-        self.engine = AsyncEngine(EngineCore(model, config, prefixes=self.service.pool))
-        self.engine.start()
+        self.core = EngineCore(model, config, prefixes=self.service.pool)
 
     def stop(self) -> None:
-        self.engine.stop()
         self.service.close()
 
-
-async def one_engine_request(engine: AsyncEngine, a: Arrival, prefix_id: str, outcome: Outcome) -> None:
-    params = SamplingParams(max_new_tokens=a.max_new_tokens, ignore_eos=True)
-    try:
-        request = engine.prepare(a.input, params, prefix_id)
-        outcome.status = 200
-        async for out in engine.stream(request):
-            now = time.perf_counter()
-            outcome.token_times.extend([now] * len(out.token_ids))
-            if out.finished:
-                outcome.ended, outcome.prompt_tokens = now, out.prompt_tokens
-    except PrefixServeError as exc:
-        outcome.status, outcome.error = exc.status, str(exc)[:200]
-    except asyncio.CancelledError:
-        outcome.cut = True
-        raise
-
-
-async def run_engine_load(
-    direct: EngineDirect, load: Load, prefix_ids: list[str], drain_s: float
-) -> tuple[list[Outcome], float]:
-    """`run_load` through the engine's Python API instead of HTTP."""
-    plan = arrivals(load)
-    start = time.perf_counter()
-    tasks, outcomes = [], []
-    for a in plan:
-        delay = start + a.at - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        outcome = Outcome(sent=time.perf_counter())
-        outcomes.append(outcome)
-        tasks.append(asyncio.create_task(one_engine_request(direct.engine, a, prefix_ids[a.prefix], outcome)))
-    if tasks:
-        _, pending = await asyncio.wait(
-            tasks, timeout=max(0.0, start + load.duration_s + drain_s - time.perf_counter())
-        )
-        for t in pending:  # cut off: closing the stream aborts the request
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-    return outcomes, start
+    def drive(self, load: Load, prefix_ids: list[str], drain_s: float) -> tuple[list[Outcome], float]:
+        """`run_load` for the engine: each arrival is added when its time has come (open loop), then
+        the engine steps; token times are taken as each step returns."""
+        core, plan = self.core, arrivals(load)
+        start = time.perf_counter()
+        end = start + load.duration_s + drain_s
+        live: dict[str, Outcome] = {}
+        outcomes: list[Outcome] = []
+        i = 0
+        while time.perf_counter() < end and (i < len(plan) or core.has_work):
+            while i < len(plan) and start + plan[i].at <= time.perf_counter():
+                a = plan[i]
+                outcome = Outcome(sent=start + a.at)
+                outcomes.append(outcome)
+                params = SamplingParams(max_new_tokens=a.max_new_tokens, ignore_eos=True)
+                try:
+                    live[core.add_request(a.input, params, prefix_ids[a.prefix])] = outcome
+                    outcome.status = 200
+                except PrefixServeError as exc:
+                    outcome.status, outcome.error = exc.status, str(exc)[:200]
+                i += 1
+            if not core.has_work:
+                time.sleep(
+                    max(0.0, min(start + plan[i].at, end) - time.perf_counter()) if i < len(plan) else 0
+                )
+                continue
+            for out in core.step():
+                outcome, now = live[out.request_id], time.perf_counter()
+                outcome.token_times.extend([now] * len(out.token_ids))
+                if out.finished:
+                    outcome.ended, outcome.prompt_tokens = now, out.prompt_tokens
+        for rid, outcome in live.items():  # still running at the end: cut off
+            if outcome.ended is None and core.abort(rid):
+                outcome.cut = True
+        core.run_to_completion()  # (the aborted ones leave at the next step)
+        return outcomes, start
 
 
 # ---- metrics -----------------------------------------------------------------------------------
@@ -387,7 +381,7 @@ async def load_on(
     server: ServerProcess | EngineDirect, load: Load, prefix_ids: list[str], drain_s: float
 ) -> tuple[list[Outcome], float]:
     if isinstance(server, EngineDirect):
-        return await run_engine_load(server, load, prefix_ids, drain_s)
+        return server.drive(load, prefix_ids, drain_s)  # (on this thread: nothing else runs meanwhile)
     return await run_load(server.url, load, prefix_ids, drain_s)
 
 
