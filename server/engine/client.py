@@ -5,8 +5,8 @@ ZeroMQ DEALER socket on the event loop: requests go out as they come, each engin
 one message with this client's new tokens, and the text is made here (incremental detokenization
 and stop strings: a stop string found here aborts the request in the engine and ends the stream).
 
-Liveness: the engine answers `Hello` with `Welcome` and sends a heartbeat while idle. If nothing has
-been heard for DEAD_AFTER_S (or the owned engine process has exited), every stream in flight ends with
+Liveness: the engine answers `Hello` with `Welcome` and sends a heartbeat while idle. If the owned
+engine process has exited (or nothing has been heard for DEAD_AFTER_S), every stream in flight ends with
 EngineStopped (HTTP 503), `running` turns False (so /ready says 503), and the client says Hello again
 until an engine (restarted by its supervisor) welcomes it.
 """
@@ -48,7 +48,10 @@ from .wire import (
 )
 
 log = logging.getLogger(__name__)
-DEAD_AFTER_S = 4 * HEARTBEAT_S  # silence this long: the engine is gone
+# silence this long and the engine is taken for gone: an engine this process started is watched
+# through its process (it exited: gone at once), so only a hung one needs the long wait; an engine
+# started elsewhere (API workers) is known only by what it sends. Both allow for a long step.
+DEAD_AFTER_S = {True: 30.0, False: 10.0}  # by: this process owns the engine
 
 
 @dataclass
@@ -227,8 +230,9 @@ class EngineClient:
             await asyncio.sleep(HEARTBEAT_S / 2)
 
     def _gone(self) -> bool:
-        silent = time.monotonic() - self._last_heard > DEAD_AFTER_S
-        return silent or (self.owner is not None and not self.owner.alive)
+        owned = self.owner is not None
+        silent = time.monotonic() - self._last_heard > DEAD_AFTER_S[owned]
+        return silent or (owned and not self.owner.alive)
 
     def _fail_all(self, error: BaseException) -> None:
         for stream in list(self._streams.values()):
