@@ -3,7 +3,6 @@ engine in-process, a killed engine answers 503 fast and comes back, N API worker
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -15,6 +14,7 @@ import httpx
 from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
 
 from .test_engine_reference import PROMPTS, collect
+from .test_poisoned import sse_events
 from .test_serve import start_server
 
 
@@ -39,16 +39,6 @@ def engine_pid(api_pid: int) -> int:
     raise AssertionError(f"no engine process under {api_pid}")
 
 
-def sse(lines) -> list[tuple[str, dict]]:
-    events, kind = [], None
-    for line in lines:
-        if line.startswith("event: "):
-            kind = line[7:]
-        elif line.startswith("data: "):
-            events.append((kind, json.loads(line[6:])))
-    return events
-
-
 def test_answers_equal_the_in_process_engine(tiny_model, tiny_model_dir, tmp_path):
     core = EngineCore(tiny_model, EngineConfig(max_running=8))
     cases = [(p, SamplingParams(max_new_tokens=12)) for p in PROMPTS[:3]]
@@ -69,7 +59,7 @@ def test_answers_equal_the_in_process_engine(tiny_model, tiny_model_dir, tmp_pat
             got = httpx.post(url + "/generate", json=body, timeout=30).json()
             assert got["text"] == want, (text, params)
             with httpx.stream("POST", url + "/generate", json={**body, "stream": True}, timeout=30) as r:
-                events = sse(r.iter_lines())
+                events = sse_events(r.iter_lines())
             streamed = [t for kind, e in events if kind == "token" for t in e["token_ids"]]
             assert "".join(e["text"] for kind, e in events if kind == "token") == want
             assert streamed == tokens and events[-1][0] == "done"
@@ -97,7 +87,7 @@ def test_a_killed_engine_fails_requests_in_flight_fast_and_is_started_again(tiny
             time.sleep(0.2)
             os.kill(first, signal.SIGKILL)
             killed = time.monotonic()
-            events = sse([*head, *lines])
+            events = sse_events([*head, *lines])
             ended = time.monotonic() - killed
         t.join(10)
         assert events[0][0] == "token" and events[-1][0] == "error", events[-3:]

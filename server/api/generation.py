@@ -32,7 +32,7 @@ async def start_generation(
         meta = await state.visible(prefix_id, tenant)
         text += meta.input_suffix  # a trained prefix's separator
         prefix_len = meta.prefix_len
-    prepared = state.engine.prepare(text, params, prefix_id, rid, prefix_len)
+    prepared = state.engine.preparer.prepare(text, params, prefix_id, prefix_len, rid)
     await state.limiter.check(tenant, len(prepared.prompt_ids) + params.max_new_tokens)
     return prepared, _timed(state, tenant, state.engine.stream(prepared))
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from ..errors import EngineOverloaded, PrefixServeError
 from .core import EngineCore, RequestOutput
+from .prepare import RequestPreparer
 from .request import Request, SamplingParams
 from .wire import EngineStats
 
@@ -67,16 +68,10 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self.core.stats()
 
-    def prepare(
-        self,
-        input: str | list[int],
-        params: SamplingParams | None = None,
-        prefix_id: str | None = None,
-        request_id: str | None = None,
-        prefix_len: int | None = None,
-    ) -> Request:
-        """Validate and tokenize (EngineCore.prepare; safe from any thread)."""
-        return self.core.prepare(input, params, prefix_id, request_id, prefix_len)
+    @property
+    def preparer(self) -> RequestPreparer:
+        """Validation and tokenization (safe from any thread), as the API process does it."""
+        return self.core.preparer
 
     def evict(self, prefix_id: str) -> None:
         """Nothing to do: the store's device pool is this engine's (PrefixService.delete evicted it)."""

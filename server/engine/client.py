@@ -1,6 +1,6 @@
 """EngineClient: the API process's side of an engine running in its own process (process.py).
 
-It offers what the API uses of `AsyncEngine` (prepare, stream, abort, stats, running) over one
+It offers what the API uses of `AsyncEngine` (preparer, stream, abort, stats, running) over one
 ZeroMQ DEALER socket on the event loop: requests go out as they come, each engine step comes back as
 one message with this client's new tokens, and the text is made here (incremental detokenization
 and stop strings: a stop string found here aborts the request in the engine and ends the stream).
@@ -111,21 +111,11 @@ class EngineClient:
         return self._stats
 
     # ---- requests ------------------------------------------------------------------------------
-    def prepare(
-        self,
-        input: str | list[int],
-        params: SamplingParams | None = None,
-        prefix_id: str | None = None,
-        request_id: str | None = None,
-        prefix_len: int = 0,
-    ) -> Request:
-        return self.preparer.prepare(input, params, prefix_id, prefix_len, request_id)
-
     async def generate(
-        self, input: str | list[int], params: SamplingParams | None = None, prefix_id: str | None = None
+        self, input: str | list[int], params: SamplingParams | None = None
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request without a prefix (or with one whose length is known to be 0)."""
-        async for out in self.stream(self.prepare(input, params, prefix_id)):
+        """Stream a request without a prefix (the warm-up)."""
+        async for out in self.stream(self.preparer.prepare(input, params, None, 0)):
             yield out
 
     async def stream(self, request: Request) -> AsyncIterator[RequestOutput]:

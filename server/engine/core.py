@@ -136,12 +136,9 @@ class EngineCore:
         params: SamplingParams | None = None,
         prefix_id: str | None = None,
         request_id: str | None = None,
-        prefix_len: int | None = None,
     ) -> Request:
-        """Validate and tokenize a request without touching engine state (safe from any thread).
-        `prefix_len`: the prefix's positions when the caller knows them (else asked of the provider)."""
-        if prefix_len is None:
-            prefix_len = self.prefixes.length(prefix_id) if prefix_id is not None else 0
+        """Validate and tokenize a request without touching engine state (safe from any thread)."""
+        prefix_len = self.prefixes.length(prefix_id) if prefix_id is not None else 0
         return self.preparer.prepare(input, params, prefix_id, prefix_len, request_id)
 
     def add(self, request: Request) -> None:

@@ -37,7 +37,6 @@ from .wire import (
     Add,
     Beat,
     EngineStats,
-    Error,
     Evict,
     Hello,
     Output,
@@ -115,7 +114,7 @@ class EngineLoop:
             except PrefixServeError as exc:
                 self.owner.pop(msg.request_id, None)
                 error = Output(
-                    msg.request_id, [], "error", msg.prefix_len, len(msg.prompt_ids), 0, _error(exc)
+                    msg.request_id, [], "error", msg.prefix_len, len(msg.prompt_ids), 0, RemoteError.wire(exc)
                 )
                 self.sock.send_multipart([client, encode(Step([error], 0, self.stats()))])
         elif isinstance(msg, Abort):
@@ -145,10 +144,6 @@ class EngineLoop:
             self.sock.send_multipart([client, encode(Step(outs, sampled, stats))])
 
 
-def _error(exc: PrefixServeError) -> Error:
-    return RemoteError.wire(exc)
-
-
 def _failed(rid: str, error: PrefixServeError) -> RequestOutput:
     return RequestOutput(rid, [], "", finish_reason=FinishReason.ERROR, error=error)
 
@@ -161,7 +156,7 @@ def _wire(out: RequestOutput) -> Output:
         out.prefix_tokens,
         out.prompt_tokens,
         out.completion_tokens,
-        None if out.error is None else _error(out.error),
+        None if out.error is None else RemoteError.wire(out.error),
     )
 
 

@@ -166,7 +166,8 @@ class ModelRunner:
         states: dict[type, dict[int, PrefixState]] = {}
         for i, r in enumerate(order):
             n, first = len(r.tokens), len(ids)
-            p = 0 if r.prefix is None else kind_of(r.prefix).length(r.prefix)
+            kind = None if r.prefix is None else kind_of(r.prefix)
+            p = 0 if kind is None else kind.length(r.prefix)
             if blocks_for(r.start + n, bs) > len(r.blocks):
                 raise RuntimeError(
                     f"row {r.request_id!r}: {len(r.blocks)} blocks cannot hold {r.start + n} tokens"
@@ -177,8 +178,8 @@ class ModelRunner:
             last_idx.append(len(ids) - 1)
             if r.sample:
                 sample_rows.append(i)
-            if r.prefix is not None:
-                kind, key = kind_of(r.prefix), id(r.prefix)
+            if kind is not None:
+                key = id(r.prefix)
                 members.setdefault(kind, {}).setdefault(key, []).extend(range(first, first + n))
                 states.setdefault(kind, {})[key] = r.prefix
         dev = self.device
