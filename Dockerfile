@@ -23,6 +23,9 @@ COPY client /src/client
 RUN pip install -c /src/requirements/lock.txt /src /src/client
 
 FROM ${BASE_IMAGE}
+# a C compiler: the engine builds its CPU decode kernel for the machine it runs on (first start, ~1 s)
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 # named volumes mounted here inherit this ownership, so the non-root user can write them
 RUN useradd --create-home --uid 10001 app && mkdir -p /data/prefixes /data/hf && chown -R app /data
 COPY --from=build /opt/venv /opt/venv

@@ -8,6 +8,7 @@ import dataclasses
 import torch
 
 from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
+from prefixserve.engine.cpu_kernels import load_paged_decode
 
 from .reference import hf_greedy
 from .test_engine_reference import PROMPTS, collect, make_prefixes
@@ -124,3 +125,65 @@ def test_a_prefix_is_evicted_only_when_no_row_references_it(service_factory, tin
     engine.run_to_completion()
     assert ids[0] not in svc.pool.resident()  # unreferenced now: evicted for the next load
     assert collect(outs[first])[0] == hf_greedy(hf_model, prompt, kvs[0], 30)[0]
+
+
+# ---- the CPU decode kernel (blocks read in place) -----------------------------------------------
+
+
+def _reference_decode(q, k_pool, v_pool, table, lens, scale):
+    """Gather each row's blocks and take softmax attention: q `[R, H, D]` -> out `[R, H, D]`, lse `[R, H]`."""
+    outs, lses = [], []
+    for r in range(q.shape[0]):
+        n = int(lens[r])
+        k = k_pool[table[r]].flatten(0, 1)[:n]  # [n, H, D]
+        v = v_pool[table[r]].flatten(0, 1)[:n]
+        s = torch.einsum("hd,nhd->hn", q[r], k) * scale  # [H, n]
+        lses.append(torch.logsumexp(s, -1))
+        outs.append(torch.einsum("hn,nhd->hd", torch.softmax(s, -1), v))
+    return torch.stack(outs), torch.stack(lses)
+
+
+def test_decode_kernel_matches_softmax_over_gathered_blocks_and_keeps_nan_in_its_row():
+    kernel = load_paged_decode()
+    assert kernel is not None, "the CPU decode kernel did not build (is there a C compiler?)"
+    g = torch.Generator().manual_seed(0)
+    heads, dim, bs, num_blocks = 3, 8, 4, 40
+    k_pool = torch.randn(num_blocks, bs, heads, dim, generator=g)
+    v_pool = torch.randn(num_blocks, bs, heads, dim, generator=g)
+    lens = torch.tensor([1, 4, 5, 13, 16, 2], dtype=torch.int32)
+    table = torch.randperm(num_blocks - 1, generator=g)[: 6 * 4].add(1).view(6, 4)  # scattered blocks
+    qkv = torch.randn(6, 3, heads, dim, generator=g) * 3  # q is a strided view, as in the runner
+    q = qkv[:, 0]
+    out, lse = torch.empty(6, heads, dim), torch.empty(6, heads)
+    kernel(q, k_pool, v_pool, table, lens, out, lse, 0.35)
+    want_out, want_lse = _reference_decode(q, k_pool, v_pool, table, lens, 0.35)
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+    # a NaN in row 3's values, past row 1's length in a block row 1 also lists: only row 3 goes bad
+    table[1, 1] = table[3, 1]
+    v_pool[table[3, 1], 2, 0, 0] = float("nan")
+    kernel(q, k_pool, v_pool, table, lens, out, None, 0.35)
+    bad = ~out.flatten(1).isfinite().all(-1)
+    assert bad.tolist() == [False, False, False, True, False, False]
+
+
+def test_decode_kernel_and_gathered_blocks_give_the_same_outputs(tiny_model):
+    prefixes = {**make_prefixes(tiny_model, [3, 9]), "n1": make_ntk(tiny_model, 1)}
+    mix = [("p3", GREEDY), (None, GREEDY), ("n1", SEEDED), ("p9", SEEDED), ("p9", GREEDY), (None, SEEDED)]
+    runs = {}
+    for in_place in (True, False):
+        engine = engine_with(tiny_model, prefixes, max_running=8, record_logits=True, paged_kernel=in_place)
+        assert (engine.runner._paged_decode is not None) == in_place
+        for i, (pid, params) in enumerate(mix):
+            engine.add_request(PROMPTS[i % len(PROMPTS)], params, prefix_id=pid, request_id=f"r{i}")
+        runs[in_place] = {rid: collect(outs) for rid, outs in engine.run_to_completion().items()}
+    for rid, (tokens, logits, _) in runs[True].items():
+        assert tokens == runs[False][rid][0]
+        torch.testing.assert_close(torch.stack(logits), torch.stack(runs[False][rid][1]), atol=1e-4, rtol=1e-4)
+
+
+def test_without_a_compiler_the_runner_gathers(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFIXSERVE_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    assert load_paged_decode.__wrapped__() is None
+    assert list(tmp_path.iterdir()) == []  # nothing half-built left behind

@@ -53,6 +53,9 @@ class EngineConfig:
     # memory. At least max_seq_len.
     kv_cache_tokens: int | None = None
     block_size: int = 16  # tokens per KV block
+    # on the CPU (float32), decode rows read their KV blocks in place with a compiled kernel
+    # (cpu_kernels.py); False, or no C compiler: the blocks are gathered per layer (slower, same numbers)
+    paged_kernel: bool = True
     record_logits: bool = False  # attach each step's logits to the outputs (tests, debugging)
     detokenize: bool = True  # False: outputs carry token ids only (text and stop strings done by the caller)
 
@@ -125,7 +128,7 @@ class EngineCore:
         self.prefixes = prefixes or PrefixTable(spec, model.dtype, model.device, self.max_prefix_len)
         scheduler = self.config.scheduler_config()
         self.scheduler = Scheduler(scheduler, self.prefixes.is_ready)
-        self.runner = ModelRunner(model, scheduler.num_blocks, scheduler.block_size)
+        self.runner = ModelRunner(model, scheduler.num_blocks, scheduler.block_size, self.config.paged_kernel)
         self._live: dict[str, _Live] = {}
         self.preparer = RequestPreparer(model.tokenizer, spec, self.max_seq_len)
 

@@ -28,6 +28,7 @@ from prefix_store.kinds import KIND_CLASSES, NtkPrefixKind, PrefixKind, kind_of
 
 from ..model import LayerWeights, LoadedModel, ModelSpec
 from .blocks import NULL_BLOCK, blocks_for
+from .cpu_kernels import load_paged_decode
 from .prefixes import PrefixState
 
 
@@ -64,8 +65,10 @@ class _Paged:
     rows: int  # R
     length: int  # tokens per row (1 for decode)
     table: torch.Tensor  # [R * nb] block ids, row by row (padded with the null block)
-    bias: torch.Tensor  # [R|1, 1, n, S] additive: 0 where a query may look, -inf elsewhere
-    lens: torch.Tensor | None = None  # [R] int32 own tokens per row (decode rows; the fused kernel)
+    # [R|1, 1, n, S] additive: 0 where a query may look, -inf elsewhere (None: decode rows that the CPU
+    # kernel reads in place, by `lens`)
+    bias: torch.Tensor | None
+    lens: torch.Tensor | None = None  # [R] int32 own tokens per row (decode rows; the kernels)
 
 
 @dataclass
@@ -104,7 +107,7 @@ def _activation(name: str):
 
 
 class ModelRunner:
-    def __init__(self, model: LoadedModel, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: LoadedModel, num_blocks: int, block_size: int, paged_kernel: bool = True) -> None:
         spec: ModelSpec = model.spec
         self.spec = spec
         self.w = model.weights
@@ -116,6 +119,9 @@ class ModelRunner:
         self.kinds: list[PrefixKind] = [cls() for cls in KIND_CLASSES]  # each keeps its own stack cache
         self.fused_ntk = NtkPrefixKind.fused_available(self.device)  # one Triton kernel per layer on CUDA
         self._gathered = [self.kv.new_empty(0, *shape[3:]) for _ in range(2)]  # K, V: [n, bs, H, D]
+        # decode rows read their blocks in place on the CPU (float32); elsewhere blocks are gathered
+        in_place = paged_kernel and self.device.type == "cpu" and self.dtype == torch.float32
+        self._paged_decode = load_paged_decode() if in_place else None
 
     @property
     def block_bytes(self) -> int:
@@ -212,10 +218,13 @@ class ModelRunner:
         nb = blocks_for(max(lens), self.block_size)
         table = [b for r in decode for b in _padded(r.blocks, nb)]
         dev = self.device
-        n = torch.tensor(lens, device=dev)  # [R]
-        keep = torch.arange(nb * self.block_size, device=dev) < n[:, None]  # [R, S]
-        bias = torch.zeros(keep.shape, device=dev, dtype=self.dtype).masked_fill_(~keep, float("-inf"))
-        return _Paged(0, len(decode), 1, torch.tensor(table, device=dev), bias[:, None, None, :], n.int())
+        n = torch.tensor(lens, device=dev, dtype=torch.int32)  # [R]
+        bias = None
+        if self._paged_decode is None:
+            keep = torch.arange(nb * self.block_size, device=dev) < n[:, None]  # [R, S]
+            bias = torch.zeros(keep.shape, device=dev, dtype=self.dtype).masked_fill_(~keep, float("-inf"))
+            bias = bias[:, None, None, :]
+        return _Paged(0, len(decode), 1, torch.tensor(table, device=dev), bias, n)
 
     def _prefill_parts(self, prefill: list[RowInput], offset: int) -> list[_Paged]:
         """Prefill chunks grouped by (length, start): causal over the row's own keys `0 .. start+i`."""
@@ -269,6 +278,12 @@ class ModelRunner:
         lse = torch.empty(q.shape[:2], device=q.device) if with_lse else None  # [N, H]
         for part in b.parts:
             end = part.offset + part.rows * part.length
+            if part.bias is None:  # decode rows, blocks read in place
+                self._paged_decode(
+                    q[part.offset : end], *self.kv[layer], part.table.view(part.rows, -1), part.lens,
+                    out[part.offset : end], None if lse is None else lse[part.offset : end], scale,
+                )  # fmt: skip
+                continue
             qs = (
                 q[part.offset : end].view(part.rows, part.length, *q.shape[1:]).transpose(1, 2)
             )  # [R, H, n, D]

@@ -1,0 +1,117 @@
+"""The CPU decode kernel (paged_decode.c): built once per machine with the system C compiler, loaded
+with ctypes. No torch headers, so a build takes about a second; the shared object is cached under
+`$PREFIXSERVE_KERNEL_DIR` (default `~/.cache/prefixserve/kernels`), named by a hash of the source, the
+flags and the CPU, and written atomically so processes starting together share it.
+
+Where there is no compiler (or the build fails), `load_paged_decode()` returns None and the runner
+gathers blocks instead: slower, same numbers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("paged_decode.c")
+# -O3 vectorises the dot products and sums; reassociation is allowed, finite-math is not (NaN must
+# propagate: bad rows are found by their outputs)
+FLAGS = [
+    "-O3", "-march=native", "-fPIC", "-shared", "-pthread",
+    "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
+]  # fmt: skip
+
+
+class PagedDecode:
+    """`paged_decode(q, k_pool, v_pool, table, lens, out, lse, scale)`: see `__call__`."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        fn = lib.paged_decode
+        c = ctypes
+        fn.argtypes = [c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int64, c.c_void_p,
+                       c.c_int, c.c_int, c.c_int, c.c_int, c.c_float, c.c_void_p, c.c_void_p, c.c_int]  # fmt: skip
+        fn.restype = c.c_int
+        self._fn = fn
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        table: torch.Tensor,
+        lens: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor | None,
+        scale: float,
+    ) -> None:
+        """Row r's query `q[r]` `[H, D]` over its own `lens[r]` tokens, found in the pool `k`/`v`
+        `[num_blocks, block_size, H, D]` through `table [R, nb]` (int64): writes `out [R, H, D]` and,
+        when given, `lse [R, H]` (float32, log-sum-exp of the scaled scores). All float32 on the CPU;
+        q may be a strided view of rows (each `[H, D]` contiguous), the rest contiguous."""
+        rows, heads, dim = q.shape
+        assert q.dtype == k.dtype == v.dtype == out.dtype == torch.float32
+        assert q.stride(2) == 1 and q.stride(1) == dim and k.is_contiguous() and v.is_contiguous()
+        assert table.dtype == torch.int64 and table.is_contiguous() and table.shape[0] == rows
+        assert lens.dtype == torch.int32 and out.is_contiguous() and (lse is None or lse.is_contiguous())
+        failed = self._fn(
+            q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), table.data_ptr(), table.shape[1],
+            lens.data_ptr(), rows, k.shape[1], heads, dim, scale, out.data_ptr(),
+            None if lse is None else lse.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if failed:
+            raise MemoryError("paged_decode: out of memory for its scratch buffers")
+
+
+def kernel_dir() -> Path:
+    return Path(os.environ.get("PREFIXSERVE_KERNEL_DIR") or Path.home() / ".cache" / "prefixserve" / "kernels")
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def _build(target: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
+        partial = Path(tmp.name)
+    try:
+        subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", str(partial), "-lm"],
+            check=True, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        os.replace(partial, target)  # atomic: a process starting now sees the old state or this one
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+@functools.cache
+def load_paged_decode() -> PagedDecode | None:
+    """The kernel, built on first use; None where it cannot be built here (the runner gathers)."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_id().encode()).hexdigest()
+    target = kernel_dir() / f"paged_decode-{key[:16]}.so"
+    try:
+        if not target.exists():
+            _build(target)
+        return PagedDecode(ctypes.CDLL(str(target)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", "") or ""
+        log.warning("CPU decode kernel unavailable (%s%s); gathering KV blocks instead", e, detail[-500:])
+        return None
