@@ -179,7 +179,8 @@ def test_decode_kernel_and_gathered_blocks_give_the_same_outputs(tiny_model):
         runs[in_place] = {rid: collect(outs) for rid, outs in engine.run_to_completion().items()}
     for rid, (tokens, logits, _) in runs[True].items():
         assert tokens == runs[False][rid][0]
-        torch.testing.assert_close(torch.stack(logits), torch.stack(runs[False][rid][1]), atol=1e-4, rtol=1e-4)
+        gathered = torch.stack(runs[False][rid][1])
+        torch.testing.assert_close(torch.stack(logits), gathered, atol=1e-4, rtol=1e-4)
 
 
 def test_without_a_compiler_the_runner_gathers(tmp_path, monkeypatch):

@@ -38,10 +38,10 @@ class PagedDecode:
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         fn = lib.paged_decode
-        c = ctypes
-        fn.argtypes = [c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int64, c.c_void_p,
-                       c.c_int, c.c_int, c.c_int, c.c_int, c.c_float, c.c_void_p, c.c_void_p, c.c_int]  # fmt: skip
-        fn.restype = c.c_int
+        ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        # q, q_stride, k, v, table, nb, lens, rows, block_size, heads, dim, scale, out, lse, threads
+        fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i32, i32, i32, i32, ctypes.c_float, ptr, ptr, i32]
+        fn.restype = ctypes.c_int
         self._fn = fn
 
     def __call__(
@@ -74,7 +74,8 @@ class PagedDecode:
 
 
 def kernel_dir() -> Path:
-    return Path(os.environ.get("PREFIXSERVE_KERNEL_DIR") or Path.home() / ".cache" / "prefixserve" / "kernels")
+    default = Path.home() / ".cache" / "prefixserve" / "kernels"
+    return Path(os.environ.get("PREFIXSERVE_KERNEL_DIR") or default)
 
 
 def _cpu_id() -> str:

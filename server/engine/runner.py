@@ -107,7 +107,9 @@ def _activation(name: str):
 
 
 class ModelRunner:
-    def __init__(self, model: LoadedModel, num_blocks: int, block_size: int, paged_kernel: bool = True) -> None:
+    def __init__(
+        self, model: LoadedModel, num_blocks: int, block_size: int, paged_kernel: bool = True
+    ) -> None:
         spec: ModelSpec = model.spec
         self.spec = spec
         self.w = model.weights
