@@ -22,19 +22,25 @@ __all__ = [
     "KINDS",
     "KIND_NTK",
     "KIND_PREFIX_KV",
+    "MAX_CHOICES",
     "MAX_EXAMPLES",
     "MAX_FIELD_CHARS",
     "MAX_IDEMPOTENCY_KEY_CHARS",
     "MAX_INPUT_CHARS",
     "MAX_JSON_DEPTH",
+    "MAX_LOGIT_BIAS",
+    "MAX_LOGIT_BIAS_TOKENS",
+    "MAX_LOGPROBS",
     "MAX_MODEL_CHARS",
     "MAX_NAME_LEN",
     "MAX_NEW_TOKENS",
+    "MAX_PENALTY",
     "MAX_SEED",
     "MAX_SEPARATOR_CHARS",
     "MAX_STOP_LEN",
     "MAX_STOP_STRINGS",
     "MAX_TEMPERATURE",
+    "OPENAI_MAX_LOGPROBS",
     "OPENAI_MAX_STOP_STRINGS",
     "TENANT_NAME_MAX",
     "VISIBILITIES",
@@ -50,6 +56,12 @@ MAX_STOP_STRINGS = 16
 OPENAI_MAX_STOP_STRINGS = 4  # as OpenAI's own API
 MAX_STOP_LEN = 256  # characters of one stop string
 MAX_MODEL_CHARS = 256  # the OpenAI `model` field (a prefix id or the base model's name)
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's completions API allows 5, its chat API 20)
+OPENAI_MAX_LOGPROBS = 5
+MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty, as OpenAI
+MAX_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_TOKENS = 300  # tokens one request may bias
+MAX_CHOICES = 16  # completions per request (n x prompts), on the OpenAI endpoint
 
 # ---- client input --------------------------------------------------------------------------------
 MAX_IDEMPOTENCY_KEY_CHARS = 255

@@ -13,6 +13,7 @@ from .engine import SamplingParams
 from .inputs import Text, check_text
 from .limits import (
     MAX_INPUT_CHARS,
+    MAX_LOGPROBS,
     MAX_NAME_LEN,
     MAX_NEW_TOKENS,
     MAX_SEED,
@@ -65,6 +66,9 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: list[str] | str | None = Field(None, description=f"up to {MAX_STOP_STRINGS} stop strings")
     ignore_eos: bool = Field(False, description="keep generating past the end-of-text token (benchmarks)")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="each new token's logprob and this many alternatives"
+    )
     stream: bool = False
 
     @field_validator("stop")
@@ -81,7 +85,44 @@ class GenerateRequest(BaseModel):
             seed=self.seed,
             stop=tuple(self.stop or ()),
             ignore_eos=self.ignore_eos,
+            logprobs=self.logprobs,
         )
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "prefix_id": "pfx-3f9a0c1d2e4b5a69",
+                    "input": "name : Aromi",
+                    "continuation": "Aromi is a pub.",
+                }
+            ]
+        },
+    )
+
+    prefix_id: str | None = Field(
+        None, pattern=PREFIX_ID.pattern, description="a prefix id; null scores with the bare model"
+    )
+    input: Text = Field(..., min_length=1, max_length=MAX_INPUT_CHARS)
+    continuation: Text = Field(..., min_length=1, max_length=MAX_INPUT_CHARS)
+    top_logprobs: int = Field(0, ge=0, le=MAX_LOGPROBS, description="alternatives per continuation token")
+
+
+class Alternative(BaseModel):
+    token_id: int
+    token: str
+    logprob: float
+
+
+class TokenScore(BaseModel):
+    token_id: int
+    token: str
+    logprob: float
+    top: list[Alternative] = Field(default_factory=list, description="the most likely tokens, best first")
 
 
 class Usage(BaseModel):
@@ -95,6 +136,14 @@ class GenerateResponse(BaseModel):
     prefix_id: str | None
     text: str
     finish_reason: Literal["length", "stop", "eos"]
+    usage: Usage
+    logprobs: list[TokenScore] | None = None  # one per new token, when asked
+
+
+class ScoreResponse(BaseModel):
+    prefix_id: str | None
+    total_logprob: float  # the continuation's log-probability given the input (and the prefix)
+    tokens: list[TokenScore]  # the continuation's tokens
     usage: Usage
 
 

@@ -21,9 +21,10 @@ from ._errors import (
     Timeout,
     ValidationError,
 )
-from ._models import GenerateResult, JobState, Prefix, Usage
+from ._models import Alternative, GenerateResult, JobState, Prefix, ScoreResult, TokenScore, Usage
 
 __all__ = [
+    "Alternative",
     "AsyncClient",
     "AsyncJob",
     "AuthenticationError",
@@ -39,8 +40,10 @@ __all__ = [
     "Prefix",
     "PrefixNotFound",
     "PrefixServeError",
+    "ScoreResult",
     "ServerError",
     "Timeout",
+    "TokenScore",
     "Usage",
     "ValidationError",
 ]

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from ._errors import PrefixServeError, ServerError, Timeout, error_for
-from ._models import GenerateResult, JobState, Prefix
+from ._models import GenerateResult, JobState, Prefix, ScoreResult
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 # What an SSE `error` event's type would have answered as a plain HTTP error (the stream had begun).
@@ -80,6 +80,15 @@ def _check(response: httpx.Response) -> httpx.Response:
 
 def _generate_body(prefix_id: str | None, input: str, params: dict[str, Any], stream: bool) -> dict[str, Any]:
     return {"prefix_id": prefix_id, "input": input, **params, "stream": stream}
+
+
+def _score_body(prefix_id: str | None, input: str, continuation: str, top_logprobs: int) -> dict[str, Any]:
+    return {
+        "prefix_id": prefix_id,
+        "input": input,
+        "continuation": continuation,
+        "top_logprobs": top_logprobs,
+    }
 
 
 class _SSE:
@@ -194,9 +203,17 @@ class Client:
         raise AssertionError("unreachable")
 
     def generate(self, prefix_id: str | None, input: str, **params: Any) -> GenerateResult:
-        """Generate text; params: max_new_tokens, temperature, top_p, top_k, seed, stop."""
+        """Generate text; params: max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos,
+        logprobs (k: each token's log-probability and k alternatives in `result.logprobs`)."""
         body = _generate_body(prefix_id, input, params, stream=False)
         return GenerateResult.model_validate(self._request("POST", "/generate", json=body).json())
+
+    def score(
+        self, prefix_id: str | None, input: str, continuation: str, top_logprobs: int = 0
+    ) -> ScoreResult:
+        """The log-probability of `continuation` after `input` under the prefix (nothing generated)."""
+        body = _score_body(prefix_id, input, continuation, top_logprobs)
+        return ScoreResult.model_validate(self._request("POST", "/score", json=body).json())
 
     def stream(self, prefix_id: str | None, input: str, **params: Any) -> Iterator[str]:
         """Generate and yield text pieces as they are produced (one per token)."""
@@ -378,6 +395,12 @@ class AsyncClient:
     async def generate(self, prefix_id: str | None, input: str, **params: Any) -> GenerateResult:
         body = _generate_body(prefix_id, input, params, stream=False)
         return GenerateResult.model_validate((await self._request("POST", "/generate", json=body)).json())
+
+    async def score(
+        self, prefix_id: str | None, input: str, continuation: str, top_logprobs: int = 0
+    ) -> ScoreResult:
+        body = _score_body(prefix_id, input, continuation, top_logprobs)
+        return ScoreResult.model_validate((await self._request("POST", "/score", json=body)).json())
 
     async def stream(self, prefix_id: str | None, input: str, **params: Any) -> AsyncIterator[str]:
         body = _generate_body(prefix_id, input, params, stream=True)

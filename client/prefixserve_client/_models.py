@@ -17,11 +17,36 @@ class Usage(_Model):
     completion_tokens: int
 
 
+class Alternative(_Model):
+    token_id: int
+    token: str
+    logprob: float
+
+
+class TokenScore(_Model):
+    """One token's log-probability, and the most likely tokens at its place (best first)."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[Alternative] = []
+
+
 class GenerateResult(_Model):
     id: str
     prefix_id: str | None
     text: str
     finish_reason: Literal["length", "stop", "eos"]
+    usage: Usage
+    logprobs: list[TokenScore] | None = None  # with generate(..., logprobs=k)
+
+
+class ScoreResult(_Model):
+    """`client.score(...)`: the continuation's log-probability, in total and token by token."""
+
+    prefix_id: str | None
+    total_logprob: float
+    tokens: list[TokenScore]
     usage: Usage
 
 

@@ -1,6 +1,7 @@
 """`prefixserve-client`: the SDK at a terminal.
 
     prefixserve-client generate --prefix pfx-... "name : Aromi" --stream
+    prefixserve-client score --prefix pfx-... "name : Aromi" "Aromi is a pub." --top 3
     prefixserve-client prefixes list | upload PATH | from-text TEXT | get ID | delete ID
     prefixserve-client train data.jsonl --epochs 5           # shows progress, prints the prefix
     prefixserve-client job JOB_ID [--wait | --cancel]
@@ -53,6 +54,7 @@ def _generate(client: Client, a: argparse.Namespace) -> None:
             "top_k": a.top_k,
             "seed": a.seed,
             "stop": a.stop,
+            "logprobs": a.logprobs,
         }.items()
         if v is not None
     }
@@ -63,7 +65,17 @@ def _generate(client: Client, a: argparse.Namespace) -> None:
     else:
         result = client.generate(a.prefix, a.input, **params)
         print(result.text)
+        for t in result.logprobs or []:
+            print(f"{t.logprob:10.4f}  {t.token!r}", file=sys.stderr)
         print(f"[{result.finish_reason}; {result.usage.completion_tokens} tokens]", file=sys.stderr)
+
+
+def _score(client: Client, a: argparse.Namespace) -> None:
+    result = client.score(a.prefix, a.input, a.continuation, top_logprobs=a.top)
+    for t in result.tokens:
+        alternatives = "  ".join(f"{alt.token!r} {alt.logprob:.3f}" for alt in t.top)
+        print(f"{t.logprob:10.4f}  {t.token!r}" + (f"   [{alternatives}]" if alternatives else ""))
+    print(f"total logprob {result.total_logprob:.4f} over {len(result.tokens)} tokens")
 
 
 def _prefixes(client: Client, a: argparse.Namespace) -> None:
@@ -117,8 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=None)
+    g.add_argument("--logprobs", type=int, default=None, help="print each token's logprob (k alternatives)")
     g.add_argument("--stream", action="store_true")
     g.set_defaults(func=_generate)
+
+    s = sub.add_parser(
+        "score", help="the log-probability of a continuation after an input (nothing generated)"
+    )
+    s.add_argument("input")
+    s.add_argument("continuation")
+    s.add_argument("--prefix", default=None, help="prefix id (none: the bare model)")
+    s.add_argument("--top", type=int, default=0, help="also show the k most likely tokens at each place")
+    s.set_defaults(func=_score)
 
     p = sub.add_parser("prefixes", help="list / upload / from-text / get / delete prefixes")
     p.add_argument("action", choices=["list", "upload", "from-text", "get", "delete"])

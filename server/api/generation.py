@@ -7,13 +7,15 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from fastapi import Request
 
 from ..engine import FinishReason, RequestOutput, SamplingParams
 from ..engine.request import Request as EngineRequest
-from ..schemas import GenerateResponse, Usage
+from ..engine.request import TokenLogprob
+from ..schemas import Alternative, GenerateResponse, TokenScore, Usage
 from .errors import DeadlineExceeded, Draining, error_event
 from .state import State
 
@@ -21,20 +23,37 @@ T = TypeVar("T")
 
 
 async def start_generation(
-    state: State, tenant: str, text: str, params: SamplingParams, prefix_id: str | None, rid: str
+    state: State,
+    tenant: str,
+    input: str | list[int],
+    params: SamplingParams,
+    prefix_id: str | None,
+    rid: str,
+    separator: bool = True,
 ) -> tuple[EngineRequest, AsyncIterator[RequestOutput]]:
-    """Admission, tenant check, validation and rate limits, then the request's output stream. No
-    Redis or disk call waits on the event loop: the limiter is asyncio, a cold prefix's metadata is
-    read on a thread (after which `prepare` finds it in memory)."""
+    """Admission, tenant check, validation and rate limits, then the request's output stream. `input`:
+    text, or token ids (used as they are); `separator`: a trained prefix's separator follows it (not
+    when the input itself is scored). No Redis or disk call waits on the event loop: the limiter is
+    asyncio, a cold prefix's metadata is read on a thread (after which `prepare` finds it in memory)."""
     state.admit()
     prefix_len = 0
     if prefix_id is not None:
         meta = await state.visible(prefix_id, tenant)
-        text += meta.input_suffix  # a trained prefix's separator
+        if separator:
+            input = with_suffix(state, input, meta.input_suffix)
         prefix_len = meta.prefix_len
-    prepared = state.engine.preparer.prepare(text, params, prefix_id, prefix_len, rid)
+    prepared = state.engine.preparer.prepare(input, params, prefix_id, prefix_len, rid)
     await state.limiter.check(tenant, len(prepared.prompt_ids) + params.max_new_tokens)
     return prepared, _timed(state, tenant, state.engine.stream(prepared))
+
+
+def with_suffix(state: State, input: str | list[int], suffix: str) -> str | list[int]:
+    """A trained prefix's separator after the input (text, or its tokens after token ids)."""
+    if not suffix:
+        return input
+    if isinstance(input, str):
+        return input + suffix
+    return input + state.engine.preparer.tokenizer.encode(suffix, add_special_tokens=False)
 
 
 async def _timed(
@@ -93,7 +112,7 @@ def usage(out: RequestOutput) -> dict[str, int]:
 
 
 async def sse(
-    rid: str, prefix_id: str | None, first: RequestOutput, rest: AsyncIterator[RequestOutput]
+    state: State, rid: str, prefix_id: str | None, first: RequestOutput, rest: AsyncIterator[RequestOutput]
 ) -> AsyncIterator[str]:
     """SSE events; leaving this generator early (client gone) closes `rest`, which aborts the request."""
     try:
@@ -101,6 +120,8 @@ async def sse(
         while True:
             if out.token_ids or out.text:
                 token = {"id": rid, "token_ids": out.token_ids, "text": out.text}
+                if out.logprobs:
+                    token["logprobs"] = [t.model_dump() for t in token_scores(state, out.logprobs)]
                 yield f"event: token\ndata: {json.dumps(token)}\n\n"
             if out.finished:
                 done = {
@@ -118,28 +139,71 @@ async def sse(
         await rest.aclose()
 
 
-async def collect(
-    request: Request, state: State, rid: str, prefix_id: str | None, outputs: AsyncIterator[RequestOutput]
-) -> GenerateResponse:
+@dataclass
+class Answer:
+    """A whole answer: its text, tokens, log-probabilities (when asked) and last output."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+    prompt_logprobs: list[TokenLogprob | None] | None
+    last: RequestOutput
+
+
+async def gather_answer(request: Request, state: State, outputs: AsyncIterator[RequestOutput]) -> Answer:
     """Gather a whole answer; a client that disconnects or a passed deadline aborts the request."""
 
-    async def gather() -> tuple[str, RequestOutput]:
-        text, last = [], None
+    async def gather() -> Answer:
+        answer = Answer("", [], [], None, None)  # type: ignore[arg-type]  (last: set below)
+        text = []
         async for out in outputs:
             text.append(out.text)
-            last = out
-        return "".join(text), last
+            answer.token_ids += out.token_ids
+            answer.logprobs += out.logprobs
+            if out.prompt_logprobs is not None:
+                answer.prompt_logprobs = out.prompt_logprobs
+            answer.last = out
+        answer.text = "".join(text)
+        return answer
 
     try:
-        text, last = await while_connected(request, gather(), state.settings.request_timeout_s)
+        answer = await while_connected(request, gather(), state.settings.request_timeout_s)
     finally:
         await outputs.aclose()
-    if last.finish_reason == FinishReason.CANCELLED:
+    if answer.last.finish_reason == FinishReason.CANCELLED:
         raise Draining("the request was cancelled because the server is stopping")
+    return answer
+
+
+async def collect(
+    request: Request,
+    state: State,
+    rid: str,
+    prefix_id: str | None,
+    outputs: AsyncIterator[RequestOutput],
+    logprobs: bool = False,
+) -> GenerateResponse:
+    """A whole /generate answer (with each token's log-probability, when asked)."""
+    answer = await gather_answer(request, state, outputs)
     return GenerateResponse(
         id=rid,
         prefix_id=prefix_id,
-        text=text,
-        finish_reason=last.finish_reason.value,
-        usage=Usage(**usage(last)),
+        text=answer.text,
+        finish_reason=answer.last.finish_reason.value,
+        usage=Usage(**usage(answer.last)),
+        logprobs=token_scores(state, answer.logprobs) if logprobs else None,
     )
+
+
+def token_scores(state: State, entries: list[TokenLogprob]) -> list[TokenScore]:
+    """The engine's log-probabilities with each token's text."""
+    decode = state.engine.preparer.tokenizer.decode
+    return [
+        TokenScore(
+            token_id=e.token_id,
+            token=decode([e.token_id]),
+            logprob=e.logprob,
+            top=[Alternative(token_id=t, token=decode([t]), logprob=lp) for t, lp in e.top],
+        )
+        for e in entries
+    ]

@@ -161,6 +161,8 @@ class EngineClient:
             prefix_tokens=item.prefix_tokens,
             prompt_tokens=item.prompt_tokens,
             completion_tokens=item.completion_tokens,
+            logprobs=item.logprobs,
+            prompt_logprobs=item.prompt_logprobs,
         )
 
     def abort(self, request_id: str) -> None:

@@ -28,8 +28,8 @@ from .blocks import blocks_for
 from .detokenizer import Detokenizer
 from .prefixes import PrefixProvider, PrefixState, PrefixTable
 from .prepare import RequestPreparer
-from .request import FinishReason, Request, SamplingParams
-from .runner import ModelRunner, RowInput, StepOutput
+from .request import FinishReason, Request, SamplingParams, TokenLogprob
+from .runner import ModelRunner, RowInput, Scores, StepOutput, log_probs
 from .sampling import make_generator, sample_rows
 from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, Sequence
 from .wire import EngineStats
@@ -98,6 +98,10 @@ class RequestOutput:
     completion_tokens: int = 0
     logits: list[torch.Tensor] = field(default_factory=list)  # [V] per new token, when recorded
     error: PrefixServeError | None = None  # set with finish_reason ERROR
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per new token, when asked (params.logprobs)
+    # when asked (params.prompt_logprobs), on the request's first output: one per prompt token, the
+    # first None (nothing before it to predict it from)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -113,6 +117,7 @@ class _Live:
     generator: torch.Generator | None
     prefix_pinned: bool  # held from `add` until the request ends: its rows read the resident prefix
     prefix: PrefixState | None = None  # the resident prefix, once the row is admitted
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=lambda: [None])  # scored so far
 
 
 class EngineCore:
@@ -228,14 +233,44 @@ class EngineCore:
             self.scheduler.update({})
             return out
         out += self._drop_nonfinite(result)
+        self._record_scores(result.scores, rows)
         keep = [i for i, rid in enumerate(result.sample_ids) if rid in self._live]
         logits = result.logits if len(keep) == len(result.sample_ids) else result.logits[keep]  # [n, V]
         sampled = self._sample([result.sample_ids[i] for i in keep], logits, out)
         finished = {f.request_id: f.reason for f in self.scheduler.update(sampled)}
         record = logits if self.config.record_logits else None
+        logprobs = self._token_logprobs(sampled, logits)
         for i, (rid, tok) in enumerate(sampled.items()):
-            out.append(self._emit(rid, tok, i, record, finished))
+            out.append(self._emit(rid, tok, i, record, finished, logprobs.get(rid)))
+        out += [self._scored(rid) for rid in finished if rid not in sampled and rid in self._live]
         return out
+
+    def _record_scores(self, scores: dict[str, Scores], rows: list[RowInput]) -> None:
+        """Keep the prompt tokens' log-probabilities a step computed (a recomputed chunk, after a
+        preemption, finds them already kept)."""
+        for row in rows:
+            got, live = scores.get(row.request_id), self._live.get(row.request_id)
+            if got is None or live is None:
+                continue
+            kept = live.prompt_logprobs
+            for i, entry in enumerate(_token_logprobs(row.targets, got, [row.top] * len(row.targets))):
+                if row.start + 1 + i == len(kept):  # position start+i predicts prompt token start+1+i
+                    kept.append(entry)
+
+    def _token_logprobs(self, sampled: dict[str, int], logits: torch.Tensor) -> dict[str, TokenLogprob]:
+        """The sampled tokens' log-probabilities for the rows that asked (one log_softmax for them all)."""
+        asked = [
+            (i, rid) for i, rid in enumerate(sampled) if self._live[rid].request.params.logprobs is not None
+        ]
+        if not asked:
+            return {}
+        dev = logits.device
+        targets = [sampled[rid] for _, rid in asked]
+        tops = [self._live[rid].request.params.logprobs for _, rid in asked]
+        rows = torch.tensor([i for i, _ in asked], device=dev)
+        scores = Scores(*log_probs(logits[rows], torch.tensor(targets, device=dev), max(tops)))
+        entries = _token_logprobs(targets, scores, tops)
+        return {rid: entry for (_, rid), entry in zip(asked, entries, strict=True)}
 
     def _admit(self, chunk: ScheduledChunk, out: list[RequestOutput]) -> RowInput | None:
         """The chunk's row input; a first chunk looks its resident prefix up here, so a prefix that
@@ -295,7 +330,7 @@ class EngineCore:
         lives = [self._live[rid] for rid in ids]
         params, gens = [lv.request.params for lv in lives], [lv.generator for lv in lives]
         try:
-            tokens, failed = sample_rows(logits, params, gens)
+            tokens, failed = sample_rows(logits, params, gens, [lv.request.output_ids for lv in lives])
         except Exception as exc:  # the shared greedy max: no one row explains it
             log.exception("sampling failed for a whole step; ending its %d rows", len(ids))
             error = EngineFault(f"sampling this step failed ({type(exc).__name__}, logged)")
@@ -307,10 +342,16 @@ class EngineCore:
         return {rid: tok for i, (rid, tok) in enumerate(zip(ids, tokens, strict=True)) if i not in failed}
 
     def _emit(
-        self, rid: str, token: int, row: int, logits: torch.Tensor | None, finished: dict[str, FinishReason]
+        self,
+        rid: str,
+        token: int,
+        row: int,
+        logits: torch.Tensor | None,
+        finished: dict[str, FinishReason],
+        logprob: TokenLogprob | None,
     ) -> RequestOutput:
         try:
-            return self._output(rid, token, row, logits, finished)
+            return self._output(rid, token, row, logits, finished, logprob)
         except Exception as exc:  # e.g. detokenizing: this row's fault alone
             log.exception("emitting a token of request %s failed; ending it", rid)
             error = EngineFault(f"emitting its token failed ({type(exc).__name__}, logged)")
@@ -356,7 +397,11 @@ class EngineCore:
             raise RuntimeError(
                 f"chunk [{start}, {start + n}) of {rid} lies past its {len(p) + len(out)} tokens"
             )
-        return RowInput(rid, tokens, start, chunk.blocks, live.prefix, sample=chunk.sample)
+        top = req.params.prompt_logprobs
+        if top is None:
+            return RowInput(rid, tokens, start, chunk.blocks, live.prefix, sample=chunk.sample)
+        targets = p[start + 1 : start + n + 1]  # prompt tokens only: the first new token is sampled
+        return RowInput(rid, tokens, start, chunk.blocks, live.prefix, chunk.sample, targets, top)
 
     def _open(self, request_id: str) -> None:
         """Look the row's resident prefix up (it stays pinned, so resident, until the request ends):
@@ -371,7 +416,13 @@ class EngineCore:
         live.prefix = prefix
 
     def _output(
-        self, rid: str, token: int, row: int, logits: torch.Tensor | None, finished: dict[str, FinishReason]
+        self,
+        rid: str,
+        token: int,
+        row: int,
+        logits: torch.Tensor | None,
+        finished: dict[str, FinishReason],
+        logprob: TokenLogprob | None,
     ) -> RequestOutput:
         live = self._live[rid]
         req = live.request
@@ -392,10 +443,32 @@ class EngineCore:
             prompt_tokens=len(req.prompt_ids),
             completion_tokens=len(req.output_ids),
             logits=[logits[row]] if logits is not None else [],
+            logprobs=[logprob] if logprob is not None else [],
+            prompt_logprobs=self._prompt_logprobs(live) if len(req.output_ids) == 1 else None,
         )
         if reason is not None:
             self._drop(rid)
         return out
+
+    @staticmethod
+    def _prompt_logprobs(live: _Live) -> list[TokenLogprob | None] | None:
+        return live.prompt_logprobs if live.request.params.prompt_logprobs is not None else None
+
+    def _scored(self, rid: str) -> RequestOutput:
+        """The one output of a request that scored its prompt without generating (max_new_tokens 0)."""
+        live = self._live[rid]
+        req = live.request
+        self._drop(rid)
+        return RequestOutput(
+            request_id=rid,
+            token_ids=[],
+            text="",
+            finish_reason=FinishReason.LENGTH,
+            prefix_tokens=req.prefix_len,
+            prompt_tokens=len(req.prompt_ids),
+            completion_tokens=0,
+            prompt_logprobs=self._prompt_logprobs(live),
+        )
 
     def fail_all(self) -> list[str]:
         """After a step raised: end every request and forget the runner's rows. Returns their ids."""
@@ -414,6 +487,15 @@ class EngineCore:
             for out in self.step():
                 outputs.setdefault(out.request_id, []).append(out)
         return outputs
+
+
+def _token_logprobs(targets: list[int], scores: Scores, tops: list[int]) -> list[TokenLogprob]:
+    """One entry per target, with its row's `tops[i]` alternatives (one host copy per tensor)."""
+    lps, ids, values = scores.logprobs.tolist(), scores.top_ids.tolist(), scores.top_logprobs.tolist()
+    return [
+        TokenLogprob(t, lp, tuple(zip(i[:k], v[:k], strict=True)))
+        for t, lp, i, v, k in zip(targets, lps, ids, values, tops, strict=True)
+    ]
 
 
 def _misfit(prefix: PrefixState, spec: ModelSpec, length: int) -> str | None:

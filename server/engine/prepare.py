@@ -45,14 +45,18 @@ class RequestPreparer:
                 )
             ids = self.tokenizer.encode(input, add_special_tokens=False)
         else:
-            ids = list(input)
-            vocab = self.spec.vocab_size
-            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
-            if bad:
-                raise InvalidRequest("input", f"token ids must be integers in [0, {vocab}), got {bad[0]!r}")
+            ids = self.token_ids(input, "input")
         if not ids:
             raise InvalidRequest("input", "expected at least one input token, got an empty input")
         return ids
+
+    def token_ids(self, ids: list[int], field: str) -> list[int]:
+        """Token ids as given, each checked to be in the vocabulary (InvalidRequest naming `field`)."""
+        vocab = self.spec.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(field, f"token ids must be integers in [0, {vocab}), got {bad[0]!r}")
+        return list(ids)
 
     def _check_fits(self, prefix_len: int, input_len: int, max_new_tokens: int) -> None:
         total = prefix_len + input_len + max_new_tokens

@@ -157,6 +157,8 @@ def _wire(out: RequestOutput) -> Output:
         out.prompt_tokens,
         out.completion_tokens,
         None if out.error is None else RemoteError.wire(out.error),
+        out.logprobs,
+        out.prompt_logprobs,
     )
 
 

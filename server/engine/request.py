@@ -6,7 +6,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from ..errors import InvalidRequest
-from ..limits import MAX_SEED, MAX_TEMPERATURE, stop_problem
+from ..limits import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_TOKENS,
+    MAX_LOGPROBS,
+    MAX_PENALTY,
+    MAX_SEED,
+    MAX_TEMPERATURE,
+    stop_problem,
+)
 
 GREEDY_BELOW = 1e-5
 
@@ -25,6 +33,13 @@ class SamplingParams:
 
     temperature 0 means greedy (argmax). top_k 0 and top_p 1 disable those filters. A request with a
     seed draws from its own generator, so its text does not depend on its batch companions.
+
+    Penalties and biases change the logits a row samples from (greedy rows too), as OpenAI defines
+    them: `logit_bias` adds to given tokens; `presence_penalty` is subtracted from every token generated
+    so far, `frequency_penalty` once per time it was generated. `logprobs` k: each new token comes with
+    its log-probability and the k most likely tokens' (from the model's distribution, before penalties
+    and temperature); `prompt_logprobs` k: the same for every prompt token after the first (scoring).
+    max_new_tokens 0 scores the prompt without generating (prompt_logprobs required).
     """
 
     max_new_tokens: int = 64
@@ -34,17 +49,28 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW  # tinier temperatures are argmax up to rounding anyway
 
+    @property
+    def adjusts_logits(self) -> bool:
+        """Penalties or biases apply: the row's logits are its own before it picks."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
     def validate(self, vocab_size: int) -> None:
         """Raise InvalidRequest naming the first parameter out of range."""
+        scoring = self.prompt_logprobs is not None
         _check(
-            isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+            isinstance(self.max_new_tokens, int) and self.max_new_tokens >= (0 if scoring else 1),
             "max_new_tokens",
-            f"expected an integer >= 1, got {self.max_new_tokens!r}",
+            f"expected an integer >= 1 (0 only when scoring the prompt), got {self.max_new_tokens!r}",
         )
         _check(
             0.0 <= self.temperature <= MAX_TEMPERATURE,
@@ -62,14 +88,56 @@ class SamplingParams:
             "seed",
             f"expected an integer in [0, 2**63 - 1], got {self.seed!r}",
         )
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            _check(
+                k is None or (isinstance(k, int) and 0 <= k <= MAX_LOGPROBS),
+                name,
+                f"expected an integer in [0, {MAX_LOGPROBS}] (alternatives per token) or null, got {k!r}",
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(
+                -MAX_PENALTY <= value <= MAX_PENALTY,
+                name,
+                f"expected a number in [{-MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value!r}",
+            )
+        self._validate_logit_bias(vocab_size)
         problem = stop_problem(self.stop)
         if problem is not None:
             raise InvalidRequest(*problem)
+
+    def _validate_logit_bias(self, vocab_size: int) -> None:
+        _check(
+            len(self.logit_bias) <= MAX_LOGIT_BIAS_TOKENS,
+            "logit_bias",
+            f"expected at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(self.logit_bias)}",
+        )
+        for token, bias in self.logit_bias:
+            _check(
+                isinstance(token, int) and 0 <= token < vocab_size,
+                "logit_bias",
+                f"token ids must be integers in [0, {vocab_size}), got {token!r}",
+            )
+            _check(
+                -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS,
+                f"logit_bias[{token}]",
+                f"expected a number in [{-MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias!r}",
+            )
 
 
 def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise InvalidRequest(name, message)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the model, and the `top` most likely tokens' (best first)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob)
 
 
 @dataclass

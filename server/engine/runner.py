@@ -33,6 +33,15 @@ from .prefixes import PrefixState
 
 
 @dataclass(frozen=True)
+class Scores:
+    """Log-probabilities of given next tokens: `logprobs [M]`, the `top` most likely `[M, k]` (float32)."""
+
+    logprobs: torch.Tensor
+    top_ids: torch.Tensor
+    top_logprobs: torch.Tensor
+
+
+@dataclass(frozen=True)
 class RowInput:
     """One row of a step: its own tokens `start .. start+len-1` (0 = its first input token)."""
 
@@ -44,6 +53,10 @@ class RowInput:
     # object share its reads (one matmul per layer for all of them)
     prefix: PrefixState | None = None
     sample: bool = True  # return logits for the row's last token
+    # scoring: the tokens that follow the chunk's first len(targets) tokens; each gets its
+    # log-probability and the `top` most likely tokens' (StepOutput.scores)
+    targets: list[int] = field(default_factory=list)
+    top: int = 0
 
 
 @dataclass
@@ -54,6 +67,7 @@ class StepOutput:
     logits: torch.Tensor  # [n_sample, V]
     row_ids: list[str]  # every row of the step, in the order of `finite`
     finite: torch.Tensor  # [B] bool: the row's last hidden state (and logits, if it samples) are finite
+    scores: dict[str, Scores] = field(default_factory=dict)  # the rows with targets
 
 
 @dataclass
@@ -86,6 +100,7 @@ class _Batch:
 
 
 _GELU_K = 2.0 * math.sqrt(2.0 / math.pi)
+SCORE_SLICE = 256  # prompt tokens scored per [M, V] block
 
 
 def gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
@@ -158,7 +173,30 @@ class ModelRunner:
             logits=logits,
             row_ids=[r.request_id for r in order],
             finite=_finite_rows(h, logits, batch.sample_rows),
+            scores=self._score(x, order),
         )
+
+    def _score(self, x: torch.Tensor, order: list[RowInput]) -> dict[str, Scores]:
+        """Log-probabilities of the scoring rows' targets from the final hidden states x `[N, C]`, in
+        slices of SCORE_SLICE tokens (a `[M, V]` float32 block at a time)."""
+        scores: dict[str, Scores] = {}
+        first = 0
+        for r in order:
+            if r.targets:
+                h = x[first : first + len(r.targets)]  # [M, C]
+                target = torch.tensor(r.targets, device=x.device)  # [M]
+                parts = [self._log_probs(h[i : i + SCORE_SLICE], target[i : i + SCORE_SLICE], r.top)
+                         for i in range(0, len(r.targets), SCORE_SLICE)]  # fmt: skip
+                scores[r.request_id] = Scores(*(torch.cat(t) for t in zip(*parts, strict=True)))
+            first += len(r.tokens)
+        return scores
+
+    def _log_probs(
+        self, h: torch.Tensor, target: torch.Tensor, top: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Final hidden states h `[M, C]` -> `log_probs` of their logits."""
+        h = F.layer_norm(h, (self.spec.n_embd,), self.w.lnf_w, self.w.lnf_b, self.spec.layer_norm_eps)
+        return log_probs(h @ self.w.lm_head, target, top)
 
     def _prepare(self, rows: list[RowInput]) -> tuple[_Batch, list[RowInput]]:
         decode = [r for r in rows if len(r.tokens) == 1]
@@ -315,6 +353,16 @@ class ModelRunner:
         if self._gathered[i].shape[0] < blocks:
             self._gathered[i] = self.kv.new_empty(int(blocks * 1.25) + 1, *shape)
         return self._gathered[i][:blocks]
+
+
+def log_probs(
+    logits: torch.Tensor, target: torch.Tensor, top: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits `[M, V]`, target `[M]` -> the targets' log-probabilities `[M]`, and the `top` most likely
+    tokens' ids and log-probabilities `[M, top]` (float32)."""
+    lp = torch.log_softmax(logits.float(), -1)  # [M, V]
+    best = lp.topk(top, -1)
+    return lp.gather(1, target[:, None])[:, 0], best.indices, best.values
 
 
 def _padded(blocks: list[int], n: int) -> list[int]:

@@ -242,7 +242,7 @@ class Scheduler:
 
     @staticmethod
     def _chunk(seq: Sequence, n: int, first: bool) -> ScheduledChunk:
-        done = seq.num_computed + n == seq.num_tokens
+        done = seq.num_computed + n == seq.num_tokens and seq.max_new_tokens > 0  # 0: scoring only
         return ScheduledChunk(seq.request_id, seq.num_computed, n, first, sample=done, blocks=seq.blocks)
 
     def update(self, sampled: dict[str, int]) -> list[Finished]:
@@ -256,6 +256,9 @@ class Scheduler:
             if seq is None:  # finished by someone else while the step ran
                 continue
             seq.num_computed += chunk.num_tokens
+            if seq.max_new_tokens == 0 and seq.num_computed == seq.num_tokens:  # a prompt scored
+                self.finish(seq.request_id, FinishReason.LENGTH)
+                finished.append(Finished(seq.request_id, FinishReason.LENGTH))
             if not chunk.sample:
                 continue
             token = sampled[chunk.request_id]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from ..errors import PrefixServeError
-from .request import Request, SamplingParams
+from .request import Request, SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,8 @@ class Output(msgspec.Struct, array_like=True):
     prompt_tokens: int
     completion_tokens: int
     error: Error | None = None
+    logprobs: list[TokenLogprob] = []
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class Step(msgspec.Struct, tag="step"):

@@ -7,9 +7,10 @@ import uuid
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from ...schemas import GenerateRequest, GenerateResponse
+from ...engine import SamplingParams
+from ...schemas import GenerateRequest, GenerateResponse, ScoreRequest, ScoreResponse, Usage
 from ..errors import ERRORS, BoundedJsonRoute
-from ..generation import collect, first_output, sse, start_generation
+from ..generation import collect, first_output, gather_answer, sse, start_generation, token_scores, usage
 from ..state import get_state, tenant_of
 
 router = APIRouter(tags=["generate"], route_class=BoundedJsonRoute)
@@ -33,5 +34,30 @@ async def generate(body: GenerateRequest, request: Request, tenant: str = Depend
     )
     if body.stream:
         first = await first_output(request, outputs)
-        return StreamingResponse(sse(rid, body.prefix_id, first, outputs), media_type="text/event-stream")
-    return await collect(request, state, rid, body.prefix_id, outputs)
+        events = sse(state, rid, body.prefix_id, first, outputs)
+        return StreamingResponse(events, media_type="text/event-stream")
+    return await collect(request, state, rid, body.prefix_id, outputs, logprobs=body.logprobs is not None)
+
+
+@router.post("/score", response_model=ScoreResponse, responses=ERRORS)
+async def score(body: ScoreRequest, request: Request, tenant: str = Depends(tenant_of)) -> ScoreResponse:
+    """The log-probability of `continuation` after `input` (and the prefix; a trained prefix's
+    separator between them, as in training), token by token. Nothing is generated."""
+    state = get_state(request)
+    context = body.input
+    if body.prefix_id is not None:
+        context += (await state.visible(body.prefix_id, tenant)).input_suffix
+    encode = state.engine.preparer.tokenizer.encode
+    context_ids = encode(context, add_special_tokens=False)
+    ids = context_ids + encode(body.continuation, add_special_tokens=False)
+    params = SamplingParams(max_new_tokens=0, prompt_logprobs=body.top_logprobs)
+    rid = f"score-{uuid.uuid4().hex[:16]}"
+    _, outputs = await start_generation(state, tenant, ids, params, body.prefix_id, rid, separator=False)
+    answer = await gather_answer(request, state, outputs)
+    tokens = token_scores(state, answer.prompt_logprobs[len(context_ids) :])
+    return ScoreResponse(
+        prefix_id=body.prefix_id,
+        total_logprob=sum(t.logprob for t in tokens),
+        tokens=tokens,
+        usage=Usage(**usage(answer.last)),
+    )

@@ -1,7 +1,15 @@
-"""OpenAI-compatible `POST /v1/completions` and `GET /v1/models`.
+"""OpenAI-compatible `POST /v1/completions` (the legacy completions API that evaluation tools use) and
+`GET /v1/models`.
 
 A model name is a prefix id, or the base model's name for the bare model, so the official `openai`
-SDK works unchanged (`client.completions.create(model=prefix_id, prompt=...)`).
+SDK and lm-evaluation-harness's `local-completions` work unchanged. Every field of the spec is either
+honoured or refused with a 422 naming it: nothing is silently dropped (`extra="forbid"`).
+
+`prompt` is a string, a list of strings, a list of token ids or a list of token-id lists; each prompt
+yields `n` choices, in order (`index = prompt * n + j`). `echo` puts the prompt (and, with `logprobs`,
+its tokens' log-probabilities, the first `null`) before the completion; `max_tokens: 0` with `echo`
+scores the prompt without generating. `logprobs` k gives every token's log-probability and a dict of
+the k most likely tokens (plus the chosen one), with `text_offset` counted in the returned text.
 """
 
 from __future__ import annotations
@@ -10,26 +18,45 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ...engine import FinishReason, RequestOutput, SamplingParams
+from ...engine.request import TokenLogprob
 from ...inputs import Text, check_text
-from ...limits import MAX_INPUT_CHARS, MAX_MODEL_CHARS, MAX_NEW_TOKENS, MAX_SEED, OPENAI_MAX_STOP_STRINGS
+from ...limits import (
+    MAX_CHOICES,
+    MAX_INPUT_CHARS,
+    MAX_LOGIT_BIAS,
+    MAX_MODEL_CHARS,
+    MAX_NEW_TOKENS,
+    MAX_PENALTY,
+    MAX_SEED,
+    OPENAI_MAX_LOGPROBS,
+    OPENAI_MAX_STOP_STRINGS,
+)
 from ...schemas import stop_strings
 from ..errors import ERRORS, BoundedJsonRoute, error_event
-from ..generation import collect, first_output, start_generation
+from ..generation import Answer, first_output, gather_answer, start_generation
 from ..state import State, get_state, tenant_of
 
 router = APIRouter(tags=["openai"], route_class=BoundedJsonRoute)
 
+Prompt = str | list[int]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
 
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(
-        extra="ignore",  # OpenAI clients send fields we do not use (user, logit_bias, ...)
+        extra="forbid",  # a field we do not know is refused by name, never dropped
         strict=True,  # integers are JSON integers; float fields still accept 1 (as OpenAI SDKs send)
         json_schema_extra={
             "examples": [
@@ -44,47 +71,99 @@ class CompletionRequest(BaseModel):
     )
 
     model: Text = Field(..., min_length=1, max_length=MAX_MODEL_CHARS)
-    prompt: str | list[str] = Field(..., description="one prompt (a list must hold exactly one)")
-    max_tokens: int = Field(16, ge=1, le=MAX_NEW_TOKENS)
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="a string, a list of strings, a list of token ids, or a list of token-id lists"
+    )
+    suffix: str | None = Field(None, description="not supported (insertion): must be null")
+    max_tokens: int | None = Field(16, ge=0, le=MAX_NEW_TOKENS, description="0: only with echo (scoring)")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES, description="only equal to n")
     stream: bool = False
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = Field(None, ge=0, le=OPENAI_MAX_LOGPROBS)
+    echo: bool = False
+    stop: str | list[str] | None = None
+    presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    logit_bias: dict[str, float] | None = Field(
+        None, description="token id (as a string) -> bias in [-100, 100]"
+    )
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    user: Text | None = Field(None, max_length=MAX_MODEL_CHARS, description="recorded nowhere; accepted")
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: str | list[str]) -> str:
-        items = [v] if isinstance(v, str) else v
-        if (
-            len(items) != 1
-            or not isinstance(items[0], str)
-            or not items[0]
-            or len(items[0]) > MAX_INPUT_CHARS
-        ):
-            raise ValueError(f"expected one non-empty prompt of at most {MAX_INPUT_CHARS} characters")
-        return check_text(items[0])
+    def _prompts(cls, v: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
+        prompts = [v] if isinstance(v, str) or (v and isinstance(v[0], int)) else list(v)
+        if not prompts:
+            raise ValueError("expected at least one prompt, got an empty list")
+        for p in prompts:
+            if not p:
+                raise ValueError("expected non-empty prompts, got an empty one")
+            if isinstance(p, str) and len(p) > MAX_INPUT_CHARS:
+                raise ValueError(f"expected prompts of at most {MAX_INPUT_CHARS} characters, got {len(p)}")
+        return [check_text(p) if isinstance(p, str) else p for p in prompts]
 
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> list[str]:
         return stop_strings(v, OPENAI_MAX_STOP_STRINGS) or []
 
-    def sampling_params(self) -> SamplingParams:
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not key.isascii() or not key.isdigit():
+                raise ValueError(f"keys must be token ids written as decimal strings, got {key[:20]!r}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"biases must be in [-100, 100], got {bias!r} for token {key}")
+        return v
+
+    @model_validator(mode="after")
+    def _supported(self) -> CompletionRequest:
+        if self.suffix is not None:
+            raise ValueError("suffix: not supported (GPT-2 does not insert text); send null or leave it out")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(f"best_of: only best_of equal to n ({self.n}) is supported, got {self.best_of}")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed with stream: true")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 is only allowed with echo: true (scoring the prompt)")
+        if len(self.prompt) * self.n > MAX_CHOICES:
+            raise ValueError(
+                f"n: prompts x n must be at most {MAX_CHOICES}, got {len(self.prompt)} x {self.n}"
+            )
+        return self
+
+    def sampling_params(self, choice: int) -> SamplingParams:
+        """Choice j of a prompt draws with seed + j, so the n choices differ and each is repeatable."""
         return SamplingParams(
-            max_new_tokens=self.max_tokens,
+            max_new_tokens=16 if self.max_tokens is None else self.max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
-            seed=self.seed,
+            seed=None if self.seed is None else (self.seed + choice) % (MAX_SEED + 1),
             stop=tuple(self.stop or ()),
+            logprobs=self.logprobs,
+            prompt_logprobs=self.logprobs if self.echo and self.logprobs is not None else None,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items()),
         )
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
 
 
 class CompletionChoice(BaseModel):
     text: str
     index: int = 0
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -119,6 +198,14 @@ def base_model_name(state: State) -> str:
     return state.model.served_name
 
 
+async def check_model(state: State, model: str | None, tenant: str) -> str | None:
+    """The prefix id `model` names (None: the base model); a prefix the tenant may not use is a 404."""
+    if model is None or model == base_model_name(state):
+        return None
+    await state.visible(model, tenant)
+    return model
+
+
 def _openai_reason(reason: FinishReason) -> Literal["stop", "length"]:
     return "length" if reason == FinishReason.LENGTH else "stop"  # OpenAI reports EOS as "stop"
 
@@ -134,6 +221,14 @@ async def models(request: Request, tenant: str = Depends(tenant_of)) -> ModelLis
     return ModelList(data=cards)
 
 
+@dataclass
+class _Choice:
+    index: int
+    prompt: Prompt  # as sent
+    prompt_ids: list[int]  # as the engine runs it (a trained prefix's separator after it, unless echo)
+    outputs: AsyncIterator[RequestOutput]
+
+
 @router.post(
     "/v1/completions",
     response_model=Completion,
@@ -144,52 +239,183 @@ async def completions(body: CompletionRequest, request: Request, tenant: str = D
     state = get_state(request)
     prefix_id = None if body.model == base_model_name(state) else body.model
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
-    _, outputs = await start_generation(state, tenant, body.prompt, body.sampling_params(), prefix_id, rid)
+    choices = await _start(state, tenant, body, prefix_id, rid)
     created = int(time.time())
     if body.stream:
-        first = await first_output(request, outputs)
+        firsts = await _first_outputs(request, choices)
         return StreamingResponse(
-            _chunks(rid, body.model, created, first, outputs), media_type="text/event-stream"
+            _chunks(state, body, rid, created, choices, firsts), media_type="text/event-stream"
         )
-    result = await collect(request, state, rid, prefix_id, outputs)
-    usage = result.usage
-    return Completion(
-        id=rid,
-        created=created,
-        model=body.model,
-        choices=[
-            CompletionChoice(
-                text=result.text, finish_reason=_openai_reason(FinishReason(result.finish_reason))
-            )
-        ],
-        usage=CompletionUsage(
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            total_tokens=usage.prompt_tokens + usage.completion_tokens,
-        ),
-    )
+    try:
+        answers = await asyncio.gather(*(gather_answer(request, state, c.outputs) for c in choices))
+    finally:
+        await _close(choices)
+    text = _Text(state, body)
+    result = [text.choice(c, a) for c, a in zip(choices, answers, strict=True)]
+    usage = _usage(choices, [a.last for a in answers], body.n)
+    return Completion(id=rid, created=created, model=body.model, choices=result, usage=usage)
+
+
+async def _start(
+    state: State, tenant: str, body: CompletionRequest, prefix_id: str | None, rid: str
+) -> list[_Choice]:
+    """One engine request per choice; if one cannot start, those already started are aborted."""
+    choices: list[_Choice] = []
+    try:
+        for i, prompt in enumerate(body.prompt):
+            for j in range(body.n):
+                index = i * body.n + j
+                sub = rid if len(body.prompt) * body.n == 1 else f"{rid}-{index}"
+                prepared, outputs = await start_generation(
+                    state, tenant, prompt, body.sampling_params(j), prefix_id, sub, separator=not body.echo
+                )
+                choices.append(_Choice(index, prompt, prepared.prompt_ids, outputs))
+    except BaseException:
+        await _close(choices)
+        raise
+    return choices
+
+
+async def _first_outputs(request: Request, choices: list[_Choice]) -> list[RequestOutput]:
+    """Every choice's first output (errors before the first token are plain HTTP errors)."""
+    try:
+        return list(await asyncio.gather(*(first_output(request, c.outputs) for c in choices)))
+    except BaseException:
+        await _close(choices)
+        raise
+
+
+async def _close(choices: list[_Choice]) -> None:
+    for c in choices:
+        await c.outputs.aclose()  # aborts a request still running (a no-op once it ended)
+
+
+def _usage(choices: list[_Choice], lasts: list[RequestOutput], n: int) -> CompletionUsage:
+    """Prompt tokens once per prompt (not per choice), completion tokens of every choice."""
+    prompt = {c.index // n: last.prompt_tokens for c, last in zip(choices, lasts, strict=True)}
+    completion = sum(last.completion_tokens for last in lasts)
+    total = sum(prompt.values())
+    return CompletionUsage(prompt_tokens=total, completion_tokens=completion, total_tokens=total + completion)
+
+
+class _Text:
+    """Token strings and `logprobs` objects, from the server's own tokenizer."""
+
+    def __init__(self, state: State, body: CompletionRequest) -> None:
+        self.tokenizer = state.engine.preparer.tokenizer
+        self.body = body
+
+    def token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def prompt_text(self, prompt: Prompt) -> str:
+        return prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
+
+    def entries(self, out: RequestOutput | Answer) -> list[TokenLogprob | None]:
+        """The tokens whose log-probabilities a choice shows: with echo, the prompt's first."""
+        if self.body.echo and out.prompt_logprobs is not None:
+            return [*out.prompt_logprobs, *out.logprobs]
+        return list(out.logprobs)
+
+    def choice(self, c: _Choice, answer: Answer) -> CompletionChoice:
+        echo = self.prompt_text(c.prompt) if self.body.echo else ""
+        logprobs = None
+        if self.body.logprobs is not None:
+            logprobs, _ = self.logprobs(self.entries(answer), c.prompt_ids[0], start=0)
+        return CompletionChoice(
+            text=echo + answer.text,
+            index=c.index,
+            logprobs=logprobs,
+            finish_reason=_openai_reason(answer.last.finish_reason),
+        )
+
+    def logprobs(
+        self, entries: list[TokenLogprob | None], first: int, start: int
+    ) -> tuple[CompletionLogprobs, int]:
+        """`entries`: one per token (None: the first prompt token `first`, which nothing predicts);
+        `start`: the first token's offset in the choice's text. Returns the object and the offset after."""
+        tokens, values, tops, offsets = [], [], [], []
+        for e in entries:
+            token = self.token(first if e is None else e.token_id)
+            tokens.append(token)
+            offsets.append(start)
+            values.append(None if e is None else e.logprob)
+            tops.append(None if e is None else self.top(e))
+            start += len(token)
+        return CompletionLogprobs(
+            tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets
+        ), start
+
+    def top(self, e: TokenLogprob) -> dict[str, float]:
+        """The k most likely tokens and the chosen one (so up to k + 1 entries, as OpenAI)."""
+        top = {self.token(t): lp for t, lp in e.top}
+        top.setdefault(self.token(e.token_id), e.logprob)
+        return top
 
 
 async def _chunks(
-    rid: str, model: str, created: int, first: RequestOutput, rest: AsyncIterator[RequestOutput]
+    state: State,
+    body: CompletionRequest,
+    rid: str,
+    created: int,
+    choices: list[_Choice],
+    firsts: list[RequestOutput],
 ) -> AsyncIterator[str]:
-    """OpenAI streaming: `data: {chunk}` per token, the last with finish_reason, then `data: [DONE]`."""
+    """OpenAI streaming: `data: {chunk}` per new text of any choice (the prompt first, with echo), the
+    last of each choice with its finish_reason; with `stream_options.include_usage` a final chunk with
+    `usage` and no choices; then `data: [DONE]`."""
+    text = _Text(state, body)
+    queue: asyncio.Queue[tuple[_Choice, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(c: _Choice, first: RequestOutput) -> None:
+        try:
+            await queue.put((c, first))
+            async for out in c.outputs:
+                await queue.put((c, out))
+        except Exception as exc:  # ends this choice; the stream reports it
+            await queue.put((c, exc))
+        else:
+            await queue.put((c, None))
+
+    def chunk(choice: CompletionChoice | None, usage: CompletionUsage | None = None) -> str:
+        choices_ = [] if choice is None else [choice]
+        part = Completion(id=rid, created=created, model=body.model, choices=choices_, usage=usage)
+        return f"data: {part.model_dump_json()}\n\n"
+
+    tasks = [asyncio.create_task(pump(c, f)) for c, f in zip(choices, firsts, strict=True)]
+    lasts: dict[int, RequestOutput] = {}
+    offsets = dict.fromkeys((c.index for c in choices), 0)  # text_offset of each choice's next token
     try:
-        out = first
-        while True:
-            reason = _openai_reason(out.finish_reason) if out.finished else None
-            chunk = Completion(
-                id=rid,
-                created=created,
-                model=model,
-                choices=[CompletionChoice(text=out.text, finish_reason=reason)],
-            )
-            yield f"data: {chunk.model_dump_json()}\n\n"
-            if out.finished:
-                yield "data: [DONE]\n\n"
-                return
-            out = await anext(rest)
+        if body.echo:
+            for c in choices:
+                yield chunk(
+                    CompletionChoice(text=text.prompt_text(c.prompt), index=c.index, finish_reason=None)
+                )
+        open_ = len(choices)
+        while open_:
+            c, item = await queue.get()
+            if item is None:
+                open_ -= 1
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            lasts[c.index] = item
+            entries = text.entries(item)
+            reason = _openai_reason(item.finish_reason) if item.finished else None
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs, offsets[c.index] = text.logprobs(entries, c.prompt_ids[0], offsets[c.index])
+            if item.text or entries or reason:
+                yield chunk(
+                    CompletionChoice(text=item.text, index=c.index, logprobs=logprobs, finish_reason=reason)
+                )
+        if body.stream_options is not None and body.stream_options.include_usage:
+            yield chunk(None, _usage(choices, [lasts[c.index] for c in choices], body.n))
+        yield "data: [DONE]\n\n"
     except Exception as exc:
         yield error_event(exc).replace("event: error\n", "")
     finally:
-        await rest.aclose()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await _close(choices)

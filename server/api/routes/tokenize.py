@@ -1,0 +1,95 @@
+"""The server's own tokenizer, in the shape vLLM serves it: `POST /tokenize`, `POST /detokenize`,
+`GET /tokenizer_info`, so a tool counts and splits tokens exactly as the engine will."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from ...inputs import Text
+from ...limits import MAX_INPUT_CHARS, MAX_MODEL_CHARS
+from ..errors import ERRORS, BoundedJsonRoute
+from ..state import get_state, tenant_of
+from .openai import check_model
+
+router = APIRouter(tags=["tokenizer"], route_class=BoundedJsonRoute)
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: Text | None = Field(None, max_length=MAX_MODEL_CHARS, description="a prefix id or the base model")
+    prompt: Text = Field(..., max_length=MAX_INPUT_CHARS)
+    add_special_tokens: bool = Field(True, description="GPT-2 adds none either way")
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: Text | None = Field(None, max_length=MAX_MODEL_CHARS)
+    tokens: list[int] = Field(..., max_length=MAX_INPUT_CHARS)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    tokenizer_class: str
+    name_or_path: str
+    vocab_size: int
+    model_max_length: int
+    eos_token: str | None
+    eos_token_id: int | None
+    bos_token: str | None
+    bos_token_id: int | None
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
+async def tokenize(
+    body: TokenizeRequest, request: Request, tenant: str = Depends(tenant_of)
+) -> TokenizeResponse:
+    """The prompt's token ids as the engine tokenizes a request's input (no separator added)."""
+    state = get_state(request)
+    await check_model(state, body.model, tenant)
+    tokenizer = state.engine.preparer.tokenizer
+    ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+    return TokenizeResponse(
+        count=len(ids), max_model_len=state.engine.preparer.max_seq_len, tokens=ids, token_strs=strs
+    )
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
+async def detokenize(
+    body: DetokenizeRequest, request: Request, tenant: str = Depends(tenant_of)
+) -> DetokenizeResponse:
+    """The text of token ids (each must be in the vocabulary)."""
+    state = get_state(request)
+    await check_model(state, body.model, tenant)
+    ids = state.engine.preparer.token_ids(body.tokens, "tokens")
+    return DetokenizeResponse(prompt=state.engine.preparer.tokenizer.decode(ids))
+
+
+@router.get("/tokenizer_info", response_model=TokenizerInfo, responses=ERRORS)
+async def tokenizer_info(request: Request, tenant: str = Depends(tenant_of)) -> TokenizerInfo:
+    """What a client needs to tokenize as the server does."""
+    del tenant  # (authenticated like every route)
+    state = get_state(request)
+    tok = state.engine.preparer.tokenizer
+    return TokenizerInfo(
+        tokenizer_class=type(tok).__name__,
+        name_or_path=state.model.served_name,
+        vocab_size=state.model.spec.vocab_size,
+        model_max_length=state.engine.preparer.max_seq_len,
+        eos_token=tok.eos_token,
+        eos_token_id=tok.eos_token_id,
+        bos_token=tok.bos_token,
+        bos_token_id=tok.bos_token_id,
+    )
