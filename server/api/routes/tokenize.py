@@ -49,6 +49,7 @@ class TokenizerInfo(BaseModel):
     eos_token_id: int | None
     bos_token: str | None
     bos_token_id: int | None
+    pad_token: str | None
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
@@ -92,4 +93,5 @@ async def tokenizer_info(request: Request, tenant: str = Depends(tenant_of)) -> 
         eos_token_id=tok.eos_token_id,
         bos_token=tok.bos_token,
         bos_token_id=tok.bos_token_id,
+        pad_token=tok.pad_token,
     )
