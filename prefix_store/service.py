@@ -89,7 +89,7 @@ class PrefixService:
         )
         self.expect = Expect(model.spec, model.fingerprint, limit, self.config.max_file_bytes, model.bounds)
         self.pool = DevicePool(
-            self._load_tensor,
+            self.load_state,
             self.length,
             self.config.device_pool_bytes,
             model.device,
@@ -247,7 +247,8 @@ class PrefixService:
         self.cache.put(prefix_id, data)
         return data
 
-    def _load_tensor(self, prefix_id: str) -> PrefixState:
+    def load_state(self, prefix_id: str) -> PrefixState:
+        """The prefix's tensors (K/V or NTK state), validated for the served model, on the CPU."""
         kv, _ = decode_prefix(self.load_bytes(prefix_id), self.expect)
         return kv
 
@@ -255,6 +256,7 @@ class PrefixService:
     def delete(self, prefix_id: str) -> bool:
         """Remove from the store (truth) first, then from the cache and the device pool."""
         found = self.store.delete(prefix_id)
+        self.store.delete_evaluations(prefix_id)
         self.cache.delete(prefix_id)
         self.pool.evict(prefix_id)
         with self._lock:

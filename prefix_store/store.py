@@ -131,6 +131,36 @@ class DurableStore:
     def delete_checkpoint(self, job_id: str) -> bool:
         return self._rm(self.checkpoint_path(job_id))
 
+    # ---- evaluation results: <root>/evaluations/<prefix id>/<job id>.json, written once ---------
+    def evaluation_dir(self, prefix_id: str) -> str:
+        return f"{self.root}/evaluations/{check_prefix_id(prefix_id)}"
+
+    def put_evaluation(self, prefix_id: str, job_id: str, data: bytes) -> None:
+        """Store one evaluation of a prefix atomically; PrefixExists if that job already stored it."""
+        directory = self.evaluation_dir(prefix_id)
+        final = f"{directory}/{check_prefix_id(job_id)}.json"
+        with _space_checked(f"the evaluation {job_id} of {prefix_id}"):
+            self.fs.makedirs(directory, exist_ok=True)
+            if self.local:
+                self._put_local(final, data)
+            else:
+                if self.fs.exists(final):
+                    raise PrefixExists(f"evaluation {job_id} of {prefix_id} already exists")
+                self.fs.pipe_file(final, data)
+
+    def evaluations(self, prefix_id: str) -> list[bytes]:
+        """Every stored evaluation of a prefix (in job-id order; foreign files are ignored)."""
+        try:
+            paths = sorted(self.fs.ls(self.evaluation_dir(prefix_id), detail=False))
+        except FileNotFoundError:
+            return []
+        names = [(p, p.rstrip("/").rsplit("/", 1)[-1]) for p in paths]
+        return [self.fs.cat_file(p) for p, n in names if n.endswith(".json") and PREFIX_ID.match(n[:-5])]
+
+    def delete_evaluations(self, prefix_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self.evaluation_dir(prefix_id), recursive=True)
+
     # ---- small JSON records (e.g. idempotency keys): <root>/<kind>/<name>.json, written once -----
     def record_path(self, kind: str, name: str) -> str:
         return f"{self.root}/{check_prefix_id(kind)}/{check_prefix_id(name)}.json"

@@ -163,6 +163,17 @@ class TextPrefixRequest(BaseModel):
     visibility: Literal[VISIBILITIES] = "private"
 
 
+class EvaluationInfo(BaseModel):
+    """An evaluation of a prefix: BLEU (0-100), ROUGE-L F1, exact match (0-1), mean per-token loss."""
+
+    job_id: str
+    n_examples: int
+    metrics: dict[str, float]
+    config: dict
+    samples: list[dict]  # the first few examples: input, reference, prediction
+    created_at: str
+
+
 class PrefixInfo(BaseModel):
     id: str
     name: str
@@ -175,10 +186,13 @@ class PrefixInfo(BaseModel):
     model_fingerprint: str
     created_at: str
     sha256: str
+    # your evaluations of it, oldest first (GET /prefixes/{id} only; lists leave them out)
+    evaluations: list[EvaluationInfo] | None = None
 
     @classmethod
-    def of(cls, meta: PrefixMeta) -> PrefixInfo:
-        return cls(**{k: getattr(meta, k) for k in cls.model_fields})
+    def of(cls, meta: PrefixMeta, evaluations: list[EvaluationInfo] | None = None) -> PrefixInfo:
+        fields = {k: getattr(meta, k) for k in cls.model_fields if k != "evaluations"}
+        return cls(**fields, evaluations=evaluations)
 
 
 class PrefixList(BaseModel):
@@ -195,7 +209,8 @@ class ErrorResponse(BaseModel):
 
 
 class JobInfo(BaseModel):
-    """A training job: queued -> running (progress) -> succeeded (prefix_id) | failed (error) | cancelled."""
+    """A training or evaluation job: queued -> running (progress) -> succeeded (prefix_id, evaluation) |
+    failed (error) | cancelled."""
 
     id: str
     job_id: str = Field(description="the same as id")
@@ -215,6 +230,11 @@ class JobInfo(BaseModel):
     eval_losses: list[float]
     error: str | None
     prefix_id: str | None
+    kind: Literal["train", "evaluate"] = "train"
+    target: str | None = Field(None, description="the prefix an evaluation job evaluates")
+    evaluation: dict | None = Field(
+        None, description="an evaluation job's result (or a training job's held-out split's)"
+    )
     created_at: str
     updated_at: str
 

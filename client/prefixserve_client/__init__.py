@@ -21,7 +21,7 @@ from ._errors import (
     Timeout,
     ValidationError,
 )
-from ._models import Alternative, GenerateResult, JobState, Prefix, ScoreResult, TokenScore, Usage
+from ._models import Alternative, Evaluation, GenerateResult, JobState, Prefix, ScoreResult, TokenScore, Usage
 
 __all__ = [
     "Alternative",
@@ -29,6 +29,7 @@ __all__ = [
     "AsyncJob",
     "AuthenticationError",
     "Client",
+    "Evaluation",
     "GenerateResult",
     "Job",
     "JobFailed",

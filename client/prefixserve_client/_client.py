@@ -142,6 +142,19 @@ def _train_request(
     return {"json": {"train": body, "name": name, "visibility": visibility}}
 
 
+def _evaluation_request(
+    examples: Iterable[dict] | str | Path, metrics: list[str] | None, max_new_tokens: int | None
+) -> dict[str, Any]:
+    """httpx keyword arguments: JSON for in-memory examples, a multipart JSONL upload for a file."""
+    config = {
+        k: v for k, v in {"metrics": metrics, "max_new_tokens": max_new_tokens}.items() if v is not None
+    }
+    if isinstance(examples, str | Path):
+        data = Path(examples).read_bytes()
+        return {"files": {"examples": (Path(examples).name, data)}, "data": {"config": json.dumps(config)}}
+    return {"json": {"examples": list(examples), **config}}
+
+
 def _progress_line(state: JobState) -> str:
     width = 24
     done = int(width * state.step / state.total_steps) if state.total_steps else 0
@@ -284,6 +297,19 @@ class Prefixes:
         """Train a prefix from `[{"input", "output"}, ...]` or a JSONL file; returns the queued `Job`."""
         kwargs = {**_train_request(examples, name, visibility, hyperparameters), **_creation(idempotency_key)}
         return Job(self._c, JobState.model_validate(self._c._request("POST", "/prefixes", **kwargs).json()))
+
+    def evaluate(
+        self,
+        prefix_id: str,
+        examples: Iterable[dict] | str | Path,
+        metrics: list[str] | None = None,
+        max_new_tokens: int | None = None,
+    ) -> Job:
+        """Evaluate a prefix on `[{"input", "output"}, ...]` or a JSONL file (BLEU, ROUGE-L, exact match,
+        loss by default); returns the queued `Job`. `job.wait().evaluations[-1]` is its result."""
+        kwargs = _evaluation_request(examples, metrics, max_new_tokens)
+        reply = self._c._request("POST", f"/prefixes/{prefix_id}/evaluations", **kwargs)
+        return Job(self._c, JobState.model_validate(reply.json()))
 
     def list(self) -> list[Prefix]:
         """Your prefixes and every public one."""
@@ -465,6 +491,17 @@ class AsyncPrefixes:
         kwargs = {**_train_request(examples, name, visibility, hyperparameters), **_creation(idempotency_key)}
         response = await self._c._request("POST", "/prefixes", **kwargs)
         return AsyncJob(self._c, JobState.model_validate(response.json()))
+
+    async def evaluate(
+        self,
+        prefix_id: str,
+        examples: Iterable[dict] | str | Path,
+        metrics: list[str] | None = None,
+        max_new_tokens: int | None = None,
+    ) -> AsyncJob:
+        kwargs = _evaluation_request(examples, metrics, max_new_tokens)
+        reply = await self._c._request("POST", f"/prefixes/{prefix_id}/evaluations", **kwargs)
+        return AsyncJob(self._c, JobState.model_validate(reply.json()))
 
     async def list(self) -> list[Prefix]:
         response = await self._c._request("GET", "/prefixes")

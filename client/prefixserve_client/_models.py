@@ -50,6 +50,17 @@ class ScoreResult(_Model):
     usage: Usage
 
 
+class Evaluation(_Model):
+    """A prefix evaluated on examples: `metrics` has bleu (0-100), rouge_l, exact_match (0-1), loss."""
+
+    job_id: str
+    n_examples: int
+    metrics: dict[str, float]
+    config: dict = {}
+    samples: list[dict] = []
+    created_at: str = ""
+
+
 class Prefix(_Model):
     id: str
     name: str
@@ -62,6 +73,7 @@ class Prefix(_Model):
     model_fingerprint: str
     created_at: str
     sha256: str
+    evaluations: list[Evaluation] | None = None  # your evaluations (prefixes.get only)
 
 
 class JobState(_Model):
@@ -82,6 +94,9 @@ class JobState(_Model):
     eval_losses: list[float] = []
     error: str | None = None
     prefix_id: str | None = None
+    kind: str = "train"  # or "evaluate"
+    target: str | None = None
+    evaluation: dict | None = None
     created_at: str = ""
     updated_at: str = ""
 

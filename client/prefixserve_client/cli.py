@@ -1,6 +1,7 @@
 """`prefixserve-client`: the SDK at a terminal.
 
     prefixserve-client generate --prefix pfx-... "name : Aromi" --stream
+    prefixserve-client evaluate pfx-... held_out.jsonl --metrics bleu,rouge_l,loss
     prefixserve-client score --prefix pfx-... "name : Aromi" "Aromi is a pub." --top 3
     prefixserve-client prefixes list | upload PATH | from-text TEXT | get ID | delete ID
     prefixserve-client train data.jsonl --epochs 5           # shows progress, prints the prefix
@@ -68,6 +69,14 @@ def _generate(client: Client, a: argparse.Namespace) -> None:
         for t in result.logprobs or []:
             print(f"{t.logprob:10.4f}  {t.token!r}", file=sys.stderr)
         print(f"[{result.finish_reason}; {result.usage.completion_tokens} tokens]", file=sys.stderr)
+
+
+def _evaluate(client: Client, a: argparse.Namespace) -> None:
+    metrics = a.metrics.split(",") if a.metrics else None
+    job = client.prefixes.evaluate(a.prefix, a.data, metrics=metrics, max_new_tokens=a.max_new_tokens)
+    print(f"evaluation job {job.id} queued", file=sys.stderr)
+    job.wait(progress=True)
+    _print_json(job.state.evaluation)
 
 
 def _score(client: Client, a: argparse.Namespace) -> None:

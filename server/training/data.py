@@ -14,9 +14,11 @@ from ..limits import (
     MAX_EXAMPLES,
     MAX_FIELD_CHARS,
     MAX_NAME_LEN,
+    MAX_NEW_TOKENS,
     MAX_SEPARATOR_CHARS,
 )
 from ..model import LoadedModel
+from .evaluate import METRICS
 from .trainer import TrainConfig, encode_example
 
 
@@ -83,12 +85,37 @@ class TrainPrefixRequest(BaseModel):
     visibility: str = Field("private", pattern="^(private|public)$")
 
 
-def parse_jsonl(raw: bytes) -> list[TrainExample]:
-    """A JSONL upload: one {"input", "output"} object per non-empty line."""
+class EvaluationRequest(BaseModel):
+    """POST /prefixes/{id}/evaluations."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "examples": [
+                        {"input": "name : Aromi | food : Italian", "output": "Aromi serves Italian food."}
+                    ],
+                    "metrics": ["bleu", "rouge_l", "loss"],
+                    "max_new_tokens": 48,
+                }
+            ]
+        },
+    )
+    examples: list[TrainExample] = Field(..., min_length=1, max_length=MAX_EXAMPLES)
+    metrics: list[Literal[METRICS]] = Field(default_factory=lambda: list(METRICS), min_length=1)
+    max_new_tokens: int = Field(
+        64, ge=1, le=MAX_NEW_TOKENS, description="generated per example (ends at EOS)"
+    )
+
+
+def parse_jsonl(raw: bytes, field: str = "train") -> list[TrainExample]:
+    """A JSONL upload (the form field `field`): one {"input", "output"} object per non-empty line."""
     try:
         lines = raw.decode("utf-8").splitlines()
     except UnicodeDecodeError:
-        raise InvalidRequest("train", "the JSONL file is not UTF-8 text") from None
+        raise InvalidRequest(field, "the JSONL file is not UTF-8 text") from None
     out: list[TrainExample] = []
     for i, line in enumerate(lines):
         if not line.strip():
@@ -97,12 +124,12 @@ def parse_jsonl(raw: bytes) -> list[TrainExample]:
             out.append(TrainExample.model_validate(parse_json(line)))
         except ValueError as exc:  # malformed or too deep JSON, or a record that does not validate
             raise InvalidRequest(
-                f"train line {i + 1}", f'expected {{"input": str, "output": str}}: {exc}'
+                f"{field} line {i + 1}", f'expected {{"input": str, "output": str}}: {exc}'
             ) from None
         if len(out) > MAX_EXAMPLES:
-            raise InvalidRequest("train", f"at most {MAX_EXAMPLES} examples")
+            raise InvalidRequest(field, f"at most {MAX_EXAMPLES} examples")
     if not out:
-        raise InvalidRequest("train", "the JSONL file holds no examples")
+        raise InvalidRequest(field, "the JSONL file holds no examples")
     return out
 
 

@@ -56,7 +56,7 @@ class JobNotFound(PrefixServeError):
         super().__init__(f"job {job_id!r} not found")
 
 
-def _now() -> str:
+def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
@@ -73,9 +73,12 @@ class Job:
     interrupted: int = 0  # runs a worker shutdown ended (not counted against max_attempts)
     progress: Progress = field(default_factory=Progress)  # epoch, step, loss, eta, loss curve
     error: str | None = None
-    prefix_id: str | None = None
-    created_at: str = field(default_factory=_now)
-    updated_at: str = field(default_factory=_now)
+    prefix_id: str | None = None  # the prefix trained (or evaluated)
+    kind: str = "train"  # or "evaluate": `config` then holds EvalConfig fields and `target` the prefix
+    target: str | None = None
+    evaluation: dict | None = None  # the result of an evaluation job, or of a training job's held-out split
+    created_at: str = field(default_factory=now)
+    updated_at: str = field(default_factory=now)
 
     @property
     def prefix_id_to_publish(self) -> str:
@@ -180,7 +183,7 @@ class RedisJobQueue:
 
     # ---- the queue -----------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
-        job.updated_at = _now()
+        job.updated_at = now()
 
         def submit() -> None:
             self._create_group()  # cheap, and makes a flushed Redis usable without waiting for a worker
@@ -198,7 +201,7 @@ class RedisJobQueue:
         return Job.from_json(raw)
 
     def save(self, job: Job) -> None:
-        job.updated_at = _now()
+        job.updated_at = now()
         self._call("saving a job", lambda: self.r.set(RECORD + job.id, job.to_json()))
 
     def claim(self, consumer: str, block_s: float) -> tuple[str, Job] | None:
@@ -291,7 +294,7 @@ class LocalJobQueue:
         return Job.from_json(raw)
 
     def save(self, job: Job) -> None:
-        job.updated_at = _now()
+        job.updated_at = now()
         with self._lock:
             self._jobs[job.id] = job.to_json()
 

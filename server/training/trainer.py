@@ -180,6 +180,15 @@ def _tokens(a: torch.Tensor) -> torch.Tensor:
     return a.transpose(1, 2).flatten(0, 1)
 
 
+def validation_split(n: int, cfg: TrainConfig) -> tuple[list[int], list[int]]:
+    """Indices of the training and the held-out examples: a shuffle seeded by `cfg.seed`, the first
+    `val_fraction` of it held out (the same split every time, for the job's evaluation too)."""
+    order = list(range(n))
+    random.Random(cfg.seed).shuffle(order)
+    n_val = int(n * cfg.val_fraction)
+    return order[n_val:], order[:n_val]
+
+
 def encode_example(
     tok: PreTrainedTokenizerBase, x: str, y: str, separator: str
 ) -> tuple[list[int], list[int]]:
@@ -266,12 +275,9 @@ class PrefixTrainer:
         the epoch, and dropout is off)."""
         cfg = self.config
         data = [encode_example(self.tok, x, y, cfg.separator) for x, y in pairs]
-        rng = random.Random(cfg.seed)
-        order = list(range(len(data)))
-        rng.shuffle(order)
-        n_val = int(len(data) * cfg.val_fraction)
-        val = [data[i] for i in order[:n_val]]
-        train = [data[i] for i in order[n_val:]]
+        train_idx, val_idx = validation_split(len(data), cfg)
+        val = [data[i] for i in val_idx]
+        train = [data[i] for i in train_idx]
         steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
         opt = torch.optim.AdamW(
             self.encoder.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay

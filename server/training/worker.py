@@ -12,13 +12,14 @@ progress saves and heartbeats are skipped until Redis is back, and the job's end
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from transformers import GPT2LMHeadModel
@@ -31,10 +32,20 @@ from ..compile import BoundModel
 from ..errors import PrefixServeError
 from ..model import LoadedModel, load_hf_model
 from .checkpoint import CheckpointMismatch, decode_checkpoint, encode_checkpoint
-from .jobs import TERMINAL, Job, JobQueue, JobStatus
-from .trainer import Cancelled, Interrupted, PrefixTrainer, Progress, TrainConfig, TrainState
+from .evaluate import METRICS, EvalConfig, Evaluation, evaluate
+from .jobs import TERMINAL, Job, JobQueue, JobStatus, now
+from .trainer import (
+    Cancelled,
+    Interrupted,
+    PrefixTrainer,
+    Progress,
+    TrainConfig,
+    TrainState,
+    validation_split,
+)
 
 log = logging.getLogger(__name__)
+SAMPLES = 5  # examples (input, reference, prediction) kept with an evaluation
 
 
 @dataclass(frozen=True)
@@ -145,28 +156,11 @@ class Worker:
         return on_epoch
 
     def _run(self, delivery: str, job: Job, resume: TrainState | None) -> None:
-        cfg = TrainConfig(**job.config)
         try:
-            pairs = read_pairs(self.service.store.get_training_data(job.id))
-            trainer = PrefixTrainer(self._model(), self._loaded().tokenizer, cfg)
-            prefix, prog = trainer.train(
-                pairs, self._progress(delivery, job), resume=resume, on_epoch=self._checkpoint(job)
-            )
-            self._record(job, prog)
-            try:
-                meta = self.service.add_tensors(
-                    prefix,
-                    job.tenant,
-                    job.name,
-                    job.visibility,
-                    "train",
-                    prefix_id=job.prefix_id_to_publish,
-                    input_suffix=cfg.separator,
-                )
-            except PrefixExists:  # a previous attempt published it and died before acking
-                meta = self.service.meta(job.prefix_id_to_publish)
-            job.prefix_id = meta.id
-            self._end(delivery, job, JobStatus.SUCCEEDED)
+            if job.kind == "evaluate":
+                self._run_evaluation(delivery, job)
+            else:
+                self._run_training(delivery, job, resume)
         except Cancelled:
             self._end(delivery, job, JobStatus.CANCELLED)
         except Interrupted:  # shutting down: not the job's fault, so not a failed attempt
@@ -183,6 +177,79 @@ class Worker:
                 job.status = JobStatus.QUEUED
                 self._until_done(lambda: self.queue.save(job))
                 self.queue.release(delivery, job)
+
+    def _run_training(self, delivery: str, job: Job, resume: TrainState | None) -> None:
+        cfg = TrainConfig(**job.config)
+        pairs = read_pairs(self.service.store.get_training_data(job.id))
+        trainer = PrefixTrainer(self._model(), self._loaded().tokenizer, cfg)
+        prefix, prog = trainer.train(
+            pairs, self._progress(delivery, job), resume=resume, on_epoch=self._checkpoint(job)
+        )
+        self._record(job, prog)
+        try:
+            meta = self.service.add_tensors(
+                prefix,
+                job.tenant,
+                job.name,
+                job.visibility,
+                "train",
+                prefix_id=job.prefix_id_to_publish,
+                input_suffix=cfg.separator,
+            )
+        except PrefixExists:  # a previous attempt published it and died before acking
+            meta = self.service.meta(job.prefix_id_to_publish)
+        job.prefix_id = meta.id
+        _, held_out = validation_split(len(pairs), cfg)
+        if held_out:  # the held-out split, evaluated as an evaluation job would
+            try:
+                job.evaluation = self._evaluate(
+                    job, meta.id, [pairs[i] for i in held_out], {}, lambda d, t: None
+                )
+            except (Cancelled, Interrupted):
+                raise
+            except Exception as exc:  # the prefix is published: the job still succeeded
+                log.exception("job %s: evaluating the held-out split failed", job.id)
+                job.evaluation = {"error": f"{type(exc).__name__}: {exc}"}
+        self._end(delivery, job, JobStatus.SUCCEEDED)
+
+    def _run_evaluation(self, delivery: str, job: Job) -> None:
+        pairs = read_pairs(self.service.store.get_training_data(job.id))
+        on_progress = self._progress(delivery, job)
+
+        def progress(done: int, total: int) -> None:
+            job.progress.step, job.progress.total_steps = done, total
+            on_progress(job.progress)
+
+        job.evaluation = self._evaluate(job, job.target, pairs, job.config, progress)
+        job.prefix_id = job.target
+        self._end(delivery, job, JobStatus.SUCCEEDED)
+
+    def _evaluate(
+        self, job: Job, prefix_id: str, pairs: list[tuple[str, str]], config: dict, progress
+    ) -> dict:
+        """Evaluate a prefix, store the result with it (once per job) and return it."""
+        meta = self.service.meta(prefix_id)
+        cfg = EvalConfig(
+            **{**config, "metrics": tuple(config.get("metrics", METRICS)), "separator": meta.input_suffix}
+        )
+        state = self.service.load_state(prefix_id)
+        metrics, predictions = evaluate(self._loaded(), prefix_id, state, pairs, cfg, progress)
+        result = Evaluation(
+            job_id=job.id,
+            prefix_id=prefix_id,
+            tenant=job.tenant,
+            n_examples=len(pairs),
+            metrics=metrics,
+            config={**asdict(cfg), "metrics": list(cfg.metrics)},
+            samples=[
+                {"input": x, "reference": y, "prediction": p}
+                for (x, y), p in zip(pairs[:SAMPLES], predictions, strict=False)
+            ],
+            created_at=now(),
+        ).to_dict()
+        with contextlib.suppress(PrefixExists):  # a previous attempt stored it, then died: keep that one
+            self.service.store.put_evaluation(prefix_id, job.id, json.dumps(result).encode())
+        return result
 
     def _until_done(self, call) -> None:
         """Run a queue call that must not be lost (a job's end), retrying while Redis is unavailable;

@@ -25,8 +25,16 @@ from ...errors import InvalidRequest, PrefixNotFound
 from ...idempotency import fingerprint, json_fingerprint, parse_key
 from ...inputs import check_text, parse_json
 from ...limits import MAX_IDEMPOTENCY_KEY_CHARS, MAX_NAME_LEN, VISIBILITIES
-from ...schemas import JobInfo, PrefixInfo, PrefixList, TextPrefixRequest, inline_schema
-from ...training.data import Hyperparameters, TrainExample, TrainPrefixRequest, parse_jsonl, validate_dataset
+from ...schemas import EvaluationInfo, JobInfo, PrefixInfo, PrefixList, TextPrefixRequest, inline_schema
+from ...training.data import (
+    EvaluationRequest,
+    Hyperparameters,
+    TrainExample,
+    TrainPrefixRequest,
+    parse_jsonl,
+    validate_dataset,
+)
+from ...training.evaluate import EvalConfig, check_examples
 from ...training.jobs import Job, JobNotFound
 from ..errors import ERRORS, BoundedJsonRoute, ClientGone, Forbidden, PayloadTooLarge
 from ..state import State, get_state, tenant_of
@@ -111,6 +119,30 @@ async def add_prefix(request: Request, tenant: str = Depends(tenant_of)):
     return await _add_upload(request, state, creation)
 
 
+_EVALUATION_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": inline_schema(EvaluationRequest)},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "examples": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "JSONL: {input, output}",
+                        },
+                        "config": {"type": "string", "description": "JSON: metrics, max_new_tokens"},
+                    },
+                    "required": ["examples"],
+                }
+            },
+        },
+    }
+}
+
+
 @router.get("/prefixes", response_model=PrefixList, responses=ERRORS)
 async def list_prefixes(request: Request, tenant: str = Depends(tenant_of)) -> PrefixList:
     """Your own prefixes and every public one."""
@@ -120,7 +152,69 @@ async def list_prefixes(request: Request, tenant: str = Depends(tenant_of)) -> P
 
 @router.get("/prefixes/{prefix_id}", response_model=PrefixInfo, responses=ERRORS)
 async def get_prefix(prefix_id: str, request: Request, tenant: str = Depends(tenant_of)) -> PrefixInfo:
-    return PrefixInfo.of(await get_state(request).visible(prefix_id, tenant))
+    """One prefix, with your evaluations of it."""
+    state = get_state(request)
+    meta = await state.visible(prefix_id, tenant)
+    stored = await asyncio.to_thread(state.service.store.evaluations, prefix_id)  # disk: off the loop
+    records = [parse_json(raw) for raw in stored]
+    mine = [EvaluationInfo.model_validate(r, strict=False) for r in records if r.get("tenant") == tenant]
+    return PrefixInfo.of(meta, mine)
+
+
+@router.post(
+    "/prefixes/{prefix_id}/evaluations",
+    status_code=202,
+    response_model=JobInfo,
+    responses=ERRORS,
+    openapi_extra=_EVALUATION_DOC,
+)
+async def evaluate_prefix(prefix_id: str, request: Request, tenant: str = Depends(tenant_of)) -> JSONResponse:
+    """Evaluate a prefix on examples: greedy generation through the engine, then the metrics asked
+    (BLEU, ROUGE-L, exact match, mean per-token loss), as a job on the training queue -> 202 with the
+    job; its result is stored with the prefix (GET /prefixes/{id}) and in the job. JSON
+    `{"examples": [{"input", "output"}], "metrics", "max_new_tokens"}`, or a multipart `examples`
+    JSONL file (+ `config` as JSON)."""
+    state = get_state(request)
+    meta = await state.visible(prefix_id, tenant)
+    body = await _evaluation_request(request, state)
+    cfg = EvalConfig(tuple(body.metrics), body.max_new_tokens, meta.input_suffix)
+    pairs = [(e.input, e.output) for e in body.examples]
+    await asyncio.to_thread(check_examples, pairs, state.model, meta.prefix_len, cfg)
+    job = Job(
+        id=_new_job_id(),
+        tenant=tenant,
+        config={"metrics": list(cfg.metrics), "max_new_tokens": cfg.max_new_tokens},
+        n_examples=len(pairs),
+        name=f"evaluate {prefix_id}",
+        kind="evaluate",
+        target=prefix_id,
+    )
+    data = "\n".join(e.model_dump_json() for e in body.examples).encode()
+    return await _queue(state, job, data, "submitting an evaluation job")
+
+
+async def _evaluation_request(request: Request, state: State) -> EvaluationRequest:
+    """The body as JSON, or as a multipart `examples` JSONL file with an optional `config` field."""
+    limit = state.settings.max_upload_bytes
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return EvaluationRequest.model_validate(_json_object(await _read_limited(request, limit)))
+    raw = await _read_limited(request, limit + MULTIPART_FRAMING_BYTES)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield raw
+
+    try:
+        form = await MultiPartParser(
+            request.headers, chunks(), max_files=1, max_fields=2, max_part_size=limit
+        ).parse()
+    except MultiPartException as exc:
+        raise InvalidRequest("body", f"malformed multipart upload: {exc.message}") from None
+    upload = form.get("examples")
+    if not hasattr(upload, "read"):
+        raise InvalidRequest("examples", "expected a JSONL file field 'examples'")
+    examples = parse_jsonl(await upload.read(), "examples")
+    config = _json_object(str(form.get("config") or "{}"), "config")
+    return EvaluationRequest.model_validate({**config, "examples": [e.model_dump() for e in examples]})
 
 
 @router.delete("/prefixes/{prefix_id}", status_code=204, responses={**ERRORS, 403: {}})
@@ -158,7 +252,7 @@ class _Creation:
         self, fingerprint: Callable[[], str], add: Callable[[str], Awaitable[PrefixMeta]]
     ) -> JSONResponse:
         async def create(prefix_id: str) -> JSONResponse:
-            return JSONResponse(PrefixInfo.of(await add(prefix_id)).model_dump(), 201)
+            return JSONResponse(PrefixInfo.of(await add(prefix_id), []).model_dump(), 201)  # new: none yet
 
         return await self._run(fingerprint, new_prefix_id(), create, self._recover_prefix)
 
@@ -188,7 +282,7 @@ class _Creation:
             return None
         if meta.owner != self.tenant:
             return None
-        return JSONResponse(PrefixInfo.of(meta).model_dump(), 201)
+        return JSONResponse(PrefixInfo.of(meta, []).model_dump(), 201)
 
     async def _recover_job(self, job_id: str) -> JSONResponse | None:
         """The answer for a planned job id already queued (by this tenant), else None."""
@@ -224,8 +318,13 @@ async def _submit_training(
         name=name,
         visibility=visibility,
     )
+    return await _queue(state, job, data, "submitting a training job")
+
+
+async def _queue(state: State, job: Job, data: bytes, doing: str) -> JSONResponse:
+    """Store a job's examples durably, then queue it -> 202."""
     if state.redis is not None:  # known down: 503 before writing anything that would need undoing
-        state.redis.check("submitting a training job")
+        state.redis.check(doing)
     store = state.service.store
     # 507 when the disk is full; PrefixExists: a resumed idempotent request whose dataset (same
     # fingerprint) was stored before a stop
