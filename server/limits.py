@@ -61,7 +61,7 @@ OPENAI_MAX_LOGPROBS = 5
 MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty, as OpenAI
 MAX_LOGIT_BIAS = 100.0
 MAX_LOGIT_BIAS_TOKENS = 300  # tokens one request may bias
-MAX_CHOICES = 16  # completions per request (n x prompts), on the OpenAI endpoint
+MAX_CHOICES = 64  # completions per request (prompts x n), on the OpenAI endpoint
 
 # ---- client input --------------------------------------------------------------------------------
 MAX_IDEMPOTENCY_KEY_CHARS = 255
