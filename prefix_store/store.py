@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import time
@@ -131,13 +132,16 @@ class DurableStore:
     def delete_checkpoint(self, job_id: str) -> bool:
         return self._rm(self.checkpoint_path(job_id))
 
-    # ---- evaluation results: <root>/evaluations/<prefix id>/<job id>.json, written once ---------
-    def evaluation_dir(self, prefix_id: str) -> str:
-        return f"{self.root}/evaluations/{check_prefix_id(prefix_id)}"
+    # ---- evaluation results: <root>/evaluations/<prefix id>/<tenant key>/<job id>.json, written once
+    def evaluation_dir(self, prefix_id: str, tenant: str | None = None) -> str:
+        """A prefix's evaluations, or one tenant's of them (each tenant reads only its own directory;
+        a tenant's name is hashed into a file name)."""
+        base = f"{self.root}/evaluations/{check_prefix_id(prefix_id)}"
+        return base if tenant is None else f"{base}/t{hashlib.sha256(tenant.encode()).hexdigest()[:32]}"
 
-    def put_evaluation(self, prefix_id: str, job_id: str, data: bytes) -> None:
+    def put_evaluation(self, prefix_id: str, tenant: str, job_id: str, data: bytes) -> None:
         """Store one evaluation of a prefix atomically; PrefixExists if that job already stored it."""
-        directory = self.evaluation_dir(prefix_id)
+        directory = self.evaluation_dir(prefix_id, tenant)
         final = f"{directory}/{check_prefix_id(job_id)}.json"
         with _space_checked(f"the evaluation {job_id} of {prefix_id}"):
             self.fs.makedirs(directory, exist_ok=True)
@@ -148,10 +152,10 @@ class DurableStore:
                     raise PrefixExists(f"evaluation {job_id} of {prefix_id} already exists")
                 self.fs.pipe_file(final, data)
 
-    def evaluations(self, prefix_id: str) -> list[bytes]:
-        """Every stored evaluation of a prefix (in job-id order; foreign files are ignored)."""
+    def evaluations(self, prefix_id: str, tenant: str) -> list[bytes]:
+        """One tenant's stored evaluations of a prefix (foreign files are ignored), unordered."""
         try:
-            paths = sorted(self.fs.ls(self.evaluation_dir(prefix_id), detail=False))
+            paths = self.fs.ls(self.evaluation_dir(prefix_id, tenant), detail=False)
         except FileNotFoundError:
             return []
         names = [(p, p.rstrip("/").rsplit("/", 1)[-1]) for p in paths]

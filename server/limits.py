@@ -41,7 +41,6 @@ __all__ = [
     "MAX_STOP_STRINGS",
     "MAX_TEMPERATURE",
     "OPENAI_MAX_LOGPROBS",
-    "OPENAI_MAX_STOP_STRINGS",
     "TENANT_NAME_MAX",
     "VISIBILITIES",
     "stop_problem",
@@ -53,7 +52,6 @@ MAX_NEW_TOKENS = 4096
 MAX_TEMPERATURE = 100.0  # 0 = greedy
 MAX_SEED = 2**63 - 1
 MAX_STOP_STRINGS = 16
-OPENAI_MAX_STOP_STRINGS = 4  # as OpenAI's own API
 MAX_STOP_LEN = 256  # characters of one stop string
 MAX_MODEL_CHARS = 256  # the OpenAI `model` field (a prefix id or the base model's name)
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI's completions API allows 5, its chat API 20)

@@ -157,3 +157,34 @@ def test_scoring_and_penalty_parameters_are_validated(tiny_model, params, field,
     with pytest.raises(InvalidRequest) as info:
         params.validate(tiny_model.spec.vocab_size)
     assert info.value.field == field and message in str(info.value)
+
+
+def test_a_row_whose_draw_fails_leaves_its_neighbours_logprobs_their_own(tiny_model, monkeypatch):
+    """Fault injection: one sampling row's draw raises. The rows after it in the batch still get the
+    log-probabilities (and recorded logits) of their own logits, as when they run alone."""
+    from prefixserve.engine import sampling
+
+    real = sampling.sample_one
+
+    def failing(logits, params, generator):
+        if params.seed == 666:
+            raise RuntimeError("injected: this row's draw fails")
+        return real(logits, params, generator)
+
+    asks = SamplingParams(max_new_tokens=4, ignore_eos=True, logprobs=3)
+    alone = _run(_engine(tiny_model, {}, max_running=4), [(None, PROMPTS[1], asks)])["r0"]
+    monkeypatch.setattr(sampling, "sample_one", failing)
+    bad = SamplingParams(max_new_tokens=4, ignore_eos=True, temperature=1.0, seed=666)
+    engine = _engine(tiny_model, {}, max_running=4, record_logits=True)
+    outs = _run(engine, [(None, PROMPTS[3], bad), (None, PROMPTS[1], asks)])  # the bad row's is 1 token:
+    # it comes first in the step's rows
+    assert outs["r0"][-1].finish_reason == FinishReason.ERROR
+    got = [e for o in outs["r1"] for e in o.logprobs]
+    want = [e for o in alone for e in o.logprobs]
+    assert [e.token_id for e in got] == [e.token_id for e in want]
+    assert [e.logprob for e in got] == pytest.approx([e.logprob for e in want], abs=1e-5)
+    for out in outs["r1"]:
+        (entry,) = out.logprobs
+        assert entry.logprob == pytest.approx(
+            float(torch.log_softmax(out.logits[0].float(), -1)[entry.token_id]), abs=1e-5
+        )

@@ -6,6 +6,7 @@ with usage), fields it does not support refused by name, the tokenizer endpoints
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -219,3 +220,18 @@ def test_cli_score(api, prefix, capsys):
     assert main(["--base-url", api.url, "--api-key", key, "score", "--prefix", prefix, PROMPT, " is"]) == 0
     out = capsys.readouterr().out
     assert "total logprob" in out and "over 1 tokens" in out
+
+
+def test_a_choice_refused_for_overload_answers_429_and_stops_its_siblings(api):
+    """20 choices against 8 running rows + 4 waiting places: some are refused. The answer is the 429
+    (with Retry-After), not a 500, and the choices already running are aborted, not left generating."""
+    body = {"model": model_name(api), "prompt": ["x"] * 20, "max_tokens": 200, "temperature": 0}
+    r = post(api, "/v1/completions", body)
+    assert r.status_code == 429, r.text
+    assert r.json()["error"]["type"] == "overloaded" and "retry-after" in r.headers
+    core = api.state.engine.core
+    deadline = time.monotonic() + 30
+    while core.num_live:  # aborted within a step or two (200 tokens each would take hundreds)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert post(api, "/v1/completions", {**body, "prompt": "x", "max_tokens": 2}).status_code == 200

@@ -306,7 +306,8 @@ class Prefixes:
         max_new_tokens: int | None = None,
     ) -> Job:
         """Evaluate a prefix on `[{"input", "output"}, ...]` or a JSONL file (BLEU, ROUGE-L, exact match,
-        loss by default); returns the queued `Job`. `job.wait().evaluations[-1]` is its result."""
+        loss by default); returns the queued `Job`. After `job.wait()`, `job.state.evaluation` is its
+        result (and `prefixes.get(prefix_id).evaluations` lists all of yours, oldest first)."""
         kwargs = _evaluation_request(examples, metrics, max_new_tokens)
         reply = self._c._request("POST", f"/prefixes/{prefix_id}/evaluations", **kwargs)
         return Job(self._c, JobState.model_validate(reply.json()))

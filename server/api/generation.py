@@ -197,13 +197,22 @@ async def collect(
 
 def token_scores(state: State, entries: list[TokenLogprob]) -> list[TokenScore]:
     """The engine's log-probabilities with each token's text."""
-    decode = state.engine.preparer.tokenizer.decode
+    text = state.engine.preparer.token_text
     return [
         TokenScore(
             token_id=e.token_id,
-            token=decode([e.token_id]),
+            token=text(e.token_id),
             logprob=e.logprob,
-            top=[Alternative(token_id=t, token=decode([t]), logprob=lp) for t, lp in e.top],
+            top=[Alternative(token_id=t, token=text(t), logprob=lp) for t, lp in e.top],
         )
         for e in entries
     ]
+
+
+async def model_prefix(state: State, model: str | None, tenant: str) -> str | None:
+    """The prefix id an OpenAI-style `model` names (None: the base model, by its served name); a
+    prefix the tenant may not use is a 404."""
+    if model is None or model == state.model.served_name:
+        return None
+    await state.visible(model, tenant)
+    return model

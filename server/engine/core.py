@@ -236,12 +236,13 @@ class EngineCore:
         self._record_scores(result.scores, rows)
         keep = [i for i, rid in enumerate(result.sample_ids) if rid in self._live]
         logits = result.logits if len(keep) == len(result.sample_ids) else result.logits[keep]  # [n, V]
-        sampled = self._sample([result.sample_ids[i] for i in keep], logits, out)
+        row_of = {result.sample_ids[i]: row for row, i in enumerate(keep)}  # request -> its row of logits
+        sampled = self._sample(list(row_of), logits, out)  # (rows whose draw failed are left out)
         finished = {f.request_id: f.reason for f in self.scheduler.update(sampled)}
         record = logits if self.config.record_logits else None
-        logprobs = self._token_logprobs(sampled, logits)
-        for i, (rid, tok) in enumerate(sampled.items()):
-            out.append(self._emit(rid, tok, i, record, finished, logprobs.get(rid)))
+        logprobs = self._token_logprobs(sampled, logits, row_of)
+        for rid, tok in sampled.items():
+            out.append(self._emit(rid, tok, row_of[rid], record, finished, logprobs.get(rid)))
         out += [self._scored(rid) for rid in finished if rid not in sampled and rid in self._live]
         return out
 
@@ -257,11 +258,12 @@ class EngineCore:
                 if row.start + 1 + i == len(kept):  # position start+i predicts prompt token start+1+i
                     kept.append(entry)
 
-    def _token_logprobs(self, sampled: dict[str, int], logits: torch.Tensor) -> dict[str, TokenLogprob]:
-        """The sampled tokens' log-probabilities for the rows that asked (one log_softmax for them all)."""
-        asked = [
-            (i, rid) for i, rid in enumerate(sampled) if self._live[rid].request.params.logprobs is not None
-        ]
+    def _token_logprobs(
+        self, sampled: dict[str, int], logits: torch.Tensor, row_of: dict[str, int]
+    ) -> dict[str, TokenLogprob]:
+        """The sampled tokens' log-probabilities for the rows that asked (one log_softmax for them all);
+        `row_of`: each request's row of `logits`."""
+        asked = [(row_of[rid], rid) for rid in sampled if self._live[rid].request.params.logprobs is not None]
         if not asked:
             return {}
         dev = logits.device

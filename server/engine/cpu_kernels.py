@@ -60,10 +60,9 @@ class PagedDecode:
         when given, `lse [R, H]` (float32, log-sum-exp of the scaled scores). All float32 on the CPU;
         q may be a strided view of rows (each `[H, D]` contiguous), the rest contiguous."""
         rows, heads, dim = q.shape
-        assert q.dtype == k.dtype == v.dtype == out.dtype == torch.float32
-        assert q.stride(2) == 1 and q.stride(1) == dim and k.is_contiguous() and v.is_contiguous()
-        assert table.dtype == torch.int64 and table.is_contiguous() and table.shape[0] == rows
-        assert lens.dtype == torch.int32 and out.is_contiguous() and (lse is None or lse.is_contiguous())
+        _check_layout(q, k, v, table, lens, out, lse)
+        if rows == 0:
+            return
         failed = self._fn(
             q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), table.data_ptr(), table.shape[1],
             lens.data_ptr(), rows, k.shape[1], heads, dim, scale, out.data_ptr(),
@@ -71,6 +70,30 @@ class PagedDecode:
         )  # fmt: skip
         if failed:
             raise MemoryError("paged_decode: out of memory for its scratch buffers")
+
+
+def _check_layout(q, k, v, table, lens, out, lse) -> None:
+    """What the C code takes for granted (it reads raw memory): dtypes, strides, and every row's
+    tokens within its block table and every block within the pool. ValueError otherwise."""
+    rows, heads, dim = q.shape
+    problems = [
+        q.dtype == k.dtype == v.dtype == out.dtype == torch.float32 or "float32 tensors",
+        (q.stride(2) == 1 and q.stride(1) == dim) or "q rows of contiguous [H, D]",
+        (k.is_contiguous() and v.is_contiguous() and k.shape == v.shape) or "contiguous K/V pools",
+        (k.shape[2:] == (heads, dim)) or "pools of the query's heads and dim",
+        (table.dtype == torch.int64 and table.is_contiguous() and table.shape[0] == rows) or "an int64 table",
+        (lens.dtype == torch.int32 and lens.shape == (rows,)) or "int32 lens per row",
+        (out.is_contiguous() and out.shape == q.shape) or "a contiguous out like q",
+        lse is None or (lse.is_contiguous() and lse.shape == (rows, heads)) or "a contiguous lse [R, H]",
+    ]
+    if rows:
+        problems += [
+            (int(lens.min()) >= 1 and int(lens.max()) <= table.shape[1] * k.shape[1]) or "lens within tables",
+            (int(table.min()) >= 0 and int(table.max()) < k.shape[0]) or "block ids within the pool",
+        ]
+    bad = [p for p in problems if p is not True]
+    if bad:
+        raise ValueError(f"paged_decode: expected {', '.join(bad)}")
 
 
 def kernel_dir() -> Path:
@@ -106,9 +129,9 @@ def _build(target: Path) -> None:
 @functools.cache
 def load_paged_decode() -> PagedDecode | None:
     """The kernel, built on first use; None where it cannot be built here (the runner gathers)."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_id().encode()).hexdigest()
-    target = kernel_dir() / f"paged_decode-{key[:16]}.so"
     try:
+        key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_id().encode()).hexdigest()
+        target = kernel_dir() / f"paged_decode-{key[:16]}.so"  # (no home directory: RuntimeError)
         if not target.exists():
             _build(target)
         return PagedDecode(ctypes.CDLL(str(target)))

@@ -75,10 +75,12 @@ static void *run_job(void *arg) {
 
 #define MAX_THREADS 64
 
-/* Returns 0 on success, nonzero when memory or threads ran out (the caller then falls back). */
+/* Returns 0 on success, nonzero when a scratch buffer could not be allocated (the caller raises).
+ * A thread that cannot be started is not an error: the calling thread does its rows. */
 int paged_decode(const float *q, int64_t q_stride, const float *k, const float *v, const int64_t *table,
                  int64_t nb, const int32_t *lens, int rows, int block_size, int heads, int dim, float scale,
                  float *out, float *lse, int threads) {
+    if (rows <= 0) return 0;
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > rows) threads = rows;

@@ -20,6 +20,7 @@ class RequestPreparer:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, spec: ModelSpec, max_seq_len: int) -> None:
         self.tokenizer, self.spec, self.max_seq_len = tokenizer, spec, max_seq_len
         self._ids = itertools.count()
+        self._texts: dict[int, str] = {}  # token id -> its text alone (log-probability answers)
 
     def prepare(
         self,
@@ -49,6 +50,13 @@ class RequestPreparer:
         if not ids:
             raise InvalidRequest("input", "expected at least one input token, got an empty input")
         return ids
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text on its own (cached: answers with log-probabilities name many tokens)."""
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     def token_ids(self, ids: list[int], field: str) -> list[int]:
         """Token ids as given, each checked to be in the vocabulary (InvalidRequest naming `field`)."""

@@ -47,9 +47,9 @@ def adjust_logits(logits: torch.Tensor, params: SamplingParams, generated: list[
     if generated and (params.presence_penalty or params.frequency_penalty):
         ids, counts = torch.tensor(generated, device=logits.device).unique(return_counts=True)
         logits[ids] -= params.presence_penalty + params.frequency_penalty * counts.float()
-    if params.logit_bias:
+    if params.logit_bias:  # (a token given twice gets both biases)
         ids = torch.tensor([t for t, _ in params.logit_bias], device=logits.device)
-        logits[ids] += torch.tensor([b for _, b in params.logit_bias], device=logits.device)
+        logits.index_add_(0, ids, torch.tensor([b for _, b in params.logit_bias], device=logits.device))
     return logits
 
 

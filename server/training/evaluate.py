@@ -87,12 +87,15 @@ def evaluate(
     engine = EngineCore(model, EngineConfig(max_running=EVAL_ROWS, max_waiting=len(pairs) * 2 + 1))
     if prefix_id is not None:
         engine.prefixes.register(prefix_id, prefix)
-    greedy = SamplingParams(max_new_tokens=cfg.max_new_tokens)
     score = SamplingParams(max_new_tokens=0, prompt_logprobs=0)
     wants_loss = "loss" in cfg.metrics
+    room = engine.max_seq_len - (0 if prefix is None else engine.prefixes.length(prefix_id))
     spans: dict[str, int] = {}  # score request -> index of the first labelled token
     for i, (x, y) in enumerate(pairs):
-        engine.add_request(x + cfg.separator, greedy, prefix_id=prefix_id, request_id=f"gen-{i}")
+        prompt = model.tokenizer.encode(x + cfg.separator, add_special_tokens=False)
+        # (a held-out training example is only known to fit with its own output: generate what fits)
+        greedy = SamplingParams(max_new_tokens=max(1, min(cfg.max_new_tokens, room - len(prompt))))
+        engine.add_request(prompt, greedy, prefix_id=prefix_id, request_id=f"gen-{i}")
         if wants_loss:
             ids, labels = encode_example(model.tokenizer, x, y, cfg.separator)
             spans[f"loss-{i}"] = next(j for j, t in enumerate(labels) if t != IGNORE)

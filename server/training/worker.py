@@ -19,6 +19,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -201,9 +202,10 @@ class Worker:
         job.prefix_id = meta.id
         _, held_out = validation_split(len(pairs), cfg)
         if held_out:  # the held-out split, evaluated as an evaluation job would
+            on_progress = self._progress(delivery, job)  # heartbeats, cancel and stop checks go on
             try:
                 job.evaluation = self._evaluate(
-                    job, meta.id, [pairs[i] for i in held_out], {}, lambda d, t: None
+                    job, meta.id, [pairs[i] for i in held_out], {}, lambda done, total: on_progress(prog)
                 )
             except (Cancelled, Interrupted):
                 raise
@@ -225,7 +227,12 @@ class Worker:
         self._end(delivery, job, JobStatus.SUCCEEDED)
 
     def _evaluate(
-        self, job: Job, prefix_id: str, pairs: list[tuple[str, str]], config: dict, progress
+        self,
+        job: Job,
+        prefix_id: str,
+        pairs: list[tuple[str, str]],
+        config: dict,
+        progress: Callable[[int, int], None],
     ) -> dict:
         """Evaluate a prefix, store the result with it (once per job) and return it."""
         meta = self.service.meta(prefix_id)
@@ -248,7 +255,7 @@ class Worker:
             created_at=now(),
         ).to_dict()
         with contextlib.suppress(PrefixExists):  # a previous attempt stored it, then died: keep that one
-            self.service.store.put_evaluation(prefix_id, job.id, json.dumps(result).encode())
+            self.service.store.put_evaluation(prefix_id, job.tenant, job.id, json.dumps(result).encode())
         return result
 
     def _until_done(self, call) -> None:

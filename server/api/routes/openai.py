@@ -15,11 +15,12 @@ the k most likely tokens (plus the chosen one), with `text_offset` counted in th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
@@ -36,17 +37,18 @@ from ...limits import (
     MAX_NEW_TOKENS,
     MAX_PENALTY,
     MAX_SEED,
+    MAX_STOP_STRINGS,
     OPENAI_MAX_LOGPROBS,
-    OPENAI_MAX_STOP_STRINGS,
 )
 from ...schemas import stop_strings
 from ..errors import ERRORS, BoundedJsonRoute, error_event
-from ..generation import Answer, first_output, gather_answer, start_generation
+from ..generation import Answer, first_output, gather_answer, model_prefix, start_generation
 from ..state import State, get_state, tenant_of
 
 router = APIRouter(tags=["openai"], route_class=BoundedJsonRoute)
 
 Prompt = str | list[int]
+T = TypeVar("T")
 
 
 class StreamOptions(BaseModel):
@@ -109,7 +111,7 @@ class CompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> list[str]:
-        return stop_strings(v, OPENAI_MAX_STOP_STRINGS) or []
+        return stop_strings(v, MAX_STOP_STRINGS) or []  # (OpenAI allows 4; lm-eval adds EOS to a task's)
 
     @field_validator("logit_bias")
     @classmethod
@@ -146,11 +148,17 @@ class CompletionRequest(BaseModel):
             seed=None if self.seed is None else (self.seed + choice) % (MAX_SEED + 1),
             stop=tuple(self.stop or ()),
             logprobs=self.logprobs,
-            prompt_logprobs=self.logprobs if self.echo and self.logprobs is not None else None,
+            prompt_logprobs=self._prompt_logprobs(),
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             logit_bias=tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items()),
         )
+
+    def _prompt_logprobs(self) -> int | None:
+        """Echo with logprobs scores the prompt; so does max_tokens 0 (echo alone: scored, not shown)."""
+        if self.echo and self.logprobs is not None:
+            return self.logprobs
+        return 0 if self.max_tokens == 0 else None
 
 
 class CompletionLogprobs(BaseModel):
@@ -198,14 +206,6 @@ def base_model_name(state: State) -> str:
     return state.model.served_name
 
 
-async def check_model(state: State, model: str | None, tenant: str) -> str | None:
-    """The prefix id `model` names (None: the base model); a prefix the tenant may not use is a 404."""
-    if model is None or model == base_model_name(state):
-        return None
-    await state.visible(model, tenant)
-    return model
-
-
 def _openai_reason(reason: FinishReason) -> Literal["stop", "length"]:
     return "length" if reason == FinishReason.LENGTH else "stop"  # OpenAI reports EOS as "stop"
 
@@ -237,7 +237,7 @@ class _Choice:
 async def completions(body: CompletionRequest, request: Request, tenant: str = Depends(tenant_of)):
     """OpenAI text completions; `model` is a prefix id or the base model's name."""
     state = get_state(request)
-    prefix_id = None if body.model == base_model_name(state) else body.model
+    prefix_id = await model_prefix(state, body.model, tenant)
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
     choices = await _start(state, tenant, body, prefix_id, rid)
     created = int(time.time())
@@ -247,7 +247,7 @@ async def completions(body: CompletionRequest, request: Request, tenant: str = D
             _chunks(state, body, rid, created, choices, firsts), media_type="text/event-stream"
         )
     try:
-        answers = await asyncio.gather(*(gather_answer(request, state, c.outputs) for c in choices))
+        answers = await _all([gather_answer(request, state, c.outputs) for c in choices])
     finally:
         await _close(choices)
     text = _Text(state, body)
@@ -279,15 +279,30 @@ async def _start(
 async def _first_outputs(request: Request, choices: list[_Choice]) -> list[RequestOutput]:
     """Every choice's first output (errors before the first token are plain HTTP errors)."""
     try:
-        return list(await asyncio.gather(*(first_output(request, c.outputs) for c in choices)))
+        return await _all([first_output(request, c.outputs) for c in choices])
     except BaseException:
         await _close(choices)
         raise
 
 
+async def _all(coros: list[Awaitable[T]]) -> list[T]:
+    """Every result; if one raises (or this is cancelled), the others are cancelled and awaited first,
+    so no choice keeps reading its stream, and the first error is raised."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 async def _close(choices: list[_Choice]) -> None:
+    """Abort every choice's request still running (a no-op for those that ended)."""
     for c in choices:
-        await c.outputs.aclose()  # aborts a request still running (a no-op once it ended)
+        with contextlib.suppress(RuntimeError):  # (its generator already closed itself)
+            await c.outputs.aclose()
 
 
 def _usage(choices: list[_Choice], lasts: list[RequestOutput], n: int) -> CompletionUsage:
@@ -302,11 +317,11 @@ class _Text:
     """Token strings and `logprobs` objects, from the server's own tokenizer."""
 
     def __init__(self, state: State, body: CompletionRequest) -> None:
-        self.tokenizer = state.engine.preparer.tokenizer
+        self.preparer, self.tokenizer = state.engine.preparer, state.engine.preparer.tokenizer
         self.body = body
 
     def token(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        return self.preparer.token_text(token_id)
 
     def prompt_text(self, prompt: Prompt) -> str:
         return prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)

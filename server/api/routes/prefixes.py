@@ -155,10 +155,11 @@ async def get_prefix(prefix_id: str, request: Request, tenant: str = Depends(ten
     """One prefix, with your evaluations of it."""
     state = get_state(request)
     meta = await state.visible(prefix_id, tenant)
-    stored = await asyncio.to_thread(state.service.store.evaluations, prefix_id)  # disk: off the loop
-    records = [parse_json(raw) for raw in stored]
-    mine = [EvaluationInfo.model_validate(r, strict=False) for r in records if r.get("tenant") == tenant]
-    return PrefixInfo.of(meta, mine)
+    stored = await asyncio.to_thread(state.service.store.evaluations, prefix_id, tenant)  # disk: off the loop
+    records = sorted(
+        (parse_json(raw) for raw in stored), key=lambda r: (r.get("created_at", ""), r["job_id"])
+    )
+    return PrefixInfo.of(meta, [EvaluationInfo.model_validate(r, strict=False) for r in records])
 
 
 @router.post(
