@@ -70,7 +70,8 @@ class SamplingParams:
         _check(
             isinstance(self.max_new_tokens, int) and self.max_new_tokens >= (0 if scoring else 1),
             "max_new_tokens",
-            f"expected an integer >= 1 (0 only when scoring the prompt), got {self.max_new_tokens!r}",
+            f"expected an integer >= {0 if scoring else 1}, got {self.max_new_tokens!r}"
+            + ("" if scoring else " (0 only when scoring the prompt: prompt_logprobs set)"),
         )
         _check(
             0.0 <= self.temperature <= MAX_TEMPERATURE,
