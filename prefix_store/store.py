@@ -82,12 +82,7 @@ class DurableStore:
         """Publish a new prefix file atomically; an existing id is never overwritten."""
         final = self.path(prefix_id)
         with _space_checked(f"prefix {prefix_id}"):
-            if self.local:
-                self._put_local(final, data)
-            else:
-                if self.fs.exists(final):
-                    raise PrefixExists(f"prefix {prefix_id!r} already exists")
-                self.fs.pipe_file(final, data)
+            self._write_once(final, data, f"prefix {prefix_id!r}")
 
     def training_path(self, job_id: str) -> str:
         return f"{self.root}/training/{check_prefix_id(job_id)}.jsonl"
@@ -145,12 +140,7 @@ class DurableStore:
         final = f"{directory}/{check_prefix_id(job_id)}.json"
         with _space_checked(f"the evaluation {job_id} of {prefix_id}"):
             self.fs.makedirs(directory, exist_ok=True)
-            if self.local:
-                self._put_local(final, data)
-            else:
-                if self.fs.exists(final):
-                    raise PrefixExists(f"evaluation {job_id} of {prefix_id} already exists")
-                self.fs.pipe_file(final, data)
+            self._write_once(final, data, f"evaluation {job_id} of {prefix_id}")
 
     def evaluations(self, prefix_id: str, tenant: str) -> list[bytes]:
         """One tenant's stored evaluations of a prefix (foreign files are ignored), unordered."""
@@ -174,12 +164,7 @@ class DurableStore:
         final = self.record_path(kind, name)
         with _space_checked(f"the {kind} record {name}"):
             self.fs.makedirs(f"{self.root}/{kind}", exist_ok=True)
-            if self.local:
-                self._put_local(final, data)
-            else:
-                if self.fs.exists(final):
-                    raise PrefixExists(f"record {kind}/{name} already exists")
-                self.fs.pipe_file(final, data)
+            self._write_once(final, data, f"record {kind}/{name}")
 
     def get_record(self, kind: str, name: str) -> bytes | None:
         try:
@@ -223,6 +208,16 @@ class DurableStore:
             return self.fs.cat_file(path)
         except FileNotFoundError:
             raise PrefixNotFound(name) from None
+
+    def _write_once(self, final: str, data: bytes, what: str) -> None:
+        """Write a new file atomically; PrefixExists (naming `what`) if it is already there. Exact on
+        local disks (an atomic link); on object stores the existence check before the upload."""
+        if self.local:
+            self._put_local(final, data)
+            return
+        if self.fs.exists(final):
+            raise PrefixExists(f"{what} already exists")
+        self.fs.pipe_file(final, data)
 
     def _put_local(self, final: str, data: bytes, replace: bool = False) -> None:
         """Temp file, fsync, then link (no overwrite) or rename (`replace`), then fsync the directory.

@@ -11,9 +11,11 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from starlette.datastructures import FormData
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
@@ -199,17 +201,8 @@ async def _evaluation_request(request: Request, state: State) -> EvaluationReque
     limit = state.settings.max_upload_bytes
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         return EvaluationRequest.model_validate(_json_object(await _read_limited(request, limit)))
-    raw = await _read_limited(request, limit + MULTIPART_FRAMING_BYTES)
-
-    async def chunks() -> AsyncIterator[bytes]:
-        yield raw
-
-    try:
-        form = await MultiPartParser(
-            request.headers, chunks(), max_files=1, max_fields=2, max_part_size=limit
-        ).parse()
-    except MultiPartException as exc:
-        raise InvalidRequest("body", f"malformed multipart upload: {exc.message}") from None
+    malformed = partial(InvalidRequest, "body")
+    form = await _read_form(request, limit, max_files=1, max_fields=2, malformed=malformed)
     upload = form.get("examples")
     if not hasattr(upload, "read"):
         raise InvalidRequest("examples", "expected a JSONL file field 'examples'")
@@ -366,6 +359,24 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def _read_form(
+    request: Request, limit: int, max_files: int, max_fields: int, malformed: Callable[[str], Exception]
+) -> FormData:
+    """A multipart body, size-capped before parsing (each part at most `limit` bytes); a malformed
+    one raises `malformed(message)`."""
+    body = await _read_limited(request, limit + MULTIPART_FRAMING_BYTES)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield body
+
+    try:
+        return await MultiPartParser(
+            request.headers, chunks(), max_files=max_files, max_fields=max_fields, max_part_size=limit
+        ).parse()
+    except MultiPartException as exc:
+        raise malformed(f"malformed multipart upload: {exc.message}") from None
+
+
 async def _add_json(request: Request, state: State, creation: _Creation) -> JSONResponse:
     """JSON `{"text"}` compiles a text prefix; `{"train": {...}}` queues a training job."""
     tenant = creation.tenant
@@ -389,18 +400,9 @@ async def _add_json(request: Request, state: State, creation: _Creation) -> JSON
 
 async def _add_upload(request: Request, state: State, creation: _Creation) -> JSONResponse:
     """A multipart upload: a native file, a PEFT adapter, or a JSONL training set."""
-    limit = state.settings.max_upload_bytes
-    body = await _read_limited(request, limit + MULTIPART_FRAMING_BYTES)
-
-    async def chunks() -> AsyncIterator[bytes]:
-        yield body
-
-    try:
-        form = await MultiPartParser(
-            request.headers, chunks(), max_files=3, max_fields=8, max_part_size=limit
-        ).parse()
-    except MultiPartException as exc:
-        raise InvalidPrefixFile(f"malformed multipart upload: {exc.message}") from None
+    form = await _read_form(
+        request, state.settings.max_upload_bytes, max_files=3, max_fields=8, malformed=InvalidPrefixFile
+    )
     name = str(form.get("name") or "")
     visibility = str(form.get("visibility") or "private")
     if len(name) > MAX_NAME_LEN or visibility not in VISIBILITIES:
