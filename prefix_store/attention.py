@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .staging import StepInputs
+
 
 @dataclass
 class Partial:
@@ -91,10 +93,11 @@ class QueryGroups:
     padded: torch.Tensor  # [G, Tmax]
     valid: torch.Tensor  # [G, Tmax]
     sizes: list[int]  # tokens per group
+    group_of: torch.Tensor  # [T] each grouped token's group
 
     @staticmethod
-    def build(members: dict[object, list[int]], device: torch.device) -> QueryGroups:
-        """`members`: prefix identity -> the step's token indices that attend to it."""
+    def build(members: dict[object, list[int]], inputs: StepInputs) -> QueryGroups:
+        """`members`: prefix identity -> the step's token indices that attend to it (staged in `inputs`)."""
         keys = list(members)
         sizes = [len(members[key]) for key in keys]
         width = max(sizes)
@@ -104,10 +107,11 @@ class QueryGroups:
         valid = [[True] * n + [False] * (width - n) for n in sizes]
         return QueryGroups(
             keys=keys,
-            tokens=torch.tensor(flat, device=device),
-            padded=torch.tensor(rows, device=device),
-            valid=torch.tensor(valid, device=device),
+            tokens=inputs.put(flat),
+            padded=inputs.put2d(rows),
+            valid=inputs.put2d(valid, torch.bool),
             sizes=sizes,
+            group_of=inputs.put([g for g, n in enumerate(sizes) for _ in range(n)]),
         )
 
     def gather(self, q: torch.Tensor) -> torch.Tensor:

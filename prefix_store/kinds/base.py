@@ -17,6 +17,7 @@ import torch
 from ..attention import Partial
 from ..errors import InvalidPrefixFile
 from ..spec import ModelSpec
+from ..staging import StepInputs
 
 if TYPE_CHECKING:  # format.py imports the kinds; these are its types
     from ..format import Expect, MagnitudeBounds
@@ -71,9 +72,10 @@ class PrefixKind(Protocol):
         """A step without rows of this kind: let go of anything kept from earlier steps."""
         ...
 
-    def plan(self, members: dict[int, list[int]], states: dict[int, Any], device: torch.device) -> Any:
+    def plan(self, members: dict[int, list[int]], states: dict[int, Any], inputs: StepInputs) -> Any:
         """Once per step. `members`: prefix (by identity) -> the step's token indices attending to it;
-        `states`: the same keys -> the resident states."""
+        `states`: the same keys -> the resident states. Index tensors are staged in `inputs` (one
+        upload per step; their device values arrive before `attend` runs)."""
         ...
 
     def attend(self, layer: int, q: torch.Tensor, plan: Any, scale: float) -> tuple[torch.Tensor, Partial]:

@@ -20,6 +20,7 @@ from ..attention import Partial, QueryGroups, attention_lse
 from ..errors import InvalidPrefixFile
 from ..limits import KIND_PREFIX_KV
 from ..spec import ModelSpec
+from ..staging import StepInputs
 from .base import StackCache, check_peaks
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ class KvPrefixKind:
         self._stacks.clear()
 
     def plan(
-        self, members: dict[int, list[int]], states: dict[int, torch.Tensor], device: torch.device
+        self, members: dict[int, list[int]], states: dict[int, torch.Tensor], inputs: StepInputs
     ) -> _Plan:
         short = {
             key: toks
@@ -128,15 +129,11 @@ class KvPrefixKind:
         }
         if len(short) < 2:  # one call per prefix is as good as a batch of one
             short = {}
-        singles = [
-            (torch.tensor(toks, device=device), states[key])
-            for key, toks in members.items()
-            if key not in short
-        ]
+        singles = [(inputs.put(toks), states[key]) for key, toks in members.items() if key not in short]
         if not short:
             self._stacks.clear()
             return _Plan(None, None, singles)
-        groups = QueryGroups.build(short, device)
+        groups = QueryGroups.build(short, inputs)
         stack = self._stacks.get([states[key] for key in groups.keys], _stack)
         return _Plan(groups, stack, singles)
 

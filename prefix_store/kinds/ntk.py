@@ -28,6 +28,7 @@ from ..attention import Partial, QueryGroups
 from ..errors import InvalidPrefixFile
 from ..limits import KIND_NTK
 from ..spec import ModelSpec
+from ..staging import StepInputs
 from ..state import NtkPrefix
 from . import ntk_triton
 from .base import StackCache, check_peaks
@@ -157,19 +158,13 @@ class NtkPrefixKind:
     def idle(self) -> None:
         self._stacks.clear()
 
-    def plan(
-        self, members: dict[int, list[int]], states: dict[int, NtkPrefix], device: torch.device
-    ) -> _Plan:
+    def plan(self, members: dict[int, list[int]], states: dict[int, NtkPrefix], inputs: StepInputs) -> _Plan:
         few = {key: toks for key, toks in members.items() if len(toks) <= PAD_TOKENS}
-        singles = [
-            (torch.tensor(toks, device=device), states[key])
-            for key, toks in members.items()
-            if key not in few
-        ]
+        singles = [(inputs.put(toks), states[key]) for key, toks in members.items() if key not in few]
         if not few:
             self._stacks.clear()
             return _Plan(None, None, None, singles)
-        groups = QueryGroups.build(few, device)
+        groups = QueryGroups.build(few, inputs)
         z, k = self._stacks.get([states[key] for key in groups.keys], _stack)
         return _Plan(groups, z, k, singles)
 
@@ -210,10 +205,7 @@ class NtkPrefixKind:
         z = q.new_empty(rows, heads, d, d)  # [B, H, D, D] each row's Z (token i is row i)
         kv = q.new_empty(rows, heads, d)  # [B, H, D]
         if (g := plan.groups) is not None:
-            which = torch.arange(len(g.sizes), device=q.device).repeat_interleave(
-                torch.tensor(g.sizes, device=q.device)
-            )  # [T] each grouped token's group
-            z[g.tokens], kv[g.tokens] = plan.z[which, layer], plan.k[which, layer]
+            z[g.tokens], kv[g.tokens] = plan.z[g.group_of, layer], plan.k[g.group_of, layer]
         for toks, state in plan.singles:
             z[toks], kv[toks] = state.z[layer], state.k[layer]
         return ntk_triton.ntk_decode(q, k, v, lens, z, kv, scale)

@@ -15,6 +15,7 @@ from prefix_store.kinds import kind_of
 # the store caps stored prefixes by these too, so they live in its limits (re-exported here)
 from prefix_store.limits import MIN_REQUEST_TOKENS as MIN_REQUEST_TOKENS
 from prefix_store.limits import longest_usable_prefix as longest_usable_prefix
+from prefix_store.staging import Readback
 
 from ..errors import (
     EngineFault,
@@ -30,7 +31,7 @@ from .prefixes import PrefixProvider, PrefixState, PrefixTable
 from .prepare import RequestPreparer
 from .request import FinishReason, Request, SamplingParams, TokenLogprob
 from .runner import ModelRunner, RowInput, Scores, StepOutput, log_probs
-from .sampling import make_generator, sample_rows
+from .sampling import first_maxima, make_generator, plain_greedy, sample_rows
 from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, Sequence
 from .wire import EngineStats
 
@@ -120,6 +121,15 @@ class _Live:
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=lambda: [None])  # scored so far
 
 
+@dataclass
+class LaunchedStep:
+    """A step between `EngineCore.launch` and `finish`."""
+
+    out: list[RequestOutput]  # requests already ended (a prefix that failed, a forward pass that raised)
+    rows: list[RowInput] = field(default_factory=list)
+    result: StepOutput | None = None  # None: nothing ran
+
+
 class EngineCore:
     def __init__(
         self, model: LoadedModel, config: EngineConfig | None = None, prefixes: PrefixProvider | None = None
@@ -134,6 +144,7 @@ class EngineCore:
         scheduler = self.config.scheduler_config()
         self.scheduler = Scheduler(scheduler, self.prefixes.is_ready)
         self.runner = ModelRunner(model, scheduler.num_blocks, scheduler.block_size, self.config.paged_kernel)
+        self.readback = Readback(model.device)  # each step's flags and greedy picks: one transfer
         self._live: dict[str, _Live] = {}
         self.preparer = RequestPreparer(model.tokenizer, spec, self.max_seq_len)
 
@@ -223,21 +234,38 @@ class EngineCore:
         alone with its error; the other rows' tokens are what they would have been without it. A
         forward pass that raises fails that step's rows only (logged); the engine carries on.
         """
+        return self.finish(self.launch())
+
+    def launch(self) -> LaunchedStep:
+        """The first half of `step`: schedule, admit, start the forward pass, the plain greedy rows'
+        picks and the finite flags, and their readback (one transfer). On CUDA this returns while the
+        device still runs, so the caller can take in requests meanwhile (`add` and `abort` are fine
+        before `finish`)."""
         out = self._fail_unloadable()
         plan = self.scheduler.schedule()  # blocks of finished rows are back; preempted rows wait again
         if not plan.chunks:
-            return out
+            return LaunchedStep(out)
         rows = [row for c in plan.chunks if (row := self._admit(c, out)) is not None]
         result = self._forward(rows, out)
         if result is None:
             self.scheduler.update({})
+            return LaunchedStep(out)
+        return LaunchedStep(out, rows, result)
+
+    def finish(self, step: LaunchedStep) -> list[RequestOutput]:
+        """The second half of `step`: wait for the readback, then drop, sample, update and emit."""
+        out, result = step.out, step.result
+        if result is None:
             return out
-        out += self._drop_nonfinite(result)
-        self._record_scores(result.scores, rows)
-        keep = [i for i, rid in enumerate(result.sample_ids) if rid in self._live]
+        values = self.readback.wait()
+        finite, maxima = values[: len(result.row_ids)], values[len(result.row_ids) :]
+        out += self._drop_nonfinite(result, finite)
+        self._record_scores(result.scores, step.rows)
+        keep = [i for i, rid in enumerate(result.sample_ids) if rid in self._live]  # (ended: dropped)
         logits = result.logits if len(keep) == len(result.sample_ids) else result.logits[keep]  # [n, V]
         row_of = {result.sample_ids[i]: row for row, i in enumerate(keep)}  # request -> its row of logits
-        sampled = self._sample(list(row_of), logits, out)  # (rows whose draw failed are left out)
+        picks = {row: maxima[i] for row, i in enumerate(keep)}  # row -> its first maximum
+        sampled = self._sample(list(row_of), logits, picks, out)  # (rows whose draw failed are left out)
         finished = {f.request_id: f.reason for f in self.scheduler.update(sampled)}
         record = logits if self.config.record_logits else None
         logprobs = self._token_logprobs(sampled, logits, row_of)
@@ -294,12 +322,14 @@ class EngineCore:
         return None
 
     def _forward(self, rows: list[RowInput], out: list[RequestOutput]) -> StepOutput | None:
-        """The batched forward pass. If it raises, no row can be blamed: the step's rows end with an
+        """The batched forward pass, and the readback of its flags and picks started. If it raises, no row can be blamed: the step's rows end with an
         EngineFault (appended to `out`), the traceback is logged, and None is returned."""
         if not rows:
             return None
         try:
-            return self.runner.execute(rows)
+            result = self.runner.execute(rows)
+            self.readback.start(result.finite, first_maxima(result.logits))  # [B] flags, [n_sample] picks
+            return result
         except Exception as exc:  # the engine must outlive any one step
             log.exception("engine step failed; ending its %d rows, the engine keeps serving", len(rows))
             error = EngineFault(
@@ -309,12 +339,11 @@ class EngineCore:
             out += [self._end(r.request_id, error) for r in rows]
             return None
 
-    def _drop_nonfinite(self, result: StepOutput) -> list[RequestOutput]:
-        """End the rows whose last hidden state or logits are NaN/Inf (one host sync of `[B]` bools)."""
-        finite = result.finite.tolist()
+    def _drop_nonfinite(self, result: StepOutput, finite: list[int]) -> list[RequestOutput]:
+        """End the rows whose last hidden state or logits are NaN/Inf (`finite`: a flag per row)."""
         if all(finite):
             return []
-        bad = [rid for rid, ok in zip(result.row_ids, finite, strict=True) if not ok]
+        bad = [rid for rid, ok in zip(result.row_ids, finite, strict=True) if not ok and rid in self._live]
         dtype = str(self.model.dtype).removeprefix("torch.")
         log.warning("ending %d rows whose values turned non-finite: %s", len(bad), bad)
         return [self._end(rid, self._nonfinite_error(rid, dtype)) for rid in bad]
@@ -327,17 +356,15 @@ class EngineCore:
             problem += ", so its values are unusable with this model"
         return PrefixError(req.prefix_id, problem)
 
-    def _sample(self, ids: list[str], logits: torch.Tensor, out: list[RequestOutput]) -> dict[str, int]:
-        """One token per row of `logits [n, V]`; a row whose draw fails ends alone (into `out`)."""
+    def _sample(
+        self, ids: list[str], logits: torch.Tensor, maxima: dict[int, int], out: list[RequestOutput]
+    ) -> dict[str, int]:
+        """One token per row of `logits [n, V]` (`maxima`: each row's first maximum, read back with the
+        step: a plain greedy row's token); a row whose draw fails ends alone (into `out`)."""
         lives = [self._live[rid] for rid in ids]
         params, gens = [lv.request.params for lv in lives], [lv.generator for lv in lives]
-        try:
-            tokens, failed = sample_rows(logits, params, gens, [lv.request.output_ids for lv in lives])
-        except Exception as exc:  # the shared greedy max: no one row explains it
-            log.exception("sampling failed for a whole step; ending its %d rows", len(ids))
-            error = EngineFault(f"sampling this step failed ({type(exc).__name__}, logged)")
-            out += [self._end(rid, error) for rid in ids]
-            return {}
+        greedy = {i: maxima[i] for i, p in enumerate(params) if plain_greedy(p)}
+        tokens, failed = sample_rows(logits, params, gens, [lv.request.output_ids for lv in lives], greedy)
         for i, exc in failed.items():
             prefix_id = lives[i].request.prefix_id
             out.append(self._end(ids[i], PrefixError(prefix_id, f"sampling from its logits failed: {exc}")))

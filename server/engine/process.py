@@ -1,4 +1,6 @@
 """The engine core in its own process (as vLLM v1 does): scheduler + runner in a busy loop, nothing else.
+Each step is launched, then the socket is drained while the device runs it (on CUDA the launch returns
+before the step ends), then it is finished and its tokens are sent.
 
 The API process(es) do HTTP, auth, validation, tokenization, detokenization, stop strings and SSE,
 and talk to this process over one ZeroMQ ROUTER socket (wire.py: MessagePack, no pickle). Each step's
@@ -125,7 +127,9 @@ class EngineLoop:
 
     def _step(self) -> None:
         try:
-            outputs = self.core.step()
+            launched = self.core.launch()
+            self._drain()  # new requests and aborts are taken in while the device runs the step
+            outputs = self.core.finish(launched)
         except Exception as exc:  # a failed step must not end the engine: its requests fail
             log.exception("engine step failed; failing %d requests", self.core.num_live)
             fault = EngineFault(f"the engine step failed ({type(exc).__name__}, logged)")

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from prefix_store.attention import Partial, attention_lse
 from prefix_store.kinds import KIND_CLASSES, NtkPrefixKind, PrefixKind, kind_of
+from prefix_store.staging import StepInputs
 
 from ..model import LayerWeights, LoadedModel, ModelSpec
 from .blocks import NULL_BLOCK, blocks_for
@@ -97,6 +98,7 @@ class _Batch:
     sample_rows: torch.Tensor | None  # [n_sample] the rows (of B) whose logits are returned; None: all
     kinds: list[tuple[PrefixKind, object]] = field(default_factory=list)  # (kind, its plan) per kind present
     fused: object | None = None  # the NTK plan, when every row decodes with an NTK prefix on CUDA
+    targets: dict[str, torch.Tensor] = field(default_factory=dict)  # scoring rows' targets [M] by request
 
 
 _GELU_K = 2.0 * math.sqrt(2.0 / math.pi)
@@ -139,6 +141,7 @@ class ModelRunner:
         # decode rows read their blocks in place on the CPU (float32); elsewhere blocks are gathered
         in_place = paged_kernel and self.device.type == "cpu" and self.dtype == torch.float32
         self._paged_decode = load_paged_decode() if in_place else None
+        self.inputs = StepInputs(self.device)  # each step's index tensors: one buffer, one upload
 
     @property
     def block_bytes(self) -> int:
@@ -173,10 +176,12 @@ class ModelRunner:
             logits=logits,
             row_ids=[r.request_id for r in order],
             finite=_finite_rows(h, logits, batch.sample_rows),
-            scores=self._score(x, order),
+            scores=self._score(x, order, batch.targets),
         )
 
-    def _score(self, x: torch.Tensor, order: list[RowInput]) -> dict[str, Scores]:
+    def _score(
+        self, x: torch.Tensor, order: list[RowInput], targets: dict[str, torch.Tensor]
+    ) -> dict[str, Scores]:
         """Log-probabilities of the scoring rows' targets from the final hidden states x `[N, C]`, in
         slices of SCORE_SLICE tokens (a `[M, V]` float32 block at a time)."""
         scores: dict[str, Scores] = {}
@@ -184,7 +189,7 @@ class ModelRunner:
         for r in order:
             if r.targets:
                 h = x[first : first + len(r.targets)]  # [M, C]
-                target = torch.tensor(r.targets, device=x.device)  # [M]
+                target = targets[r.request_id]  # [M]
                 parts = [self._log_probs(h[i : i + SCORE_SLICE], target[i : i + SCORE_SLICE], r.top)
                          for i in range(0, len(r.targets), SCORE_SLICE)]  # fmt: skip
                 scores[r.request_id] = Scores(*(torch.cat(t) for t in zip(*parts, strict=True)))
@@ -199,6 +204,7 @@ class ModelRunner:
         return log_probs(h @ self.w.lm_head, target, top)
 
     def _prepare(self, rows: list[RowInput]) -> tuple[_Batch, list[RowInput]]:
+        self.inputs.begin()
         decode = [r for r in rows if len(r.tokens) == 1]
         prefill = sorted((r for r in rows if len(r.tokens) > 1), key=lambda r: (len(r.tokens), r.start))
         order = decode + prefill
@@ -228,43 +234,39 @@ class ModelRunner:
                 key = id(r.prefix)
                 members.setdefault(kind, {}).setdefault(key, []).extend(range(first, first + n))
                 states.setdefault(kind, {})[key] = r.prefix
-        dev = self.device
+        inputs = self.inputs
         parts = ([self._decode_part(decode)] if decode else []) + self._prefill_parts(prefill, len(decode))
         for k in self.kinds:
             if type(k) not in members:
                 k.idle()
         kinds = [
-            (k, k.plan(members[type(k)], states[type(k)], dev)) for k in self.kinds if type(k) in members
+            (k, k.plan(members[type(k)], states[type(k)], inputs)) for k in self.kinds if type(k) in members
         ]
         ntk_tokens = sum(len(t) for t in members.get(NtkPrefixKind, {}).values())
         all_ntk = not prefill and len(kinds) == 1 and ntk_tokens == len(decode)
         fused = kinds[0][1] if self.fused_ntk and all_ntk else None
-        return _Batch(
-            ids=torch.tensor(ids, device=dev),
-            pos=torch.tensor(pos, device=dev),
-            slots=torch.tensor(slots, device=dev),
+        batch = _Batch(
+            ids=inputs.put(ids),
+            pos=inputs.put(pos),
+            slots=inputs.put(slots),
             parts=parts,
-            last_idx=torch.tensor(last_idx, device=dev, dtype=torch.long),
-            sample_rows=None
-            if len(sample_rows) == len(last_idx)
-            else torch.tensor(sample_rows, device=dev, dtype=torch.long),
+            last_idx=inputs.put(last_idx),
+            sample_rows=None if len(sample_rows) == len(last_idx) else inputs.put(sample_rows),
             kinds=kinds,
             fused=fused,
-        ), order
+            targets={r.request_id: inputs.put(r.targets) for r in order if r.targets},
+        )
+        inputs.upload()  # every index tensor of the step, in one transfer
+        self._masks(parts)
+        return batch, order
 
     def _decode_part(self, decode: list[RowInput]) -> _Paged:
-        """Decode rows: one query each over its own keys `0 .. start` (the new token included)."""
+        """Decode rows: one query each over its own keys `0 .. start` (the new token included). Its mask
+        (when the blocks are gathered) is made from `lens` once they are on the device (`_masks`)."""
         lens = [r.start + 1 for r in decode]
         nb = blocks_for(max(lens), self.block_size)
-        table = [b for r in decode for b in _padded(r.blocks, nb)]
-        dev = self.device
-        n = torch.tensor(lens, device=dev, dtype=torch.int32)  # [R]
-        bias = None
-        if self._paged_decode is None:
-            keep = torch.arange(nb * self.block_size, device=dev) < n[:, None]  # [R, S]
-            bias = torch.zeros(keep.shape, device=dev, dtype=self.dtype).masked_fill_(~keep, float("-inf"))
-            bias = bias[:, None, None, :]
-        return _Paged(0, len(decode), 1, torch.tensor(table, device=dev), bias, n)
+        table = self.inputs.put([b for r in decode for b in _padded(r.blocks, nb)])  # [R * nb]
+        return _Paged(0, len(decode), 1, table, None, self.inputs.put(lens, torch.int32))  # lens [R]
 
     def _prefill_parts(self, prefill: list[RowInput], offset: int) -> list[_Paged]:
         """Prefill chunks grouped by (length, start): causal over the row's own keys `0 .. start+i`."""
@@ -273,13 +275,25 @@ class ModelRunner:
         for (n, start), group in itertools.groupby(prefill, key=lambda r: (len(r.tokens), r.start)):
             members = list(group)
             nb = blocks_for(start + n, self.block_size)
-            table = [b for r in members for b in _padded(r.blocks, nb)]
+            table = self.inputs.put([b for r in members for b in _padded(r.blocks, nb)])  # [R * nb]
             qpos = torch.arange(start, start + n, device=dev)  # [n]
             keep = torch.arange(nb * self.block_size, device=dev) <= qpos[:, None]  # [n, S]
-            bias = torch.zeros(keep.shape, device=dev, dtype=self.dtype).masked_fill_(~keep, float("-inf"))
-            parts.append(_Paged(offset, len(members), n, torch.tensor(table, device=dev), bias[None, None]))
+            parts.append(_Paged(offset, len(members), n, table, self._bias(keep)[None, None]))
             offset += n * len(members)
         return parts
+
+    def _masks(self, parts: list[_Paged]) -> None:
+        """After the upload: the decode rows' masks, unless the CPU kernel reads their blocks in place."""
+        for part in parts:
+            if part.bias is None and self._paged_decode is None:
+                span = part.table.numel() // part.rows * self.block_size
+                keep = torch.arange(span, device=self.device) < part.lens[:, None]  # [R, S]
+                part.bias = self._bias(keep)[:, None, None, :]  # [R, 1, 1, S]
+
+    def _bias(self, keep: torch.Tensor) -> torch.Tensor:
+        """keep (bool) -> additive mask of the same shape: 0 where a query may look, -inf elsewhere."""
+        bias = torch.zeros(keep.shape, device=self.device, dtype=self.dtype)
+        return bias.masked_fill_(~keep, float("-inf"))
 
     def _block(self, layer: int, lw: LayerWeights, x: torch.Tensor, b: _Batch) -> torch.Tensor:
         spec = self.spec
@@ -318,7 +332,7 @@ class ModelRunner:
         lse = torch.empty(q.shape[:2], device=q.device) if with_lse else None  # [N, H]
         for part in b.parts:
             end = part.offset + part.rows * part.length
-            if part.bias is None:  # decode rows, blocks read in place
+            if part.bias is None:  # decode rows, blocks read in place (CPU kernel)
                 self._paged_decode(
                     q[part.offset : end], *self.kv[layer], part.table.view(part.rows, -1), part.lens,
                     out[part.offset : end], None if lse is None else lse[part.offset : end], scale,
