@@ -33,12 +33,13 @@ def collect(outputs) -> tuple[list[int], list[torch.Tensor], str]:
     return tokens, logits, "".join(o.text for o in outputs)
 
 
+# graphs: each layer's dense pieces on the bucketed static buffers (graphs.py; captured on CUDA)
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
 @pytest.mark.parametrize("budget", [512, 7])  # 7: prompts are prefilled in chunks across steps
-def test_mixed_prefixes_join_mid_flight_match_hf(tiny_model, hf_model, budget):
+def test_mixed_prefixes_join_mid_flight_match_hf(tiny_model, hf_model, budget, graphs):
     prefixes = make_prefixes(tiny_model, [1, 3, 7, 12, 30])
-    engine = EngineCore(
-        tiny_model, EngineConfig(max_running=6, max_tokens_per_step=budget, record_logits=True)
-    )
+    config = EngineConfig(max_running=6, max_tokens_per_step=budget, record_logits=True, cuda_graphs=graphs)
+    engine = EngineCore(tiny_model, config)
     for pid, kv in prefixes.items():
         engine.prefixes.register(pid, kv)
     plan = [  # (prefix, prompt, max_new_tokens, step at which it joins)

@@ -57,6 +57,9 @@ class EngineConfig:
     # on the CPU (float32), decode rows read their KV blocks in place with a compiled kernel
     # (cpu_kernels.py); False, or no C compiler: the blocks are gathered per layer (slower, same numbers)
     paged_kernel: bool = True
+    # each layer's dense part (everything but attention) as CUDA graphs at token-count buckets (graphs.py);
+    # None: on for CUDA, off elsewhere. True on the CPU runs the same pieces without capture (tests)
+    cuda_graphs: bool | None = None
     record_logits: bool = False  # attach each step's logits to the outputs (tests, debugging)
     detokenize: bool = True  # False: outputs carry token ids only (text and stop strings done by the caller)
 
@@ -68,6 +71,7 @@ class EngineConfig:
         tokens = max(tokens, max_seq_len)
         return replace(
             self,
+            cuda_graphs=device.type == "cuda" if self.cuda_graphs is None else self.cuda_graphs,
             max_running=running,
             max_tokens_per_step=self.max_tokens_per_step or max(512, running),
             max_seq_len=max_seq_len,
@@ -143,7 +147,14 @@ class EngineCore:
         self.prefixes = prefixes or PrefixTable(spec, model.dtype, model.device, self.max_prefix_len)
         scheduler = self.config.scheduler_config()
         self.scheduler = Scheduler(scheduler, self.prefixes.is_ready)
-        self.runner = ModelRunner(model, scheduler.num_blocks, scheduler.block_size, self.config.paged_kernel)
+        self.runner = ModelRunner(
+            model,
+            scheduler.num_blocks,
+            scheduler.block_size,
+            self.config.paged_kernel,
+            graphs=self.config.cuda_graphs,
+            max_tokens=self.config.max_tokens_per_step,
+        )
         self.readback = Readback(model.device)  # each step's flags and greedy picks: one transfer
         self._live: dict[str, _Live] = {}
         self.preparer = RequestPreparer(model.tokenizer, spec, self.max_seq_len)
@@ -322,8 +333,9 @@ class EngineCore:
         return None
 
     def _forward(self, rows: list[RowInput], out: list[RequestOutput]) -> StepOutput | None:
-        """The batched forward pass, and the readback of its flags and picks started. If it raises, no row can be blamed: the step's rows end with an
-        EngineFault (appended to `out`), the traceback is logged, and None is returned."""
+        """The batched forward pass, and the readback of its flags and picks started. If it raises, no
+        row can be blamed: the step's rows end with an EngineFault (appended to `out`), the traceback is
+        logged, and None is returned."""
         if not rows:
             return None
         try:

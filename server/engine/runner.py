@@ -30,6 +30,7 @@ from prefix_store.staging import StepInputs
 from ..model import LayerWeights, LoadedModel, ModelSpec
 from .blocks import NULL_BLOCK, blocks_for
 from .cpu_kernels import load_paged_decode
+from .graphs import PiecewiseGraphs
 from .prefixes import PrefixState
 
 
@@ -125,7 +126,13 @@ def _activation(name: str):
 
 class ModelRunner:
     def __init__(
-        self, model: LoadedModel, num_blocks: int, block_size: int, paged_kernel: bool = True
+        self,
+        model: LoadedModel,
+        num_blocks: int,
+        block_size: int,
+        paged_kernel: bool = True,
+        graphs: bool = False,
+        max_tokens: int = 512,
     ) -> None:
         spec: ModelSpec = model.spec
         self.spec = spec
@@ -142,6 +149,21 @@ class ModelRunner:
         in_place = paged_kernel and self.device.type == "cpu" and self.dtype == torch.float32
         self._paged_decode = load_paged_decode() if in_place else None
         self.inputs = StepInputs(self.device)  # each step's index tensors: one buffer, one upload
+        # steps of up to max_tokens tokens replay each layer's dense pieces (CUDA graphs; on the CPU the
+        # same pieces and buffers run eagerly)
+        self.graphs = (
+            PiecewiseGraphs(
+                self.w.layers,
+                spec.n_embd,
+                self._pre,
+                self._post,
+                self.kv,
+                self.device.type == "cuda",
+                max_tokens,
+            )
+            if graphs
+            else None
+        )
 
     @property
     def block_bytes(self) -> int:
@@ -165,8 +187,12 @@ class ModelRunner:
         batch, order = self._prepare(rows)
         tok = self.w.wte[batch.ids] if inputs_embeds is None else inputs_embeds.to(self.device, self.dtype)
         x = tok + self.w.wpe[batch.pos]  # [N, C]
-        for layer, lw in enumerate(self.w.layers):
-            x = self._block(layer, lw, x, batch)
+        bucket = self.graphs.bucket(x.shape[0]) if self.graphs is not None else None
+        if bucket is not None:  # the dense pieces replayed, attention eager between them
+            x = bucket.run(x, lambda layer, qkv, out: self._attend(layer, qkv, batch, out))
+        else:
+            for layer, lw in enumerate(self.w.layers):
+                x = self._block(layer, lw, x, batch)
         h = x[batch.last_idx]  # [B, C]
         h = F.layer_norm(h, (self.spec.n_embd,), self.w.lnf_w, self.w.lnf_b, self.spec.layer_norm_eps)
         hs = h if batch.sample_rows is None else h[batch.sample_rows]  # [n_sample, C]
@@ -296,39 +322,54 @@ class ModelRunner:
         return bias.masked_fill_(~keep, float("-inf"))
 
     def _block(self, layer: int, lw: LayerWeights, x: torch.Tensor, b: _Batch) -> torch.Tensor:
-        spec = self.spec
+        """One layer, eagerly: x `[N, C]` -> `[N, C]` (updated in place)."""
         n, c = x.shape
-        h = F.layer_norm(x, (c,), lw.ln1_w, lw.ln1_b, spec.layer_norm_eps)
-        qkv = torch.addmm(lw.attn_b, h, lw.attn_w).view(n, 3, spec.n_head, spec.head_dim)  # [N, 3, H, D]
+        qkv, attn = x.new_empty(n, 3 * c), x.new_empty(n, c)  # [N, 3C], [N, C]
+        self._pre(lw, x, qkv)
+        self._attend(layer, qkv, b, attn)
+        self._post(lw, x, attn)
+        return x
+
+    def _pre(self, lw: LayerWeights, x: torch.Tensor, qkv: torch.Tensor) -> None:
+        """Layer norm and the QKV projection: x `[n, C]` -> qkv `[n, 3C]` (graphs.py captures this)."""
+        h = F.layer_norm(x, (x.shape[1],), lw.ln1_w, lw.ln1_b, self.spec.layer_norm_eps)
+        torch.addmm(lw.attn_b, h, lw.attn_w, out=qkv)
+
+    def _post(self, lw: LayerWeights, x: torch.Tensor, attn: torch.Tensor) -> None:
+        """Output projection, MLP and both residuals, in place on x `[n, C]` (graphs.py captures this)."""
+        x.add_(lw.proj_b).addmm_(attn, lw.proj_w)  # the residual is the matmul's accumulator
+        h = F.layer_norm(x, (x.shape[1],), lw.ln2_w, lw.ln2_b, self.spec.layer_norm_eps)
+        h = self._act(torch.addmm(lw.fc_b, h, lw.fc_w))  # [n, 4C]
+        x.add_(lw.out_b).addmm_(h, lw.out_w)
+
+    def _attend(self, layer: int, qkv: torch.Tensor, b: _Batch, out: torch.Tensor) -> None:
+        """Write the step's K and V into the pool, then each token's attention into out `[N, C]`."""
+        spec = self.spec
+        n = qkv.shape[0]
+        qkv = qkv.view(n, 3, spec.n_head, spec.head_dim)  # [N, 3, H, D]
         pool = self.kv[layer].view(2, -1, spec.n_head, spec.head_dim)  # [2, NB * bs, H, D]
         pool[:, b.slots] = qkv[:, 1:].transpose(0, 1)  # K and V in place: [2, N, H, D]
-        attn = self._attention(layer, qkv[:, 0], b).reshape(n, c)  # [N, C]
-        x = torch.addmm(x.add_(lw.proj_b), attn, lw.proj_w)  # residual folded into the matmul: [N, C]
-        h = F.layer_norm(x, (c,), lw.ln2_w, lw.ln2_b, spec.layer_norm_eps)
-        h = self._act(torch.addmm(lw.fc_b, h, lw.fc_w))  # [N, 4C]
-        return torch.addmm(x.add_(lw.out_b), h, lw.out_w)  # [N, C]
+        self._attention(layer, qkv[:, 0], b, out.view(n, spec.n_head, spec.head_dim))
 
-    def _attention(self, layer: int, q: torch.Tensor, b: _Batch) -> torch.Tensor:
+    def _attention(self, layer: int, q: torch.Tensor, b: _Batch, out: torch.Tensor) -> None:
         """Each token's attention: over its row's own keys, merged with its prefix's part.
-        q `[N, H, D]` -> `[N, H, D]`."""
+        q `[N, H, D]` -> out `[N, H, D]`."""
         scale = self.spec.attn_scale(layer)
         if b.fused is not None:  # every row decodes with an NTK prefix: one kernel does both parts
             k, v = self._gather(layer, b.parts[0])
-            return self.kinds[KIND_CLASSES.index(NtkPrefixKind)].fused_decode(
-                layer, q, k, v, b.parts[0].lens, b.fused, scale
-            )
-        out, lse = self._own_attention(layer, q, b, scale, with_lse=bool(b.kinds))
+            ntk = self.kinds[KIND_CLASSES.index(NtkPrefixKind)]
+            out.copy_(ntk.fused_decode(layer, q, k, v, b.parts[0].lens, b.fused, scale))
+            return
+        lse = self._own_attention(layer, q, b, scale, out, with_lse=bool(b.kinds))
         for kind, plan in b.kinds:
             idx, part = kind.attend(layer, q, plan, scale)  # [T], Partial over T tokens
             out[idx] = Partial.softmax(out[idx], lse[idx]).merge(part).value().to(out.dtype)
-        return out
 
     def _own_attention(
-        self, layer: int, q: torch.Tensor, b: _Batch, scale: float, with_lse: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self, layer: int, q: torch.Tensor, b: _Batch, scale: float, out: torch.Tensor, with_lse: bool
+    ) -> torch.Tensor | None:
         """Causal attention over each row's own keys. q `[N, H, D]` -> out `[N, H, D]` and, when asked,
         the log-sum-exp of its scores `[N, H]` (float32)."""
-        out = q.new_empty(q.shape)  # [N, H, D]
         lse = torch.empty(q.shape[:2], device=q.device) if with_lse else None  # [N, H]
         for part in b.parts:
             end = part.offset + part.rows * part.length
@@ -348,7 +389,7 @@ class ModelRunner:
             else:
                 o = F.scaled_dot_product_attention(qs, k, v, attn_mask=part.bias, scale=scale)
             out[part.offset : end] = o.transpose(1, 2).reshape(-1, *q.shape[1:])
-        return out, lse
+        return lse
 
     def _gather(self, layer: int, part: _Paged) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows' own K and V, block by block, into two reused buffers (a fresh tensor per call
