@@ -53,10 +53,12 @@ def adjust_logits(logits: torch.Tensor, params: SamplingParams, generated: list[
     return logits
 
 
-def sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Draw one token from one row's logits `[V]` with the row's own generator."""
+def sample_one(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Draw one token from one row's logits `[V]` with the row's own generator -> `[1]` on the device."""
     probs = filter_logits(logits.float(), params).softmax(-1)  # [V]
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.multinomial(probs, 1, generator=generator)
 
 
 def plain_greedy(params: SamplingParams) -> bool:
@@ -76,17 +78,20 @@ def sample_rows(
     one max over all of them on the device, read back with the step's other results); returns B token
     ids and, by row index, the rows whose pick raised (their token is meaningless). Rows with penalties
     or biases, and sampling rows, pick alone, so one that fails costs no other row anything."""
-    out = [0] * len(params)
+    out = [greedy.get(i, 0) for i in range(len(params))]
     failed: dict[int, Exception] = {}
+    picks: dict[int, torch.Tensor] = {}  # row -> its token [1], on the device until read back at once
     for i, p in enumerate(params):
         if i in greedy:
-            out[i] = greedy[i]
             continue
         try:
             row = adjust_logits(logits[i], p, generated[i]) if p.adjusts_logits else logits[i]
-            out[i] = int(row.argmax()) if p.greedy else sample_one(row, p, generators[i])
+            picks[i] = row.argmax().view(1) if p.greedy else sample_one(row, p, generators[i])
         except Exception as exc:  # whatever it is, it is this row's alone
             failed[i] = exc
+    if picks:  # one read back for all of them (their logits are finite: the draws cannot fail late)
+        for i, token in zip(picks, torch.cat(list(picks.values())).tolist(), strict=True):
+            out[i] = token
     return out, failed
 
 
