@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -68,6 +69,39 @@ def _space_checked(what: str) -> Iterator[None]:
         raise
 
 
+class StoreUnavailable(PrefixServeError):
+    """A remote durable store (S3, ...) did not answer or failed (HTTP 503 with Retry-After): nothing was
+    published, and what is already resident or cached keeps serving."""
+
+    kind = "unavailable"
+    status = 503
+    retry_after = 5
+
+    def __init__(self, what: str, exc: BaseException) -> None:
+        super().__init__(f"the durable store is unavailable ({what}: {type(exc).__name__}); retry shortly")
+
+
+_PASS = (PrefixServeError, FileNotFoundError, FileExistsError)
+
+
+def _remote_guard(method: Callable) -> Callable:
+    """On a remote store, an error that is not an answer (not found, exists, ours) -> StoreUnavailable."""
+
+    @functools.wraps(method)
+    def guarded(self: DurableStore, *args, **kwargs):
+        if self.local:
+            return method(self, *args, **kwargs)
+        try:
+            return method(self, *args, **kwargs)
+        except _PASS:
+            raise
+        except Exception as exc:
+            log.warning("the durable store failed (%s): %s", method.__name__, exc)
+            raise StoreUnavailable(method.__name__.replace("_", " "), exc) from exc
+
+    return guarded
+
+
 class DurableStore:
     def __init__(self, url: str | Path) -> None:
         self.fs, root = fsspec.core.url_to_fs(str(url))
@@ -78,6 +112,7 @@ class DurableStore:
     def path(self, prefix_id: str) -> str:
         return f"{self.root}/{check_prefix_id(prefix_id)}{SUFFIX}"
 
+    @_remote_guard
     def put(self, prefix_id: str, data: bytes) -> None:
         """Publish a new prefix file atomically; an existing id is never overwritten."""
         final = self.path(prefix_id)
@@ -87,6 +122,7 @@ class DurableStore:
     def training_path(self, job_id: str) -> str:
         return f"{self.root}/training/{check_prefix_id(job_id)}.jsonl"
 
+    @_remote_guard
     def put_training_data(self, job_id: str, data: bytes) -> None:
         """A job's dataset (JSONL), written once, atomically, before the job is queued."""
         final = self.training_path(job_id)
@@ -97,9 +133,11 @@ class DurableStore:
             else:
                 self.fs.pipe_file(final, data)
 
+    @_remote_guard
     def get_training_data(self, job_id: str) -> bytes:
         return self._cat(self.training_path(job_id), job_id)
 
+    @_remote_guard
     def delete_training_data(self, job_id: str) -> bool:
         return self._rm(self.training_path(job_id))
 
@@ -107,6 +145,7 @@ class DurableStore:
     def checkpoint_path(self, job_id: str) -> str:
         return f"{self.root}/checkpoints/{check_prefix_id(job_id)}{SUFFIX}"
 
+    @_remote_guard
     def put_checkpoint(self, job_id: str, data: bytes) -> None:
         """Replace the job's checkpoint atomically (temp, fsync, rename): a reader sees the old one
         or the new one, never a mix."""
@@ -118,12 +157,14 @@ class DurableStore:
             else:
                 self.fs.pipe_file(final, data)
 
+    @_remote_guard
     def get_checkpoint(self, job_id: str) -> bytes | None:
         try:
             return self.fs.cat_file(self.checkpoint_path(job_id))
         except FileNotFoundError:
             return None
 
+    @_remote_guard
     def delete_checkpoint(self, job_id: str) -> bool:
         return self._rm(self.checkpoint_path(job_id))
 
@@ -134,6 +175,7 @@ class DurableStore:
         base = f"{self.root}/evaluations/{check_prefix_id(prefix_id)}"
         return base if tenant is None else f"{base}/t{hashlib.sha256(tenant.encode()).hexdigest()[:32]}"
 
+    @_remote_guard
     def put_evaluation(self, prefix_id: str, tenant: str, job_id: str, data: bytes) -> None:
         """Store one evaluation of a prefix atomically; PrefixExists if that job already stored it."""
         directory = self.evaluation_dir(prefix_id, tenant)
@@ -142,6 +184,7 @@ class DurableStore:
             self.fs.makedirs(directory, exist_ok=True)
             self._write_once(final, data, f"evaluation {job_id} of {prefix_id}")
 
+    @_remote_guard
     def evaluations(self, prefix_id: str, tenant: str) -> list[bytes]:
         """One tenant's stored evaluations of a prefix (foreign files are ignored), unordered."""
         try:
@@ -151,6 +194,7 @@ class DurableStore:
         names = [(p, p.rstrip("/").rsplit("/", 1)[-1]) for p in paths]
         return [self.fs.cat_file(p) for p, n in names if n.endswith(".json") and PREFIX_ID.match(n[:-5])]
 
+    @_remote_guard
     def delete_evaluations(self, prefix_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(self.evaluation_dir(prefix_id), recursive=True)
@@ -159,6 +203,7 @@ class DurableStore:
     def record_path(self, kind: str, name: str) -> str:
         return f"{self.root}/{check_prefix_id(kind)}/{check_prefix_id(name)}.json"
 
+    @_remote_guard
     def put_record(self, kind: str, name: str, data: bytes) -> None:
         """Write a record once, atomically; PrefixExists if it is already there."""
         final = self.record_path(kind, name)
@@ -166,15 +211,18 @@ class DurableStore:
             self.fs.makedirs(f"{self.root}/{kind}", exist_ok=True)
             self._write_once(final, data, f"record {kind}/{name}")
 
+    @_remote_guard
     def get_record(self, kind: str, name: str) -> bytes | None:
         try:
             return self.fs.cat_file(self.record_path(kind, name))
         except FileNotFoundError:
             return None
 
+    @_remote_guard
     def delete_record(self, kind: str, name: str) -> bool:
         return self._rm(self.record_path(kind, name))
 
+    @_remote_guard
     def record_names(self, kind: str) -> list[str]:
         """The names of every record of `kind` (foreign files are ignored)."""
         try:
@@ -245,9 +293,11 @@ class DurableStore:
         finally:
             os.close(dir_fd)
 
+    @_remote_guard
     def get(self, prefix_id: str) -> bytes:
         return self._cat(self.path(prefix_id), prefix_id)
 
+    @_remote_guard
     def head(self, prefix_id: str, n: int) -> bytes:
         """The first n bytes (enough for the header, to list metadata without reading tensors)."""
         try:
@@ -256,9 +306,11 @@ class DurableStore:
         except FileNotFoundError:
             raise PrefixNotFound(prefix_id) from None
 
+    @_remote_guard
     def exists(self, prefix_id: str) -> bool:
         return self.fs.exists(self.path(prefix_id))
 
+    @_remote_guard
     def delete(self, prefix_id: str) -> bool:
         return self._rm(self.path(prefix_id))
 
@@ -269,10 +321,15 @@ class DurableStore:
             return False
         return True
 
+    @_remote_guard
     def ids(self) -> list[str]:
         """Every published prefix id (temp files and foreign names are ignored)."""
+        try:  # (an object store has no directories: no objects, no root)
+            paths = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
         out = []
-        for p in self.fs.ls(self.root, detail=False):
+        for p in paths:
             name = p.rstrip("/").rsplit("/", 1)[-1]
             if name.endswith(SUFFIX) and PREFIX_ID.match(name[: -len(SUFFIX)]):
                 out.append(name[: -len(SUFFIX)])

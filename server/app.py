@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -57,9 +58,14 @@ async def start_engine_process(settings: ServerSettings, loaded: LoadedModel) ->
     return client
 
 
-def create_app(settings: ServerSettings | None = None, model: LoadedModel | None = None) -> FastAPI:
+def create_app(
+    settings: ServerSettings | None = None,
+    model: LoadedModel | None = None,
+    engine_factory: Callable[[ServerSettings, LoadedModel], Awaitable[Any]] | None = None,
+) -> FastAPI:
     """The app: the parts are built in its lifespan (`model`: an already loaded one, else the
-    configured one is loaded on a thread)."""
+    configured one is loaded on a thread; `engine_factory`: where the engine is, when it is neither
+    in this process nor an engine process of its own, e.g. Ray Serve replicas, scale/ray_serve.py)."""
     settings = settings or ServerSettings.from_env()
 
     @asynccontextmanager
@@ -71,7 +77,9 @@ def create_app(settings: ServerSettings | None = None, model: LoadedModel | None
         service = await asyncio.to_thread(
             PrefixService, bind_model(loaded), settings.store_config(), redis_health=redis_health
         )
-        if model is None and settings.engine_process:
+        if engine_factory is not None:
+            engine = await engine_factory(settings, loaded)
+        elif model is None and settings.engine_process:
             engine = await start_engine_process(settings, loaded)
         else:  # a model given by the caller (tests, embedding) runs here, on a thread of this process
             engine = AsyncEngine(EngineCore(loaded, settings.engine_config(), prefixes=service.pool))

@@ -6,7 +6,9 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from .model import LoadedModel, hub_model_available, load_model
+from transformers import GPT2Config
+
+from .model import LoadedModel, ModelSpec, hub_model_available, load_model, spec_from_config
 from .settings import ServerSettings
 from .tiny import write_tiny_model
 
@@ -28,10 +30,22 @@ def load_configured_model(settings: ServerSettings) -> LoadedModel:
             reason,
         )
         return load_configured_model(replace(settings, model="tiny"))
+    return load_model(_local_name(settings.model, settings), dtype=settings.dtype, device=settings.device)
+
+
+def configured_spec(settings: ServerSettings) -> ModelSpec:
+    """The configured model's dimensions from its config alone (no weights loaded)."""
     name = settings.model
-    if name == "tiny":
-        path = Path(settings.data_dir) / "tiny-gpt2"
-        if not (path / "config.json").exists():
-            write_tiny_model(path)
-        name = str(path)
-    return load_model(name, dtype=settings.dtype, device=settings.device)
+    if name == "auto":
+        name = "gpt2" if hub_model_available("gpt2") else "tiny"
+    return spec_from_config(GPT2Config.from_pretrained(_local_name(name, settings)))
+
+
+def _local_name(name: str, settings: ServerSettings) -> str:
+    """A model name as `load_model` takes it: "tiny" is the offline tiny model, written on first use."""
+    if name != "tiny":
+        return name
+    path = Path(settings.data_dir) / "tiny-gpt2"
+    if not (path / "config.json").exists():
+        write_tiny_model(path)
+    return str(path)

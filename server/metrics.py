@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from prefix_store.service import PrefixService
 
@@ -115,6 +116,7 @@ class Metrics:
             Gauge(name, text, registry=r).set_function(lambda field=field: getattr(stats(), field))
         r.register(_TierCollector(service, stats))
         r.register(_PreemptionCollector(stats))
+        r.register(_ResidencyCollector(engine.replica_stats))
 
     def tenant(self, tenant: str) -> str:
         """The value of a `tenant` label: the name only when configured (tenant_labels)."""
@@ -135,6 +137,31 @@ class _PreemptionCollector:
             "prefixserve_preemptions", "Rows preempted for KV memory since start (recomputed later)"
         )
         family.add_metric([], self.stats().preemptions)
+        yield family
+
+
+class _ResidencyCollector:
+    """`prefixserve_prefix_requests_info`, in the shape of vLLM's `vllm:lora_requests_info` so that
+    Gateway-API inference routers can score prefix affinity: one sample per engine replica, labelled
+    with the prefix ids of its running rows and of its waiting requests (comma-separated) and the most
+    prefixes it holds (`max_prefixes`, 0: bounded by the device pool's bytes only); the value is the
+    time the state was read (seconds since the epoch)."""
+
+    LABELS = ("replica", "running_prefix_ids", "waiting_prefix_ids", "max_prefixes")
+
+    def __init__(self, replicas: Callable[[], dict[str, EngineStats]]) -> None:
+        self.replicas = replicas
+
+    def collect(self):
+        family = GaugeMetricFamily(
+            "prefixserve_prefix_requests_info",
+            "Prefixes running and waiting per engine replica",
+            labels=self.LABELS,
+        )
+        now = time.time()
+        for replica, stats in sorted(self.replicas().items()):
+            running, waiting = ",".join(stats.running_prefixes), ",".join(stats.waiting_prefixes)
+            family.add_metric([replica, running, waiting, str(stats.max_prefixes)], now)
         yield family
 
 

@@ -51,6 +51,17 @@ class ServerSettings:
     engine_process: bool = True
     engine_address: str = ""  # connect to this running engine (ipc:// or tcp://) instead of starting one
     api_workers: int = 1  # API processes on one engine (more than 1 needs PREFIXSERVE_REDIS_URL)
+    # scale-out on Ray Serve (`prefixserve serve --ray`; the [ray] extra)
+    ray_address: str = ""  # a Ray cluster to join ("auto": the local one); empty: start one here
+    ray_replicas: int = 2  # engine replicas (the minimum, when autoscaling)
+    ray_max_replicas: int = 0  # > ray_replicas: autoscale up to this many on ongoing requests
+    ray_target_ongoing_requests: int = 64  # autoscaling target per engine replica
+    ray_max_ongoing_requests: int = 320  # per engine replica; more wait in Ray (default: batch + queue)
+    ray_gpus_per_replica: float = -1.0  # -1: 1 on CUDA, 0 on the CPU
+    ray_cpus_per_replica: float = 1.0
+    ray_api_replicas: int = 1  # ingress replicas (HTTP, tokenization, SSE)
+    replica_prefixes: int = 0  # prefixes an engine replica holds (Ray's models per replica); 0: as many
+    # of the longest allowed prefix as the device pool's bytes hold
     # tenants and limits
     # "auto": on exactly when API keys are configured; "false": one default tenant, no keys (local use;
     # logged as a warning); "true": keys required even when none are configured (everything 401s)

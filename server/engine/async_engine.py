@@ -68,6 +68,10 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self.core.stats()
 
+    def replica_stats(self) -> dict[str, EngineStats]:
+        """Per engine replica (one here): what the residency gauge shows."""
+        return {"0": self.stats()}
+
     @property
     def preparer(self) -> RequestPreparer:
         """Validation and tokenization (safe from any thread), as the API process does it."""

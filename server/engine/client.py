@@ -110,6 +110,10 @@ class EngineClient:
     def stats(self) -> EngineStats:
         return self._stats
 
+    def replica_stats(self) -> dict[str, EngineStats]:
+        """Per engine replica (one here): what the residency gauge shows."""
+        return {"0": self.stats()}
+
     # ---- requests ------------------------------------------------------------------------------
     async def generate(
         self, input: str | list[int], params: SamplingParams | None = None
@@ -135,7 +139,7 @@ class EngineClient:
                 if item.error is not None:
                     done = True
                     raise RemoteError(item.error.kind, item.error.status, item.error.message)
-                out = self._output(item, stream.detok, request.request_id)
+                out = self.output(item, stream.detok, request.request_id)
                 done = out.finished
                 if done and item.finish_reason is None:  # a stop string, found here
                     self._send(Abort(rid))
@@ -146,7 +150,8 @@ class EngineClient:
             self._streams.pop(rid, None)
 
     @staticmethod
-    def _output(item: Output, detok: Detokenizer, request_id: str) -> RequestOutput:
+    def output(item: Output, detok: Detokenizer, request_id: str) -> RequestOutput:
+        """An engine's output for one request, with its text made here (and a stop string found)."""
         reason = None if item.finish_reason is None else FinishReason(item.finish_reason)
         for token in item.token_ids:
             if reason != FinishReason.EOS:  # the EOS token itself is not text

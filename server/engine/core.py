@@ -229,7 +229,13 @@ class EngineCore:
     def stats(self) -> EngineStats:
         s = self.scheduler
         return EngineStats(
-            s.num_waiting, s.num_running, s.blocks.capacity, s.blocks.num_free, s.num_preemptions
+            s.num_waiting,
+            s.num_running,
+            s.blocks.capacity,
+            s.blocks.num_free,
+            s.num_preemptions,
+            running_prefixes=_prefix_ids(s.running()),
+            waiting_prefixes=_prefix_ids(s.waiting()),
         )
 
     @property
@@ -528,6 +534,10 @@ class EngineCore:
             for out in self.step():
                 outputs.setdefault(out.request_id, []).append(out)
         return outputs
+
+
+def _prefix_ids(seqs: list[Sequence]) -> list[str]:
+    return sorted({seq.prefix_id for seq in seqs if seq.prefix_id is not None})
 
 
 def _token_logprobs(targets: list[int], scores: Scores, tops: list[int]) -> list[TokenLogprob]:

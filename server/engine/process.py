@@ -139,7 +139,7 @@ class EngineLoop:
             client = self.owner.get(out.request_id)
             if client is None:
                 continue
-            by_client.setdefault(client, []).append(_wire(out))
+            by_client.setdefault(client, []).append(wire_output(out))
             if out.finished:
                 del self.owner[out.request_id]
         sampled = sum(1 for out in outputs if out.token_ids)
@@ -152,7 +152,8 @@ def _failed(rid: str, error: PrefixServeError) -> RequestOutput:
     return RequestOutput(rid, [], "", finish_reason=FinishReason.ERROR, error=error)
 
 
-def _wire(out: RequestOutput) -> Output:
+def wire_output(out: RequestOutput) -> Output:
+    """A request's output as it crosses a process boundary (token ids only: text is made on the API side)."""
     return Output(
         out.request_id,
         out.token_ids,

@@ -27,6 +27,12 @@ class EngineStats:
     preemptions: int = 0
     prefix_loads: dict[str, int] = field(default_factory=dict)  # the engine's own store counters, by
     # "tier_result" (its device pool and caches live in its process); empty for an engine in-process
+    # residency, for gateways that route by prefix affinity (vLLM's lora_requests_info): the prefix
+    # ids of the rows in the batch and of the waiting requests (distinct, sorted), and how many
+    # prefixes this engine holds at most (0: not capped by count, only by the device pool's bytes)
+    running_prefixes: list[str] = field(default_factory=list)
+    waiting_prefixes: list[str] = field(default_factory=list)
+    max_prefixes: int = 0
 
 
 # ---- API -> engine ---------------------------------------------------------------------------

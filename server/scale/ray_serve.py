@@ -1,0 +1,330 @@
+"""Scale-out on Ray Serve: N engine replicas behind the same FastAPI app, routed by prefix affinity.
+
+Two deployments make the application:
+
+  PrefixServeAPI   the ingress: the same app as `prefixserve serve` (auth, validation, tokenization,
+                   detokenization, stop strings, SSE), with a `RayEngineClient` where the engine
+                   client was; one or more replicas.
+  PrefixEngine     an engine replica: the EngineCore on a thread (AsyncEngine), its device pool, the
+                   shared store (S3 or any fsspec URL) and the shared Redis (cache, limits, queue).
+
+Each request is sent to the engine deployment through a deployment handle with its prefix id as the
+**multiplexed model id** (`@serve.multiplexed`): Ray's router sends it to a replica that already holds
+that prefix, and "loading the model" is making the prefix resident in that replica's device pool
+(pinned while Ray counts it as loaded; released when Ray's LRU unloads it, after which the pool may
+evict it). `max_num_models_per_replica` is the number of prefixes the device pool holds
+(`ServerSettings.replica_prefixes`). Requests without a prefix carry no model id and go to any replica.
+A prefix uploaded through any ingress replica is in the shared store, so every engine replica can
+load it at once.
+
+Payloads between the deployments are msgspec MessagePack bytes (engine/wire.py); Ray's own transport
+between the cluster's processes carries them. Each engine replica announces its stats in Redis
+(scale/replicas.py); the ingress reads them for /metrics (including the residency gauge) and /ready.
+A replica that dies mid-request makes its streams end with 503 (`EngineStopped`, retryable: the SDK
+retries), new requests go to the live replicas, and Ray Serve starts a new replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict, replace
+
+import msgspec
+import ray
+from ray import serve
+from ray.exceptions import RayError
+
+from prefix_store.redis_health import RedisHealth
+
+from ..compile import bind_model
+from ..engine import AsyncEngine, EngineCore
+from ..engine.async_engine import EngineStopped
+from ..engine.client import EngineClient
+from ..engine.detokenizer import Detokenizer
+from ..engine.prepare import RequestPreparer
+from ..engine.process import wire_output
+from ..engine.request import Request, SamplingParams
+from ..engine.wire import Add, EngineStats, Output, RemoteError, encode
+from ..errors import PrefixServeError
+from ..loading import load_configured_model
+from ..model import LoadedModel
+from ..settings import ServerSettings
+from .replicas import ReplicaPublisher, ReplicaWatcher
+
+log = logging.getLogger(__name__)
+APP_NAME = "prefixserve"
+ENGINE = "PrefixEngine"
+API = "PrefixServeAPI"
+LOAD_POLL_S = 0.005
+
+_decode_add = msgspec.msgpack.Decoder(Add)
+_decode_output = msgspec.msgpack.Decoder(Output)
+
+
+# ---- the engine replica ------------------------------------------------------------------------
+class _Resident:
+    """A prefix Ray counts as loaded on this replica: pinned in the device pool until unloaded."""
+
+    def __init__(self, pool, prefix_id: str, pinned: bool) -> None:
+        self.pool, self.prefix_id, self.pinned = pool, prefix_id, pinned
+
+    def __del__(self) -> None:  # Ray calls it when its LRU unloads the prefix (and Python may again)
+        if self.pinned:
+            self.pinned = False
+            self.pool.release(self.prefix_id)
+
+
+class EngineReplica:
+    """The body of the engine deployment (`engine_deployment` adds the multiplexed loader)."""
+
+    def __init__(self, settings: dict, max_prefixes: int) -> None:
+        self.settings = ServerSettings(**settings)
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s engine replica: %(message)s"
+        )
+        model = load_configured_model(self.settings)
+        redis_cfg = self.settings.redis_config()
+        health = RedisHealth(redis_cfg) if redis_cfg is not None else None
+        from prefix_store.service import PrefixService
+
+        self.service = PrefixService(bind_model(model), self.settings.store_config(), redis_health=health)
+        config = replace(self.settings.engine_config(), detokenize=False)  # the ingress makes the text
+        self.engine = AsyncEngine(EngineCore(model, config, prefixes=self.service.pool))
+        self.engine.start()
+        self.max_prefixes = max_prefixes
+        self.replica_id = _replica_id()
+        self.publisher = ReplicaPublisher(redis_cfg, self.replica_id, self.stats) if redis_cfg else None
+        if self.publisher is not None:
+            self.publisher.start()
+
+    def stats(self) -> EngineStats:
+        return replace(
+            self.engine.stats(), prefix_loads=self.service.stats.snapshot(), max_prefixes=self.max_prefixes
+        )
+
+    async def load_prefix(self, prefix_id: str) -> _Resident:
+        """Make a prefix resident in this replica's device pool (Ray's "load the model"). A prefix that
+        cannot load is not an error here: the request's own admission reports it (as on one machine)."""
+        pool = self.service.pool
+        try:
+            pool.acquire(prefix_id)
+        except PrefixServeError:
+            return _Resident(pool, prefix_id, pinned=False)
+        while not pool.is_ready(prefix_id) and pool.failure(prefix_id) is None:
+            await asyncio.sleep(LOAD_POLL_S)
+        if pool.failure(prefix_id) is not None:
+            pool.release(prefix_id)
+            return _Resident(pool, prefix_id, pinned=False)
+        return _Resident(pool, prefix_id, pinned=True)
+
+    async def generate(self, frame: bytes) -> AsyncIterator[bytes]:
+        """Stream one request (an `Add`, MessagePack): one `Output` (MessagePack) per new token."""
+        add = _decode_add.decode(frame)
+        if add.prefix_id is not None:
+            await self.get_prefix(add.prefix_id)  # multiplexed: resident here from now on
+        try:
+            async for out in self.engine.stream(add.request()):
+                yield encode(wire_output(out))
+        except PrefixServeError as exc:
+            error = RemoteError.wire(exc)
+            yield encode(Output(add.request_id, [], "error", add.prefix_len, len(add.prompt_ids), 0, error))
+
+    def __del__(self) -> None:
+        if getattr(self, "publisher", None) is not None:
+            self.publisher.stop()
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a Serve replica (not expected): any unique name
+        return uuid.uuid4().hex[:8]
+
+
+def engine_deployment(settings: ServerSettings, max_prefixes: int):
+    """The engine deployment class, its multiplexed loader sized to `max_prefixes` per replica."""
+
+    class PrefixEngine(EngineReplica):
+        @serve.multiplexed(max_num_models_per_replica=max_prefixes)
+        async def get_prefix(self, prefix_id: str) -> _Resident:
+            return await self.load_prefix(prefix_id)
+
+    gpus = settings.ray_gpus_per_replica
+    if gpus < 0:
+        gpus = 1.0 if settings.device.startswith("cuda") else 0.0
+    options: dict = {
+        "name": ENGINE,
+        "ray_actor_options": {"num_cpus": settings.ray_cpus_per_replica, "num_gpus": gpus},
+        # what the engine itself would take (batch + queue); beyond it Ray holds requests back
+        "max_ongoing_requests": settings.ray_max_ongoing_requests,
+    }
+    if settings.ray_max_replicas > settings.ray_replicas:
+        options["autoscaling_config"] = {
+            "min_replicas": settings.ray_replicas,
+            "initial_replicas": settings.ray_replicas,
+            "max_replicas": settings.ray_max_replicas,
+            "target_ongoing_requests": settings.ray_target_ongoing_requests,
+        }
+    else:
+        options["num_replicas"] = settings.ray_replicas
+    return serve.deployment(**options)(PrefixEngine)
+
+
+# ---- the ingress's engine client ---------------------------------------------------------------
+class RayEngineClient:
+    """What the API uses of an engine (`preparer`, `stream`, `stats`, `running`, ...), over a Ray Serve
+    deployment handle: each request is one streaming call with its prefix as the multiplexed model id."""
+
+    def __init__(self, handle, preparer: RequestPreparer, tokenizer, watcher: ReplicaWatcher | None) -> None:
+        self.handle, self.preparer, self.tokenizer, self.watcher = handle, preparer, tokenizer, watcher
+        self.on_step = None  # (step sizes are the replicas' own; the batch histogram stays empty)
+
+    async def start(self) -> None:
+        if self.watcher is not None:
+            self.watcher.start()
+
+    def stop(self) -> None:
+        if self.watcher is not None:
+            asyncio.get_event_loop().create_task(self.watcher.stop())
+
+    @property
+    def running(self) -> bool:
+        """Some engine replica is alive (announced itself within its record's TTL), as last read."""
+        return self.watcher is None or not self.watcher.heard or bool(self.watcher.replicas)
+
+    def replica_stats(self) -> dict[str, EngineStats]:
+        return dict(self.watcher.replicas) if self.watcher is not None else {}
+
+    def stats(self) -> EngineStats:
+        """The replicas' stats summed (their residency lists merged)."""
+        return merge_stats(list(self.replica_stats().values()))
+
+    async def generate(self, input: str | list[int], params: SamplingParams | None = None):
+        async for out in self.stream(self.preparer.prepare(input, params, None, 0)):
+            yield out
+
+    async def stream(self, request: Request) -> AsyncIterator:
+        """Send a prepared request to an engine replica (by prefix affinity) and stream its outputs."""
+        handle = self.handle.options(multiplexed_model_id=request.prefix_id or "", stream=True)
+        detok = Detokenizer(self.tokenizer, request.params.stop)
+        wire_id = uuid.uuid4().hex[:12] + ":" + request.request_id
+        responses = handle.generate.remote(encode(Add.of(request, wire_id)))
+        finished = False
+        try:
+            async for frame in responses:
+                item = _decode_output.decode(frame)
+                if item.error is not None:
+                    finished = True
+                    raise RemoteError(item.error.kind, item.error.status, item.error.message)
+                out = EngineClient.output(item, detok, request.request_id)
+                finished = item.finish_reason is not None
+                yield out
+                if out.finished:  # (a stop string found here ends it before the engine does)
+                    return
+        except RayError as exc:  # the replica died or could not be reached: retryable
+            log.warning("an engine replica failed a request: %s", type(exc).__name__)
+            raise EngineStopped("the engine replica serving this request stopped; retry the request") from exc
+        finally:
+            if not finished:
+                responses.cancel()
+
+    def abort(self, request_id: str) -> None:  # streams are cancelled through their response
+        pass
+
+    def evict(self, prefix_id: str) -> None:
+        """A deleted prefix: the ingress no longer lets requests name it (the store says it is gone), and
+        the replicas holding it let it go as their LRUs move on."""
+
+
+def merge_stats(stats: list[EngineStats]) -> EngineStats:
+    loads: dict[str, int] = {}
+    for s in stats:
+        for key, value in s.prefix_loads.items():
+            loads[key] = loads.get(key, 0) + value
+    return EngineStats(
+        waiting=sum(s.waiting for s in stats),
+        running=sum(s.running for s in stats),
+        kv_blocks_total=sum(s.kv_blocks_total for s in stats),
+        kv_blocks_free=sum(s.kv_blocks_free for s in stats),
+        preemptions=sum(s.preemptions for s in stats),
+        prefix_loads=loads,
+        running_prefixes=sorted({p for s in stats for p in s.running_prefixes}),
+        waiting_prefixes=sorted({p for s in stats for p in s.waiting_prefixes}),
+        max_prefixes=sum(s.max_prefixes for s in stats),
+    )
+
+
+async def ray_engine(settings: ServerSettings, loaded: LoadedModel) -> RayEngineClient:
+    """The ingress's engine: a handle on the engine deployment of this application."""
+    handle = serve.get_deployment_handle(ENGINE, app_name=APP_NAME)
+    spec = loaded.spec
+    max_seq_len = min(settings.max_seq_len or spec.n_positions, spec.n_positions)
+    redis_cfg = settings.redis_config()
+    watcher = ReplicaWatcher(redis_cfg) if redis_cfg is not None else None
+    client = RayEngineClient(
+        handle, RequestPreparer(loaded.tokenizer, spec, max_seq_len), loaded.tokenizer, watcher
+    )
+    await client.start()
+    return client
+
+
+# ---- the application ---------------------------------------------------------------------------
+def replica_prefixes(settings: ServerSettings, loaded_spec, dtype_bytes: int) -> int:
+    """Prefixes per engine replica: the setting, or as many of the longest allowed prefix as the device
+    pool's bytes hold (at least 1)."""
+    if settings.replica_prefixes > 0:
+        return settings.replica_prefixes
+    per_prefix = loaded_spec.n_layer * 2 * loaded_spec.n_embd * settings.max_prefix_len * dtype_bytes
+    return max(1, settings.device_pool_bytes // per_prefix)
+
+
+def build_application(settings: ServerSettings, max_prefixes: int):
+    """The Serve application: the ingress bound to the engine deployment."""
+    from ..app import create_app
+
+    values = asdict(settings)
+
+    def build_api():
+        return create_app(ServerSettings(**values), engine_factory=ray_engine)
+
+    ingress = serve.deployment(name=API, num_replicas=settings.ray_api_replicas)(serve.ingress(build_api)())
+    engine = engine_deployment(settings, max_prefixes).bind(values, max_prefixes)
+    return ingress.bind(engine)
+
+
+def app_builder(args: dict) -> serve.Application:
+    """For `serve run prefixserve.scale.ray_serve:app_builder [key=value ...]` (or a Serve config file):
+    ServerSettings from PREFIXSERVE_* variables, overridden by the given keys."""
+    settings = ServerSettings.from_env(**{k: _typed(ServerSettings, k, v) for k, v in args.items()})
+    return build_application(settings, _max_prefixes(settings))
+
+
+def _typed(cls, name: str, value: str):
+    kind = type(cls.__dataclass_fields__[name].default)
+    if kind is bool:
+        return str(value).strip().lower() in ("1", "true", "yes", "on")
+    return kind(value)
+
+
+def _max_prefixes(settings: ServerSettings) -> int:
+    from ..loading import configured_spec
+
+    dtype_bytes = 2 if settings.dtype in ("float16", "bfloat16") else 4
+    return replica_prefixes(settings, configured_spec(settings), dtype_bytes)
+
+
+def serve_ray(settings: ServerSettings) -> None:
+    """`prefixserve serve --ray`: start (or join) a Ray cluster and run the application on it until
+    interrupted. Redis (`PREFIXSERVE_REDIS_URL`) and a shared store (`PREFIXSERVE_STORE_URL`) are
+    required: the replicas share them."""
+    if not settings.redis_url:
+        raise SystemExit("prefixserve serve --ray needs PREFIXSERVE_REDIS_URL (the replicas share Redis)")
+    env = {k: v for k, v in os.environ.items() if k.startswith(("PREFIXSERVE_", "AWS_", "HF_"))}
+    ray.init(address=settings.ray_address or None, runtime_env={"env_vars": env}, ignore_reinit_error=True)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    app = build_application(settings, _max_prefixes(settings))
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=True)
