@@ -26,9 +26,23 @@ def _serve(args: argparse.Namespace) -> int:
     from .serve import serve
     from .settings import ServerSettings
 
-    given = {"model": args.model, "host": args.host, "port": args.port, "api_workers": args.api_workers}
-    overrides = {k: v for k, v in given.items() if v}
-    serve(ServerSettings.from_env(**overrides))
+    given = {
+        "model": args.model,
+        "host": args.host,
+        "port": args.port,
+        "api_workers": args.api_workers,
+        "ray_address": args.ray_address,
+        "ray_replicas": args.replicas,
+    }
+    settings = ServerSettings.from_env(**{k: v for k, v in given.items() if v})
+    if args.ray:
+        try:
+            from .scale.ray_serve import serve_ray
+        except ImportError as exc:
+            raise SystemExit(f"--ray needs the [ray] extra (pip install 'prefixserve[ray]'): {exc}") from None
+        serve_ray(settings)
+    else:
+        serve(settings)
     return 0
 
 
@@ -65,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="API processes on one engine process (default 1; more needs PREFIXSERVE_REDIS_URL)",
     )
+    serve.add_argument(
+        "--ray",
+        action="store_true",
+        help="run on Ray Serve: N engine replicas routed by prefix affinity (needs PREFIXSERVE_REDIS_URL"
+        " and a shared PREFIXSERVE_STORE_URL; the [ray] extra)",
+    )
+    serve.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto': the local one)")
+    serve.add_argument("--replicas", type=int, default=None, help="engine replicas on Ray (default 2)")
     serve.set_defaults(func=_serve)
     worker = sub.add_parser("worker", help="run a training worker on the Redis job queue")
     worker.add_argument("--model", default=None, help="the same model the servers run")

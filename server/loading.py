@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import shutil
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,6 +48,11 @@ def _local_name(name: str, settings: ServerSettings) -> str:
     if name != "tiny":
         return name
     path = Path(settings.data_dir) / "tiny-gpt2"
-    if not (path / "config.json").exists():
-        write_tiny_model(path)
+    if not (path / "config.json").exists():  # written whole, then renamed: processes starting together
+        tmp = path.with_name(f".tmp-tiny-{uuid.uuid4().hex}")  # never read a half-written one
+        write_tiny_model(tmp)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process was first
+            shutil.rmtree(tmp, ignore_errors=True)
     return str(path)

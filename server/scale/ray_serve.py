@@ -161,6 +161,9 @@ def engine_deployment(settings: ServerSettings, max_prefixes: int):
         "ray_actor_options": {"num_cpus": settings.ray_cpus_per_replica, "num_gpus": gpus},
         # what the engine itself would take (batch + queue); beyond it Ray holds requests back
         "max_ongoing_requests": settings.ray_max_ongoing_requests,
+        # a replica that stops answering is replaced within seconds (its requests answer 503 at once)
+        "health_check_period_s": 2.0,
+        "health_check_timeout_s": 10.0,
     }
     if settings.ray_max_replicas > settings.ray_replicas:
         options["autoscaling_config"] = {
