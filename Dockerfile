@@ -7,6 +7,8 @@ ARG BASE_IMAGE=python:3.11-slim
 
 FROM ${BASE_IMAGE} AS build
 ARG TORCH_LOCAL=+cpu
+# optional extras: "ray" for the Ray Serve application (docker-compose.ray.yml), "s3" for an S3 store
+ARG EXTRAS=
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
@@ -20,7 +22,7 @@ COPY pyproject.toml README.md /src/
 COPY server /src/server
 COPY prefix_store /src/prefix_store
 COPY client /src/client
-RUN pip install -c /src/requirements/lock.txt /src /src/client
+RUN pip install -c /src/requirements/lock.txt "/src${EXTRAS:+[$EXTRAS]}" /src/client
 
 FROM ${BASE_IMAGE}
 # a C compiler: the engine builds its CPU decode kernel for the machine it runs on (first start, ~1 s)

@@ -29,7 +29,7 @@ if ! "$py" -c "import torch" 2>/dev/null; then
 fi
 
 if [ "${1:-}" = "--test" ]; then
-  pip -e ".[test]" -e ./client
+  pip -e ".[test,ray]" -e ./client  # ray: tests/test_ray.py (a local cluster), bench/scale.py
   if [ -z "${REDIS_URL:-}" ] && ! command -v redis-server >/dev/null 2>&1; then
     sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -n"
     if [ -n "$sudo" ] && ! sudo -n true 2>/dev/null && ! command -v brew >/dev/null 2>&1; then

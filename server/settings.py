@@ -60,6 +60,10 @@ class ServerSettings:
     ray_gpus_per_replica: float = -1.0  # -1: 1 on CUDA, 0 on the CPU
     ray_cpus_per_replica: float = 1.0
     ray_api_replicas: int = 1  # ingress replicas (HTTP, tokenization, SSE)
+    # "affinity": a request goes to a replica holding its prefix (Ray Serve's multiplexed model id);
+    # "random": each replica its own deployment, the ingress picks one at random (the baseline that
+    # bench/scale.py measures affinity against)
+    ray_routing: str = "affinity"
     replica_prefixes: int = 0  # prefixes an engine replica holds (Ray's models per replica); 0: as many
     # of the longest allowed prefix as the device pool's bytes hold
     # tenants and limits

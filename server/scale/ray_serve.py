@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict, replace
@@ -182,8 +183,11 @@ class RayEngineClient:
     """What the API uses of an engine (`preparer`, `stream`, `stats`, `running`, ...), over a Ray Serve
     deployment handle: each request is one streaming call with its prefix as the multiplexed model id."""
 
-    def __init__(self, handle, preparer: RequestPreparer, tokenizer, watcher: ReplicaWatcher | None) -> None:
-        self.handle, self.preparer, self.tokenizer, self.watcher = handle, preparer, tokenizer, watcher
+    def __init__(
+        self, handles: list, preparer: RequestPreparer, tokenizer, watcher: ReplicaWatcher | None
+    ) -> None:
+        # one handle (affinity routing), or one per single-replica deployment (random routing)
+        self.handles, self.preparer, self.tokenizer, self.watcher = handles, preparer, tokenizer, watcher
         self.on_step = None  # (step sizes are the replicas' own; the batch histogram stays empty)
 
     async def start(self) -> None:
@@ -212,7 +216,9 @@ class RayEngineClient:
 
     async def stream(self, request: Request) -> AsyncIterator:
         """Send a prepared request to an engine replica (by prefix affinity) and stream its outputs."""
-        handle = self.handle.options(multiplexed_model_id=request.prefix_id or "", stream=True)
+        handle = random.choice(self.handles).options(
+            multiplexed_model_id=request.prefix_id or "", stream=True
+        )
         detok = Detokenizer(self.tokenizer, request.params.stop)
         wire_id = uuid.uuid4().hex[:12] + ":" + request.request_id
         responses = handle.generate.remote(encode(Add.of(request, wire_id)))
@@ -263,14 +269,14 @@ def merge_stats(stats: list[EngineStats]) -> EngineStats:
 
 async def ray_engine(settings: ServerSettings, loaded: LoadedModel) -> RayEngineClient:
     """The ingress's engine: a handle on the engine deployment of this application."""
-    handle = serve.get_deployment_handle(ENGINE, app_name=APP_NAME)
+    names = [ENGINE] if settings.ray_routing == "affinity" else _random_names(settings)
+    handles = [serve.get_deployment_handle(name, app_name=APP_NAME) for name in names]
     spec = loaded.spec
     max_seq_len = min(settings.max_seq_len or spec.n_positions, spec.n_positions)
     redis_cfg = settings.redis_config()
     watcher = ReplicaWatcher(redis_cfg) if redis_cfg is not None else None
-    client = RayEngineClient(
-        handle, RequestPreparer(loaded.tokenizer, spec, max_seq_len), loaded.tokenizer, watcher
-    )
+    preparer = RequestPreparer(loaded.tokenizer, spec, max_seq_len)
+    client = RayEngineClient(handles, preparer, loaded.tokenizer, watcher)
     await client.start()
     return client
 
@@ -295,8 +301,23 @@ def build_application(settings: ServerSettings, max_prefixes: int):
         return create_app(ServerSettings(**values), engine_factory=ray_engine)
 
     ingress = serve.deployment(name=API, num_replicas=settings.ray_api_replicas)(serve.ingress(build_api)())
-    engine = engine_deployment(settings, max_prefixes).bind(values, max_prefixes)
-    return ingress.bind(engine)
+    if settings.ray_routing == "affinity":
+        engines = [engine_deployment(settings, max_prefixes).bind(values, max_prefixes)]
+    elif settings.ray_routing == "random":
+        single = replace(settings, ray_replicas=1, ray_max_replicas=0)
+        deployment = engine_deployment(single, max_prefixes)
+        engines = [
+            deployment.options(name=name).bind(values, max_prefixes) for name in _random_names(settings)
+        ]
+    else:
+        raise ValueError(
+            f"PREFIXSERVE_RAY_ROUTING: expected affinity or random, got {settings.ray_routing!r}"
+        )
+    return ingress.bind(*engines)
+
+
+def _random_names(settings: ServerSettings) -> list[str]:
+    return [f"{ENGINE}-{i}" for i in range(settings.ray_replicas)]
 
 
 def app_builder(args: dict) -> serve.Application:
