@@ -77,6 +77,7 @@ def test_health_ready_metrics(api):
         "prefixserve_kv_blocks_total",
         "prefixserve_kv_blocks_free",
         "prefixserve_preemptions",
+        "prefixserve_prefix_requests_info",
     ):
         assert name in text, name
     # tenants appear as pseudonyms (tests/test_connections.py: access rules, names when configured)

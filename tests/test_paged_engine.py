@@ -188,3 +188,17 @@ def test_without_a_compiler_the_runner_gathers(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     assert load_paged_decode.__wrapped__() is None
     assert list(tmp_path.iterdir()) == []  # nothing half-built left behind
+
+
+def test_stats_name_the_prefixes_running_and_waiting(tiny_model):
+    """The residency the gauge shows (prefixserve_prefix_requests_info): distinct prefix ids of the
+    rows in the batch and of the waiting requests."""
+    prefixes = make_prefixes(tiny_model, [3, 9])
+    engine = engine_with(tiny_model, prefixes, max_running=2)
+    for i, pid in enumerate(["p3", "p3", "p9", None]):
+        engine.add_request(PROMPTS[i], GREEDY, prefix_id=pid, request_id=f"r{i}")
+    engine.step()
+    stats = engine.stats()
+    assert stats.running_prefixes == ["p3"] and stats.waiting_prefixes == ["p9"]
+    engine.run_to_completion()
+    assert engine.stats().running_prefixes == [] == engine.stats().waiting_prefixes

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import time
 
 import httpx
@@ -47,6 +48,7 @@ class RayApp:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> RayApp:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # (no reporting home from a test)
         ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         serve.run(build_application(self.settings, PER_REPLICA), name=APP_NAME, route_prefix="/")

@@ -40,6 +40,7 @@ from ray import serve
 from ray.exceptions import RayError
 
 from prefix_store.redis_health import RedisHealth
+from prefix_store.service import PrefixService
 
 from ..compile import bind_model
 from ..engine import AsyncEngine, EngineCore
@@ -90,8 +91,6 @@ class EngineReplica:
         model = load_configured_model(self.settings)
         redis_cfg = self.settings.redis_config()
         health = RedisHealth(redis_cfg) if redis_cfg is not None else None
-        from prefix_store.service import PrefixService
-
         self.service = PrefixService(bind_model(model), self.settings.store_config(), redis_health=health)
         config = replace(self.settings.engine_config(), detokenize=False)  # the ingress makes the text
         self.engine = AsyncEngine(EngineCore(model, config, prefixes=self.service.pool))
@@ -112,7 +111,7 @@ class EngineReplica:
         cannot load is not an error here: the request's own admission reports it (as on one machine)."""
         pool = self.service.pool
         try:
-            pool.acquire(prefix_id)
+            await asyncio.to_thread(pool.acquire, prefix_id)  # (its length may come from the store)
         except PrefixServeError:
             return _Resident(pool, prefix_id, pinned=False)
         while not pool.is_ready(prefix_id) and pool.failure(prefix_id) is None:
