@@ -382,7 +382,15 @@ class EngineCore:
         lives = [self._live[rid] for rid in ids]
         params, gens = [lv.request.params for lv in lives], [lv.generator for lv in lives]
         greedy = {i: maxima[i] for i, p in enumerate(params) if plain_greedy(p)}
-        tokens, failed = sample_rows(logits, params, gens, [lv.request.output_ids for lv in lives], greedy)
+        try:
+            tokens, failed = sample_rows(
+                logits, params, gens, [lv.request.output_ids for lv in lives], greedy
+            )
+        except Exception as exc:  # the shared read-back of the draws: no one row explains it
+            log.exception("sampling failed for a whole step; ending its %d rows", len(ids))
+            error = EngineFault(f"sampling this step failed ({type(exc).__name__}, logged)")
+            out += [self._end(rid, error) for rid in ids]
+            return {}
         for i, exc in failed.items():
             prefix_id = lives[i].request.prefix_id
             out.append(self._end(ids[i], PrefixError(prefix_id, f"sampling from its logits failed: {exc}")))

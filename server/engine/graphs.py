@@ -48,6 +48,8 @@ class _Bucket:
         """The layers over x `[n, C]` (n <= size) -> the final residual stream `[n, C]` (a view of the
         bucket's buffer, valid until its next run)."""
         n = x.shape[0]
+        # rows n.. keep whatever earlier steps left (even inf/NaN in half precision): the dense pieces
+        # never mix rows and only rows :n are read, so nothing looks at them
         self.x[:n].copy_(x)
         for layer, (pre, post) in enumerate(zip(self.pre, self.post, strict=True)):
             pre()

@@ -30,6 +30,7 @@ import asyncio
 import logging
 import os
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict, replace
@@ -38,6 +39,7 @@ import msgspec
 import ray
 from ray import serve
 from ray.exceptions import RayError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from prefix_store.redis_health import RedisHealth
 from prefix_store.service import PrefixService
@@ -62,6 +64,7 @@ APP_NAME = "prefixserve"
 ENGINE = "PrefixEngine"
 API = "PrefixServeAPI"
 LOAD_POLL_S = 0.005
+LOAD_WAIT_S = 30.0  # a prefix load that takes longer is left to the request's own admission
 
 _decode_add = msgspec.msgpack.Decoder(Add)
 _decode_output = msgspec.msgpack.Decoder(Output)
@@ -108,17 +111,27 @@ class EngineReplica:
 
     async def load_prefix(self, prefix_id: str) -> _Resident:
         """Make a prefix resident in this replica's device pool (Ray's "load the model"). A prefix that
-        cannot load is not an error here: the request's own admission reports it (as on one machine)."""
+        cannot load (or not within LOAD_WAIT_S) is not an error here: the request's own admission
+        reports it, as on one machine. Ray loads one prefix at a time per replica, hence the deadline."""
         pool = self.service.pool
         try:
             await asyncio.to_thread(pool.acquire, prefix_id)  # (its length may come from the store)
         except PrefixServeError:
             return _Resident(pool, prefix_id, pinned=False)
-        while not pool.is_ready(prefix_id) and pool.failure(prefix_id) is None:
-            await asyncio.sleep(LOAD_POLL_S)
-        if pool.failure(prefix_id) is not None:
+        try:
+            deadline = time.monotonic() + LOAD_WAIT_S
+            while not pool.is_ready(prefix_id) and pool.failure(prefix_id) is None:
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+                await asyncio.sleep(LOAD_POLL_S)
+            if pool.failure(prefix_id) is not None:
+                raise LookupError
+        except (TimeoutError, LookupError):
             pool.release(prefix_id)
             return _Resident(pool, prefix_id, pinned=False)
+        except BaseException:  # cancelled (the client went away): the pin goes with it
+            pool.release(prefix_id)
+            raise
         return _Resident(pool, prefix_id, pinned=True)
 
     async def generate(self, frame: bytes) -> AsyncIterator[bytes]:
@@ -188,6 +201,7 @@ class RayEngineClient:
         # one handle (affinity routing), or one per single-replica deployment (random routing)
         self.handles, self.preparer, self.tokenizer, self.watcher = handles, preparer, tokenizer, watcher
         self.on_step = None  # (step sizes are the replicas' own; the batch histogram stays empty)
+        self._stopping: asyncio.Task | None = None
 
     async def start(self) -> None:
         if self.watcher is not None:
@@ -195,7 +209,7 @@ class RayEngineClient:
 
     def stop(self) -> None:
         if self.watcher is not None:
-            asyncio.get_event_loop().create_task(self.watcher.stop())
+            self._stopping = asyncio.get_running_loop().create_task(self.watcher.stop())
 
     @property
     def running(self) -> bool:
@@ -233,7 +247,7 @@ class RayEngineClient:
                 yield out
                 if out.finished:  # (a stop string found here ends it before the engine does)
                     return
-        except RayError as exc:  # the replica died or could not be reached: retryable
+        except (RayError, BackPressureError, DeploymentUnavailableError) as exc:  # retryable
             log.warning("an engine replica failed a request: %s", type(exc).__name__)
             raise EngineStopped("the engine replica serving this request stopped; retry the request") from exc
         finally:
@@ -296,8 +310,8 @@ def build_application(settings: ServerSettings, max_prefixes: int):
 
     values = asdict(settings)
 
-    def build_api():
-        return create_app(ServerSettings(**values), engine_factory=ray_engine)
+    def build_api():  # the ingress holds the model on the CPU (tokenizer, uploads): the GPUs are the engines'
+        return create_app(replace(ServerSettings(**values), device="cpu"), engine_factory=ray_engine)
 
     ingress = serve.deployment(name=API, num_replicas=settings.ray_api_replicas)(serve.ingress(build_api)())
     if settings.ray_routing == "affinity":

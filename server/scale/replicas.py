@@ -57,6 +57,8 @@ class ReplicaPublisher:
                 self.publish()
             except redis.RedisError as exc:  # Redis down: the record expires; it comes back with Redis
                 log.debug("could not publish the replica's stats: %s", exc)
+            except Exception:  # anything else must not end the announcements (the replica would look dead)
+                log.exception("publishing the replica's stats failed")
             self._stop.wait(PUBLISH_S)
 
 
