@@ -50,6 +50,18 @@ def wait_until(predicate, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+def wait_job(api, job_id: str, headers=A, timeout: float = 120) -> dict:
+    """Poll a job until it leaves queued/running; -> its last state."""
+    deadline = time.monotonic() + timeout
+    while (job := httpx.get(api.url + f"/jobs/{job_id}", headers=headers).json())["status"] in (
+        "queued",
+        "running",
+    ):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+    return job
+
+
 def text_prefix(api, headers, text="Answer briefly.\n", visibility="private") -> dict:
     r = httpx.post(api.url + "/prefixes", json={"text": text, "visibility": visibility}, headers=headers)
     assert r.status_code == 201, r.text

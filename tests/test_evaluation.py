@@ -6,8 +6,6 @@ input is a 422 naming the field."""
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 import torch
@@ -17,7 +15,7 @@ from prefixserve.training.synthetic import table_to_text
 from prefixserve.training.trainer import IGNORE, encode_example
 
 from .live import LiveServer
-from .test_api import ALICE, A, B, settings_for, text_prefix
+from .test_api import ALICE, A, B, settings_for, text_prefix, wait_job
 
 PREFIX_TEXT = "name : The Punter | food : English\nThe Punter is a pub.\n"
 EXAMPLES = [
@@ -32,17 +30,6 @@ def api(tiny_model, tmp_path_factory):
     server = LiveServer(settings_for(tmp_path_factory.mktemp("evaluate")), tiny_model).start()
     yield server
     server.stop()
-
-
-def wait_job(api, job_id: str, headers=A, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while (job := httpx.get(api.url + f"/jobs/{job_id}", headers=headers).json())["status"] in (
-        "queued",
-        "running",
-    ):
-        assert time.monotonic() < deadline, job
-        time.sleep(0.05)
-    return job
 
 
 @torch.inference_mode()

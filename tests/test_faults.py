@@ -24,7 +24,7 @@ from prefixserve.training.synthetic import table_to_text
 from prefixserve.training.worker import Worker, WorkerConfig
 
 from .live import LiveServer
-from .test_api import A, settings_for, text_prefix, wait_until
+from .test_api import A, settings_for, text_prefix, wait_job, wait_until
 
 HEALTH_LOG = "prefix_store.redis_health"
 TRAIN = {"epochs": 1, "prefix_len": 2, "hidden": 8, "batch_size": 4}
@@ -221,24 +221,14 @@ def test_job_queue_works_again_after_flushall_without_restarts(tiny_model, tmp_p
     thread.start()
     client = redis.Redis.from_url(own_redis.url)
 
-    def finished(job_id: str) -> dict:
-        deadline = time.monotonic() + 120
-        while (job := httpx.get(server.url + f"/jobs/{job_id}", headers=A).json())["status"] in (
-            "queued",
-            "running",
-        ):
-            assert time.monotonic() < deadline, job
-            time.sleep(0.1)
-        return job
-
     try:
         first = httpx.post(server.url + "/prefixes", json=train_body(), headers=A).json()["id"]
-        assert finished(first)["status"] == "succeeded"
+        assert wait_job(server, first)["status"] == "succeeded"
         client.flushall()
         wait_until(lambda: client.exists(STREAM) and client.xinfo_groups(STREAM), 10)  # the worker did it
         r = httpx.post(server.url + "/prefixes", json=train_body(), headers=A)
         assert r.status_code == 202, r.text
-        second = finished(r.json()["id"])
+        second = wait_job(server, r.json()["id"])
         assert second["status"] == "succeeded", second
         body = {"prefix_id": second["prefix_id"], "input": "name : Aromi", "max_new_tokens": 3}
         assert httpx.post(server.url + "/generate", json=body, headers=A).status_code == 200
@@ -328,13 +318,7 @@ def test_training_publish_on_a_full_disk_fails_the_job_with_the_reason(tiny_mode
         r = httpx.post(server.url + "/prefixes", json=train_body(epochs=2), headers=A)
         assert r.status_code == 202, r.text
         job_id = r.json()["id"]
-        deadline = time.monotonic() + 120
-        while (job := httpx.get(server.url + f"/jobs/{job_id}", headers=A).json())["status"] in (
-            "queued",
-            "running",
-        ):
-            assert time.monotonic() < deadline, job
-            time.sleep(0.1)
+        job = wait_job(server, job_id)
         assert job["status"] == "failed" and job["prefix_id"] is None, job
         assert "InsufficientStorage" in job["error"] and "ENOSPC" in job["error"], job["error"]
         assert httpx.get(server.url + "/prefixes", headers=A).json()["prefixes"] == []
