@@ -31,6 +31,10 @@ class ModelSpec:
         """Canonical prefix layout (architecture.md invariant 1): [n_layer, 2, n_head, P, head_dim]."""
         return (self.n_layer, 2, self.n_head, prefix_len, self.head_dim)
 
+    def kv_bytes(self, tokens: int, itemsize: int) -> int:
+        """Bytes of the K and V of `tokens` positions across all layers (a prefix, or a row's own tokens)."""
+        return self.n_layer * 2 * self.n_embd * tokens * itemsize
+
     def attn_scale(self, layer: int) -> float:
         scale = self.head_dim**-0.5 if self.scale_attn_weights else 1.0
         if self.scale_attn_by_inverse_layer_idx:

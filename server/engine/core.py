@@ -578,6 +578,4 @@ def _tokens_that_fit(model: LoadedModel) -> int | None:
     if model.device.type != "cuda":
         return None
     free, _ = torch.cuda.mem_get_info(model.device)
-    spec = model.spec
-    token_bytes = spec.n_layer * 2 * spec.n_embd * model.dtype.itemsize  # K and V of one token
-    return int(free * KV_MEMORY_FRACTION) // token_bytes
+    return int(free * KV_MEMORY_FRACTION) // model.spec.kv_bytes(1, model.dtype.itemsize)

@@ -55,7 +55,7 @@ from ..engine.request import Request, SamplingParams
 from ..engine.wire import Add, EngineStats, Output, RemoteError, encode
 from ..errors import PrefixServeError
 from ..loading import load_configured_model
-from ..model import LoadedModel
+from ..model import LoadedModel, ModelSpec, parse_dtype
 from ..settings import ServerSettings
 from .replicas import ReplicaPublisher, ReplicaWatcher
 
@@ -295,12 +295,12 @@ async def ray_engine(settings: ServerSettings, loaded: LoadedModel) -> RayEngine
 
 
 # ---- the application ---------------------------------------------------------------------------
-def replica_prefixes(settings: ServerSettings, loaded_spec, dtype_bytes: int) -> int:
+def replica_prefixes(settings: ServerSettings, spec: ModelSpec) -> int:
     """Prefixes per engine replica: the setting, or as many of the longest allowed prefix as the device
     pool's bytes hold (at least 1)."""
     if settings.replica_prefixes > 0:
         return settings.replica_prefixes
-    per_prefix = loaded_spec.n_layer * 2 * loaded_spec.n_embd * settings.max_prefix_len * dtype_bytes
+    per_prefix = spec.kv_bytes(settings.max_prefix_len, parse_dtype(settings.dtype).itemsize)
     return max(1, settings.device_pool_bytes // per_prefix)
 
 
@@ -350,8 +350,7 @@ def _typed(cls, name: str, value: str):
 def _max_prefixes(settings: ServerSettings) -> int:
     from ..loading import configured_spec
 
-    dtype_bytes = 2 if settings.dtype in ("float16", "bfloat16") else 4
-    return replica_prefixes(settings, configured_spec(settings), dtype_bytes)
+    return replica_prefixes(settings, configured_spec(settings))
 
 
 def serve_ray(settings: ServerSettings) -> None:
