@@ -55,7 +55,7 @@ class StepInputs:
         """Stage `values` (ints, or bools for dtype bool) -> their device tensor `[len(values)]` (its values
         are there once `upload` ran)."""
         n = len(values)
-        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        nbytes = n * dtype.itemsize
         start = -(-self._used // ALIGN) * ALIGN
         if start + nbytes > self.capacity:  # does not fit this step: its own tensor, a bigger buffer next
             self._want = max(self._want, 2 * (start + nbytes))
