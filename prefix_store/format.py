@@ -334,6 +334,18 @@ def read_meta(head: bytes) -> PrefixMeta:
     return _meta(header)
 
 
+def file_size(head: bytes) -> int:
+    """A file's size in bytes from its start (header length + the tensors' extent, as the header says;
+    the offsets themselves are checked when the file is loaded)."""
+    header, start = parse_header(head, 8 + MAX_HEADER_BYTES, whole=False)
+    ends = [
+        info["data_offsets"][1]
+        for name, info in header.items()
+        if name != "__metadata__" and isinstance(info, dict) and isinstance(info.get("data_offsets"), list)
+    ]
+    return start + max((e for e in ends if isinstance(e, int)), default=0)
+
+
 def _meta(header: dict) -> PrefixMeta:
     raw = header.get("__metadata__")
     if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):

@@ -124,6 +124,12 @@ class DevicePool:
         with self._lock:
             return [pid for pid, e in self._entries.items() if e.kv is not None]
 
+    def residency(self) -> tuple[int, int, int]:
+        """(prefixes on the device, their bytes, the byte budget)."""
+        with self._lock:
+            count = sum(1 for e in self._entries.values() if e.kv is not None)
+            return count, self._resident_bytes, self.budget
+
     def pins(self, prefix_id: str) -> int:
         entry = self._entries.get(prefix_id)
         return 0 if entry is None else entry.pins

@@ -27,6 +27,7 @@ from .format import (
     decode_prefix,
     decode_tensors,
     encode_tensors,
+    file_size,
     read_meta,
 )
 from .importers import PEFT_TENSOR, import_peft
@@ -98,6 +99,7 @@ class PrefixService:
             self.stats,
         )
         self._meta: dict[str, PrefixMeta] = {}  # files are immutable, so metadata is cached forever
+        self._size: dict[str, int] = {}  # and so are their sizes in bytes
         self._lock = threading.Lock()
 
     def redis_config(self) -> RedisConfig | None:
@@ -154,6 +156,7 @@ class PrefixService:
         self.cache.put(meta.id, data)
         with self._lock:
             self._meta[meta.id] = meta
+            self._size[meta.id] = len(data)
         return meta
 
     def add_file(
@@ -206,10 +209,17 @@ class PrefixService:
         cached = self.cached_meta(prefix_id)
         if cached is not None:
             return cached
-        meta = read_meta(self.store.head(prefix_id, 8 + MAX_HEADER_BYTES))
+        head = self.store.head(prefix_id, 8 + MAX_HEADER_BYTES)
+        meta = read_meta(head)
         with self._lock:
             self._meta[prefix_id] = meta
+            self._size[prefix_id] = file_size(head)
         return meta
+
+    def size(self, prefix_id: str) -> int | None:
+        """The stored file's bytes, once its metadata was read (no I/O); else None."""
+        with self._lock:
+            return self._size.get(prefix_id)
 
     def visible(self, prefix_id: str, tenant: str, meta: PrefixMeta | None = None) -> PrefixMeta:
         """Metadata if `tenant` may use the prefix; a foreign private prefix is 'not found' (invariant 8).
@@ -261,6 +271,7 @@ class PrefixService:
         self.pool.evict(prefix_id)
         with self._lock:
             self._meta.pop(prefix_id, None)
+            self._size.pop(prefix_id, None)
         return found
 
     def close(self) -> None:

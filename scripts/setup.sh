@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up into .venv: PyTorch (the CPU build unless an NVIDIA GPU is present; never the
-# multi-GB CUDA build on a CPU machine), the server and the SDK. With --test: the test dependencies
-# and a redis-server for the tests that need one.
+# multi-GB CUDA build on a CPU machine), the server and the SDK. With --test: the test dependencies,
+# a redis-server and Debian's chromium for the tests that need them.
 # Every package is installed at the version requirements/lock.txt pins (the tested set; refresh it
 # with scripts/lock.sh). CONSTRAINTS= (empty) resolves the newest releases within pyproject's bounds.
 set -euo pipefail
@@ -29,22 +29,29 @@ if ! "$py" -c "import torch" 2>/dev/null; then
 fi
 
 if [ "${1:-}" = "--test" ]; then
-  pip -e ".[test,ray]" -e ./client  # ray: tests/test_ray.py (a local cluster), bench/scale.py
-  if [ -z "${REDIS_URL:-}" ] && ! command -v redis-server >/dev/null 2>&1; then
+  pip -e ".[test,ray]" -e "./client[plot]"  # ray: tests/test_ray.py (a local cluster), bench/scale.py
+  # system packages: a redis-server (the tests start and kill their own) and Debian's chromium (the
+  # console's browser tests drive it through Playwright; Playwright's own browser download is not used)
+  need=()
+  [ -n "${REDIS_URL:-}" ] || command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+  [ -n "${PREFIXSERVE_CHROMIUM:-}" ] || command -v chromium >/dev/null 2>&1 || need+=(chromium)
+  if [ ${#need[@]} -gt 0 ]; then
     sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -n"
     if [ -n "$sudo" ] && ! sudo -n true 2>/dev/null && ! command -v brew >/dev/null 2>&1; then
-      echo "The tests need a redis-server (they start and kill their own). Installing one needs root here:" >&2
-      echo "  install it yourself (apt-get install redis-server, dnf install redis, brew install redis)," >&2
-      echo "  or point REDIS_URL at a Redis the tests may flush (e.g. REDIS_URL=redis://127.0.0.1:6379/15)" >&2
-      echo "  and rerun; then the few tests that kill and restart Redis are skipped." >&2
+      echo "The tests need ${need[*]}. Installing needs root here: install them yourself" >&2
+      echo "  (apt-get install ${need[*]}; for Redis alternatively set REDIS_URL=redis://127.0.0.1:6379/15" >&2
+      echo "  to a Redis the tests may flush, and then the few tests that kill Redis are skipped) and rerun." >&2
       exit 1
     fi
     if command -v apt-get >/dev/null 2>&1; then
-      $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-    elif command -v brew >/dev/null 2>&1; then
-      brew install redis
+      $sudo apt-get update -qq
+      $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    elif command -v brew >/dev/null 2>&1; then  # macOS: Chromium is a cask; point PREFIXSERVE_CHROMIUM at it
+      [[ " ${need[*]} " != *" redis-server "* ]] || brew install redis
+      [[ " ${need[*]} " != *" chromium "* ]] || { brew install --cask chromium && echo \
+        "set PREFIXSERVE_CHROMIUM=/Applications/Chromium.app/Contents/MacOS/Chromium for the console tests" >&2; }
     else
-      echo "redis-server is needed by the tests: install it, or set REDIS_URL" >&2; exit 1
+      echo "the tests need ${need[*]}: install them (or set REDIS_URL for Redis)" >&2; exit 1
     fi
   fi
 else

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from prefix_store.redis_health import RedisHealth
 from prefix_store.service import PrefixService
 
+from .api.console import install_console
 from .api.errors import install_error_handlers
 from .api.routes import ROUTERS
 from .api.state import State
@@ -141,8 +142,11 @@ def create_app(
         version="0.1.0",
         description="Many prefix-tuning prefixes on one frozen GPT-2, mixed in one batched forward pass.",
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc come from local assets (install_console)
+        redoc_url=None,
     )
     install_error_handlers(app)
+    install_console(app)
     for router in ROUTERS:
         app.include_router(router)
     return app

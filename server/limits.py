@@ -63,6 +63,7 @@ MAX_CHOICES = 64  # completions per request (prompts x n), on the OpenAI endpoin
 
 # ---- client input --------------------------------------------------------------------------------
 MAX_IDEMPOTENCY_KEY_CHARS = 255
+MAX_JOBS_LISTED = 200  # GET /jobs?limit=
 TENANT_NAME_MAX = 64
 
 # ---- training submissions ------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import ipaddress
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -75,6 +76,27 @@ class MetricsAccess:
             )
 
 
+class TokenRate:
+    """Tokens per second over the last `window_s` whole seconds (the current second left out)."""
+
+    def __init__(self, window_s: int = 10, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s, self.clock = window_s, clock
+        self._seconds: deque[list[int]] = deque()  # [second, tokens], oldest first
+
+    def add(self, n: int) -> None:
+        second = int(self.clock())
+        if self._seconds and self._seconds[-1][0] == second:
+            self._seconds[-1][1] += n
+        else:
+            self._seconds.append([second, n])
+        while self._seconds[0][0] < second - self.window_s:
+            self._seconds.popleft()
+
+    def per_second(self) -> float:
+        now = int(self.clock())
+        return sum(n for second, n in self._seconds if now - self.window_s <= second < now) / self.window_s
+
+
 class Metrics:
     def __init__(
         self, engine: AsyncEngine | EngineClient, service: PrefixService, config: MetricsConfig | None = None
@@ -105,7 +127,10 @@ class Metrics:
             registry=r,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
         )
-        stats = engine.stats  # the engine's own counts (in this process, or the last heard from its own)
+        self.stats = stats = engine.stats  # the engine's own counts (here, or the last heard from its own)
+        self.service = service
+        self.token_rate = TokenRate()
+        self.tokens_total = 0
         gauges = {
             "prefixserve_queue_depth": ("Requests waiting", "waiting"),
             "prefixserve_running_sequences": ("Sequences in the batch", "running"),
@@ -114,7 +139,7 @@ class Metrics:
         }
         for name, (text, field) in gauges.items():
             Gauge(name, text, registry=r).set_function(lambda field=field: getattr(stats(), field))
-        r.register(_TierCollector(service, stats))
+        r.register(_TierCollector(self.prefix_loads))
         r.register(_PreemptionCollector(stats))
         r.register(_ResidencyCollector(engine.replica_stats))
 
@@ -124,6 +149,16 @@ class Metrics:
 
     def count_tokens(self, tenant: str, n: int) -> None:
         self.tokens.labels(self.tenant(tenant)).inc(n)
+        self.tokens_total += n
+        self.token_rate.add(n)
+
+    def prefix_loads(self) -> dict[str, int]:
+        """Prefix lookups by "tier_result": this process's store counters plus those of an engine in a
+        process of its own (its device pool and caches are there)."""
+        counts = self.service.stats.snapshot()
+        for key, value in self.stats().prefix_loads.items():
+            counts[key] = counts.get(key, 0) + value
+        return counts
 
 
 class _PreemptionCollector:
@@ -166,20 +201,16 @@ class _ResidencyCollector:
 
 
 class _TierCollector:
-    """Prefix hits / misses / errors per tier, from the store's counters: this process's, plus those of
-    an engine in its own process (its device pool and caches are there)."""
+    """Prefix hits / misses / errors per tier (`Metrics.prefix_loads`)."""
 
-    def __init__(self, service: PrefixService, stats: Callable[[], EngineStats]) -> None:
-        self.service, self.stats = service, stats
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self.counts = counts
 
     def collect(self):
         family = CounterMetricFamily(
             "prefixserve_prefix_loads", "Prefix lookups per tier", labels=["tier", "result"]
         )
-        counts = self.service.stats.snapshot()
-        for key, value in self.stats().prefix_loads.items():
-            counts[key] = counts.get(key, 0) + value
-        for key, value in sorted(counts.items()):
+        for key, value in sorted(self.counts().items()):
             tier, _, result = key.partition("_")
             family.add_metric([tier, result], value)
         yield family

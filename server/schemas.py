@@ -186,13 +186,16 @@ class PrefixInfo(BaseModel):
     model_fingerprint: str
     created_at: str
     sha256: str
+    size_bytes: int | None = Field(None, description="the stored file's size in bytes")
     # your evaluations of it, oldest first (GET /prefixes/{id} only; lists leave them out)
     evaluations: list[EvaluationInfo] | None = None
 
     @classmethod
-    def of(cls, meta: PrefixMeta, evaluations: list[EvaluationInfo] | None = None) -> PrefixInfo:
-        fields = {k: getattr(meta, k) for k in cls.model_fields if k != "evaluations"}
-        return cls(**fields, evaluations=evaluations)
+    def of(
+        cls, meta: PrefixMeta, evaluations: list[EvaluationInfo] | None = None, size_bytes: int | None = None
+    ) -> PrefixInfo:
+        fields = {k: getattr(meta, k) for k in cls.model_fields if k not in ("evaluations", "size_bytes")}
+        return cls(**fields, evaluations=evaluations, size_bytes=size_bytes)
 
 
 class PrefixList(BaseModel):
@@ -242,6 +245,38 @@ class JobInfo(BaseModel):
     def of(cls, job) -> JobInfo:
         flat = {**asdict(job.progress), **{k: v for k, v in vars(job).items() if k != "progress"}}
         return cls(job_id=job.id, **{k: flat[k] for k in cls.model_fields if k != "job_id"})
+
+
+class TierLoads(BaseModel):
+    hits: int = 0
+    misses: int = 0
+    hit_rate: float | None = Field(None, description="hits / (hits + misses); null before any lookup")
+    other: dict[str, int] = Field(
+        default_factory=dict, description="the tier's other counts: errors, evictions, reads, load_errors..."
+    )
+
+
+class ServerStats(BaseModel):
+    """Aggregate figures of this server (the web console's Server page): no prefix ids, no tenants."""
+
+    model: str
+    redis: str = Field(description='"up", "down" or "none" (not configured)')
+    running: int = Field(description="rows in the batch")
+    max_running: int = Field(description="the batch's row limit")
+    waiting: int = Field(description="requests queued for the batch")
+    kv_blocks_total: int
+    kv_blocks_free: int
+    preemptions: int
+    tokens_per_s: float = Field(description="generated tokens per second over the last 10 s")
+    tokens_total: int = Field(description="generated tokens since start")
+    resident_prefixes: int = Field(description="prefixes in the device pool")
+    resident_bytes: int
+    pool_budget_bytes: int = Field(description="the device pool's byte budget (0: none)")
+    prefix_loads: dict[str, TierLoads] = Field(description="lookups per tier: device, local, redis, store")
+
+
+class JobList(BaseModel):
+    jobs: list[JobInfo]
 
 
 def inline_schema(model: type[BaseModel]) -> dict:

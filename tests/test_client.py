@@ -25,6 +25,7 @@ from prefixserve_client import (
     ServerError,
     ValidationError,
 )
+from prefixserve_client._plot import BARS, sparkline
 from safetensors.torch import save as st_save
 
 from prefix_store.format import PrefixMeta, encode_prefix
@@ -348,8 +349,17 @@ def test_cli_commands(live, tiny_model, tmp_path):
     assert json.loads(trained.stdout)["source"] == "train" and "step 4/4" in trained.stderr
     queued = cli(live, "train", str(data), "--epochs", "1", "--prefix-len", "2", "--hidden", "8", "--no-wait")
     job_id = queued.stdout.strip()
-    shown = cli(live, "job", job_id, "--wait", "--poll", "0.05")
+    plot = tmp_path / "loss.png"
+    shown = cli(live, "job", job_id, "--wait", "--poll", "0.05", "--plot", str(plot))
     assert shown.returncode == 0 and json.loads(shown.stdout)["status"] == "succeeded"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000  # a real image
+    assert f"loss curve written to {plot}" in shown.stderr
+    assert any(bar in shown.stderr for bar in BARS)  # the progress line's sparkline
+    jobs = cli(live, "jobs", "--limit", "3")
+    assert jobs.returncode == 0, jobs.stderr
+    lines = jobs.stdout.splitlines()
+    assert lines[1].startswith(job_id) and "succeeded" in lines[1]  # newest first
+    assert any(bar in lines[1] for bar in BARS)
     long = cli(live, "train", str(ROOT / "examples" / "data.jsonl"), "--epochs", "100", "--no-wait")
     assert long.returncode == 0, long.stderr
     job_id = long.stdout.strip()
@@ -396,3 +406,12 @@ assert "torch" not in sys.modules
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "smoke test passed" in run.stdout
+
+
+def test_sparkline_scales_and_buckets():
+    assert sparkline([]) == ""
+    assert sparkline([3.0, 2.0, 1.0]) == "█▅▁"
+    assert sparkline([1.0] * 5) == "▅▅▅▅▅"
+    line = sparkline([float(x) for x in range(100, 0, -1)], width=10)
+    assert len(line) == 10 and line[0] == "█" and line[-1] == "▁"
+    assert list(line) == sorted(line, key=BARS.index, reverse=True)  # falling values, falling bars

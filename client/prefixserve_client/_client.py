@@ -21,6 +21,7 @@ import httpx
 
 from ._errors import PrefixServeError, ServerError, Timeout, error_for
 from ._models import GenerateResult, JobState, Prefix, ScoreResult
+from ._plot import sparkline
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 # What an SSE `error` event's type would have answered as a plain HTTP error (the stream had begun).
@@ -163,7 +164,7 @@ def _progress_line(state: JobState) -> str:
     epochs = state.config.get("epochs", "?")
     return (
         f"\r[{'#' * done}{'.' * (width - done)}] {state.status} epoch {state.epoch}/{epochs} "
-        f"step {state.step}/{state.total_steps} loss {loss} eta {eta}   "
+        f"step {state.step}/{state.total_steps} loss {loss} {sparkline(state.losses, 20)} eta {eta}   "
     )
 
 
@@ -329,6 +330,11 @@ class Jobs:
 
     def get(self, job_id: str) -> Job:
         return Job(self._c, JobState.model_validate(self._c._request("GET", f"/jobs/{job_id}").json()))
+
+    def list(self, limit: int = 50) -> list[JobState]:
+        """Your jobs, newest first."""
+        response = self._c._request("GET", "/jobs", params={"limit": limit})
+        return [JobState.model_validate(j) for j in response.json()["jobs"]]
 
 
 class Job:
@@ -522,6 +528,11 @@ class AsyncJobs:
     async def get(self, job_id: str) -> AsyncJob:
         response = await self._c._request("GET", f"/jobs/{job_id}")
         return AsyncJob(self._c, JobState.model_validate(response.json()))
+
+    async def list(self, limit: int = 50) -> list[JobState]:
+        """Your jobs, newest first."""
+        response = await self._c._request("GET", "/jobs", params={"limit": limit})
+        return [JobState.model_validate(j) for j in response.json()["jobs"]]
 
 
 class AsyncJob:

@@ -73,6 +73,7 @@ class Prefix(_Model):
     model_fingerprint: str
     created_at: str
     sha256: str
+    size_bytes: int | None = None  # the stored file's size
     evaluations: list[Evaluation] | None = None  # your evaluations (prefixes.get only)
 
 

@@ -5,7 +5,8 @@
     prefixserve-client score --prefix pfx-... "name : Aromi" "Aromi is a pub." --top 3
     prefixserve-client prefixes list | upload PATH | from-text TEXT | get ID | delete ID
     prefixserve-client train data.jsonl --epochs 5           # shows progress, prints the prefix
-    prefixserve-client job JOB_ID [--wait | --cancel]
+    prefixserve-client job JOB_ID [--wait | --cancel] [--plot loss.png]   # --plot: the [plot] extra
+    prefixserve-client jobs                                   # your jobs, newest first, with loss sparklines
 
 Server and key from --base-url / --api-key or PREFIXSERVE_BASE_URL / PREFIXSERVE_API_KEY.
 """
@@ -13,12 +14,14 @@ Server and key from --base-url / --api-key or PREFIXSERVE_BASE_URL / PREFIXSERVE
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
-from ._client import Client
+from ._client import Client, JobFailed
 from ._errors import PrefixServeError
-from ._models import Prefix
+from ._models import JobState, Prefix
+from ._plot import plot_losses, sparkline
 
 HYPER = {
     "prefix_len": int,
@@ -117,8 +120,23 @@ def _job(client: Client, a: argparse.Namespace) -> None:
     if a.cancel:
         job.cancel(wait=True)  # prints the job once it has stopped: "cancelled" (or how it ended)
     elif a.wait:
-        job.wait(progress=True, poll_s=a.poll)
+        with contextlib.suppress(JobFailed):  # a failed or cancelled job is still shown (and plotted)
+            job.wait(progress=True, poll_s=a.poll)
+    if a.plot:
+        print(f"loss curve written to {plot_losses(job.state, a.plot)}", file=sys.stderr)
     _print_json(job.state)
+
+
+def _print_jobs(jobs: list[JobState]) -> None:
+    print(f"{'ID':<22} {'STATUS':<10} {'STEP':>11} {'LOSS':>8}  {'CURVE':<20} NAME")
+    for j in jobs:
+        loss = f"{j.loss:.4f}" if j.loss is not None else "-"
+        step = f"{j.step}/{j.total_steps}"
+        print(f"{j.id:<22} {j.status:<10} {step:>11} {loss:>8}  {sparkline(j.losses, 20):<20} {j.name[:30]}")
+
+
+def _jobs(client: Client, a: argparse.Namespace) -> None:
+    _print_jobs(client.jobs.list(a.limit))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,7 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--wait", action="store_true")
     j.add_argument("--cancel", action="store_true")
     j.add_argument("--poll", type=float, default=1.0)
+    j.add_argument("--plot", default=None, metavar="PATH", help="write the loss curve to an image (PNG, SVG)")
     j.set_defaults(func=_job)
+
+    js = sub.add_parser("jobs", help="your jobs, newest first, with their loss curves as sparklines")
+    js.add_argument("--limit", type=int, default=20)
+    js.set_defaults(func=_jobs)
     return ap
 
 

@@ -228,6 +228,7 @@ class EngineCore:
 
     def stats(self) -> EngineStats:
         s = self.scheduler
+        resident, resident_bytes, budget = self.prefixes.residency()
         return EngineStats(
             s.num_waiting,
             s.num_running,
@@ -236,6 +237,10 @@ class EngineCore:
             s.num_preemptions,
             running_prefixes=_prefix_ids(s.running()),
             waiting_prefixes=_prefix_ids(s.waiting()),
+            max_running=s.config.max_running,
+            resident_prefixes=resident,
+            resident_bytes=resident_bytes,
+            pool_budget_bytes=budget,
         )
 
     @property

@@ -60,6 +60,10 @@ class PrefixProvider(Protocol):
         """The error of a load that failed, else None."""
         ...
 
+    def residency(self) -> tuple[int, int, int]:
+        """(prefixes on the device, their bytes, the byte budget; 0: no budget)."""
+        ...
+
 
 @dataclass
 class _Entry:
@@ -136,6 +140,10 @@ class PrefixTable:
 
     def pins(self, prefix_id: str) -> int:
         return self._get(prefix_id).pins
+
+    def residency(self) -> tuple[int, int, int]:
+        states = [e.kv for e in self._entries.values() if e.kv is not None]
+        return len(states), sum(prefix_nbytes(s) for s in states), 0
 
     def _get(self, prefix_id: str) -> _Entry:
         entry = self._entries.get(prefix_id)

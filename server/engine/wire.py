@@ -33,6 +33,11 @@ class EngineStats:
     running_prefixes: list[str] = field(default_factory=list)
     waiting_prefixes: list[str] = field(default_factory=list)
     max_prefixes: int = 0
+    # the batch's size limit and the device pool's state (the web console's Server page)
+    max_running: int = 0
+    resident_prefixes: int = 0
+    resident_bytes: int = 0
+    pool_budget_bytes: int = 0
 
 
 # ---- API -> engine ---------------------------------------------------------------------------

@@ -277,6 +277,10 @@ def merge_stats(stats: list[EngineStats]) -> EngineStats:
         running_prefixes=sorted({p for s in stats for p in s.running_prefixes}),
         waiting_prefixes=sorted({p for s in stats for p in s.waiting_prefixes}),
         max_prefixes=sum(s.max_prefixes for s in stats),
+        max_running=sum(s.max_running for s in stats),
+        resident_prefixes=sum(s.resident_prefixes for s in stats),
+        resident_bytes=sum(s.resident_bytes for s in stats),
+        pool_budget_bytes=sum(s.pool_budget_bytes for s in stats),
     )
 
 

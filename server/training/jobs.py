@@ -35,6 +35,8 @@ T = TypeVar("T")
 STREAM = "prefixserve:jobs"
 GROUP = "workers"
 RECORD = "prefixserve:job:"
+BY_TENANT = "prefixserve:jobs-of:"  # a sorted set per tenant: job ids scored by submission time
+MAX_LISTED = 1000  # the newest jobs a tenant's index keeps (older records stay readable by id)
 
 
 class JobStatus(StrEnum):
@@ -100,6 +102,10 @@ class JobQueue(Protocol):
     def submit(self, job: Job) -> None: ...
 
     def get(self, job_id: str) -> Job: ...
+
+    def list(self, tenant: str, limit: int) -> list[Job]:
+        """The tenant's newest `limit` jobs, newest first."""
+        ...
 
     def save(self, job: Job) -> None: ...
 
@@ -189,6 +195,8 @@ class RedisJobQueue:
             self._create_group()  # cheap, and makes a flushed Redis usable without waiting for a worker
             pipe = self.r.pipeline(transaction=True)
             pipe.set(RECORD + job.id, job.to_json())
+            pipe.zadd(BY_TENANT + job.tenant, {job.id: time.time()})
+            pipe.zremrangebyrank(BY_TENANT + job.tenant, 0, -MAX_LISTED - 1)
             pipe.xadd(STREAM, {"job_id": job.id})
             pipe.execute()
 
@@ -199,6 +207,13 @@ class RedisJobQueue:
         if raw is None:
             raise JobNotFound(job_id)
         return Job.from_json(raw)
+
+    def list(self, tenant: str, limit: int) -> list[Job]:
+        def read() -> list[bytes | None]:
+            ids = self.r.zrevrange(BY_TENANT + tenant, 0, limit - 1)
+            return self.r.mget([RECORD + i.decode() for i in ids]) if ids else []
+
+        return [Job.from_json(raw) for raw in self._call("listing jobs", read) if raw is not None]
 
     def save(self, job: Job) -> None:
         job.updated_at = now()
@@ -292,6 +307,12 @@ class LocalJobQueue:
         if raw is None:
             raise JobNotFound(job_id)
         return Job.from_json(raw)
+
+    def list(self, tenant: str, limit: int) -> list[Job]:
+        with self._lock:
+            raws = list(self._jobs.values())
+        jobs = [j for j in map(Job.from_json, reversed(raws)) if j.tenant == tenant]  # newest first
+        return sorted(jobs, key=lambda j: j.created_at, reverse=True)[:limit]  # (stable within a second)
 
     def save(self, job: Job) -> None:
         job.updated_at = now()

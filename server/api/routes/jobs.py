@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 
-from ...schemas import JobInfo
+from ...limits import MAX_JOBS_LISTED
+from ...schemas import JobInfo, JobList
 from ...training.jobs import Job, JobNotFound, cancel
 from ..errors import ERRORS, BoundedJsonRoute
 from ..state import State, get_state, tenant_of
@@ -19,6 +20,17 @@ async def _own_job(state: State, job_id: str, tenant: str) -> Job:
     if job.tenant != tenant:  # another tenant's job is indistinguishable from none
         raise JobNotFound(job_id)
     return job
+
+
+@router.get("/jobs", response_model=JobList, responses=ERRORS)
+async def list_jobs(
+    request: Request,
+    tenant: str = Depends(tenant_of),
+    limit: int = Query(50, ge=1, le=MAX_JOBS_LISTED, description="at most this many, newest first"),
+) -> JobList:
+    """Your training and evaluation jobs, newest first (the web console's Jobs page)."""
+    jobs = await asyncio.to_thread(get_state(request).jobs.list, tenant, limit)
+    return JobList(jobs=[JobInfo.of(job) for job in jobs])
 
 
 @router.get("/jobs/{job_id}", response_model=JobInfo, responses=ERRORS)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ...schemas import ErrorResponse
-from ..errors import BoundedJsonRoute, Draining, error_response
-from ..state import State, get_state
+from ...schemas import ErrorResponse, ServerStats, TierLoads
+from ..errors import ERRORS, BoundedJsonRoute, Draining, error_response
+from ..state import State, get_state, tenant_of
 
 router = APIRouter(tags=["ops"], route_class=BoundedJsonRoute)
 
@@ -57,3 +57,43 @@ async def metrics(request: Request) -> PlainTextResponse:
     metrics = get_state(request).metrics
     metrics.access.check(request.headers.get("authorization"), request.client and request.client.host)
     return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/server/stats", response_model=ServerStats, responses=ERRORS)
+async def server_stats(request: Request, tenant: str = Depends(tenant_of)) -> ServerStats:
+    """Batch occupancy, throughput, queue depth, device-pool residency and prefix-cache hit rates, for
+    any tenant's key: aggregate figures only (no prefix ids, no tenant names; those stay in /metrics)."""
+    state = get_state(request)
+    metrics, engine = state.metrics, state.engine.stats()
+    return ServerStats(
+        model=state.model.served_name,
+        redis=state.redis.state if state.redis is not None else "none",
+        running=engine.running,
+        max_running=engine.max_running,
+        waiting=engine.waiting,
+        kv_blocks_total=engine.kv_blocks_total,
+        kv_blocks_free=engine.kv_blocks_free,
+        preemptions=engine.preemptions,
+        tokens_per_s=metrics.token_rate.per_second(),
+        tokens_total=metrics.tokens_total,
+        resident_prefixes=engine.resident_prefixes,
+        resident_bytes=engine.resident_bytes,
+        pool_budget_bytes=engine.pool_budget_bytes,
+        prefix_loads=tier_loads(metrics.prefix_loads()),
+    )
+
+
+def tier_loads(counts: dict[str, int]) -> dict[str, TierLoads]:
+    """{"device_hits": 3, "device_evictions": 1, ...} -> {"device": TierLoads(hits=3, ...)}."""
+    tiers: dict[str, TierLoads] = {}
+    for key, n in sorted(counts.items()):
+        tier, _, result = key.partition("_")
+        loads = tiers.setdefault(tier, TierLoads())
+        if result in ("hits", "misses"):
+            setattr(loads, result, n)
+        else:
+            loads.other[result] = n
+    for loads in tiers.values():
+        looked = loads.hits + loads.misses
+        loads.hit_rate = loads.hits / looked if looked else None
+    return tiers

@@ -148,8 +148,9 @@ _EVALUATION_DOC = {
 @router.get("/prefixes", response_model=PrefixList, responses=ERRORS)
 async def list_prefixes(request: Request, tenant: str = Depends(tenant_of)) -> PrefixList:
     """Your own prefixes and every public one."""
-    metas = await asyncio.to_thread(get_state(request).service.list, tenant)
-    return PrefixList(prefixes=[PrefixInfo.of(m) for m in metas])
+    service = get_state(request).service
+    metas = await asyncio.to_thread(service.list, tenant)
+    return PrefixList(prefixes=[PrefixInfo.of(m, size_bytes=service.size(m.id)) for m in metas])
 
 
 @router.get("/prefixes/{prefix_id}", response_model=PrefixInfo, responses=ERRORS)
@@ -161,7 +162,8 @@ async def get_prefix(prefix_id: str, request: Request, tenant: str = Depends(ten
     records = sorted(
         (parse_json(raw) for raw in stored), key=lambda r: (r.get("created_at", ""), r["job_id"])
     )
-    return PrefixInfo.of(meta, [EvaluationInfo.model_validate(r, strict=False) for r in records])
+    evaluations = [EvaluationInfo.model_validate(r, strict=False) for r in records]
+    return PrefixInfo.of(meta, evaluations, state.service.size(prefix_id))
 
 
 @router.post(
@@ -246,7 +248,8 @@ class _Creation:
         self, fingerprint: Callable[[], str], add: Callable[[str], Awaitable[PrefixMeta]]
     ) -> JSONResponse:
         async def create(prefix_id: str) -> JSONResponse:
-            return JSONResponse(PrefixInfo.of(await add(prefix_id), []).model_dump(), 201)  # new: none yet
+            meta = await add(prefix_id)  # new: no evaluations yet
+            return JSONResponse(PrefixInfo.of(meta, [], self.state.service.size(meta.id)).model_dump(), 201)
 
         return await self._run(fingerprint, new_prefix_id(), create, self._recover_prefix)
 
@@ -276,7 +279,7 @@ class _Creation:
             return None
         if meta.owner != self.tenant:
             return None
-        return JSONResponse(PrefixInfo.of(meta, []).model_dump(), 201)
+        return JSONResponse(PrefixInfo.of(meta, [], self.state.service.size(prefix_id)).model_dump(), 201)
 
     async def _recover_job(self, job_id: str) -> JSONResponse | None:
         """The answer for a planned job id already queued (by this tenant), else None."""
