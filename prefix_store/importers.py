@@ -1,4 +1,5 @@
-"""Importers: PEFT prefix tuning, PEFT prompt tuning and plain text, each to canonical K/V.
+"""Importers: PEFT prefix tuning, PEFT prompt tuning and plain text, each to canonical K/V; PEFT LoRA
+to the `lora` kind's tensors (kinds/lora.py).
 
 Canonical layout (docs/architecture.md invariant 1): `[n_layer, 2, n_head, P, head_dim]`. PEFT's prefix tuning
 `prompt_embeddings [P, n_layer*2*n_embd]` maps to it as PEFT itself does: view
@@ -11,15 +12,25 @@ Text is compiled on the server side too (`prefixserve.compile.text_to_kv`).
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from .binding import ModelBinding
 from .format import InvalidPrefixFile, all_finite, parse_header, tensor_from_raw, tensor_layout, tensor_raw
 from .inputs import parse_json
 from .limits import longest_usable_prefix
+from .state import LORA_MODULES as LORA_MODULE_DIMS
 
 PEFT_TENSOR = "prompt_embeddings"
-PEFT_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING")
+PEFT_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "LORA")
+# a PEFT LoRA weight of GPT-2: transformer.h.<layer>.<module>.lora_<A|B>.weight (PEFT's save prefix optional)
+LORA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?transformer\.h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)"
+    r"\.lora_([AB])\.weight$"
+)
+# LoRA options this server does not serve; each must be absent or have this (PEFT's default) value
+LORA_UNSUPPORTED = {"use_dora": False, "bias": "none", "rank_pattern": {}, "alpha_pattern": {}}
 MAX_CONFIG_BYTES = 64 * 1024
 
 
@@ -31,8 +42,12 @@ def peft_to_canonical(emb: torch.Tensor, n_layer: int, n_head: int) -> torch.Ten
     return kv.reshape(n_layer, 2, n_head, p, d).contiguous()
 
 
-def parse_peft_config(raw: bytes, model: ModelBinding) -> dict:
-    """Check adapter_config.json against the loaded model; every mismatch names both values."""
+def peft_type(raw: bytes) -> str:
+    """adapter_config.json's peft_type (checked), to choose the importer."""
+    return _peft_json(raw)["peft_type"]
+
+
+def _peft_json(raw: bytes) -> dict:
     if len(raw) > MAX_CONFIG_BYTES:
         raise InvalidPrefixFile(f"adapter_config.json is {len(raw)} bytes; the limit is {MAX_CONFIG_BYTES}")
     try:
@@ -50,6 +65,15 @@ def parse_peft_config(raw: bytes, model: ModelBinding) -> dict:
         raise InvalidPrefixFile(
             f"adapter_config.json task_type must be 'CAUSAL_LM', got {cfg.get('task_type')!r}"
         )
+    return cfg
+
+
+def parse_peft_config(raw: bytes, model: ModelBinding) -> dict:
+    """Check a prefix- or prompt-tuning adapter_config.json against the loaded model; every mismatch
+    names both values."""
+    cfg = _peft_json(raw)
+    if cfg["peft_type"] == "LORA":
+        raise InvalidPrefixFile("adapter_config.json is a LORA adapter; expected prefix or prompt tuning")
     _check_base_model(cfg, model)
     subs = cfg.get("num_transformer_submodules", 1)
     if subs != 1:
@@ -118,3 +142,65 @@ def import_peft(
     if cfg["peft_type"] == "PREFIX_TUNING":
         return peft_to_canonical(emb, spec.n_layer, spec.n_head)
     return model.compile_embeds(emb)
+
+
+def import_peft_lora(config_raw: bytes, weights_raw: bytes, model: ModelBinding, max_bytes: int) -> dict:
+    """A PEFT LoRA adapter of GPT-2 -> the `lora` kind's tensors (CPU, fp32): per module
+    `lora_a.<module>` = A^T `[L, in, r]` and `lora_b.<module>` = B^T * scaling `[L, r, out]`, with PEFT's
+    scaling lora_alpha / r (lora_alpha / sqrt(r) with use_rslora). Every layer of an adapted module must
+    be present; shapes, dtypes and byte spans are checked like a native file's before use."""
+    cfg = _peft_json(config_raw)
+    if cfg["peft_type"] != "LORA":
+        raise InvalidPrefixFile(
+            f"adapter_config.json peft_type must be 'LORA' here, got {cfg['peft_type']!r}"
+        )
+    for key, default in LORA_UNSUPPORTED.items():
+        if cfg.get(key, default) not in (default, None):
+            raise InvalidPrefixFile(
+                f"adapter_config.json {key} must be {default!r} (not served), got {cfg[key]!r}"
+            )
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if type(r) is not int or r < 1 or type(alpha) not in (int, float):
+        raise InvalidPrefixFile(
+            "adapter_config.json needs r (a positive integer) and lora_alpha (a number),"
+            f" got {r!r} and {alpha!r}"
+        )
+    scaling = alpha / (r**0.5 if cfg.get("use_rslora") else r)
+    spec = model.spec
+    header, start = parse_header(weights_raw, max_bytes)
+    found: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for name in sorted(k for k in header if k != "__metadata__"):
+        match = LORA_KEY.match(name)
+        if match is None:
+            raise InvalidPrefixFile(
+                f"adapter_model.safetensors holds {name!r}; expected only LoRA weights of GPT-2's"
+                " attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj"
+                " (transformer.h.<layer>.<module>.lora_A.weight / lora_B.weight)"
+            )
+        layer, module, ab = int(match[1]), match[2], match[3]
+        if layer >= spec.n_layer:
+            raise InvalidPrefixFile(f"{name}: layer {layer}, but the loaded model has {spec.n_layer} layers")
+        dtype, shape = tensor_layout(header, name)
+        fin, fout = (mult * spec.n_embd for mult in LORA_MODULE_DIMS[module])
+        want = [r, fin] if ab == "A" else [fout, r]
+        if shape != want:
+            raise InvalidPrefixFile(f"{name} must have shape {want} (r = {r}) for this model, got {shape}")
+        raw = tensor_raw(weights_raw, header, start, name, dtype, shape)
+        if not all_finite(raw, dtype):
+            raise InvalidPrefixFile(f"{name} contains NaN or Inf values")
+        found.setdefault(module, {}).setdefault(layer, {})[ab] = tensor_from_raw(raw, dtype, shape).float()
+    if not found:
+        raise InvalidPrefixFile("adapter_model.safetensors holds no LoRA weights")
+    tensors = {}
+    for module, layers in found.items():
+        missing = [i for i in range(spec.n_layer) if set(layers.get(i, {})) != {"A", "B"}]
+        if missing:
+            raise InvalidPrefixFile(
+                f"LoRA weights of {module} are missing for layers {missing}: every layer of an adapted module"
+                " must have lora_A and lora_B"
+            )
+        tensors[f"lora_a.{module}"] = torch.stack(
+            [layers[i]["A"].T for i in range(spec.n_layer)]
+        )  # [L, in, r]
+        tensors[f"lora_b.{module}"] = torch.stack([layers[i]["B"].T * scaling for i in range(spec.n_layer)])
+    return tensors

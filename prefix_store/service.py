@@ -30,7 +30,7 @@ from .format import (
     file_size,
     read_meta,
 )
-from .importers import PEFT_TENSOR, import_peft
+from .importers import PEFT_TENSOR, import_peft, import_peft_lora, peft_type
 from .limits import DEFAULT_MAX_PREFIX_LEN, longest_usable_prefix
 from .pool import DevicePool
 from .redis_health import RedisConfig, RedisHealth
@@ -180,6 +180,10 @@ class PrefixService:
         visibility: str = "private",
         prefix_id: str | None = None,
     ) -> PrefixMeta:
+        """A PEFT adapter: prefix tuning or prompt tuning (-> prefix_kv), or LoRA (-> lora)."""
+        if peft_type(config_raw) == "LORA":
+            tensors = import_peft_lora(config_raw, weights_raw, self.model, self.config.max_file_bytes)
+            return self.add_tensors(tensors, owner, name, visibility, "peft", prefix_id)
         kv = import_peft(
             config_raw, weights_raw, self.model, self.config.max_file_bytes, self.expect.max_prefix_len
         )

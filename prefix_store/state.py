@@ -32,8 +32,57 @@ class NtkPrefix:
         return sum(t.numel() * t.element_size() for t in (self.z, self.k))
 
 
-# What a provider hands the runner: K/V `[n_layer, 2, n_head, P, head_dim]` or an NTK prefix (length 0)
-PrefixState = torch.Tensor | NtkPrefix
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# GPT-2's four linear modules LoRA may adapt: name -> (in, out) as multiples of n_embd
+LORA_MODULES = {"attn.c_attn": (1, 3), "attn.c_proj": (1, 1), "mlp.c_fc": (1, 4), "mlp.c_proj": (4, 1)}
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """LoRA (Hu et al. 2021) on some of GPT-2's linear modules: per module a `[L, in, r]` and b `[L, r, out]`;
+    the module's output gains `x a b` (lora_alpha / r is folded into b). Ranks may differ per module."""
+
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]  # LORA_MODULES name -> (a, b)
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> LoraAdapter:
+        return LoraAdapter(
+            {m: (a.to(device, dtype), b.to(device, dtype)) for m, (a, b) in self.modules.items()}
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(t for ab in self.modules.values() for t in ab)
+
+
+# where a bottleneck adapter sits: after attention's output projection, after the MLP
+ADAPTER_SITES = ("attn", "mlp")
+
+
+@dataclass(frozen=True)
+class BottleneckAdapter:
+    """Bottleneck adapters (Houlsby et al. 2019): at each of its sites a sublayer's output h becomes
+    `h + gelu(h down + down_bias) up + up_bias`; down `[L, C, m]`, down_bias `[L, m]`, up `[L, m, C]`,
+    up_bias `[L, C]`. Houlsby: sites "attn" and "mlp"; Pfeiffer: "mlp" only. (AdaMix trains M of them
+    and averages them into one of these.)"""
+
+    sites: dict[
+        str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+    ]  # site -> (down, db, up, ub)
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> BottleneckAdapter:
+        return BottleneckAdapter({s: tuple(t.to(device, dtype) for t in ts) for s, ts in self.sites.items()})
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(t for ts in self.sites.values() for t in ts)
+
+
+# What a provider hands the runner: K/V `[n_layer, 2, n_head, P, head_dim]`, an NTK prefix (length 0), or
+# a weight-side adapter (LoRA, bottleneck; length 0)
+PrefixState = torch.Tensor | NtkPrefix | LoraAdapter | BottleneckAdapter
 
 
 def prefix_length(state: PrefixState) -> int:

@@ -1,7 +1,9 @@
 """The prefix kinds, registered here and nowhere else (format, validation, device layout, attention).
 
 Adding a kind: a module with one class following `base.PrefixKind`, its name in `limits.KINDS`, and
-its class in `KIND_CLASSES` below. Files, the device pool and the engine's attention then know it.
+its class in `KIND_CLASSES` below. Files, the device pool and the engine then know it. A kind attaches
+at attention (`plan` + `attend`: prefix_kv, ntk) or, with `weight_side`, at the linear layers (`plan` +
+`apply` at its `sites`: lora, adapter; weights.py).
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from typing import Any
 
 from ..errors import PrefixServeError
 from .base import PrefixKind
+from .bottleneck import BottleneckKind
 from .kv import KvPrefixKind
+from .lora import LoraKind
 from .ntk import NtkPrefixKind
 
-KIND_CLASSES: tuple[type[PrefixKind], ...] = (KvPrefixKind, NtkPrefixKind)
+KIND_CLASSES: tuple[type[PrefixKind], ...] = (KvPrefixKind, NtkPrefixKind, LoraKind, BottleneckKind)
 BY_NAME: dict[str, type[PrefixKind]] = {cls.name: cls for cls in KIND_CLASSES}
 TENSOR_SETS = {cls.name: cls.tensor_sets for cls in KIND_CLASSES}  # a file's tensors, per kind
 
@@ -21,7 +25,9 @@ __all__ = [
     "BY_NAME",
     "KIND_CLASSES",
     "TENSOR_SETS",
+    "BottleneckKind",
     "KvPrefixKind",
+    "LoraKind",
     "NtkPrefixKind",
     "PrefixKind",
     "kind_of",

@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # format.py imports the kinds; these are its types
 class PrefixKind(Protocol):
     name: ClassVar[str]  # the `kind` in a file's metadata
     positional: ClassVar[bool]  # its prefix occupies positions 0..P-1 before a row's own tokens
+    weight_side: ClassVar[bool]  # attaches at the linear layers (`apply`), not at attention (`attend`)
     tensor_sets: ClassVar[tuple[list[str], ...]]  # the tensors (sorted names) a file of this kind holds
 
     # ---- format and validation (class-level: the store uses them without an engine) -------------

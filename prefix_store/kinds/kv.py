@@ -48,6 +48,7 @@ class _Plan:
 class KvPrefixKind:
     name: ClassVar[str] = KIND_PREFIX_KV
     positional: ClassVar[bool] = True  # its prefix occupies positions before the row's tokens
+    weight_side: ClassVar[bool] = False  # attaches at attention
     tensor_sets: ClassVar[tuple[list[str], ...]] = ([TENSOR_NAME],)
 
     def __init__(self) -> None:

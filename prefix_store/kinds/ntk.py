@@ -88,6 +88,7 @@ class _Plan:
 class NtkPrefixKind:
     name: ClassVar[str] = KIND_NTK
     positional: ClassVar[bool] = False  # occupies no positions: the row's tokens start at 0
+    weight_side: ClassVar[bool] = False  # attaches at attention
     tensor_sets: ClassVar[tuple[list[str], ...]] = (["ntk_k", "ntk_z"], ["ntk_k", "ntk_z_a", "ntk_z_b"])
 
     def __init__(self) -> None:

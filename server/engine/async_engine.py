@@ -87,9 +87,10 @@ class AsyncEngine:
         params: SamplingParams | None = None,
         prefix_id: str | None = None,
         request_id: str | None = None,
+        adapter_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs (one per new token); the last one has a finish_reason."""
-        request = self.core.prepare(input, params, prefix_id, request_id)
+        request = self.core.prepare(input, params, prefix_id, request_id, adapter_id)
         async for out in self.stream(request):
             yield out
 

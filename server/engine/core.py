@@ -120,8 +120,9 @@ class _Live:
     request: Request
     detok: Detokenizer | None  # None: the caller detokenizes (an API process; engine/client.py)
     generator: torch.Generator | None
-    prefix_pinned: bool  # held from `add` until the request ends: its rows read the resident prefix
+    pinned: list[str]  # held from `add` until the request ends: its rows read the resident prefix/adapter
     prefix: PrefixState | None = None  # the resident prefix, once the row is admitted
+    adapter: PrefixState | None = None  # the resident weight-side adapter, likewise
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=lambda: [None])  # scored so far
 
 
@@ -166,10 +167,11 @@ class EngineCore:
         params: SamplingParams | None = None,
         prefix_id: str | None = None,
         request_id: str | None = None,
+        adapter_id: str | None = None,
     ) -> Request:
         """Validate and tokenize a request without touching engine state (safe from any thread)."""
         prefix_len = self.prefixes.length(prefix_id) if prefix_id is not None else 0
-        return self.preparer.prepare(input, params, prefix_id, prefix_len, request_id)
+        return self.preparer.prepare(input, params, prefix_id, prefix_len, request_id, adapter_id)
 
     def add(self, request: Request) -> None:
         """Queue a prepared request (engine thread only). Raises EngineOverloaded when full."""
@@ -179,20 +181,32 @@ class EngineCore:
             raise InvalidRequest(
                 "request_id", f"{request.request_id!r} is already in use by a running request"
             )
-        if request.prefix_id is not None:
-            self.prefixes.acquire(request.prefix_id)  # may raise PrefixNotFound if it was removed
+        pinned: list[str] = []
+        try:
+            for resident_id in request.resident_ids:
+                self.prefixes.acquire(resident_id)  # may raise PrefixNotFound if it was removed
+                pinned.append(resident_id)
+        except BaseException:
+            for resident_id in pinned:
+                self.prefixes.release(resident_id)
+            raise
         params = request.params
         eos = None if params.ignore_eos else self.model.eos_token_id
         self.scheduler.add(
             Sequence(
-                request.request_id, request.prefix_id, len(request.prompt_ids), params.max_new_tokens, eos
+                request.request_id,
+                request.prefix_id,
+                len(request.prompt_ids),
+                params.max_new_tokens,
+                eos,
+                adapter_id=request.adapter_id,
             )
         )
         self._live[request.request_id] = _Live(
             request,
             Detokenizer(self.model.tokenizer, params.stop) if self.config.detokenize else None,
             make_generator(params, self.model.device),
-            request.prefix_id is not None,
+            pinned,
         )
 
     def add_request(
@@ -201,8 +215,9 @@ class EngineCore:
         params: SamplingParams | None = None,
         prefix_id: str | None = None,
         request_id: str | None = None,
+        adapter_id: str | None = None,
     ) -> str:
-        request = self.prepare(input, params, prefix_id, request_id)
+        request = self.prepare(input, params, prefix_id, request_id, adapter_id)
         self.add(request)
         return request.request_id
 
@@ -215,8 +230,8 @@ class EngineCore:
 
     def _drop(self, request_id: str) -> None:
         live = self._live.pop(request_id)
-        if live.prefix_pinned:
-            self.prefixes.release(live.request.prefix_id)
+        for resident_id in live.pinned:
+            self.prefixes.release(resident_id)
 
     @property
     def has_work(self) -> bool:
@@ -443,7 +458,8 @@ class EngineCore:
         """End the waiting requests whose prefix failed to load, with that error."""
         out: list[RequestOutput] = []
         for seq in self.scheduler.waiting():
-            error = self.prefixes.failure(seq.prefix_id) if seq.prefix_id is not None else None
+            ids = [i for i in (seq.prefix_id, seq.adapter_id) if i is not None]
+            error = next((e for i in ids if (e := self.prefixes.failure(i)) is not None), None)
             if error is not None:
                 out.append(self._end(seq.request_id, error, scrub=False))
         return out
@@ -459,21 +475,30 @@ class EngineCore:
             )
         top = req.params.prompt_logprobs
         if top is None:
-            return RowInput(rid, tokens, start, chunk.blocks, live.prefix, sample=chunk.sample)
+            return RowInput(rid, tokens, start, chunk.blocks, live.prefix, chunk.sample, adapter=live.adapter)
         targets = p[start + 1 : start + n + 1]  # prompt tokens only: the first new token is sampled
-        return RowInput(rid, tokens, start, chunk.blocks, live.prefix, chunk.sample, targets, top)
+        return RowInput(
+            rid, tokens, start, chunk.blocks, live.prefix, chunk.sample, targets, top, live.adapter
+        )
 
     def _open(self, request_id: str) -> None:
-        """Look the row's resident prefix up (it stays pinned, so resident, until the request ends):
-        every step reads it in place."""
+        """Look the row's resident prefix and adapter up (pinned, so resident, until the request ends):
+        every step reads them in place. A weight-side state named as the prefix is the row's adapter."""
         live = self._live[request_id]
-        prefix_id = live.request.prefix_id
-        if prefix_id is None or live.prefix is not None:  # (a preempted row keeps the one it had)
+        req = live.request
+        if live.prefix is not None or live.adapter is not None:  # (a preempted row keeps what it had)
             return
-        prefix = self.prefixes.get(prefix_id)
-        if (problem := _misfit(prefix, self.model.spec, live.request.prefix_len)) is not None:
+        states = [(i, self.prefixes.get(i)) for i in req.resident_ids]
+        adapters = [s for _, s in states if kind_of(s).weight_side]
+        prefixes = [s for _, s in states if not kind_of(s).weight_side]
+        if len(adapters) > 1 or len(prefixes) > 1:
+            raise ValueError(
+                "a row carries at most one prefix (prefix_kv, ntk) and one adapter (lora, adapter)"
+            )
+        if prefixes and (problem := _misfit(prefixes[0], self.model.spec, req.prefix_len)) is not None:
             raise ValueError(problem)
-        live.prefix = prefix
+        live.prefix = prefixes[0] if prefixes else None
+        live.adapter = adapters[0] if adapters else None
 
     def _output(
         self,
@@ -550,7 +575,7 @@ class EngineCore:
 
 
 def _prefix_ids(seqs: list[Sequence]) -> list[str]:
-    return sorted({seq.prefix_id for seq in seqs if seq.prefix_id is not None})
+    return sorted({i for seq in seqs for i in (seq.prefix_id, seq.adapter_id) if i is not None})
 
 
 def _token_logprobs(targets: list[int], scores: Scores, tops: list[int]) -> list[TokenLogprob]:

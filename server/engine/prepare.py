@@ -29,14 +29,18 @@ class RequestPreparer:
         prefix_id: str | None,
         prefix_len: int,
         request_id: str | None = None,
+        adapter_id: str | None = None,
     ) -> Request:
-        """Validate and tokenize (safe from any thread). `prefix_len`: the prefix's positions (0: none)."""
+        """Validate and tokenize (safe from any thread). `prefix_len`: the prefix's positions (0: none);
+        `adapter_id`: a weight-side adapter carried beside the prefix."""
         params = params or SamplingParams()
         params.validate(self.spec.vocab_size)
         prompt_ids = self._tokenize(input)
         self._check_fits(prefix_len, len(prompt_ids), params.max_new_tokens)
         rid = request_id or f"req-{next(self._ids)}"
-        return Request(rid, prompt_ids, params, prefix_id=prefix_id, prefix_len=prefix_len)
+        return Request(
+            rid, prompt_ids, params, prefix_id=prefix_id, prefix_len=prefix_len, adapter_id=adapter_id
+        )
 
     def _tokenize(self, input: str | list[int]) -> list[int]:
         if isinstance(input, str):

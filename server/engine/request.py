@@ -151,3 +151,9 @@ class Request:
     prefix_id: str | None = None
     prefix_len: int = 0
     output_ids: list[int] = field(default_factory=list)
+    adapter_id: str | None = None  # a weight-side adapter (LoRA, bottleneck) beside the prefix
+
+    @property
+    def resident_ids(self) -> list[str]:
+        """What the request needs on the device: its prefix and its adapter (either may be absent)."""
+        return [i for i in (self.prefix_id, self.adapter_id) if i is not None]

@@ -12,6 +12,11 @@ states (prefix_store/attention.py): each token's attention over its row's own ke
 gathered per step), merged with its prefix kind's part (prefix_store/kinds: KV prefixes attend with
 the queries of all rows sharing a prefix stacked, Hydragen; NTK adds its terms). Rows without a
 prefix take the first part as it is.
+
+Weight-side adapters (LoRA, bottleneck adapters: prefix_store/kinds/weights.py) attach at the linear
+layers: a row may carry one beside its prefix, and in a step with any, each layer runs the adapted path
+(`_adapted_block`): every dense matmul still runs once for all tokens, and each adapter kind adds its
+rows' deltas at its sites (grouped batched matmuls), leaving the other rows untouched.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class RowInput:
     # log-probability and the `top` most likely tokens' (StepOutput.scores)
     targets: list[int] = field(default_factory=list)
     top: int = 0
+    adapter: PrefixState | None = None  # a weight-side adapter (LoRA, bottleneck), beside any prefix
 
 
 @dataclass
@@ -99,6 +105,7 @@ class _Batch:
     sample_rows: torch.Tensor | None  # [n_sample] the rows (of B) whose logits are returned; None: all
     kinds: list[tuple[PrefixKind, object]] = field(default_factory=list)  # (kind, its plan) per kind present
     fused: object | None = None  # the NTK plan, when every row decodes with an NTK prefix on CUDA
+    adapters: list[tuple[PrefixKind, object]] = field(default_factory=list)  # weight-side (kind, plan)
     targets: dict[str, torch.Tensor] = field(default_factory=dict)  # scoring rows' targets [M] by request
 
 
@@ -142,7 +149,9 @@ class ModelRunner:
         shape = (spec.n_layer, 2, num_blocks, block_size, spec.n_head, spec.head_dim)
         self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)  # [L, 2, NB, bs, H, D]
         self._act = _activation(spec.activation)
-        self.kinds: list[PrefixKind] = [cls() for cls in KIND_CLASSES]  # each keeps its own stack cache
+        # each kind keeps its own stack cache; attention-side kinds attend, weight-side ones apply
+        self.kinds: list[PrefixKind] = [cls() for cls in KIND_CLASSES if not cls.weight_side]
+        self.adapters: list[PrefixKind] = [cls() for cls in KIND_CLASSES if cls.weight_side]
         self.fused_ntk = NtkPrefixKind.fused_available(self.device)  # one Triton kernel per layer on CUDA
         self._gathered = [self.kv.new_empty(0, *shape[3:]) for _ in range(2)]  # K, V: [n, bs, H, D]
         # decode rows read their blocks in place on the CPU (float32); elsewhere blocks are gathered
@@ -187,8 +196,11 @@ class ModelRunner:
         batch, order = self._prepare(rows)
         tok = self.w.wte[batch.ids] if inputs_embeds is None else inputs_embeds.to(self.device, self.dtype)
         x = tok + self.w.wpe[batch.pos]  # [N, C]
-        bucket = self.graphs.bucket(x.shape[0]) if self.graphs is not None else None
-        if bucket is not None:  # the dense pieces replayed, attention eager between them
+        bucket = self.graphs.bucket(x.shape[0]) if self.graphs is not None and not batch.adapters else None
+        if batch.adapters:  # weight-side adapters in the step: each layer with its adapter sites
+            for layer, lw in enumerate(self.w.layers):
+                x = self._adapted_block(layer, lw, x, batch)
+        elif bucket is not None:  # the dense pieces replayed, attention eager between them
             x = bucket.run(x, lambda layer, qkv, out: self._attend(layer, qkv, batch, out))
         else:
             for layer, lw in enumerate(self.w.layers):
@@ -256,18 +268,20 @@ class ModelRunner:
             last_idx.append(len(ids) - 1)
             if r.sample:
                 sample_rows.append(i)
-            if kind is not None:
-                key = id(r.prefix)
-                members.setdefault(kind, {}).setdefault(key, []).extend(range(first, first + n))
-                states.setdefault(kind, {})[key] = r.prefix
+            for state in (r.prefix, r.adapter):
+                if state is not None:
+                    key, k = id(state), kind_of(state)
+                    members.setdefault(k, {}).setdefault(key, []).extend(range(first, first + n))
+                    states.setdefault(k, {})[key] = state
         inputs = self.inputs
         parts = ([self._decode_part(decode)] if decode else []) + self._prefill_parts(prefill, len(decode))
-        for k in self.kinds:
+        for k in (*self.kinds, *self.adapters):
             if type(k) not in members:
                 k.idle()
-        kinds = [
-            (k, k.plan(members[type(k)], states[type(k)], inputs)) for k in self.kinds if type(k) in members
-        ]
+        kinds, adapters = (
+            [(k, k.plan(members[type(k)], states[type(k)], inputs)) for k in ks if type(k) in members]
+            for ks in (self.kinds, self.adapters)
+        )
         ntk_tokens = sum(len(t) for t in members.get(NtkPrefixKind, {}).values())
         all_ntk = not prefill and len(kinds) == 1 and ntk_tokens == len(decode)
         fused = kinds[0][1] if self.fused_ntk and all_ntk else None
@@ -280,6 +294,7 @@ class ModelRunner:
             sample_rows=None if len(sample_rows) == len(last_idx) else inputs.put(sample_rows),
             kinds=kinds,
             fused=fused,
+            adapters=adapters,
             targets={r.request_id: inputs.put(r.targets) for r in order if r.targets},
         )
         inputs.upload()  # every index tensor of the step, in one transfer
@@ -341,6 +356,36 @@ class ModelRunner:
         h = F.layer_norm(x, (x.shape[1],), lw.ln2_w, lw.ln2_b, self.spec.layer_norm_eps)
         h = self._act(torch.addmm(lw.fc_b, h, lw.fc_w))  # [n, 4C]
         x.add_(lw.out_b).addmm_(h, lw.out_w)
+
+    def _adapted_block(self, layer: int, lw: LayerWeights, x: torch.Tensor, b: _Batch) -> torch.Tensor:
+        """One layer with the step's weight-side adapters at their sites: x `[N, C]` -> `[N, C]` (in
+        place). The same dense matmuls as `_block`, each sublayer's output kept apart so that LoRA can
+        add to a module's output and a bottleneck adapter can read and add to a sublayer's output."""
+        eps = self.spec.layer_norm_eps
+        h = F.layer_norm(x, (x.shape[1],), lw.ln1_w, lw.ln1_b, eps)
+        qkv = torch.addmm(lw.attn_b, h, lw.attn_w)  # [N, 3C]
+        self._adapt("attn.c_attn", layer, h, qkv, b)
+        attn = torch.empty_like(x)  # [N, C]
+        self._attend(layer, qkv, b, attn)
+        a = torch.addmm(lw.proj_b, attn, lw.proj_w)  # [N, C] attention's output
+        self._adapt("attn.c_proj", layer, attn, a, b)
+        self._adapt("attn", layer, a, a, b)  # a bottleneck adapter reads the sublayer's output
+        x.add_(a)
+        h = F.layer_norm(x, (x.shape[1],), lw.ln2_w, lw.ln2_b, eps)
+        f = torch.addmm(lw.fc_b, h, lw.fc_w)  # [N, 4C]
+        self._adapt("mlp.c_fc", layer, h, f, b)
+        g = self._act(f)
+        m = torch.addmm(lw.out_b, g, lw.out_w)  # [N, C] the MLP's output
+        self._adapt("mlp.c_proj", layer, g, m, b)
+        self._adapt("mlp", layer, m, m, b)
+        return x.add_(m)
+
+    @staticmethod
+    def _adapt(site: str, layer: int, inp: torch.Tensor, out: torch.Tensor, b: _Batch) -> None:
+        """Each weight-side kind with this site adds its rows' deltas to out."""
+        for kind, plan in b.adapters:
+            if site in kind.sites:
+                kind.apply(site, layer, inp, out, plan)
 
     def _attend(self, layer: int, qkv: torch.Tensor, b: _Batch, out: torch.Tensor) -> None:
         """Write the step's K and V into the pool, then each token's attention into out `[N, C]`."""

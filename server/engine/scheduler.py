@@ -65,6 +65,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     blocks: list[int] = field(default_factory=list)  # the row's block table
     num_preemptions: int = 0
+    adapter_id: str | None = None  # a weight-side adapter it waits for too
 
     def __post_init__(self) -> None:
         self.num_tokens = self.num_prompt_tokens
@@ -202,7 +203,9 @@ class Scheduler:
 
     def _prefix_pending(self, seq: Sequence) -> bool:
         """Its prefix is not on the device yet (a preempted row still holds the one it ran with)."""
-        return seq.prefix_id is not None and not seq.num_preemptions and not self._prefix_ready(seq.prefix_id)
+        if seq.num_preemptions:
+            return False
+        return any(i is not None and not self._prefix_ready(i) for i in (seq.prefix_id, seq.adapter_id))
 
     def _admissible(self, need: int) -> bool:
         reserve = self.config.watermark_blocks if self._running else 0

@@ -51,13 +51,22 @@ class Add(msgspec.Struct, tag="add"):
     params: SamplingParams
     prefix_id: str | None
     prefix_len: int
+    adapter_id: str | None = None
 
     @staticmethod
     def of(request: Request, wire_id: str) -> Add:
-        return Add(wire_id, request.prompt_ids, request.params, request.prefix_id, request.prefix_len)
+        r = request
+        return Add(wire_id, r.prompt_ids, r.params, r.prefix_id, r.prefix_len, r.adapter_id)
 
     def request(self) -> Request:
-        return Request(self.request_id, self.prompt_ids, self.params, self.prefix_id, self.prefix_len)
+        return Request(
+            self.request_id,
+            self.prompt_ids,
+            self.params,
+            self.prefix_id,
+            self.prefix_len,
+            adapter_id=self.adapter_id,
+        )
 
 
 class Abort(msgspec.Struct, tag="abort"):

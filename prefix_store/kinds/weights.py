@@ -1,0 +1,80 @@
+"""What the weight-side kinds (LoRA, bottleneck adapters) share: validation helpers and the step's
+grouping, Punica's SGMV idea in plain batched matmuls.
+
+Such a kind attaches at the linear layers, not at attention: per step `plan` groups the tokens by the
+adapter they carry, then at each of its sites the engine calls `apply(site, layer, inp, out, plan)`,
+which adds the adapter's delta to those tokens' rows of `out` (rows without one are untouched).
+Adapters read by few tokens (decode rows) are stacked, padded to the largest rank, and run as one
+batched matmul per site and layer whatever their number; an adapter read by many tokens (a prefill
+chunk) gets a matmul of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..attention import QueryGroups
+from ..errors import InvalidPrefixFile
+from ..limits import ADAPTER_MAX_ABS
+from ..staging import StepInputs
+from .base import StackCache
+
+PAD_TOKENS = 8  # adapters read by at most this many tokens share one padded call
+
+
+@dataclass
+class WeightPlan:
+    groups: QueryGroups | None  # the few-token adapters' tokens, grouped (one padded call per site)
+    stacks: dict[str, tuple[torch.Tensor, ...]]  # site -> their tensors stacked `[L, G, ...]`
+    singles: list[tuple[torch.Tensor, Any]]  # (token indices [Tg], adapter): a call each
+
+
+def plan_groups(
+    members: dict[int, list[int]],
+    states: dict[int, Any],
+    inputs: StepInputs,
+    cache: StackCache,
+    stack: Callable[[list[Any]], dict[str, tuple[torch.Tensor, ...]]],
+) -> WeightPlan:
+    few = {key: toks for key, toks in members.items() if len(toks) <= PAD_TOKENS}
+    singles = [(inputs.put(toks), states[key]) for key, toks in members.items() if key not in few]
+    if not few:
+        cache.clear()
+        return WeightPlan(None, {}, singles)
+    groups = QueryGroups.build(few, inputs)
+    return WeightPlan(groups, cache.get([states[key] for key in groups.keys], stack), singles)
+
+
+def check_abs(arrays: dict[str, np.ndarray]) -> None:
+    """Every value within ADAPTER_MAX_ABS (trained adapters are far below it); names the worst tensor."""
+    for name, array in sorted(arrays.items()):
+        peak = float(np.abs(array).max()) if array.size else 0.0
+        if not peak <= ADAPTER_MAX_ABS:  # (NaN fails too)
+            raise InvalidPrefixFile(
+                f"{name}: largest |value| is {peak:.4g}, above the bound of {ADAPTER_MAX_ABS:g} for adapter"
+                " weights (a row whose numbers still overflow ends alone; see README, 'Magnitudes')"
+            )
+
+
+def check_shape(name: str, shape: list[int], want: list[int]) -> None:
+    if shape != want:
+        raise InvalidPrefixFile(f"{name} must have shape {want} for this model, got {shape}")
+
+
+def stacked(parts: list[torch.Tensor | None], shape: tuple[int, ...], ref: torch.Tensor) -> torch.Tensor:
+    """Per-adapter tensors `[L, ...]` (None: absent) -> `[L, G, *shape]`, each zero-padded at the end of
+    every dim (a zero rank or bottleneck column adds exactly nothing)."""
+    out = ref.new_zeros(ref.shape[0], len(parts), *shape)
+    for g, t in enumerate(parts):
+        if t is not None:
+            out[(slice(None), g, *(slice(0, n) for n in t.shape[1:]))] = t
+    return out
+
+
+def finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
