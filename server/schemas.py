@@ -56,7 +56,14 @@ class GenerateRequest(BaseModel):
     )
 
     prefix_id: str | None = Field(
-        None, pattern=PREFIX_ID.pattern, description="a prefix id; null runs the bare model"
+        None,
+        pattern=PREFIX_ID.pattern,
+        description="a prefix id of any kind (prefix_kv, ntk, lora, adapter); null runs the bare model",
+    )
+    adapter_id: str | None = Field(
+        None,
+        pattern=PREFIX_ID.pattern,
+        description="a weight-side adapter (lora, adapter) carried beside a prefix_kv or ntk prefix_id",
     )
     input: Text = Field(..., min_length=1, max_length=MAX_INPUT_CHARS)
     max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS)

@@ -12,9 +12,13 @@ from typing import TypeVar
 
 from fastapi import Request
 
+from prefix_store.format import PrefixMeta
+from prefix_store.limits import WEIGHT_KINDS
+
 from ..engine import FinishReason, RequestOutput, SamplingParams
 from ..engine.request import Request as EngineRequest
 from ..engine.request import TokenLogprob
+from ..errors import InvalidRequest
 from ..schemas import Alternative, GenerateResponse, TokenScore, Usage
 from .errors import DeadlineExceeded, Draining, error_event
 from .state import State
@@ -30,21 +34,44 @@ async def start_generation(
     prefix_id: str | None,
     rid: str,
     separator: bool = True,
+    adapter_id: str | None = None,
 ) -> tuple[EngineRequest, AsyncIterator[RequestOutput]]:
     """Admission, tenant check, validation and rate limits, then the request's output stream. `input`:
     text, or token ids (used as they are); `separator`: a trained prefix's separator follows it (not
-    when the input itself is scored). No Redis or disk call waits on the event loop: the limiter is
-    asyncio, a cold prefix's metadata is read on a thread (after which `prepare` finds it in memory)."""
+    when the input itself is scored); `adapter_id`: a weight-side adapter carried beside the prefix. No
+    Redis or disk call waits on the event loop: the limiter is asyncio, a cold prefix's metadata is read
+    on a thread (after which `prepare` finds it in memory)."""
     state.admit()
-    prefix_len = 0
-    if prefix_id is not None:
-        meta = await state.visible(prefix_id, tenant)
-        if separator:
-            input = with_suffix(state, input, meta.input_suffix)
-        prefix_len = meta.prefix_len
-    prepared = state.engine.preparer.prepare(input, params, prefix_id, prefix_len, rid)
+    metas = await steering(state, tenant, prefix_id, adapter_id)
+    if separator and metas:
+        input = with_suffix(state, input, next((m.input_suffix for m in metas if m.input_suffix), ""))
+    prefix_len = metas[0].prefix_len if prefix_id is not None else 0
+    prepared = state.engine.preparer.prepare(input, params, prefix_id, prefix_len, rid, adapter_id)
     await state.limiter.check(tenant, len(prepared.prompt_ids) + params.max_new_tokens)
     return prepared, _timed(state, tenant, state.engine.stream(prepared))
+
+
+async def steering(
+    state: State, tenant: str, prefix_id: str | None, adapter_id: str | None
+) -> list[PrefixMeta]:
+    """The metadata of what steers a request (404 unless the tenant may use each). `prefix_id` may name
+    any kind; with `adapter_id` (a weight-side adapter: lora, adapter) it must be a prefix (prefix_kv,
+    ntk), as a row carries at most one of each."""
+    metas = [await state.visible(i, tenant) for i in (prefix_id, adapter_id) if i is not None]
+    if adapter_id is not None:
+        adapter = metas[-1]
+        if adapter.kind not in WEIGHT_KINDS:
+            raise InvalidRequest(
+                "adapter_id",
+                f"{adapter_id} is a {adapter.kind} prefix; expected an adapter ({', '.join(WEIGHT_KINDS)})",
+            )
+        if prefix_id is not None and metas[0].kind in WEIGHT_KINDS:
+            raise InvalidRequest(
+                "prefix_id",
+                f"{prefix_id} is a {metas[0].kind} adapter; beside adapter_id it must be a prefix"
+                " (prefix_kv, ntk): a row carries one prefix and one adapter",
+            )
+    return metas
 
 
 def with_suffix(state: State, input: str | list[int], suffix: str) -> str | list[int]:
@@ -209,10 +236,13 @@ def token_scores(state: State, entries: list[TokenLogprob]) -> list[TokenScore]:
     ]
 
 
-async def model_prefix(state: State, model: str | None, tenant: str) -> str | None:
-    """The prefix id an OpenAI-style `model` names (None: the base model, by its served name); a
-    prefix the tenant may not use is a 404."""
+async def model_ids(state: State, model: str | None, tenant: str) -> tuple[str | None, str | None]:
+    """The (prefix, adapter) an OpenAI-style `model` names: the base model's served name (neither), one
+    id (a prefix of any kind, or an adapter alone), or "PREFIX+ADAPTER" (a row carrying both). Anything
+    the tenant may not use is a 404; a wrong pairing a 422."""
     if model is None or model == state.model.served_name:
-        return None
-    await state.visible(model, tenant)
-    return model
+        return None, None
+    first, plus, second = model.partition("+")
+    ids = (first, second) if plus else (first, None)
+    await steering(state, tenant, *ids)
+    return ids

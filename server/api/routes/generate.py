@@ -22,7 +22,9 @@ router = APIRouter(tags=["generate"], route_class=BoundedJsonRoute)
     responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}},
 )
 async def generate(body: GenerateRequest, request: Request, tenant: str = Depends(tenant_of)):
-    """Generate text from the frozen model steered by one prefix (`prefix_id` null: the bare model).
+    """Generate text from the frozen model steered by one prefix (`prefix_id` null: the bare model) of
+    any kind (prefix_kv, ntk, or a LoRA / bottleneck adapter), and optionally an adapter beside a prefix
+    (`adapter_id`).
 
     With `stream: true` the answer is Server-Sent Events: one `token` event per token, then a `done`
     event with `finish_reason` and `usage` (or an `error` event if generation fails midway).
@@ -30,7 +32,7 @@ async def generate(body: GenerateRequest, request: Request, tenant: str = Depend
     state = get_state(request)
     rid = f"gen-{uuid.uuid4().hex[:16]}"
     _, outputs = await start_generation(
-        state, tenant, body.input, body.sampling_params(), body.prefix_id, rid
+        state, tenant, body.input, body.sampling_params(), body.prefix_id, rid, adapter_id=body.adapter_id
     )
     if body.stream:
         first = await first_output(request, outputs)

@@ -42,7 +42,7 @@ from ...limits import (
 )
 from ...schemas import stop_strings
 from ..errors import ERRORS, BoundedJsonRoute, error_event
-from ..generation import Answer, first_output, gather_answer, model_prefix, start_generation
+from ..generation import Answer, first_output, gather_answer, model_ids, start_generation
 from ..state import State, get_state, tenant_of
 
 router = APIRouter(tags=["openai"], route_class=BoundedJsonRoute)
@@ -235,11 +235,12 @@ class _Choice:
     responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}},
 )
 async def completions(body: CompletionRequest, request: Request, tenant: str = Depends(tenant_of)):
-    """OpenAI text completions; `model` is a prefix id or the base model's name."""
+    """OpenAI text completions; `model` is a prefix id (of any kind: a LoRA or adapter id serves the row
+    with that adapter), "PREFIX+ADAPTER" for a row carrying both, or the base model's name."""
     state = get_state(request)
-    prefix_id = await model_prefix(state, body.model, tenant)
+    steer = await model_ids(state, body.model, tenant)
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
-    choices = await _start(state, tenant, body, prefix_id, rid)
+    choices = await _start(state, tenant, body, steer, rid)
     created = int(time.time())
     if body.stream:
         firsts = await _first_outputs(request, choices)
@@ -257,7 +258,7 @@ async def completions(body: CompletionRequest, request: Request, tenant: str = D
 
 
 async def _start(
-    state: State, tenant: str, body: CompletionRequest, prefix_id: str | None, rid: str
+    state: State, tenant: str, body: CompletionRequest, steer: tuple[str | None, str | None], rid: str
 ) -> list[_Choice]:
     """One engine request per choice; if one cannot start, those already started are aborted."""
     choices: list[_Choice] = []
@@ -266,8 +267,9 @@ async def _start(
             for j in range(body.n):
                 index = i * body.n + j
                 sub = rid if len(body.prompt) * body.n == 1 else f"{rid}-{index}"
+                prefix_id, adapter_id = steer
                 prepared, outputs = await start_generation(
-                    state, tenant, prompt, body.sampling_params(j), prefix_id, sub, separator=not body.echo
+                    state, tenant, prompt, body.sampling_params(j), prefix_id, sub, not body.echo, adapter_id
                 )
                 choices.append(_Choice(index, prompt, prepared.prompt_ids, outputs))
     except BaseException:

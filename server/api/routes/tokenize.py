@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ...inputs import Text
 from ...limits import MAX_INPUT_CHARS, MAX_MODEL_CHARS
 from ..errors import ERRORS, BoundedJsonRoute
-from ..generation import model_prefix
+from ..generation import model_ids
 from ..state import get_state, tenant_of
 
 router = APIRouter(tags=["tokenizer"], route_class=BoundedJsonRoute)
@@ -58,7 +58,7 @@ async def tokenize(
 ) -> TokenizeResponse:
     """The prompt's token ids as the engine tokenizes a request's input (no separator added)."""
     state = get_state(request)
-    await model_prefix(state, body.model, tenant)
+    await model_ids(state, body.model, tenant)
     tokenizer = state.engine.preparer.tokenizer
     ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
     strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
@@ -73,7 +73,7 @@ async def detokenize(
 ) -> DetokenizeResponse:
     """The text of token ids (each must be in the vocabulary)."""
     state = get_state(request)
-    await model_prefix(state, body.model, tenant)
+    await model_ids(state, body.model, tenant)
     ids = state.engine.preparer.token_ids(body.tokens, "tokens")
     return DetokenizeResponse(prompt=state.engine.preparer.tokenizer.decode(ids))
 
