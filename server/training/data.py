@@ -6,11 +6,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from prefix_store.state import LORA_MODULES
+
 from ..errors import InvalidRequest
 from ..inputs import Text, parse_json
 from ..limits import (
     DEFAULT_MAX_PREFIX_LEN,
-    KINDS,
     MAX_EXAMPLES,
     MAX_FIELD_CHARS,
     MAX_NAME_LEN,
@@ -19,7 +20,7 @@ from ..limits import (
 )
 from ..model import LoadedModel
 from .evaluate import METRICS
-from .trainer import TrainConfig, encode_example
+from .trainer import TRAIN_KINDS, TrainConfig, encode_example
 
 
 class TrainExample(BaseModel):
@@ -45,10 +46,25 @@ class Hyperparameters(BaseModel):
     val_fraction: float | None = Field(None, ge=0.0, le=0.5)
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
     separator: Text | None = Field(None, max_length=MAX_SEPARATOR_CHARS)
-    kind: Literal[KINDS] | None = Field(
-        None, description="prefix_kv (prefix tuning, the default) or ntk (NTK-Attention)"
+    kind: Literal[TRAIN_KINDS] | None = Field(
+        None,
+        description="prefix_kv (prefix tuning, the default), ntk (NTK-Attention), lora, adapter (a bottleneck"
+        " adapter) or adamix (a mixture of adapters, averaged into one adapter when done)",
     )
     ntk_rank: int | None = Field(None, ge=0, le=1024, description="ntk: rank s of Z = Z_a Z_b; 0 = full Z")
+    lora_rank: int | None = Field(None, ge=1, le=256, description="lora: r (default 8)")
+    lora_alpha: float | None = Field(None, gt=0.0, le=4096.0, description="lora: scaling lora_alpha / r (16)")
+    lora_modules: list[Literal[tuple(LORA_MODULES)]] | None = Field(
+        None, min_length=1, max_length=4, description='lora: the modules adapted (default ["attn.c_attn"])'
+    )
+    adapter_size: int | None = Field(None, ge=1, le=4096, description="adapter, adamix: bottleneck m (64)")
+    adapter_sites: Literal["houlsby", "pfeiffer"] | None = Field(
+        None, description="adapter, adamix: houlsby (after attention and MLP, the default) or pfeiffer (MLP)"
+    )
+    adamix_experts: int | None = Field(None, ge=2, le=16, description="adamix: M projections per site (4)")
+    adamix_consistency: float | None = Field(
+        None, ge=0.0, le=100.0, description="adamix: weight of the consistency loss (1.0)"
+    )
 
     def config(self) -> TrainConfig:
         chosen = self.model_dump(include=set(Hyperparameters.model_fields))  # not `examples` of a TrainSpec

@@ -29,10 +29,15 @@ from transformers import GPT2LMHeadModel, PreTrainedTokenizerBase, get_linear_sc
 
 from prefix_store.importers import peft_to_canonical
 from prefix_store.kinds.ntk import ntk_combine
-from prefix_store.limits import KIND_PREFIX_KV, KINDS
+from prefix_store.limits import KIND_PREFIX_KV
+from prefix_store.state import LORA_MODULES
 from prefixserve.model import hf_cache_kwargs
 
+from .adapters import ADAPTER_SITE_SETS, BottleneckEncoder, LoraEncoder, symmetric_kl
+
 IGNORE = -100
+# what a job may train: the two prefix kinds, LoRA, a bottleneck adapter, or AdaMix (stored as an adapter)
+TRAIN_KINDS = ("prefix_kv", "ntk", "lora", "adapter", "adamix")
 
 
 @dataclass(frozen=True)
@@ -51,12 +56,26 @@ class TrainConfig:
     val_fraction: float = 0.0  # held out for an eval loss per epoch
     seed: int = 42
     separator: str = "\n"  # between x and y; appended to the input at serving time
-    kind: str = KIND_PREFIX_KV  # or "ntk" (prefix_len and hidden do not apply to it)
+    kind: str = KIND_PREFIX_KV  # one of TRAIN_KINDS (prefix_len and hidden apply to prefix_kv only)
     ntk_rank: int = 0  # ntk: rank s of Z = Z_a Z_b; 0 = a full Z [D, D]
+    lora_rank: int = 8  # lora: r
+    lora_alpha: float = 16.0  # lora: the update is scaled by lora_alpha / r
+    lora_modules: tuple[str, ...] = ("attn.c_attn",)  # lora: any of LORA_MODULES (PEFT's GPT-2 default)
+    adapter_size: int = 64  # adapter, adamix: the bottleneck m
+    adapter_sites: str = "houlsby"  # adapter, adamix: "houlsby" (attn + mlp) or "pfeiffer" (mlp)
+    adamix_experts: int = 4  # adamix: M down and M up projections per layer and site
+    adamix_consistency: float = 1.0  # adamix: weight of the symmetric KL between the two routed passes
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {list(KINDS)}, got {self.kind!r}")
+        if self.kind not in TRAIN_KINDS:
+            raise ValueError(f"kind must be one of {list(TRAIN_KINDS)}, got {self.kind!r}")
+        object.__setattr__(self, "lora_modules", tuple(self.lora_modules))  # (a JSON list from a job record)
+        if not self.lora_modules or not set(self.lora_modules) <= set(LORA_MODULES):
+            raise ValueError(f"lora_modules must be a non-empty subset of {list(LORA_MODULES)}")
+        if self.adapter_sites not in ADAPTER_SITE_SETS:
+            raise ValueError(
+                f"adapter_sites must be one of {list(ADAPTER_SITE_SETS)}, got {self.adapter_sites!r}"
+            )
 
     @property
     def positions(self) -> int:
@@ -239,16 +258,26 @@ class PrefixTrainer:
         self.n_layer, self.n_head, self.n_embd = c.n_layer, c.n_head, c.n_embd
         self.device = next(model.parameters()).device
         torch.manual_seed(config.seed)
-        self.encoder: nn.Module = (
-            NtkEncoder(c.n_layer, c.n_head, c.n_embd // c.n_head, config.ntk_rank)
-            if config.kind == "ntk"
-            else PrefixEncoder(config.prefix_len, c.n_embd, config.hidden, c.n_layer)
-        ).to(self.device)
+        self.encoder: nn.Module = _encoder(config, c.n_layer, c.n_head, c.n_embd).to(self.device)
 
-    def loss(self, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean loss over the labelled tokens of a batch `[B, T]` with the current prefix."""
-        if self.config.kind == "ntk":
+    def loss(
+        self, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, step: int | None = None
+    ) -> torch.Tensor:
+        """Mean loss over the labelled tokens of a batch `[B, T]` with the current prefix or adapter.
+        `step`: the optimizer step being trained (AdaMix routes by it); None: evaluation."""
+        cfg = self.config
+        if cfg.kind == "ntk":
             return ntk_lm_loss(self.model, ids, labels, mask, *self.encoder())
+        if cfg.kind == "adamix" and step is not None:  # two randomly routed passes + consistency
+            outs = []
+            for pick in self.encoder.routes(cfg.seed, step):
+                with self.encoder.attached(self.model, pick):
+                    outs.append(self.model(input_ids=ids, attention_mask=mask, labels=labels))
+            consistency = symmetric_kl(outs[0].logits, outs[1].logits, labels, IGNORE)
+            return (outs[0].loss + outs[1].loss) / 2 + cfg.adamix_consistency * consistency
+        if cfg.kind in ("lora", "adapter", "adamix"):  # (adamix evaluates its merged adapter)
+            with self.encoder.attached(self.model):
+                return self.model(input_ids=ids, attention_mask=mask, labels=labels).loss
         b, p = ids.shape[0], self.config.prefix_len
         kv = self.encoder().view(p, self.n_layer * 2, self.n_head, -1).permute(1, 2, 0, 3)  # [L*2, H, P, D]
         cache = hf_cache_kwargs(
@@ -294,7 +323,7 @@ class PrefixTrainer:
             epoch_order = train[:]
             random.Random(cfg.seed + epoch).shuffle(epoch_order)
             for ids, labels, mask in _batches(epoch_order, cfg.batch_size, pad, self.device):
-                loss = self.loss(ids, labels, mask)
+                loss = self.loss(ids, labels, mask, prog.step)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), cfg.grad_clip)
@@ -349,7 +378,22 @@ class PrefixTrainer:
     @torch.no_grad()
     def tensors(self) -> dict[str, torch.Tensor]:
         """What the store keeps: the canonical prefix `past_key_values [L, 2, H, P, D]` (the MLP is
-        not needed any more), or an NTK prefix's tensors."""
-        if self.config.kind == "ntk":
+        not needed any more), or an NTK prefix's, LoRA's or bottleneck adapter's tensors (AdaMix: its
+        experts averaged into one bottleneck adapter)."""
+        if self.config.kind != KIND_PREFIX_KV:
             return self.encoder.tensors()
         return {"past_key_values": peft_to_canonical(self.encoder().float().cpu(), self.n_layer, self.n_head)}
+
+
+def _encoder(cfg: TrainConfig, n_layer: int, n_head: int, n_embd: int) -> nn.Module:
+    """The trainable part for the config's kind (everything else is the frozen model)."""
+    if cfg.kind == "ntk":
+        return NtkEncoder(n_layer, n_head, n_embd // n_head, cfg.ntk_rank)
+    if cfg.kind == "lora":
+        return LoraEncoder(n_layer, n_embd, cfg.lora_rank, cfg.lora_alpha, list(cfg.lora_modules))
+    if cfg.kind in ("adapter", "adamix"):
+        experts = cfg.adamix_experts if cfg.kind == "adamix" else 1
+        return BottleneckEncoder(
+            n_layer, n_embd, cfg.adapter_size, ADAPTER_SITE_SETS[cfg.adapter_sites], experts
+        )
+    return PrefixEncoder(cfg.prefix_len, n_embd, cfg.hidden, n_layer)
