@@ -149,7 +149,7 @@ def _drain(engine: EngineCore):
 def columns_of(bench: Bench) -> dict[str, Callable[[], float]]:
     lora = [(None, f"lora{i // 2}") for i in range(BATCH)]  # 32 adapters, two rows each
     kinds = [
-        (None, f"lora{i}") if i % 3 == 0 else (f"p{i}", None) if i % 3 == 1 else (None, None)
+        (None, f"lora{i // 3}") if i % 3 == 0 else (f"p{i}", None) if i % 3 == 1 else (None, None)
         for i in range(BATCH)
     ]
     houlsby = [(None, f"houlsby{i // 2}") for i in range(BATCH)]

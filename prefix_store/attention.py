@@ -95,6 +95,11 @@ class QueryGroups:
     sizes: list[int]  # tokens per group
     group_of: torch.Tensor  # [T] each grouped token's group
 
+    @property
+    def full(self) -> bool:
+        """Every group has Tmax tokens: no padding, so `padded.flatten() == tokens`."""
+        return len(set(self.sizes)) == 1
+
     @staticmethod
     def build(members: dict[object, list[int]], inputs: StepInputs) -> QueryGroups:
         """`members`: prefix identity -> the step's token indices that attend to it (staged in `inputs`)."""

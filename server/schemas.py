@@ -112,7 +112,12 @@ class ScoreRequest(BaseModel):
     )
 
     prefix_id: str | None = Field(
-        None, pattern=PREFIX_ID.pattern, description="a prefix id; null scores with the bare model"
+        None,
+        pattern=PREFIX_ID.pattern,
+        description="a prefix id of any kind; null scores with the bare model",
+    )
+    adapter_id: str | None = Field(
+        None, pattern=PREFIX_ID.pattern, description="a weight-side adapter (lora, adapter) beside prefix_id"
     )
     input: Text = Field(..., min_length=1, max_length=MAX_INPUT_CHARS)
     continuation: Text = Field(..., min_length=1, max_length=MAX_INPUT_CHARS)

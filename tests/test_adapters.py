@@ -321,6 +321,17 @@ def test_adapters_over_http_alone_composed_and_refused(tiny_model, peft_model, t
             assert r.status_code == 200, (label, r.text)
             texts[label] = r.json()["text"]
         assert texts["kv+lora"] not in (texts["kv"], texts["lora"])  # both steer the row
+        scores = [
+            httpx.post(
+                server.url + "/score",
+                json={"input": "name : Aromi", "continuation": " is a pub.", **steer},
+                headers=A,
+                timeout=60,
+            )
+            for steer in ({"prefix_id": kv}, {"prefix_id": kv, "adapter_id": lora["id"]})
+        ]
+        assert all(r.status_code == 200 for r in scores), [r.text for r in scores]
+        assert scores[0].json()["total_logprob"] != scores[1].json()["total_logprob"]  # the adapter counts
         body = {"model": f"{kv}+{lora['id']}", "prompt": "name : Aromi", "max_tokens": 6, "temperature": 0}
         r = httpx.post(server.url + "/v1/completions", json=body, headers=A, timeout=60)
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == texts["kv+lora"]

@@ -1,6 +1,6 @@
 """`prefixserve-client`: the SDK at a terminal.
 
-    prefixserve-client generate --prefix pfx-... "name : Aromi" --stream
+    prefixserve-client generate --prefix pfx-... "name : Aromi" --stream [--adapter pfx-lora...]
     prefixserve-client evaluate pfx-... held_out.jsonl --metrics bleu,rouge_l,loss
     prefixserve-client score --prefix pfx-... "name : Aromi" "Aromi is a pub." --top 3
     prefixserve-client prefixes list | upload PATH | from-text TEXT | get ID | delete ID
@@ -59,6 +59,7 @@ def _generate(client: Client, a: argparse.Namespace) -> None:
             "seed": a.seed,
             "stop": a.stop,
             "logprobs": a.logprobs,
+            "adapter_id": a.adapter,
         }.items()
         if v is not None
     }
@@ -149,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text (with --stream: token by token)")
     g.add_argument("input")
-    g.add_argument("--prefix", default=None, help="prefix id (none: the bare model)")
+    g.add_argument("--prefix", default=None, help="prefix id of any kind (none: the bare model)")
+    g.add_argument("--adapter", default=None, help="a LoRA or bottleneck adapter id beside --prefix")
     g.add_argument("--max-new-tokens", type=int, default=None)
     g.add_argument("--temperature", type=float, default=None)
     g.add_argument("--top-p", type=float, default=None)

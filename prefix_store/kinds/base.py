@@ -110,6 +110,14 @@ class StackCache:
         """Let go of the stack (a step without stacked prefixes): no copy outlives its use."""
         self._states, self._value = [], None
 
+    def ordered(self, members: dict[int, list[int]], states: dict[int, Any]) -> dict[int, list[int]]:
+        """`members` in the order of the kept stack when they hold the same states (rows move around in
+        a step's order as requests come and go; the stack need not be rebuilt for that)."""
+        rank = {id(s): i for i, s in enumerate(self._states)}
+        if len(members) != len(rank) or not all(id(states[key]) in rank for key in members):
+            return members
+        return dict(sorted(members.items(), key=lambda item: rank[id(states[item[0]])]))
+
     def get(self, states: list[Any], build) -> Any:
         same = len(states) == len(self._states) and all(
             a is b for a, b in zip(states, self._states, strict=True)

@@ -134,7 +134,7 @@ class KvPrefixKind:
         if not short:
             self._stacks.clear()
             return _Plan(None, None, singles)
-        groups = QueryGroups.build(short, inputs)
+        groups = QueryGroups.build(self._stacks.ordered(short, states), inputs)
         stack = self._stacks.get([states[key] for key in groups.keys], _stack)
         return _Plan(groups, stack, singles)
 

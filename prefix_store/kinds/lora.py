@@ -20,7 +20,7 @@ from ..spec import ModelSpec
 from ..staging import StepInputs
 from ..state import LORA_MODULES, LoraAdapter
 from .base import StackCache
-from .weights import WeightPlan, check_abs, check_shape, finite, plan_groups, stacked
+from .weights import WeightPlan, check_abs, check_shape, finite, plan_groups, scatter, stacked
 
 if TYPE_CHECKING:
     from ..format import Expect, MagnitudeBounds
@@ -127,8 +127,7 @@ class LoraKind:
         """out `[N, out]` += inp `[N, in]` a b for the planned tokens whose adapter has this module."""
         if (g := plan.groups) is not None and (ab := plan.stacks.get(site)) is not None:
             a, b = ab  # [L, G, in, r], [L, G, r, out]
-            delta = torch.bmm(torch.bmm(inp[g.padded], a[layer]), b[layer])  # [G, Tmax, out]
-            out.index_add_(0, g.tokens, delta[g.valid])
+            scatter(out, g, torch.bmm(torch.bmm(inp[g.padded], a[layer]), b[layer]))  # [G, Tmax, out]
         for toks, state in plan.singles:
             if (pair := state.modules.get(site)) is not None:
                 out.index_add_(0, toks, inp[toks] @ pair[0][layer] @ pair[1][layer])  # [Tg, out]

@@ -165,7 +165,7 @@ class NtkPrefixKind:
         if not few:
             self._stacks.clear()
             return _Plan(None, None, None, singles)
-        groups = QueryGroups.build(few, inputs)
+        groups = QueryGroups.build(self._stacks.ordered(few, states), inputs)
         z, k = self._stacks.get([states[key] for key in groups.keys], _stack)
         return _Plan(groups, z, k, singles)
 

@@ -24,7 +24,8 @@ from ..limits import ADAPTER_MAX_ABS
 from ..staging import StepInputs
 from .base import StackCache
 
-PAD_TOKENS = 8  # adapters read by at most this many tokens share one padded call
+PAD_TOKENS = 8  # adapters read by at most this many tokens share one padded call ...
+PAD_WASTE = 1.25  # ... and so do all of a step's adapters when padding adds at most 25% of their tokens
 
 
 @dataclass
@@ -41,13 +42,25 @@ def plan_groups(
     cache: StackCache,
     stack: Callable[[list[Any]], dict[str, tuple[torch.Tensor, ...]]],
 ) -> WeightPlan:
-    few = {key: toks for key, toks in members.items() if len(toks) <= PAD_TOKENS}
+    sizes = [len(toks) for toks in members.values()]
+    if len(sizes) * max(sizes) <= PAD_WASTE * sum(sizes):  # (e.g. equal prefill chunks)
+        few = members
+    else:
+        few = {key: toks for key, toks in members.items() if len(toks) <= PAD_TOKENS}
     singles = [(inputs.put(toks), states[key]) for key, toks in members.items() if key not in few]
     if not few:
         cache.clear()
         return WeightPlan(None, {}, singles)
-    groups = QueryGroups.build(few, inputs)
+    groups = QueryGroups.build(cache.ordered(few, states), inputs)
     return WeightPlan(groups, cache.get([states[key] for key in groups.keys], stack), singles)
+
+
+def scatter(out: torch.Tensor, groups: QueryGroups, delta: torch.Tensor) -> None:
+    """out `[N, d]` += each grouped token's row of delta `[G, Tmax, d]` (padding left out)."""
+    if groups.full:  # no padding: the rows are the tokens, in order
+        out.index_add_(0, groups.tokens, delta.view(-1, delta.shape[-1]))
+    else:
+        out.index_add_(0, groups.tokens, delta[groups.valid])
 
 
 def check_abs(arrays: dict[str, np.ndarray]) -> None:

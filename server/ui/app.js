@@ -396,11 +396,12 @@ async function submitTraining(event) {
   } catch (err) {
     return say(explain(err));
   }
+  const kind = $("#train-kind").value;
   const body = {
     train: {
       examples,
-      kind: $("#train-kind").value,
-      prefix_len: Number($("#train-prefix-len").value),
+      kind,
+      ...(kind === "prefix_kv" ? { prefix_len: Number($("#train-prefix-len").value) } : {}),
       epochs: Number($("#train-epochs").value),
       learning_rate: Number($("#train-lr").value),
       val_fraction: Number($("#train-val").value),

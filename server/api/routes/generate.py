@@ -10,7 +10,16 @@ from fastapi.responses import StreamingResponse
 from ...engine import SamplingParams
 from ...schemas import GenerateRequest, GenerateResponse, ScoreRequest, ScoreResponse, Usage
 from ..errors import ERRORS, BoundedJsonRoute
-from ..generation import collect, first_output, gather_answer, sse, start_generation, token_scores, usage
+from ..generation import (
+    collect,
+    first_output,
+    gather_answer,
+    sse,
+    start_generation,
+    steering,
+    token_scores,
+    usage,
+)
 from ..state import get_state, tenant_of
 
 router = APIRouter(tags=["generate"], route_class=BoundedJsonRoute)
@@ -46,15 +55,16 @@ async def score(body: ScoreRequest, request: Request, tenant: str = Depends(tena
     """The log-probability of `continuation` after `input` (and the prefix; a trained prefix's
     separator between them, as in training), token by token. Nothing is generated."""
     state = get_state(request)
-    context = body.input
-    if body.prefix_id is not None:
-        context += (await state.visible(body.prefix_id, tenant)).input_suffix
+    metas = await steering(state, tenant, body.prefix_id, body.adapter_id)
+    context = body.input + next((m.input_suffix for m in metas if m.input_suffix), "")
     encode = state.engine.preparer.tokenizer.encode
     context_ids = encode(context, add_special_tokens=False)
     ids = context_ids + encode(body.continuation, add_special_tokens=False)
     params = SamplingParams(max_new_tokens=0, prompt_logprobs=body.top_logprobs)
     rid = f"score-{uuid.uuid4().hex[:16]}"
-    _, outputs = await start_generation(state, tenant, ids, params, body.prefix_id, rid, separator=False)
+    _, outputs = await start_generation(
+        state, tenant, ids, params, body.prefix_id, rid, separator=False, adapter_id=body.adapter_id
+    )
     answer = await gather_answer(request, state, outputs)
     tokens = token_scores(state, answer.prompt_logprobs[len(context_ids) :])
     return ScoreResponse(

@@ -101,10 +101,11 @@ _UPLOAD_DOC = {
     openapi_extra=_UPLOAD_DOC,
 )
 async def add_prefix(request: Request, tenant: str = Depends(tenant_of)):
-    """Add a prefix: upload a native `.safetensors` prefix (`file`) or a PEFT adapter
-    (`adapter_config` + `adapter_model`) as multipart, compile a text prompt (JSON `{"text"}`), or
-    train one: JSON `{"train": {"examples": [{"input", "output"}], ...hyperparameters}}` or a
-    multipart `train` JSONL file (+ `hyperparameters` as JSON) -> 202 with the job.
+    """Add a prefix or adapter: upload a native `.safetensors` file of any kind (`file`: prefix_kv, ntk,
+    lora, adapter) or a PEFT adapter (`adapter_config` + `adapter_model`: prefix tuning, prompt tuning or
+    LoRA) as multipart, compile a text prompt (JSON `{"text"}`), or train one: JSON `{"train":
+    {"examples": [{"input", "output"}], "kind": ..., ...hyperparameters}}` or a multipart `train` JSONL
+    file (+ `hyperparameters` as JSON) -> 202 with the job.
 
     With an `Idempotency-Key` header (1-255 printable ASCII characters, per tenant), a retry of the
     same request within `PREFIXSERVE_IDEMPOTENCY_TTL_S` gets the first answer again (same status,
