@@ -351,3 +351,15 @@ def test_adapters_over_http_alone_composed_and_refused(tiny_model, peft_model, t
         assert other.status_code == 404  # another tenant's private adapter is not found
     finally:
         server.stop()
+
+
+def test_stacking_pads_with_zeros_or_stacks_as_is():
+    from prefix_store.kinds.weights import stacked
+
+    a, b = torch.randn(3, 5, 2), torch.randn(3, 5, 4)
+    padded = stacked([a, None, b], (5, 4), a)  # [L, G, 5, 4]
+    assert padded.shape == (3, 3, 5, 4)
+    assert torch.equal(padded[:, 0, :, :2], a) and not padded[:, 0, :, 2:].any() and not padded[:, 1].any()
+    assert torch.equal(padded[:, 2], b)
+    same = stacked([b, b.clone()], (5, 4), b)
+    assert torch.equal(same, torch.stack([b, b], dim=1))

@@ -82,6 +82,8 @@ def check_shape(name: str, shape: list[int], want: list[int]) -> None:
 def stacked(parts: list[torch.Tensor | None], shape: tuple[int, ...], ref: torch.Tensor) -> torch.Tensor:
     """Per-adapter tensors `[L, ...]` (None: absent) -> `[L, G, *shape]`, each zero-padded at the end of
     every dim (a zero rank or bottleneck column adds exactly nothing)."""
+    if all(t is not None and tuple(t.shape[1:]) == shape for t in parts):  # nothing to pad: one pass
+        return torch.stack(parts, dim=1)  # type: ignore[arg-type]
     out = ref.new_zeros(ref.shape[0], len(parts), *shape)
     for g, t in enumerate(parts):
         if t is not None:
