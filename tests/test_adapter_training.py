@@ -3,13 +3,12 @@ and AdaMix learn; what is trained is what the engine serves; jobs of every kind 
 
 from __future__ import annotations
 
-import random
 import threading
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import GPT2LMHeadModel, get_linear_schedule_with_warmup
+from transformers import GPT2LMHeadModel
 
 from prefix_store.kinds import BottleneckKind, LoraKind
 from prefix_store.service import PrefixService, StoreConfig
@@ -20,7 +19,7 @@ from prefixserve.training.synthetic import table_to_text
 from prefixserve.training.trainer import PrefixTrainer, TrainConfig, _batches, encode_example
 from prefixserve.training.worker import Worker, WorkerConfig
 
-from .test_training import submit
+from .test_training import submit, train_peft
 
 MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
@@ -54,26 +53,7 @@ def test_lora_loss_curve_and_weights_match_peft(tiny_model_dir, tiny_model):
                 )
     tensors, prog = ours.train(pairs)
 
-    peft.eval()
-    params = [p for p in peft.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    data = [encode_example(tok, x, y, cfg.separator) for x, y in pairs]
-    order = list(range(len(data)))
-    random.Random(cfg.seed).shuffle(order)
-    train = [data[i] for i in order]
-    sched = get_linear_schedule_with_warmup(opt, cfg.warmup_steps, len(train) // cfg.batch_size * cfg.epochs)
-    losses = []
-    for epoch in range(cfg.epochs):
-        epoch_order = train[:]
-        random.Random(cfg.seed + epoch).shuffle(epoch_order)
-        for ids, labels, mask in _batches(epoch_order, cfg.batch_size, tok.eos_token_id, "cpu"):
-            loss = peft(input_ids=ids, attention_mask=mask, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
+    losses = train_peft(peft, tok, pairs, cfg)
     torch.testing.assert_close(torch.tensor(prog.losses), torch.tensor(losses), rtol=1e-5, atol=1e-5)
     assert prog.losses[-1] < prog.losses[0]
     for m in MODULES:

@@ -201,10 +201,15 @@ def test_a_mixed_batch_of_every_kind_matches_peft_hf_and_each_row_alone(
                 h.remove()
 
 
-def test_peft_mixed_batch_equals_the_engine_mixed_batch(tiny_model, peft_model):
+# even: every adapter has two rows, so the engine's decode groups are one slice of the step (no gather)
+@pytest.mark.parametrize(
+    "names",
+    [["l0", "__base__", "l1", "l2", "l0"], ["l2", "l0", "l1", "l0", "l1", "l2", "__base__"]],
+    ids=["uneven", "even"],
+)
+def test_peft_mixed_batch_equals_the_engine_mixed_batch(tiny_model, peft_model, names):
     """One PEFT forward over a batch mixing its adapters and the base model (`adapter_names=`), step by
     step, against the engine's rows (equal-length prompts, so PEFT needs no padding)."""
-    names = ["l0", "__base__", "l1", "l2", "l0"]
     g = torch.Generator().manual_seed(11)
     prompts = torch.randint(0, 400, (len(names), 7), generator=g)
     states = {name: lora_of(peft_model, tiny_model, name) for name in LORA_SPECS}
@@ -351,6 +356,14 @@ def test_adapters_over_http_alone_composed_and_refused(tiny_model, peft_model, t
         assert other.status_code == 404  # another tenant's private adapter is not found
     finally:
         server.stop()
+
+
+def test_a_span_is_found_only_for_consecutive_tokens():
+    from prefix_store.kinds.weights import _span
+
+    assert _span([[3, 4], [5, 6]]) == (3, 7)
+    assert _span([[3, 4], [6, 7]]) is None
+    assert _span([[4, 3], [5, 6]]) is None
 
 
 def test_stacking_pads_with_zeros_or_stacks_as_is():

@@ -98,6 +98,32 @@ def test_resuming_from_an_epoch_checkpoint_gives_the_uninterrupted_result(tiny_m
         decode_checkpoint(saved[0][:100], cfg.to_dict())
 
 
+def train_peft(peft, tok, pairs, cfg: TrainConfig) -> list[float]:
+    """PEFT's model trained as the trainer trains (its data order, AdamW, linear schedule, clipping;
+    dropout off) -> the loss of every step."""
+    peft.eval()  # dropout off
+    params = [p for p in peft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    data = [encode_example(tok, x, y, cfg.separator) for x, y in pairs]
+    order = list(range(len(data)))
+    random.Random(cfg.seed).shuffle(order)  # the trainer's order: shuffled once, then per epoch
+    train = [data[i] for i in order]
+    sched = get_linear_schedule_with_warmup(opt, cfg.warmup_steps, len(train) // cfg.batch_size * cfg.epochs)
+    losses = []
+    for epoch in range(cfg.epochs):
+        epoch_order = train[:]
+        random.Random(cfg.seed + epoch).shuffle(epoch_order)
+        for ids, labels, mask in _batches(epoch_order, cfg.batch_size, tok.eos_token_id, "cpu"):
+            loss = peft(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+    return losses
+
+
 def test_loss_curve_and_prefix_match_peft(tiny_model_dir, tiny_model, tmp_path):
     """Same model, data, order, initial weights, hyperparameters (dropout off) as PEFT's
     PrefixTuningConfig(prefix_projection=True, encoder_hidden_size=k)."""
@@ -120,26 +146,7 @@ def test_loss_curve_and_prefix_match_peft(tiny_model_dir, tiny_model, tmp_path):
             encoder.transform[i].bias.copy_(init[f"transform.{i}.bias"])
     tensors, prog = ours.train(pairs)
 
-    peft.eval()  # dropout off
-    params = [p for p in peft.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    data = [encode_example(tok, x, y, cfg.separator) for x, y in pairs]
-    order = list(range(len(data)))
-    random.Random(cfg.seed).shuffle(order)  # the trainer's order: shuffled once, then per epoch
-    train = [data[i] for i in order]
-    sched = get_linear_schedule_with_warmup(opt, cfg.warmup_steps, len(train) // cfg.batch_size * cfg.epochs)
-    losses = []
-    for epoch in range(cfg.epochs):
-        epoch_order = train[:]
-        random.Random(cfg.seed + epoch).shuffle(epoch_order)
-        for ids, labels, mask in _batches(epoch_order, cfg.batch_size, tok.eos_token_id, "cpu"):
-            loss = peft(input_ids=ids, attention_mask=mask, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
+    losses = train_peft(peft, tok, pairs, cfg)
     torch.testing.assert_close(torch.tensor(prog.losses), torch.tensor(losses), rtol=1e-5, atol=1e-5)
     peft.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "adapter_model.safetensors")["prompt_embeddings"]
@@ -282,7 +289,7 @@ def test_submit_wait_generate_through_the_http_api(tiny_model, tmp_path, kind):
             "examples[1]: ",
         ),
         ({"examples": [{"input": "a", "output": "b"}], "epochs": 0}, 422, "epochs"),
-        ({"examples": [{"input": "a", "output": "b"}], "kind": "lora"}, 422, "kind"),
+        ({"examples": [{"input": "a", "output": "b"}], "kind": "ia3"}, 422, "kind"),
         (
             {"examples": [{"input": "a", "output": "b"}], "kind": "ntk", "ntk_rank": 17},
             422,

@@ -21,7 +21,7 @@ from ..spec import ModelSpec
 from ..staging import StepInputs
 from ..state import ADAPTER_SITES, BottleneckAdapter
 from .base import StackCache
-from .weights import WeightPlan, check_abs, check_shape, finite, plan_groups, scatter, stacked
+from .weights import WeightPlan, check_abs, check_shape, finite, plan_groups, stacked
 
 if TYPE_CHECKING:
     from ..format import Expect, MagnitudeBounds
@@ -131,10 +131,10 @@ class BottleneckKind:
     def apply(site: str, layer: int, inp: torch.Tensor, out: torch.Tensor, plan: WeightPlan) -> None:
         """out `[N, C]` += the adapter's delta of inp `[N, C]` (the sublayer's output; often out itself)
         for the planned tokens whose adapter sits here."""
-        if (g := plan.groups) is not None and (ts := plan.stacks.get(site)) is not None:
+        if plan.groups is not None and (ts := plan.stacks.get(site)) is not None:
             down, db, up, ub = (t[layer] for t in ts)  # [G, C, m], [G, m], [G, m, C], [G, C]
-            mid = F.gelu(torch.baddbmm(db.unsqueeze(1), inp[g.padded], down))  # [G, Tmax, m]
-            scatter(out, g, torch.baddbmm(ub.unsqueeze(1), mid, up))  # [G, Tmax, C]
+            mid = F.gelu(torch.baddbmm(db.unsqueeze(1), plan.gather(inp), down))  # [G, Tmax, m]
+            plan.scatter(out, torch.baddbmm(ub.unsqueeze(1), mid, up))  # [G, Tmax, C]
         for toks, state in plan.singles:
             if (ts := state.sites.get(site)) is not None:
                 out.index_add_(0, toks, bottleneck(inp[toks], *(t[layer] for t in ts)))

@@ -20,7 +20,7 @@ from ..spec import ModelSpec
 from ..staging import StepInputs
 from ..state import LORA_MODULES, LoraAdapter
 from .base import StackCache
-from .weights import WeightPlan, check_abs, check_shape, finite, plan_groups, scatter, stacked
+from .weights import WeightPlan, check_abs, check_shape, finite, plan_groups, stacked
 
 if TYPE_CHECKING:
     from ..format import Expect, MagnitudeBounds
@@ -125,9 +125,9 @@ class LoraKind:
     @staticmethod
     def apply(site: str, layer: int, inp: torch.Tensor, out: torch.Tensor, plan: WeightPlan) -> None:
         """out `[N, out]` += inp `[N, in]` a b for the planned tokens whose adapter has this module."""
-        if (g := plan.groups) is not None and (ab := plan.stacks.get(site)) is not None:
+        if plan.groups is not None and (ab := plan.stacks.get(site)) is not None:
             a, b = ab  # [L, G, in, r], [L, G, r, out]
-            scatter(out, g, torch.bmm(torch.bmm(inp[g.padded], a[layer]), b[layer]))  # [G, Tmax, out]
+            plan.scatter(out, torch.bmm(torch.bmm(plan.gather(inp), a[layer]), b[layer]))  # [G, Tmax, out]
         for toks, state in plan.singles:
             if (pair := state.modules.get(site)) is not None:
                 out.index_add_(0, toks, inp[toks] @ pair[0][layer] @ pair[1][layer])  # [Tg, out]

@@ -33,6 +33,24 @@ class WeightPlan:
     groups: QueryGroups | None  # the few-token adapters' tokens, grouped (one padded call per site)
     stacks: dict[str, tuple[torch.Tensor, ...]]  # site -> their tensors stacked `[L, G, ...]`
     singles: list[tuple[torch.Tensor, Any]]  # (token indices [Tg], adapter): a call each
+    span: tuple[int, int] | None = None  # the grouped tokens are exactly these, group by group, unpadded
+
+    def gather(self, inp: torch.Tensor) -> torch.Tensor:
+        """The grouped tokens' rows of inp `[N, d]` -> `[G, Tmax, d]` (a view when they are one span)."""
+        g = self.groups
+        if self.span is not None:
+            return inp[self.span[0] : self.span[1]].view(len(g.sizes), -1, inp.shape[-1])
+        return inp[g.padded]
+
+    def scatter(self, out: torch.Tensor, delta: torch.Tensor) -> None:
+        """out `[N, d]` += each grouped token's row of delta `[G, Tmax, d]` (padding left out)."""
+        g, flat = self.groups, delta.view(-1, delta.shape[-1])
+        if self.span is not None:  # the engine orders decode rows by adapter: one slice
+            out[self.span[0] : self.span[1]] += flat
+        elif g.full:  # no padding: the rows are the tokens, in order
+            out.index_add_(0, g.tokens, flat)
+        else:
+            out.index_add_(0, g.tokens, delta[g.valid])
 
 
 def plan_groups(
@@ -51,16 +69,16 @@ def plan_groups(
     if not few:
         cache.clear()
         return WeightPlan(None, {}, singles)
-    groups = QueryGroups.build(cache.ordered(few, states), inputs)
-    return WeightPlan(groups, cache.get([states[key] for key in groups.keys], stack), singles)
+    few = cache.ordered(few, states)
+    groups = QueryGroups.build(few, inputs)
+    stacks = cache.get([states[key] for key in groups.keys], stack)
+    return WeightPlan(groups, stacks, singles, _span(list(few.values())) if groups.full else None)
 
 
-def scatter(out: torch.Tensor, groups: QueryGroups, delta: torch.Tensor) -> None:
-    """out `[N, d]` += each grouped token's row of delta `[G, Tmax, d]` (padding left out)."""
-    if groups.full:  # no padding: the rows are the tokens, in order
-        out.index_add_(0, groups.tokens, delta.view(-1, delta.shape[-1]))
-    else:
-        out.index_add_(0, groups.tokens, delta[groups.valid])
+def _span(groups: list[list[int]]) -> tuple[int, int] | None:
+    """(first, end) when the groups' tokens, in group order, are first, first + 1, ..., end - 1."""
+    flat = [t for toks in groups for t in toks]
+    return (flat[0], flat[0] + len(flat)) if flat == list(range(flat[0], flat[0] + len(flat))) else None
 
 
 def check_abs(arrays: dict[str, np.ndarray]) -> None:

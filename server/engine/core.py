@@ -488,9 +488,9 @@ class EngineCore:
         req = live.request
         if live.prefix is not None or live.adapter is not None:  # (a preempted row keeps what it had)
             return
-        states = [(i, self.prefixes.get(i)) for i in req.resident_ids]
-        adapters = [s for _, s in states if kind_of(s).weight_side]
-        prefixes = [s for _, s in states if not kind_of(s).weight_side]
+        states = [self.prefixes.get(i) for i in req.resident_ids]
+        adapters = [s for s in states if kind_of(s).weight_side]
+        prefixes = [s for s in states if not kind_of(s).weight_side]
         if len(adapters) > 1 or len(prefixes) > 1:
             raise ValueError(
                 "a row carries at most one prefix (prefix_kv, ntk) and one adapter (lora, adapter)"

@@ -243,7 +243,10 @@ class ModelRunner:
 
     def _prepare(self, rows: list[RowInput]) -> tuple[_Batch, list[RowInput]]:
         self.inputs.begin()
-        decode = [r for r in rows if len(r.tokens) == 1]
+        # decode rows ordered by adapter: each adapter's tokens are then one slice (weights.py)
+        decode = sorted(
+            (r for r in rows if len(r.tokens) == 1), key=lambda r: (r.adapter is not None, id(r.adapter))
+        )
         prefill = sorted((r for r in rows if len(r.tokens) > 1), key=lambda r: (len(r.tokens), r.start))
         order = decode + prefill
         bs = self.block_size
