@@ -110,8 +110,8 @@ class PrefixMeta:
             )
         if BY_NAME[self.kind].positional != (self.prefix_len > 0):
             raise InvalidPrefixFile(
-                f"prefix_len must be 0 for an ntk prefix and >= 1 for a prefix_kv one, got {self.prefix_len}"
-                f" for kind {self.kind!r}"
+                f"prefix_len must be >= 1 for a prefix_kv prefix and 0 for the other kinds (ntk, lora,"
+                f" adapter: they occupy no positions), got {self.prefix_len} for kind {self.kind!r}"
             )
         if len(self.name) > MAX_NAME_LEN:
             raise InvalidPrefixFile(f"name must be at most {MAX_NAME_LEN} characters, got {len(self.name)}")

@@ -183,7 +183,11 @@ def test_malformed_ntk_files_are_rejected_with_a_reason(tiny_model, expect):
             "expected exactly the tensors",
         ),
         ({**good, "ntk_k": nan}, None, "NaN or Inf"),
-        (good, {**strings, "prefix_len": "4"}, "prefix_len must be 0 for an ntk prefix"),
+        (
+            good,
+            {**strings, "prefix_len": "4"},
+            "prefix_len must be >= 1 for a prefix_kv prefix and 0 for the other kinds",
+        ),
         (good, {**strings, "model_fingerprint": "gpt2-other"}, "made for model gpt2-other"),
     ]
     for tensors, metadata, needle in cases:

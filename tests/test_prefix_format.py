@@ -180,7 +180,12 @@ def _malformed(model) -> list[tuple[str, bytes, str]]:
             raw_file({"past_key_values": kv}, dict(meta, format_version="9")),
             "format_version must be '1', got '9'",
         ),
-        ("unknown kind", raw_file({"past_key_values": kv}, dict(meta, kind="lora")), "kind must be one of"),
+        ("unknown kind", raw_file({"past_key_values": kv}, dict(meta, kind="ia3")), "kind must be one of"),
+        (
+            "positions for a weight-side kind",
+            raw_file({"past_key_values": kv}, dict(meta, kind="lora")),
+            "prefix_len must be >= 1 for a prefix_kv prefix and 0 for the other kinds",
+        ),
         (
             "metadata length disagrees",
             raw_file({"past_key_values": kv}, dict(meta, prefix_len="6")),
@@ -238,10 +243,11 @@ def peft_files(model, peft_type="PREFIX_TUNING", p=4, **cfg_over) -> tuple[bytes
     ("cfg_over", "weights", "pattern"),
     [
         (
-            {"peft_type": "LORA"},
+            {"peft_type": "IA3"},
             None,
-            r"peft_type must be one of \['PREFIX_TUNING', 'PROMPT_TUNING'\], got 'LORA'",
+            r"peft_type must be one of \['PREFIX_TUNING', 'PROMPT_TUNING', 'LORA'\], got 'IA3'",
         ),
+        ({"peft_type": "LORA"}, None, "is a LORA adapter; expected prefix or prompt tuning"),
         ({"task_type": "SEQ_CLS"}, None, "task_type must be 'CAUSAL_LM', got 'SEQ_CLS'"),
         ({"num_layers": 12}, None, "num_layers is 12, but the loaded model has 3"),
         ({"token_dim": 768}, None, "token_dim is 768, but the loaded model has 64"),
