@@ -65,7 +65,7 @@ def test_validation_split_reports_eval_loss_per_epoch(tiny_model_dir, tiny_model
     assert prog.total_steps == 3 * 4  # 30 training examples, batches of 8
 
 
-@pytest.mark.parametrize("kind", ["prefix_kv", "ntk"])
+@pytest.mark.parametrize("kind", ["prefix_kv", "ntk", "lora", "adapter", "adamix"])
 def test_resuming_from_an_epoch_checkpoint_gives_the_uninterrupted_result(tiny_model_dir, tiny_model, kind):
     """The per-epoch checkpoint (safetensors + JSON, no pickle) holds everything training depends on:
     encoder, AdamW moments, the LR schedule and the record, so a resumed run is the same run."""
@@ -75,6 +75,9 @@ def test_resuming_from_an_epoch_checkpoint_gives_the_uninterrupted_result(tiny_m
     )
     if kind == "ntk":
         cfg = TrainConfig(kind="ntk", ntk_rank=4, epochs=3, batch_size=4, learning_rate=0.3, val_fraction=0.2)
+    if kind in ("lora", "adapter", "adamix"):  # (lora_modules as a JSON job record holds them: a list)
+        more = {"lora_modules": ["attn.c_attn", "mlp.c_fc"], "adapter_size": 8, "adamix_experts": 3}
+        cfg = TrainConfig(kind=kind, epochs=3, batch_size=4, learning_rate=5e-3, val_fraction=0.2, **more)
     pairs = table_to_text(20)
 
     def trainer() -> PrefixTrainer:
