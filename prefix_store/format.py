@@ -135,7 +135,10 @@ def encode_prefix(kv: torch.Tensor, meta: PrefixMeta) -> bytes:
 
 def encode_tensors(tensors: dict[str, torch.Tensor], meta: PrefixMeta) -> bytes:
     """Serialize a prefix of either kind (see TENSOR_SETS); kind, length, dtype and sha256 are set here."""
-    tensors = {n: t.detach().contiguous().cpu() for n, t in sorted(tensors.items())}
+    # (a copy each: tensors that share memory, e.g. one array given for two sites, are saved apart)
+    tensors = {
+        n: t.detach().cpu().clone(memory_format=torch.contiguous_format) for n, t in sorted(tensors.items())
+    }
     dtypes = {t.dtype for t in tensors.values()}
     if len(dtypes) != 1 or not dtypes <= set(DTYPE_NAMES):
         raise InvalidPrefixFile(

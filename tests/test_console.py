@@ -14,10 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from playwright.sync_api import expect, sync_playwright
 
+from prefix_store.kinds import BottleneckKind
 from prefix_store.redis_server import RedisServer
 from prefix_store.service import PrefixService, StoreConfig
+from prefix_store.state import BottleneckAdapter
 from prefixserve.compile import bind_model
 from prefixserve.training.jobs import RedisJobQueue
 from prefixserve.training.synthetic import table_to_text
@@ -89,6 +92,20 @@ def live(tiny_model, tmp_path_factory):
     redis.kill()
 
 
+def bottleneck_tensors(live: LiveServer) -> dict:
+    """A Houlsby adapter's tensors for the served model (small random weights, as a trained one has)."""
+    spec = live.state.model.spec
+    g = torch.Generator().manual_seed(0)
+    n, c, m = spec.n_layer, spec.n_embd, 8
+    parts = (
+        torch.randn(n, c, m, generator=g),
+        torch.zeros(n, m),
+        torch.randn(n, m, c, generator=g),
+        torch.zeros(n, c),
+    )
+    return BottleneckKind.to_tensors(BottleneckAdapter({site: parts for site in ("attn", "mlp")}))
+
+
 def shot(page, name: str) -> None:
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
@@ -105,16 +122,17 @@ def add_text_prefix(page, name: str, text: str = "Answer politely and briefly.")
     page.fill("#upload-text", text)
     page.fill("#upload-name", name)
     page.click("#upload-form button[type=submit]")
-    page.wait_for_selector("#message.ok", timeout=TIMEOUT_MS)
-    row = page.locator("#prefix-table tbody tr", has_text="text").last
-    return row.get_attribute("data-id")
+    added = page.locator("#message.ok", has_text="Added")
+    added.wait_for(timeout=TIMEOUT_MS)
+    prefix_id = re.search(r"\((pfx-[a-z0-9_-]+)\)\.$", added.inner_text()).group(1)
+    page.wait_for_selector(f"#prefix-table tbody tr[data-id='{prefix_id}']", timeout=TIMEOUT_MS)  # listed
+    return prefix_id
 
 
 def test_wrong_key_shows_a_clear_message(page, live):
     log_in(page, live, key="not-a-key")
-    message = page.locator("#message")
-    message.wait_for(state="visible", timeout=TIMEOUT_MS)
-    assert "refused the API key (401)" in message.inner_text()
+    message = page.locator("#message.error")  # (the greeting before it is an info message)
+    expect(message).to_contain_text("refused the API key (401)", timeout=TIMEOUT_MS)
     assert "invalid API key" in message.inner_text()
     assert page.evaluate("sessionStorage.getItem('prefixserve.key')") is None  # a wrong key is not kept
     shot(page, "wrong-key")
@@ -134,27 +152,34 @@ def test_text_prefix_playground_training_and_delete(page, live):
     page.fill("#filter-name", "")
     shot(page, "prefixes")
 
-    # playground: the prefix beside the bare model, streamed in one run
+    # playground: the prefix, the prefix with an adapter beside it, and the bare model, in one run
+    adapter = live.state.service.add_tensors(bottleneck_tensors(live), owner="alice", name="houlsby").id
     page.click("nav a[data-page=playground]")
     columns = page.locator("#columns .column")
     assert columns.count() == 2
-    columns.nth(0).locator("select").select_option(prefix_id)
-    columns.nth(1).locator("select").select_option("")
+    page.click("#play-add")
+    columns.nth(0).locator("select.prefix").select_option(prefix_id)
+    columns.nth(1).locator("select.prefix").select_option(prefix_id)
+    assert columns.nth(1).locator(f"select.adapter option[value='{adapter}']").count() == 1  # adapters only
+    assert columns.nth(1).locator(f"select.adapter option[value='{prefix_id}']").count() == 0
+    columns.nth(1).locator("select.adapter").select_option(adapter)
+    columns.nth(2).locator("select.prefix").select_option("")
     page.fill("#play-input", "name : Aromi | food : Italian")
     page.fill("#play-max-tokens", "12")
     page.click("#play-run")
-    for i in range(2):
+    for i in range(3):
         page.wait_for_selector(f"#columns .column:nth-child({i + 1})[data-state=done]", timeout=TIMEOUT_MS)
         column = columns.nth(i)
         assert column.locator(".output .tok").count() > 0
         assert "tokens" in column.locator(".finish").inner_text()
         assert column.locator(".tok[title^='p = ']").count() > 0  # shaded by probability
-    for _ in range(2):
-        page.click("#play-add")
+    texts = [columns.nth(i).locator(".output").inner_text() for i in range(3)]
+    assert texts[1] != texts[0]  # the adapter steers the row that carries it
+    page.click("#play-add")
     assert columns.count() == 4 and page.is_disabled("#play-add")  # at most four columns
-    columns.nth(0).locator("button", has_text="copy as curl").click()
+    columns.nth(1).locator("button", has_text="copy as curl").click()
     snippet = page.locator("#snippet").inner_text()
-    assert "/generate" in snippet and prefix_id in snippet and ALICE not in snippet
+    assert "/generate" in snippet and prefix_id in snippet and adapter in snippet and ALICE not in snippet
     shot(page, "playground")
 
     # jobs: train a small prefix and watch its loss curve gain points

@@ -457,12 +457,21 @@ function lineChart(series, { width = 640, height = 220, xMax } = {}) {
 }
 
 // ---- Playground ----------------------------------------------------------------------------------
+const ADAPTER_KINDS = ["lora", "adapter"]; // weight-side: may ride beside a prefix on one row
+
+// Each column: a prefix of any kind (or none), and optionally an adapter beside it.
 function fillPrefixChoices() {
-  for (const select of document.querySelectorAll("#columns select")) {
-    const keep = select.value;
-    select.replaceChildren(el("option", { value: NO_PREFIX }, "no prefix (bare model)"));
-    for (const p of state.prefixes) select.append(el("option", { value: p.id }, `${p.name || "(unnamed)"} · ${p.id}`));
-    select.value = [...select.options].some((o) => o.value === keep) ? keep : NO_PREFIX;
+  const choices = [
+    ["select.prefix", "no prefix (bare model)", state.prefixes],
+    ["select.adapter", "no adapter", state.prefixes.filter((p) => ADAPTER_KINDS.includes(p.kind))],
+  ];
+  for (const [selector, none, prefixes] of choices) {
+    for (const select of document.querySelectorAll(`#columns ${selector}`)) {
+      const keep = select.value;
+      select.replaceChildren(el("option", { value: NO_PREFIX }, none));
+      for (const p of prefixes) select.append(el("option", { value: p.id }, `${p.name || "(unnamed)"} · ${p.id}`));
+      select.value = [...select.options].some((o) => o.value === keep) ? keep : NO_PREFIX;
+    }
   }
 }
 
@@ -471,8 +480,9 @@ function addColumn(prefixId = NO_PREFIX) {
   if (columns.children.length >= MAX_COLUMNS) return say(`At most ${MAX_COLUMNS} columns.`);
   const column = el("div", { class: "column card", "data-state": "idle" },
     el("div", { class: "column-head" },
-      el("select", { "aria-label": "prefix" }),
-      el("button", { type: "button", title: "remove this column", onclick: () => { column.remove(); updateAdd(); } }, "×")),
+      el("select", { "aria-label": "prefix", class: "prefix" }),
+      el("button", { type: "button", title: "remove this column", onclick: () => { column.remove(); updateAdd(); } }, "×"),
+      el("select", { "aria-label": "adapter beside the prefix", class: "adapter" })),
     el("div", { class: "output" }),
     el("div", { class: "column-foot" },
       el("span", { class: "finish" }),
@@ -480,7 +490,7 @@ function addColumn(prefixId = NO_PREFIX) {
       el("button", { type: "button", onclick: () => showSnippet(column, "python") }, "copy as Python SDK")));
   columns.append(column);
   fillPrefixChoices();
-  column.querySelector("select").value = prefixId;
+  column.querySelector("select.prefix").value = prefixId;
   updateAdd();
 }
 
@@ -489,9 +499,11 @@ function updateAdd() {
 }
 
 function playRequest(column) {
-  const prefixId = column.querySelector("select").value || null;
+  const prefixId = column.querySelector("select.prefix").value || null;
+  const adapterId = column.querySelector("select.adapter").value || null;
   const body = {
     prefix_id: prefixId,
+    ...(adapterId ? { adapter_id: adapterId } : {}),
     input: $("#play-input").value,
     max_new_tokens: Number($("#play-max-tokens").value),
     temperature: Number($("#play-temperature").value),
