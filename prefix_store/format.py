@@ -333,20 +333,19 @@ def _check_offsets(header: dict, buffer_len: int) -> None:
 
 def read_meta(head: bytes) -> PrefixMeta:
     """Metadata only, from the start of a file (for listing); the tensor is not read."""
-    header, _ = parse_header(head, 8 + MAX_HEADER_BYTES, whole=False)
-    return _meta(header)
+    return read_listing(head)[0]
 
 
-def file_size(head: bytes) -> int:
-    """A file's size in bytes from its start (header length + the tensors' extent, as the header says;
-    the offsets themselves are checked when the file is loaded)."""
+def read_listing(head: bytes) -> tuple[PrefixMeta, int]:
+    """Metadata and the file's size in bytes, from its start (one header parse; the size is the header
+    length + the tensors' extent as the header says, their offsets being checked when the file loads)."""
     header, start = parse_header(head, 8 + MAX_HEADER_BYTES, whole=False)
     ends = [
         info["data_offsets"][1]
         for name, info in header.items()
         if name != "__metadata__" and isinstance(info, dict) and isinstance(info.get("data_offsets"), list)
     ]
-    return start + max((e for e in ends if isinstance(e, int)), default=0)
+    return _meta(header), start + max((e for e in ends if isinstance(e, int)), default=0)
 
 
 def _meta(header: dict) -> PrefixMeta:

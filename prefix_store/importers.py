@@ -128,20 +128,26 @@ def import_peft(
         raise InvalidPrefixFile(
             f"adapter_model.safetensors must hold exactly ['{PEFT_TENSOR}'], found {names}"
         )
-    dtype, shape = tensor_layout(header, PEFT_TENSOR)
     width = spec.n_layer * 2 * spec.n_embd if cfg["peft_type"] == "PREFIX_TUNING" else spec.n_embd
-    if shape != [p, width]:
-        raise InvalidPrefixFile(
-            f"{PEFT_TENSOR} must have shape [{p}, {width}] for a {cfg['peft_type']} adapter on this model,"
-            f" got {shape}"
-        )
-    raw = tensor_raw(weights_raw, header, start, PEFT_TENSOR, dtype, shape)
-    if not all_finite(raw, dtype):
-        raise InvalidPrefixFile(f"{PEFT_TENSOR} contains NaN or Inf values")
-    emb = tensor_from_raw(raw, dtype, shape).float()  # [P, width]
+    where = f" for a {cfg['peft_type']} adapter on this model"
+    emb = _peft_tensor(weights_raw, header, start, PEFT_TENSOR, [p, width], where)  # [P, width]
     if cfg["peft_type"] == "PREFIX_TUNING":
         return peft_to_canonical(emb, spec.n_layer, spec.n_head)
     return model.compile_embeds(emb)
+
+
+def _peft_tensor(
+    data: bytes, header: dict, start: int, name: str, want: list[int], where: str
+) -> torch.Tensor:
+    """One tensor of a PEFT weights file, checked like a native file's (float dtype, exactly `want`,
+    its byte span, finite values) before it is built; float32."""
+    dtype, shape = tensor_layout(header, name)
+    if shape != want:
+        raise InvalidPrefixFile(f"{name} must have shape {want}{where}, got {shape}")
+    raw = tensor_raw(data, header, start, name, dtype, shape)
+    if not all_finite(raw, dtype):
+        raise InvalidPrefixFile(f"{name} contains NaN or Inf values")
+    return tensor_from_raw(raw, dtype, shape).float()
 
 
 def import_peft_lora(config_raw: bytes, weights_raw: bytes, model: ModelBinding, max_bytes: int) -> dict:
@@ -180,15 +186,10 @@ def import_peft_lora(config_raw: bytes, weights_raw: bytes, model: ModelBinding,
         layer, module, ab = int(match[1]), match[2], match[3]
         if layer >= spec.n_layer:
             raise InvalidPrefixFile(f"{name}: layer {layer}, but the loaded model has {spec.n_layer} layers")
-        dtype, shape = tensor_layout(header, name)
         fin, fout = (mult * spec.n_embd for mult in LORA_MODULE_DIMS[module])
         want = [r, fin] if ab == "A" else [fout, r]
-        if shape != want:
-            raise InvalidPrefixFile(f"{name} must have shape {want} (r = {r}) for this model, got {shape}")
-        raw = tensor_raw(weights_raw, header, start, name, dtype, shape)
-        if not all_finite(raw, dtype):
-            raise InvalidPrefixFile(f"{name} contains NaN or Inf values")
-        found.setdefault(module, {}).setdefault(layer, {})[ab] = tensor_from_raw(raw, dtype, shape).float()
+        tensor = _peft_tensor(weights_raw, header, start, name, want, f" (r = {r}) for this model")
+        found.setdefault(module, {}).setdefault(layer, {})[ab] = tensor
     if not found:
         raise InvalidPrefixFile("adapter_model.safetensors holds no LoRA weights")
     tensors = {}

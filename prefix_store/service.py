@@ -27,8 +27,7 @@ from .format import (
     decode_prefix,
     decode_tensors,
     encode_tensors,
-    file_size,
-    read_meta,
+    read_listing,
 )
 from .importers import PEFT_TENSOR, import_peft, import_peft_lora, peft_type
 from .limits import DEFAULT_MAX_PREFIX_LEN, longest_usable_prefix
@@ -214,10 +213,10 @@ class PrefixService:
         if cached is not None:
             return cached
         head = self.store.head(prefix_id, 8 + MAX_HEADER_BYTES)
-        meta = read_meta(head)
+        meta, size = read_listing(head)
         with self._lock:
             self._meta[prefix_id] = meta
-            self._size[prefix_id] = file_size(head)
+            self._size[prefix_id] = size
         return meta
 
     def size(self, prefix_id: str) -> int | None:

@@ -29,7 +29,7 @@ class NtkPrefix:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.z, self.k))
+        return _nbytes((self.z, self.k))
 
 
 def _nbytes(tensors) -> int:

@@ -93,9 +93,10 @@ def test_prefixes_carry_their_stored_size(api):  # noqa: F811
 
 
 def test_file_size_is_read_from_the_header_alone(tiny_model):
-    from prefix_store.format import PrefixMeta, encode_prefix, file_size
+    from prefix_store.format import PrefixMeta, encode_prefix, read_listing
 
     meta = PrefixMeta(id="pfx-size", model_fingerprint="f", prefix_len=3, dtype="float32", owner="x")
     data = encode_prefix(torch.zeros(tiny_model.spec.prefix_shape(3)), meta)
     header_end = 8 + int.from_bytes(data[:8], "little")
-    assert len(data) > header_end and file_size(data[:header_end]) == len(data)  # the header is all it needs
+    _, size = read_listing(data[:header_end])  # the header is all it needs
+    assert len(data) > header_end and size == len(data)

@@ -43,8 +43,8 @@ async def start_generation(
     on a thread (after which `prepare` finds it in memory)."""
     state.admit()
     metas = await steering(state, tenant, prefix_id, adapter_id)
-    if separator and metas:
-        input = with_suffix(state, input, next((m.input_suffix for m in metas if m.input_suffix), ""))
+    if separator:
+        input = with_suffix(state, input, input_suffix(metas))
     prefix_len = metas[0].prefix_len if prefix_id is not None else 0
     prepared = state.engine.preparer.prepare(input, params, prefix_id, prefix_len, rid, adapter_id)
     await state.limiter.check(tenant, len(prepared.prompt_ids) + params.max_new_tokens)
@@ -72,6 +72,11 @@ async def steering(
                 " (prefix_kv, ntk): a row carries one prefix and one adapter",
             )
     return metas
+
+
+def input_suffix(metas: list[PrefixMeta]) -> str:
+    """The separator a trained prefix or adapter appends to inputs (the first that has one)."""
+    return next((m.input_suffix for m in metas if m.input_suffix), "")
 
 
 def with_suffix(state: State, input: str | list[int], suffix: str) -> str | list[int]:

@@ -458,8 +458,7 @@ class EngineCore:
         """End the waiting requests whose prefix failed to load, with that error."""
         out: list[RequestOutput] = []
         for seq in self.scheduler.waiting():
-            ids = [i for i in (seq.prefix_id, seq.adapter_id) if i is not None]
-            error = next((e for i in ids if (e := self.prefixes.failure(i)) is not None), None)
+            error = next((e for i in seq.resident_ids if (e := self.prefixes.failure(i)) is not None), None)
             if error is not None:
                 out.append(self._end(seq.request_id, error, scrub=False))
         return out
@@ -575,7 +574,7 @@ class EngineCore:
 
 
 def _prefix_ids(seqs: list[Sequence]) -> list[str]:
-    return sorted({i for seq in seqs for i in (seq.prefix_id, seq.adapter_id) if i is not None})
+    return sorted({i for seq in seqs for i in seq.resident_ids})
 
 
 def _token_logprobs(targets: list[int], scores: Scores, tops: list[int]) -> list[TokenLogprob]:

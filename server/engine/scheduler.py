@@ -67,6 +67,11 @@ class Sequence:
     num_preemptions: int = 0
     adapter_id: str | None = None  # a weight-side adapter it waits for too
 
+    @property
+    def resident_ids(self) -> list[str]:
+        """Its prefix and its adapter (either may be absent): what must be on the device."""
+        return [i for i in (self.prefix_id, self.adapter_id) if i is not None]
+
     def __post_init__(self) -> None:
         self.num_tokens = self.num_prompt_tokens
 
@@ -205,7 +210,7 @@ class Scheduler:
         """Its prefix is not on the device yet (a preempted row still holds the one it ran with)."""
         if seq.num_preemptions:
             return False
-        return any(i is not None and not self._prefix_ready(i) for i in (seq.prefix_id, seq.adapter_id))
+        return any(not self._prefix_ready(i) for i in seq.resident_ids)
 
     def _admissible(self, need: int) -> bool:
         reserve = self.config.watermark_blocks if self._running else 0

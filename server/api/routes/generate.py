@@ -14,6 +14,7 @@ from ..generation import (
     collect,
     first_output,
     gather_answer,
+    input_suffix,
     sse,
     start_generation,
     steering,
@@ -56,7 +57,7 @@ async def score(body: ScoreRequest, request: Request, tenant: str = Depends(tena
     separator between them, as in training), token by token. Nothing is generated."""
     state = get_state(request)
     metas = await steering(state, tenant, body.prefix_id, body.adapter_id)
-    context = body.input + next((m.input_suffix for m in metas if m.input_suffix), "")
+    context = body.input + input_suffix(metas)
     encode = state.engine.preparer.tokenizer.encode
     context_ids = encode(context, add_special_tokens=False)
     ids = context_ids + encode(body.continuation, add_special_tokens=False)
