@@ -49,6 +49,7 @@ from transformers import GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from prefix_store.pool import DevicePool
 from prefixserve.engine import EngineConfig, EngineCore, SamplingParams, Scheduler
 from prefixserve.engine.scheduler import Sequence
 from prefixserve.model import LoadedModel, hf_cache_kwargs, load_hf_model, load_model, parse_dtype
@@ -74,13 +75,35 @@ class Workload:
         return self.batch * self.new_tokens
 
 
-def engine_config(batch: int, max_seq_len: int, **more) -> EngineConfig:
+def engine_config(batch: int, max_seq_len: int, prefix_tokens: int = 0, **more) -> EngineConfig:
     """`batch` rows of `max_seq_len`, default token budget (prefill runs in chunks). The paged KV pool
-    gets the memory full-length slots would take, so the columns measure speed, not memory pressure:
-    no row is ever preempted (`kv_rows_at_budget` measures memory)."""
+    gets the memory full-length slots would take plus the prefixes' (`prefix_tokens`, which live in it),
+    so the columns measure speed, not memory pressure: no row is ever preempted (`kv_rows_at_budget`
+    measures memory)."""
     if "kv_cache_tokens" in EngineConfig.__dataclass_fields__:  # (the engine before paging had slots)
-        more["kv_cache_tokens"] = batch * max_seq_len
+        more["kv_cache_tokens"] = batch * max_seq_len + prefix_tokens
     return EngineConfig(max_running=batch, max_waiting=batch, max_seq_len=max_seq_len, **more)
+
+
+def engine_with_prefixes(
+    model: LoadedModel, config: EngineConfig, states: dict[str, torch.Tensor]
+) -> EngineCore:
+    """An engine whose prefixes are resident in the store's device pool, as the server runs them: KV
+    prefixes in runs of the engine's own KV blocks (unified paging), read there in place."""
+    length = lambda pid: states[pid].shape[3]  # noqa: E731
+    pool = DevicePool(states.__getitem__, length, 1 << 62, model.device, model.dtype)
+    engine = EngineCore(model, config, prefixes=pool)
+    for pid, state in states.items():
+        pool.put(pid, state)
+    blocks = sum(-(-s.shape[3] // engine.config.block_size) for s in states.values())
+    assert engine.arena.prefix_blocks == blocks, "every prefix is placed in the KV pool"
+    states.clear()  # the copies in the pool are what runs (the budget never evicts one to reload it)
+    return engine
+
+
+def padded_tokens(count: int, plen: int, block_size: int = 16) -> int:
+    """KV pool tokens that `count` prefixes of `plen` positions take (whole blocks each)."""
+    return count * -(-plen // block_size) * block_size
 
 
 def sync(device: torch.device) -> None:
@@ -98,12 +121,15 @@ class Bench:
         # activations-sized values, as a trained prefix would have
         self.prefixes = (torch.randn(shape, generator=g) * 0.5).to(dev, model.dtype)  # [B, L, 2, H, P, D]
         self.params = SamplingParams(max_new_tokens=wl.new_tokens, ignore_eos=True)
-        self.engine = EngineCore(
+        self.engine = engine_with_prefixes(
             model,
-            engine_config(wl.batch, wl.prefix_len + wl.input_len + wl.new_tokens),
+            engine_config(
+                wl.batch,
+                wl.prefix_len + wl.input_len + wl.new_tokens,
+                padded_tokens(wl.batch, wl.prefix_len),
+            ),
+            {f"p{i}": self.prefixes[i] for i in range(wl.batch)},
         )
-        for i in range(wl.batch):
-            self.engine.prefixes.register(f"p{i}", self.prefixes[i])
         self.hf.generation_config.eos_token_id = None  # generate exactly new_tokens, as the engine does
         self.hf.generation_config.pad_token_id = 0
         self.split: dict[str, tuple[float, float]] = {}
@@ -136,15 +162,19 @@ class Bench:
         if key not in self._long:
             self._long.clear()  # one set of long prefixes in memory at a time
             spec, wl = self.model.spec, self.wl
-            engine = EngineCore(
-                self.model,
-                engine_config(wl.batch, plen + 64, max_prefix_len=plen),
-            )
+            count = wl.batch if distinct else 1
             g = torch.Generator().manual_seed(plen)
-            for i in range(wl.batch if distinct else 1):
-                kv = torch.randn(spec.prefix_shape(plen), generator=g) * 0.5  # [L, 2, H, P, D]
-                engine.prefixes.register(f"s{i}", kv.to(self.model.device, self.model.dtype))
-            self._long[key] = engine
+            states = {  # [L, 2, H, P, D] each
+                f"s{i}": (torch.randn(spec.prefix_shape(plen), generator=g) * 0.5).to(
+                    self.model.device, self.model.dtype
+                )
+                for i in range(count)
+            }
+            self._long[key] = engine_with_prefixes(
+                self.model,
+                engine_config(wl.batch, plen + 64, padded_tokens(count, plen), max_prefix_len=plen),
+                states,
+            )
         return self._long[key]
 
     def run_prefix_len(self, plen: int, distinct: bool) -> float:

@@ -7,6 +7,13 @@ the resident prefix in place, so the engine releases the pin only when the reque
 never evicted while a request references it, and the pool may exceed its budget by the prefixes of the
 requests in the engine (bounded by max_running + max_waiting). Unpinned prefixes are evicted
 least-recently-used first when a load needs room.
+
+Unified paging: once the engine `attach`es its KV arena (server/engine/arena.py), KV prefixes live in
+the engine's paged KV pool beside the rows' own tokens, each in a run of blocks read in place. A
+loaded prefix takes its run at once if one is free (evicting unpinned prefixes for it); otherwise it
+waits, loaded, until rows give blocks back (`blocks_wanted` tells the scheduler to keep them), and
+`reclaim` evicts unpinned prefixes when rows need their blocks. Other kinds (NTK, adapters) keep
+tensors of their own. The byte budget still bounds all resident prefixes together.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -28,6 +36,31 @@ from .state import PrefixState, prefix_length, prefix_nbytes
 log = logging.getLogger(__name__)
 
 
+class Arena(Protocol):
+    """Where KV prefixes live beside the rows' own tokens: the engine's paged KV pool."""
+
+    num_free: int  # free blocks
+    generation: int  # changes whenever blocks are freed
+
+    def blocks_needed(self, state: torch.Tensor) -> int: ...
+
+    def fits(self, blocks: int) -> bool:
+        """Whether a prefix of that many blocks can ever be placed."""
+        ...
+
+    def room(self) -> int:
+        """Blocks prefixes may still take."""
+        ...
+
+    def place(self, state: torch.Tensor) -> torch.Tensor | None:
+        """Copy a K/V prefix into a run of free blocks -> its view there, or None (no room now)."""
+        ...
+
+    def release(self, state: torch.Tensor) -> None:
+        """Give a placed prefix's blocks back."""
+        ...
+
+
 @dataclass
 class _Entry:
     length: int
@@ -36,6 +69,9 @@ class _Entry:
     loading: bool = False
     error: PrefixServeError | None = None
     deleted: bool = False  # deleted while pinned: dropped when the last pin goes
+    placed: bool = False  # kv is a view into the arena
+    pending: PrefixState | None = None  # loaded, waiting for a run of free blocks in the arena
+    tried: int = -1  # the arena's generation when it last had no room for `pending`
 
     @property
     def nbytes(self) -> int:
@@ -67,6 +103,8 @@ class DevicePool:
             initargs=(1,),
         )
         self._resident_bytes = 0
+        self._arena: Arena | None = None
+        self._wanted = 0  # blocks the pending prefixes wait for
 
     # ---- PrefixProvider --------------------------------------------------------------------------
     def length(self, prefix_id: str) -> int:
@@ -88,14 +126,20 @@ class DevicePool:
                 self.stats.inc("device", "hits")
                 return length
             self.stats.inc("device", "misses")
-            if not entry.loading and entry.error is None:
+            if not entry.loading and entry.error is None and entry.pending is None:
                 entry.loading = True
                 self._executor.submit(self._load_into_pool, prefix_id)
         return length
 
     def is_ready(self, prefix_id: str) -> bool:
         entry = self._entries.get(prefix_id)
-        return entry is not None and entry.kv is not None
+        if entry is None:
+            return False
+        if entry.pending is not None and entry.tried != self._arena.generation:  # blocks came free
+            with self._lock:
+                if self._entries.get(prefix_id) is entry and entry.pending is not None:
+                    self._settle(prefix_id, entry, entry.pending)
+        return entry.kv is not None
 
     def get(self, prefix_id: str) -> PrefixState:
         entry = self._entries[prefix_id]
@@ -114,6 +158,26 @@ class DevicePool:
     def failure(self, prefix_id: str) -> PrefixServeError | None:
         entry = self._entries.get(prefix_id)
         return entry.error if entry is not None else None
+
+    # ---- unified paging ------------------------------------------------------------------------------
+    def attach(self, arena: Arena) -> None:
+        """Place KV prefixes in the engine's paged KV pool from now on (the engine calls it once)."""
+        self._arena = arena
+
+    def reclaim(self, blocks: int) -> bool:
+        """Evict unpinned KV prefixes, least recently used first, until `blocks` blocks of the arena are
+        free (rows need them). Returns whether they are."""
+        if self._arena is None:
+            return False
+        with self._lock:
+            while self._arena.num_free < blocks and self._evict_lru(placed_only=True):
+                self.stats.inc("device", "reclaimed")
+            return self._arena.num_free >= blocks
+
+    def blocks_wanted(self) -> int:
+        """Arena blocks that loaded prefixes wait for, as far as the arena's prefix cap lets them in
+        (admission keeps that many free for them)."""
+        return 0 if self._arena is None else min(self._wanted, self._arena.room())
 
     # ---- management --------------------------------------------------------------------------------
     @property
@@ -136,7 +200,7 @@ class DevicePool:
 
     def put(self, prefix_id: str, kv: PrefixState) -> None:
         """Make a prefix resident now (e.g. right after it was created on this server)."""
-        tensor = kind_of(kv).to(kv, self.device, self.dtype)
+        tensor = kv if self._placeable(kv) else kind_of(kv).to(kv, self.device, self.dtype)
         with self._lock:
             entry = self._entries.setdefault(prefix_id, _Entry(prefix_length(kv)))
             self._install(prefix_id, entry, tensor)
@@ -154,8 +218,13 @@ class DevicePool:
                 self._drop(prefix_id)
 
     def _drop(self, prefix_id: str) -> None:
+        """Forget an entry (lock held): its bytes, its arena blocks, what it waited for."""
         entry = self._entries.pop(prefix_id)
         self._resident_bytes -= entry.nbytes
+        if entry.placed:
+            self._arena.release(entry.kv)
+        if entry.pending is not None:
+            self._wanted -= self._arena.blocks_needed(entry.pending)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -164,7 +233,8 @@ class DevicePool:
     def _load_into_pool(self, prefix_id: str) -> None:
         try:
             state = self._load(prefix_id)
-            tensor = kind_of(state).to(state, self.device, self.dtype)  # its device layout
+            # its device layout (a KV prefix going to the arena is copied there as it is)
+            tensor = state if self._placeable(state) else kind_of(state).to(state, self.device, self.dtype)
         except PrefixServeError as exc:
             self._loaded(prefix_id, None, exc)
         except Exception as exc:  # an unexpected loader fault must still release the waiting requests
@@ -187,18 +257,68 @@ class DevicePool:
                 return
             self._install(prefix_id, entry, tensor)
 
+    def _placeable(self, state: PrefixState) -> bool:
+        """A KV prefix that fits the arena's prefix cap (a longer one keeps a tensor of its own)."""
+        return (
+            self._arena is not None
+            and kind_of(state).placed
+            and self._arena.fits(self._arena.blocks_needed(state))
+        )
+
     def _install(self, prefix_id: str, entry: _Entry, tensor: PrefixState) -> None:
-        """Place a prefix (lock held) and evict unpinned LRU entries until the budget holds."""
+        """Make a loaded prefix resident (lock held): into the arena (`_settle`) or as it is."""
+        if self._placeable(tensor):
+            self._settle(prefix_id, entry, tensor)
+        else:
+            self._resident(prefix_id, entry, tensor)
+
+    def _settle(self, prefix_id: str, entry: _Entry, state: torch.Tensor) -> None:
+        """Copy a KV prefix into a run of arena blocks (lock held), evicting unpinned placed prefixes
+        when that can make room; without room it stays pending, loaded, until blocks are freed."""
+        arena, need = self._arena, self._arena.blocks_needed(state)
+        view = arena.place(state)
+        if view is None and arena.num_free + self._evictable_blocks(prefix_id) >= need:
+            while view is None and self._evict_lru(placed_only=True, keep=prefix_id):
+                view = arena.place(state)
+        if entry.pending is not None:
+            self._wanted -= need
+        if view is None:
+            entry.pending, entry.tried = state, arena.generation
+            self._wanted += need
+            return
+        entry.pending = None
+        self._release_old(entry)
+        entry.placed = True
+        self._resident(prefix_id, entry, view)
+
+    def _release_old(self, entry: _Entry) -> None:
+        """A re-installed entry's previous arena run (a prefix put again) goes back."""
+        if entry.placed:
+            self._resident_bytes -= entry.nbytes
+            self._arena.release(entry.kv)
+            entry.kv, entry.placed = None, False
+
+    def _resident(self, prefix_id: str, entry: _Entry, tensor: PrefixState) -> None:
+        """Record a resident prefix (lock held) and evict unpinned LRU entries until the budget holds."""
         self._resident_bytes -= entry.nbytes
         entry.kv, entry.length = tensor, prefix_length(tensor)
         self._resident_bytes += entry.nbytes
         self._entries.move_to_end(prefix_id)
-        for pid in list(self._entries):
-            if self._resident_bytes <= self.budget:
-                break
-            victim = self._entries[pid]
-            if pid == prefix_id or victim.pins > 0 or victim.kv is None:
-                continue
-            self._resident_bytes -= victim.nbytes
-            del self._entries[pid]
-            self.stats.inc("device", "evictions")
+        while self._resident_bytes > self.budget and self._evict_lru(keep=prefix_id):
+            pass
+
+    def _evict_lru(self, placed_only: bool = False, keep: str | None = None) -> bool:
+        """Evict the least recently used unpinned resident entry (lock held); False if there is none."""
+        for pid, entry in self._entries.items():
+            if pid != keep and entry.pins == 0 and entry.kv is not None and (entry.placed or not placed_only):
+                self._drop(pid)
+                self.stats.inc("device", "evictions")
+                return True
+        return False
+
+    def _evictable_blocks(self, keep: str) -> int:
+        return sum(
+            self._arena.blocks_needed(e.kv)
+            for pid, e in self._entries.items()
+            if e.placed and e.pins == 0 and pid != keep
+        )

@@ -27,6 +27,8 @@ class PrefixKind(Protocol):
     name: ClassVar[str]  # the `kind` in a file's metadata
     positional: ClassVar[bool]  # its prefix occupies positions 0..P-1 before a row's own tokens
     weight_side: ClassVar[bool]  # attaches at the linear layers (`apply`), not at attention (`attend`)
+    # its device state is per-token K/V `[L, 2, H, P, D]` that may live in the engine's paged KV pool
+    placed: ClassVar[bool]
     tensor_sets: ClassVar[tuple[list[str], ...]]  # the tensors (sorted names) a file of this kind holds
 
     # ---- format and validation (class-level: the store uses them without an engine) -------------

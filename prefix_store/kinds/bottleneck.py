@@ -42,6 +42,7 @@ class BottleneckKind:
     name: ClassVar[str] = KIND_ADAPTER
     positional: ClassVar[bool] = False
     weight_side: ClassVar[bool] = True
+    placed: ClassVar[bool] = False
     sites: ClassVar[tuple[str, ...]] = ADAPTER_SITES
     tensor_sets: ClassVar[tuple[list[str], ...]] = (tensor_names(["mlp"]), tensor_names(ADAPTER_SITES))
 

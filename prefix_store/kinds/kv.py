@@ -49,6 +49,7 @@ class KvPrefixKind:
     name: ClassVar[str] = KIND_PREFIX_KV
     positional: ClassVar[bool] = True  # its prefix occupies positions before the row's tokens
     weight_side: ClassVar[bool] = False  # attaches at attention
+    placed: ClassVar[bool] = True  # resident in a run of the engine's KV blocks (unified paging)
     tensor_sets: ClassVar[tuple[list[str], ...]] = ([TENSOR_NAME],)
 
     def __init__(self) -> None:

@@ -41,6 +41,7 @@ class LoraKind:
     name: ClassVar[str] = KIND_LORA
     positional: ClassVar[bool] = False
     weight_side: ClassVar[bool] = True
+    placed: ClassVar[bool] = False
     sites: ClassVar[tuple[str, ...]] = tuple(LORA_MODULES)
     tensor_sets: ClassVar[tuple[list[str], ...]] = tuple(
         tensor_names(ms) for n in range(1, 5) for ms in itertools.combinations(LORA_MODULES, n)

@@ -89,6 +89,7 @@ class NtkPrefixKind:
     name: ClassVar[str] = KIND_NTK
     positional: ClassVar[bool] = False  # occupies no positions: the row's tokens start at 0
     weight_side: ClassVar[bool] = False  # attaches at attention
+    placed: ClassVar[bool] = False  # a fixed-size state, not per-token K/V
     tensor_sets: ClassVar[tuple[list[str], ...]] = (["ntk_k", "ntk_z"], ["ntk_k", "ntk_z_a", "ntk_z_b"])
 
     def __init__(self) -> None:

@@ -4,9 +4,18 @@ A row's own tokens (input and generated) live in fixed-size blocks of `block_siz
 table lists them in order, so token i sits in block `table[i // block_size]` at offset
 `i % block_size` (vLLM's PagedAttention layout). Block 0 is never handed out: it stays zero and pads
 block tables, so a padded read sees finite numbers.
+
+The same pool holds the resident KV prefixes (S-LoRA's unified paging; arena.py): each one in a run
+of consecutive blocks, so that it can be read in place as one strided tensor. Rows take the lowest
+free blocks and prefix runs are cut from the top, which keeps the two apart and the free space at the
+top in long runs. Free space is a sorted list of disjoint intervals. Thread-safe: the scheduler
+allocates on the engine's thread while prefixes are placed by the device pool's loader threads.
 """
 
 from __future__ import annotations
+
+import bisect
+import threading
 
 NULL_BLOCK = 0
 
@@ -23,8 +32,11 @@ class BlockAllocator:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
-        self._free: list[int] = []  # returned blocks, reused first (LIFO)
-        self._fresh = 1  # blocks >= this were never handed out (block 0 is the null block)
+        self._starts: list[int] = [1]  # free intervals [start, end), sorted, disjoint, never adjacent
+        self._ends: list[int] = [num_blocks]
+        self._num_free = num_blocks - 1
+        self._lock = threading.Lock()
+        self.generation = 0  # bumped by every free: a caller waiting for a run knows when to look again
 
     @property
     def capacity(self) -> int:
@@ -33,21 +45,79 @@ class BlockAllocator:
 
     @property
     def num_free(self) -> int:
-        return len(self._free) + self.num_blocks - self._fresh
+        return self._num_free
 
     def allocate(self, n: int) -> list[int]:
-        if n > self.num_free:
-            raise RuntimeError(f"asked for {n} KV blocks, {self.num_free} are free")
-        reused = min(n, len(self._free))
-        taken = self._free[len(self._free) - reused :]
-        del self._free[len(self._free) - reused :]
-        fresh = n - reused
-        taken += range(self._fresh, self._fresh + fresh)
-        self._fresh += fresh
+        """n blocks, the lowest free ones (a row's own tokens)."""
+        taken = self.try_allocate(n)
+        if taken is None:
+            raise RuntimeError(f"asked for {n} KV blocks, {self._num_free} are free")
         return taken
 
+    def try_allocate(self, n: int, keep: int = 0) -> list[int] | None:
+        """n of the lowest free blocks if n + keep are free, else None (one atomic step: a prefix may be
+        placed from another thread between a caller's look at `num_free` and its allocation)."""
+        with self._lock:
+            if n + keep > self._num_free:
+                return None
+            taken: list[int] = []
+            while len(taken) < n:
+                start, end = self._starts[0], self._ends[0]
+                cut = min(end, start + n - len(taken))
+                taken += range(start, cut)
+                if cut == end:
+                    del self._starts[0], self._ends[0]
+                else:
+                    self._starts[0] = cut
+            self._num_free -= n
+            return taken
+
+    def allocate_run(self, n: int) -> int | None:
+        """n consecutive blocks, from the highest free interval that holds them (a prefix); returns
+        the first block, or None when no free run is that long."""
+        with self._lock:
+            for i in range(len(self._starts) - 1, -1, -1):
+                if self._ends[i] - self._starts[i] >= n:
+                    self._ends[i] -= n
+                    first = self._ends[i]
+                    if self._ends[i] == self._starts[i]:
+                        del self._starts[i], self._ends[i]
+                    self._num_free -= n
+                    return first
+            return None
+
+    def longest_run(self) -> int:
+        with self._lock:
+            return max((e - s for s, e in zip(self._starts, self._ends, strict=True)), default=0)
+
     def free(self, blocks: list[int]) -> None:
-        bad = [b for b in blocks if not NULL_BLOCK < b < self._fresh]
-        if bad:
-            raise RuntimeError(f"freeing KV blocks that were never handed out: {bad[:4]}")
-        self._free.extend(blocks)
+        with self._lock:
+            bad = [b for b in blocks if not NULL_BLOCK < b < self.num_blocks or self._is_free(b)]
+            if bad or len(set(blocks)) != len(blocks):
+                raise RuntimeError(
+                    f"freeing KV blocks that were never handed out or are already free: {(bad or blocks)[:4]}"
+                )
+            for b in sorted(blocks):
+                self._insert(b, b + 1)
+            self._num_free += len(blocks)
+            self.generation += 1
+
+    def free_run(self, first: int, n: int) -> None:
+        self.free(list(range(first, first + n)))
+
+    def _is_free(self, block: int) -> bool:
+        i = bisect.bisect_right(self._starts, block) - 1
+        return i >= 0 and block < self._ends[i]
+
+    def _insert(self, start: int, end: int) -> None:
+        """Add the free interval [start, end), merging it with its neighbours (lock held)."""
+        i = bisect.bisect_left(self._starts, start)
+        if i > 0 and self._ends[i - 1] == start:  # joins the interval before it
+            i -= 1
+            self._ends[i] = end
+        else:
+            self._starts.insert(i, start)
+            self._ends.insert(i, end)
+        if i + 1 < len(self._starts) and self._starts[i + 1] == self._ends[i]:  # and the one after
+            self._ends[i] = self._ends[i + 1]
+            del self._starts[i + 1], self._ends[i + 1]

@@ -25,6 +25,7 @@ from ..errors import (
     PrefixServeError,
 )
 from ..model import LoadedModel, ModelSpec
+from .arena import KvArena
 from .blocks import blocks_for
 from .detokenizer import Detokenizer
 from .prefixes import PrefixProvider, PrefixState, PrefixTable
@@ -147,7 +148,9 @@ class EngineCore:
         self.max_prefix_len = self.config.max_prefix_len or self.max_seq_len // 2
         self.prefixes = prefixes or PrefixTable(spec, model.dtype, model.device, self.max_prefix_len)
         scheduler = self.config.scheduler_config()
-        self.scheduler = Scheduler(scheduler, self.prefixes.is_ready)
+        self.scheduler = Scheduler(
+            scheduler, self.prefixes.is_ready, self.prefixes.reclaim, self.prefixes.blocks_wanted
+        )
         self.runner = ModelRunner(
             model,
             scheduler.num_blocks,
@@ -156,6 +159,10 @@ class EngineCore:
             graphs=self.config.cuda_graphs,
             max_tokens=self.config.max_tokens_per_step,
         )
+        # KV prefixes share the rows' KV pool (unified paging), all but one longest row's blocks
+        row = blocks_for(self.max_seq_len, scheduler.block_size)
+        self.arena = KvArena(self.runner.kv, self.scheduler.blocks, self.scheduler.blocks.capacity - row)
+        self.prefixes.attach(self.arena)
         self.readback = Readback(model.device)  # each step's flags and greedy picks: one transfer
         self._live: dict[str, _Live] = {}
         self.preparer = RequestPreparer(model.tokenizer, spec, self.max_seq_len)

@@ -25,6 +25,7 @@ from prefix_store.state import PrefixState, prefix_length, prefix_nbytes
 
 from ..errors import InvalidPrefix, PrefixNotFound, PrefixServeError
 from ..model import ModelSpec
+from .arena import KvArena
 
 __all__ = [
     "PrefixProvider",
@@ -62,6 +63,18 @@ class PrefixProvider(Protocol):
 
     def residency(self) -> tuple[int, int, int]:
         """(prefixes on the device, their bytes, the byte budget; 0: no budget)."""
+        ...
+
+    def attach(self, arena: KvArena) -> None:
+        """The engine's KV pool, where the provider may keep KV prefixes beside the rows' tokens."""
+        ...
+
+    def reclaim(self, blocks: int) -> bool:
+        """Free arena blocks for rows by evicting prefixes no request uses; whether `blocks` are free."""
+        ...
+
+    def blocks_wanted(self) -> int:
+        """Arena blocks that loaded prefixes wait for."""
         ...
 
 
@@ -144,6 +157,16 @@ class PrefixTable:
     def residency(self) -> tuple[int, int, int]:
         states = [e.kv for e in self._entries.values() if e.kv is not None]
         return len(states), sum(prefix_nbytes(s) for s in states), 0
+
+    # registered prefixes are never evicted, so they keep tensors of their own, out of the KV pool
+    def attach(self, arena: KvArena) -> None:
+        pass
+
+    def reclaim(self, blocks: int) -> bool:
+        return False
+
+    def blocks_wanted(self) -> int:
+        return 0
 
     def _get(self, prefix_id: str) -> _Entry:
         entry = self._entries.get(prefix_id)

@@ -14,6 +14,11 @@ grows. A waiting request is admitted while the blocks of its first chunk are fre
 watermark kept for the running rows to grow); when a running row needs a block and none is free, the
 newest running row is preempted: its blocks are freed and it goes back to the front of the queue, to
 recompute its tokens (prompt and output so far) when memory allows. Its output is unchanged.
+
+The pool is shared with the resident KV prefixes (unified paging, arena.py): before it preempts a row
+the scheduler asks `reclaim` to evict prefixes no request uses, and admission keeps the blocks that
+loaded prefixes wait for (`reserved`) out of reach of new rows, so that a prefix never starves behind
+a stream of requests that do not need it.
 """
 
 from __future__ import annotations
@@ -112,9 +117,17 @@ class Finished:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, prefix_ready: Callable[[str], bool]) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        prefix_ready: Callable[[str], bool],
+        reclaim: Callable[[int], object] | None = None,
+        reserved: Callable[[], int] | None = None,
+    ) -> None:
         self.config = config
         self._prefix_ready = prefix_ready
+        self._reclaim = reclaim  # make n blocks free by evicting unused prefixes, if they can
+        self._reserved = reserved  # blocks that loaded prefixes wait for
         self._waiting: list[Sequence] = []  # arrival order
         self._running: list[Sequence] = []  # admission order
         self._by_id: dict[str, Sequence] = {}
@@ -195,12 +208,13 @@ class Scheduler:
             if self._prefix_pending(seq):
                 continue  # keeps its place in line; does not block the requests behind it
             n = min(seq.num_tokens, budget)
-            if not self._admissible(blocks_for(n, self.config.block_size)):
+            blocks = self._take(blocks_for(n, self.config.block_size), self._reserve())
+            if blocks is None:
                 break  # first come, first served: no later request jumps ahead for want of memory
             self._waiting.remove(seq)
             self._running.append(seq)
             seq.status = Status.RUNNING
-            seq.blocks = self.blocks.allocate(blocks_for(n, self.config.block_size))
+            seq.blocks = blocks
             plan.chunks.append(self._chunk(seq, n, first=True))
             budget -= n
         self._last_plan = plan
@@ -212,9 +226,18 @@ class Scheduler:
             return False
         return any(not self._prefix_ready(i) for i in seq.resident_ids)
 
-    def _admissible(self, need: int) -> bool:
+    def _reserve(self) -> int:
+        """Blocks admission leaves free: the running rows' watermark and what loaded prefixes wait for."""
         reserve = self.config.watermark_blocks if self._running else 0
-        return need + reserve <= self.blocks.num_free
+        return reserve + (self._reserved() if self._reserved is not None else 0)
+
+    def _take(self, n: int, keep: int = 0) -> list[int] | None:
+        """n free blocks, leaving `keep` free; evicts unused prefixes when that makes room. None: short."""
+        blocks = self.blocks.try_allocate(n, keep)
+        if blocks is None and self._reclaim is not None:
+            self._reclaim(n + keep)
+            blocks = self.blocks.try_allocate(n, keep)
+        return blocks
 
     def _schedule_running(self, plan: SchedulePlan, seq: Sequence, budget: int) -> int:
         """Schedule a running row's next chunk, growing its block table; preempts the newest rows
@@ -225,12 +248,12 @@ class Scheduler:
             return 0
         need = blocks_for(seq.num_computed + n, self.config.block_size) - len(seq.blocks)
         returned = 0
-        while need > self.blocks.num_free:
+        while (blocks := self._take(need)) is None:
             victim = self._running[-1]
             returned += self._preempt(plan, victim)
             if victim is seq:
                 return -returned
-        seq.blocks += self.blocks.allocate(need)
+        seq.blocks += blocks
         plan.chunks.append(self._chunk(seq, n, first=False))
         return n - returned
 
