@@ -152,8 +152,8 @@ class DevicePool:
             entry = self._entries.get(prefix_id)
             if entry is not None and entry.pins > 0:
                 entry.pins -= 1
-                if entry.pins == 0 and entry.deleted:
-                    self._drop(prefix_id)
+                if entry.pins == 0 and (entry.deleted or entry.pending is not None):
+                    self._drop(prefix_id)  # (a prefix waiting for arena room that nobody waits for)
 
     def failure(self, prefix_id: str) -> PrefixServeError | None:
         entry = self._entries.get(prefix_id)
@@ -282,11 +282,15 @@ class DevicePool:
                 view = arena.place(state)
         if entry.pending is not None:
             self._wanted -= need
+            entry.pending = None
+        if view is None and entry.pins == 0:  # no request waits for it: loaded again when one does
+            if entry.kv is None:
+                self._drop(prefix_id)
+            return
         if view is None:
             entry.pending, entry.tried = state, arena.generation
             self._wanted += need
             return
-        entry.pending = None
         self._release_old(entry)
         entry.placed = True
         self._resident(prefix_id, entry, view)

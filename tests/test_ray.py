@@ -49,7 +49,7 @@ class RayApp:
 
     def start(self) -> RayApp:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # (no reporting home from a test)
-        ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
+        ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)  # 2 replicas: a 2-core host
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         serve.run(build_application(self.settings, PER_REPLICA), name=APP_NAME, route_prefix="/")
         self.wait_for_replicas(2)

@@ -161,14 +161,11 @@ def test_unused_prefixes_give_their_blocks_to_long_requests(tiny_model):
     assert engine.scheduler.blocks.num_free + prefix_blocks(engine) == engine.scheduler.blocks.capacity
 
 
-def test_a_loaded_prefix_waits_for_the_rows_blocks_and_new_rows_wait_behind_it(tiny_model, hf_model):
-    """Long rows hold most blocks; a 60-token prefix (15 blocks) is loaded but has no room: it waits,
-    admission keeps its blocks free for it (a later request without a prefix does not take them), and
-    it runs as soon as the rows leave."""
-    states = make_prefixes(tiny_model, [60], seed=7)
-    pool = pool_for(tiny_model, states)
+def hogged(model, pool: DevicePool) -> tuple[EngineCore, list[str]]:
+    """An engine of 96 blocks (prefixes may take 64) whose five long rows hold 85 of them after a step
+    (90 when they end)."""
     engine = engine_on(
-        tiny_model,
+        model,
         pool,
         max_running=7,
         kv_cache_tokens=384,
@@ -176,26 +173,39 @@ def test_a_loaded_prefix_waits_for_the_rows_blocks_and_new_rows_wait_behind_it(t
         block_size=4,
         max_seq_len=128,
         max_prefix_len=64,
-    )  # 96 blocks, prefixes may take 64
-    hogs = [
-        engine.add_request(list(range(10 + i, 78 + i)), SamplingParams(max_new_tokens=4, ignore_eos=True))
-        for i in range(5)
-    ]  # 5 x 68 prompt tokens: 85 blocks at admission, 90 at the end
+    )
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    hogs = [engine.add_request(list(range(10 + i, 78 + i)), params) for i in range(5)]  # 68 tokens each
+    engine.step()
+    assert engine.scheduler.blocks.num_free == 11
+    return engine, hogs
+
+
+def wait_pending(pool: DevicePool, pid: str, blocks: int) -> None:
+    """Until the prefix is loaded (on a worker thread) and waits for `blocks` blocks of the KV pool."""
+    deadline = time.monotonic() + 10
+    while pool.blocks_wanted() == 0:
+        assert time.monotonic() < deadline and not pool.is_ready(pid)
+        time.sleep(0.002)
+    assert pool.blocks_wanted() == blocks
+
+
+def test_a_loaded_prefix_waits_for_the_rows_blocks_and_new_rows_wait_behind_it(tiny_model, hf_model):
+    """Long rows hold most blocks; a 60-token prefix (15 blocks) is loaded but has no room: it waits,
+    admission keeps its blocks free for it (a later request without a prefix does not take them), and
+    it runs as soon as the rows leave."""
+    states = make_prefixes(tiny_model, [60], seed=7)
+    pool = pool_for(tiny_model, states)
+    engine, hogs = hogged(tiny_model, pool)
+    mine = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=5, ignore_eos=True), prefix_id="p60")
+    wait_pending(pool, "p60", 15)
+    later = engine.add_request(PROMPTS[1], SamplingParams(max_new_tokens=5, ignore_eos=True))
     outs: dict[str, list] = {}
 
     def step() -> None:
         for o in engine.step():
             outs.setdefault(o.request_id, []).append(o)
 
-    step()
-    assert engine.scheduler.blocks.num_free == 11
-    mine = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=5, ignore_eos=True), prefix_id="p60")
-    deadline = time.monotonic() + 10
-    while pool.blocks_wanted() == 0:  # loaded on a worker thread, then no room
-        assert time.monotonic() < deadline and not pool.is_ready("p60")
-        time.sleep(0.002)
-    assert pool.blocks_wanted() == 15
-    later = engine.add_request(PROMPTS[1], SamplingParams(max_new_tokens=5, ignore_eos=True))
     while not pool.is_ready("p60"):
         step()
         assert later not in outs, "a later request took the blocks the loaded prefix waits for"
@@ -206,6 +216,22 @@ def test_a_loaded_prefix_waits_for_the_rows_blocks_and_new_rows_wait_behind_it(t
     assert collect(outs[mine])[0] == hf_greedy(hf_model, prompt, states["p60"], 5)[0]
     assert len(collect(outs[later])[0]) == 5
     assert pool.blocks_wanted() == 0 and prefix_blocks(engine) == 15
+
+
+def test_a_waiting_prefix_nobody_wants_any_more_holds_nothing_back(tiny_model):
+    states = make_prefixes(tiny_model, [60], seed=7)
+    pool = pool_for(tiny_model, states)
+    engine, _ = hogged(tiny_model, pool)
+    mine = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=5), prefix_id="p60")
+    wait_pending(pool, "p60", 15)
+    engine.abort(mine)
+    engine.step()  # the abort takes effect: the pin goes, and the loaded copy with it
+    assert pool.blocks_wanted() == 0 and pool.pins("p60") == 0 and not pool.is_ready("p60")
+    later = engine.add_request(PROMPTS[1], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    outs = engine.run_to_completion()
+    assert len(collect(outs[later])[0]) == 2
+    free, prefixes = engine.arena.usage()
+    assert prefixes == 0 and free == engine.scheduler.blocks.capacity
 
 
 def test_prefixes_longer_than_the_pools_prefix_share_keep_a_tensor_of_their_own(tiny_model, hf_model):

@@ -317,7 +317,11 @@ def build_application(settings: ServerSettings, max_prefixes: int):
     def build_api():  # the ingress holds the model on the CPU (tokenizer, uploads): the GPUs are the engines'
         return create_app(replace(ServerSettings(**values), device="cpu"), engine_factory=ray_engine)
 
-    ingress = serve.deployment(name=API, num_replicas=settings.ray_api_replicas)(serve.ingress(build_api)())
+    # the ingress waits on I/O (HTTP, the engines' streams): it reserves no core, so N engine replicas of
+    # one core each fit an N-core host
+    ingress = serve.deployment(
+        name=API, num_replicas=settings.ray_api_replicas, ray_actor_options={"num_cpus": 0}
+    )(serve.ingress(build_api)())
     if settings.ray_routing == "affinity":
         engines = [engine_deployment(settings, max_prefixes).bind(values, max_prefixes)]
     elif settings.ray_routing == "random":
