@@ -1,6 +1,6 @@
 """Scale-out benchmark: prefix-affinity routing vs prefix-blind routing on Ray Serve, in one run.
 
-    python bench/scale.py [--quick] [--prefixes 200] [--per-replica 50] [--requests 1000]
+    python bench/scale.py [--quick] [--replicas 2] [--prefixes 200] [--per-replica 50] [--requests 1000]
 
 A local Ray cluster, two engine replicas (tiny model, CPU), a real redis-server and a shared store. 200
 prefixes are uploaded once; then the same closed-loop load (Zipf popularity over the prefixes, alpha 1,
@@ -17,9 +17,10 @@ Cold loads = prefixes loaded into a device pool (the device tier's misses), summ
 Redis is flushed between the runs, so both start from the store. Next to the measured counts, the
 same request order is run through exact LRU pools (random routing vs perfect affinity): what routing
 can achieve at best. With R replicas, prefix-blind routing loads a prefix on up to R replicas and
-affinity on one, so the ratio of cold loads is bounded by about R (here 2) before the pools' capacity
-adds misses to both. Throughput cannot scale on a 2-core machine (the replicas share the cores); it is
-reported, not judged. The last line is one JSON object.
+affinity on one, so the ratio of cold loads is bounded by about R (2 by default) before the pools'
+capacity adds misses to both; more replicas raise the bound (`--replicas 4`). Throughput cannot
+scale on a 2-core machine (the replicas share the cores); it is reported, not judged. The last line
+is one JSON object.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def settings_for(args, workdir: Path, redis_url: str, port: int, affinity: bool)
         port=port,
         max_running=16,
         max_waiting=64,
-        ray_replicas=2,
+        ray_replicas=args.replicas,
         replica_prefixes=args.per_replica,
         device_pool_bytes=args.per_replica * prefix_bytes,  # the pool holds exactly that many
         ray_max_ongoing_requests=80,
@@ -179,6 +180,7 @@ def one_mode(args, workdir, redis_server, ids_holder: list, affinity: bool) -> d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="400 requests (about 5 minutes on 2 cores)")
+    ap.add_argument("--replicas", type=int, default=2, help="engine replicas (the issue's: 2)")
     ap.add_argument("--prefixes", type=int, default=200)
     ap.add_argument("--per-replica", type=int, default=50)
     ap.add_argument("--requests", type=int, default=None, help="default 1000 (400 quick)")
@@ -192,7 +194,7 @@ def main() -> None:
     args.requests = args.requests or (400 if args.quick else 1000)
     workdir = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     redis_server = RedisServer().start()
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(num_cpus=max(4, args.replicas), include_dashboard=False)  # one per replica at least
     ids: list[str] = []
     try:
         results = {
@@ -203,7 +205,7 @@ def main() -> None:
         ray.shutdown()
         redis_server.kill()
     print(f"{args.requests} requests, Zipf alpha {args.alpha} over {args.prefixes} prefixes,")
-    print(f"2 engine replicas holding {args.per_replica} prefixes each, {args.concurrency} clients")
+    print(f"{args.replicas} engine replicas, {args.per_replica} prefixes each, {args.concurrency} clients")
     print(
         f"{'routing':10s} {'cold loads':>10s} {'per replica':>14s} {'hits':>10s} {'tok/s':>8s} {'errors':>7s}"
     )
@@ -211,7 +213,8 @@ def main() -> None:
         per, hits = "/".join(map(str, r["per_replica_loads"])), "/".join(map(str, r["per_replica_hits"]))
         print(f"{name:10s} {r['cold_loads']:10d} {per:>14s} {hits:>10s} {r['tok_s']:8.1f} {r['errors']:7d}")
     ratio = results["random"]["cold_loads"] / max(1, results["affinity"]["cold_loads"])
-    ideal = ideal_cold_loads(zipf_sequence(args.prefixes, args.requests, args.alpha), 2, args.per_replica)
+    order = zipf_sequence(args.prefixes, args.requests, args.alpha)
+    ideal = ideal_cold_loads(order, args.replicas, args.per_replica)
     ideal_ratio = ideal["random"] / max(1, ideal["affinity"])
     print(f"exact LRU simulation of the same order: random {ideal['random']}, affinity {ideal['affinity']}")
     print(f"cold_loads_random / cold_loads_affinity = {ratio:.2f} (target >= 3; simulated {ideal_ratio:.2f})")
@@ -224,7 +227,8 @@ def main() -> None:
         "cold_loads_random_lru_sim": ideal["random"],
         "cold_loads_affinity_lru_sim": ideal["affinity"],
         "config": {
-            k: getattr(args, k) for k in ("prefixes", "per_replica", "requests", "concurrency", "alpha")
+            k: getattr(args, k)
+            for k in ("replicas", "prefixes", "per_replica", "requests", "concurrency", "alpha")
         },
     }
     out = Path(args.out or RESULTS / f"scale-cpu-tiny{'-quick' if args.quick else ''}.json")
