@@ -136,6 +136,10 @@ class Metrics:
             "prefixserve_running_sequences": ("Sequences in the batch", "running"),
             "prefixserve_kv_blocks_total": ("Blocks of the paged KV pool", "kv_blocks_total"),
             "prefixserve_kv_blocks_free": ("Free blocks of the paged KV pool", "kv_blocks_free"),
+            "prefixserve_kv_blocks_prefixes": (
+                "Blocks of the paged KV pool held by resident KV prefixes",
+                "kv_blocks_prefixes",
+            ),
         }
         for name, (text, field) in gauges.items():
             Gauge(name, text, registry=r).set_function(lambda field=field: getattr(stats(), field))

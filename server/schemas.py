@@ -278,6 +278,7 @@ class ServerStats(BaseModel):
     waiting: int = Field(description="requests queued for the batch")
     kv_blocks_total: int
     kv_blocks_free: int
+    kv_blocks_prefixes: int = Field(description="blocks held by resident KV prefixes; the rest are rows'")
     preemptions: int
     tokens_per_s: float = Field(description="generated tokens per second over the last 10 s")
     tokens_total: int = Field(description="generated tokens since start")

@@ -251,12 +251,14 @@ class EngineCore:
     def stats(self) -> EngineStats:
         s = self.scheduler
         resident, resident_bytes, budget = self.prefixes.residency()
+        free, prefix_blocks = self.arena.usage()
         return EngineStats(
-            s.num_waiting,
-            s.num_running,
-            s.blocks.capacity,
-            s.blocks.num_free,
-            s.num_preemptions,
+            waiting=s.num_waiting,
+            running=s.num_running,
+            kv_blocks_total=s.blocks.capacity,
+            kv_blocks_free=free,
+            kv_blocks_prefixes=prefix_blocks,
+            preemptions=s.num_preemptions,
             running_prefixes=_prefix_ids(s.running()),
             waiting_prefixes=_prefix_ids(s.waiting()),
             max_running=s.config.max_running,

@@ -24,6 +24,7 @@ class EngineStats:
     running: int = 0
     kv_blocks_total: int = 0
     kv_blocks_free: int = 0
+    kv_blocks_prefixes: int = 0  # held by resident KV prefixes (unified paging); the rest are rows'
     preemptions: int = 0
     prefix_loads: dict[str, int] = field(default_factory=dict)  # the engine's own store counters, by
     # "tier_result" (its device pool and caches live in its process); empty for an engine in-process

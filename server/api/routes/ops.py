@@ -73,6 +73,7 @@ async def server_stats(request: Request, tenant: str = Depends(tenant_of)) -> Se
         waiting=engine.waiting,
         kv_blocks_total=engine.kv_blocks_total,
         kv_blocks_free=engine.kv_blocks_free,
+        kv_blocks_prefixes=engine.kv_blocks_prefixes,
         preemptions=engine.preemptions,
         tokens_per_s=metrics.token_rate.per_second(),
         tokens_total=metrics.tokens_total,
