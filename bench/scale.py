@@ -78,12 +78,12 @@ def replica_records(redis_url: str) -> list[dict]:
     return [json.loads(client.get(k) or "{}") for k in client.scan_iter(match=KEY_PREFIX + "*")]
 
 
-def wait_ready(url: str, redis_url: str, timeout: float = 180) -> None:
+def wait_ready(url: str, redis_url: str, replicas: int, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             if (
-                len(replica_records(redis_url)) == 2
+                len(replica_records(redis_url)) == replicas
                 and httpx.get(url + "/ready", timeout=5).status_code == 200
             ):
                 return
@@ -159,7 +159,7 @@ def one_mode(args, workdir, redis_server, ids_holder: list, affinity: bool) -> d
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_application(settings, args.per_replica), name=APP_NAME, route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    wait_ready(url, redis_server.url)
+    wait_ready(url, redis_server.url, args.replicas)
     if not ids_holder:
         ids_holder.extend(upload_prefixes(url, args.prefixes))
         redis.Redis.from_url(redis_server.url).flushdb()  # the uploads cached them: start cold
