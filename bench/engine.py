@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prefix_store.pool import DevicePool
 from prefixserve.engine import EngineConfig, EngineCore, SamplingParams, Scheduler
+from prefixserve.engine.blocks import blocks_for
 from prefixserve.engine.scheduler import Sequence
 from prefixserve.model import LoadedModel, hf_cache_kwargs, load_hf_model, load_model, parse_dtype
 from prefixserve.tiny import TinyModelConfig, write_tiny_model
@@ -95,15 +96,16 @@ def engine_with_prefixes(
     engine = EngineCore(model, config, prefixes=pool)
     for pid, state in states.items():
         pool.put(pid, state)
-    blocks = sum(-(-s.shape[3] // engine.config.block_size) for s in states.values())
+    blocks = sum(blocks_for(s.shape[3], engine.config.block_size) for s in states.values())
     assert engine.arena.prefix_blocks == blocks, "every prefix is placed in the KV pool"
     states.clear()  # the copies in the pool are what runs (the budget never evicts one to reload it)
     return engine
 
 
-def padded_tokens(count: int, plen: int, block_size: int = 16) -> int:
+def padded_tokens(count: int, plen: int) -> int:
     """KV pool tokens that `count` prefixes of `plen` positions take (whole blocks each)."""
-    return count * -(-plen // block_size) * block_size
+    block_size = EngineConfig.block_size
+    return count * blocks_for(plen, block_size) * block_size
 
 
 def sync(device: torch.device) -> None:

@@ -218,13 +218,18 @@ class DevicePool:
                 self._drop(prefix_id)
 
     def _drop(self, prefix_id: str) -> None:
-        """Forget an entry (lock held): its bytes, its arena blocks, what it waited for."""
+        """Forget an entry (lock held): its device state and what it waited for."""
         entry = self._entries.pop(prefix_id)
+        self._unload(entry)
+        if entry.pending is not None:
+            self._wanted -= self._arena.blocks_needed(entry.pending)
+
+    def _unload(self, entry: _Entry) -> None:
+        """Let go of an entry's device state (lock held): its bytes, and its arena run if it has one."""
         self._resident_bytes -= entry.nbytes
         if entry.placed:
             self._arena.release(entry.kv)
-        if entry.pending is not None:
-            self._wanted -= self._arena.blocks_needed(entry.pending)
+        entry.kv, entry.placed = None, False
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -291,21 +296,13 @@ class DevicePool:
             entry.pending, entry.tried = state, arena.generation
             self._wanted += need
             return
-        self._release_old(entry)
-        entry.placed = True
-        self._resident(prefix_id, entry, view)
+        self._resident(prefix_id, entry, view, placed=True)
 
-    def _release_old(self, entry: _Entry) -> None:
-        """A re-installed entry's previous arena run (a prefix put again) goes back."""
-        if entry.placed:
-            self._resident_bytes -= entry.nbytes
-            self._arena.release(entry.kv)
-            entry.kv, entry.placed = None, False
-
-    def _resident(self, prefix_id: str, entry: _Entry, tensor: PrefixState) -> None:
-        """Record a resident prefix (lock held) and evict unpinned LRU entries until the budget holds."""
-        self._resident_bytes -= entry.nbytes
-        entry.kv, entry.length = tensor, prefix_length(tensor)
+    def _resident(self, prefix_id: str, entry: _Entry, tensor: PrefixState, placed: bool = False) -> None:
+        """Record a resident prefix (lock held; `placed`: a view into the arena), in place of any state
+        it had (a prefix put again), and evict unpinned LRU entries until the budget holds."""
+        self._unload(entry)
+        entry.kv, entry.length, entry.placed = tensor, prefix_length(tensor), placed
         self._resident_bytes += entry.nbytes
         self._entries.move_to_end(prefix_id)
         while self._resident_bytes > self.budget and self._evict_lru(keep=prefix_id):

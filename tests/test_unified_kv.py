@@ -15,7 +15,7 @@ import torch
 
 from prefix_store.pool import DevicePool
 from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
-from prefixserve.engine.blocks import BlockAllocator
+from prefixserve.engine.blocks import BlockAllocator, blocks_for
 
 from .reference import hf_greedy
 from .test_engine_reference import PROMPTS, collect, make_prefixes
@@ -35,20 +35,13 @@ def engine_on(model, pool: DevicePool, **config) -> EngineCore:
     return EngineCore(model, EngineConfig(**config), prefixes=pool)
 
 
-def wait_ready(pool: DevicePool, pid: str) -> None:
-    deadline = time.monotonic() + 10
-    while not pool.is_ready(pid):
-        assert time.monotonic() < deadline, f"{pid} never became resident"
-        time.sleep(0.002)
-
-
 def prefix_blocks(engine: EngineCore) -> int:
     """Blocks the placed prefixes hold, by the arena's count, checked against the resident prefixes."""
     pool, bs = engine.prefixes, engine.scheduler.config.block_size
     placed = [pool.get(pid) for pid in pool.resident()]
     kv = engine.runner.kv.untyped_storage().data_ptr()
     in_pool = [s for s in placed if isinstance(s, torch.Tensor) and s.untyped_storage().data_ptr() == kv]
-    held = sum(-(-s.shape[3] // bs) for s in in_pool)
+    held = sum(blocks_for(s.shape[3], bs) for s in in_pool)
     assert engine.arena.prefix_blocks == held
     return held
 

@@ -86,10 +86,6 @@ class BlockAllocator:
                     return first
             return None
 
-    def longest_run(self) -> int:
-        with self._lock:
-            return max((e - s for s, e in zip(self._starts, self._ends, strict=True)), default=0)
-
     def free(self, blocks: list[int]) -> None:
         with self._lock:
             bad = [b for b in blocks if not NULL_BLOCK < b < self.num_blocks or self._is_free(b)]
@@ -97,8 +93,8 @@ class BlockAllocator:
                 raise RuntimeError(
                     f"freeing KV blocks that were never handed out or are already free: {(bad or blocks)[:4]}"
                 )
-            for b in sorted(blocks):
-                self._insert(b, b + 1)
+            for start, end in _runs(sorted(blocks)):
+                self._insert(start, end)
             self._num_free += len(blocks)
             self.generation += 1
 
@@ -121,3 +117,14 @@ class BlockAllocator:
         if i + 1 < len(self._starts) and self._starts[i + 1] == self._ends[i]:  # and the one after
             self._ends[i] = self._ends[i + 1]
             del self._starts[i + 1], self._ends[i + 1]
+
+
+def _runs(blocks: list[int]) -> list[tuple[int, int]]:
+    """Sorted block ids -> the intervals [start, end) of consecutive ones."""
+    runs: list[tuple[int, int]] = []
+    for b in blocks:
+        if runs and runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], b + 1)
+        else:
+            runs.append((b, b + 1))
+    return runs
