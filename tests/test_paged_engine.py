@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
@@ -130,21 +131,23 @@ def test_a_prefix_is_evicted_only_when_no_row_references_it(service_factory, tin
 # ---- the CPU decode kernel (blocks read in place) -----------------------------------------------
 
 
-def _reference_decode(q, k_pool, v_pool, table, lens, scale):
-    """Gather each row's blocks and take softmax attention: q `[R, H, D]` -> out `[R, H, D]`, lse `[R, H]`."""
+def _reference_decode(q, k_pool, v_pool, table, lens, scale, prefix=None):
+    """Gather each row's blocks (after its in-pool prefix's slots) and take softmax attention:
+    q `[R, H, D]` -> out `[R, H, D]`, lse `[R, H]`."""
     outs, lses = [], []
     for r in range(q.shape[0]):
         n = int(lens[r])
-        k = k_pool[table[r]].flatten(0, 1)[:n]  # [n, H, D]
-        v = v_pool[table[r]].flatten(0, 1)[:n]
+        slots = torch.arange(0) if prefix is None else torch.arange(prefix[1][r]) + prefix[0][r]
+        k = torch.cat([k_pool.flatten(0, 1)[slots], k_pool[table[r]].flatten(0, 1)[:n]])  # [p + n, H, D]
+        v = torch.cat([v_pool.flatten(0, 1)[slots], v_pool[table[r]].flatten(0, 1)[:n]])
         s = torch.einsum("hd,nhd->hn", q[r], k) * scale  # [H, n]
         lses.append(torch.logsumexp(s, -1))
         outs.append(torch.einsum("hn,nhd->hd", torch.softmax(s, -1), v))
     return torch.stack(outs), torch.stack(lses)
 
 
-def test_decode_kernel_matches_softmax_over_gathered_blocks_and_keeps_nan_in_its_row():
-    kernel = load_paged_decode()
+def _check_kernel(kernel) -> None:
+    """The kernel's outputs equal softmax attention over gathered blocks; a NaN stays in its row."""
     assert kernel is not None, "the CPU decode kernel did not build (is there a C compiler?)"
     g = torch.Generator().manual_seed(0)
     heads, dim, bs, num_blocks = 3, 8, 4, 40
@@ -159,12 +162,34 @@ def test_decode_kernel_matches_softmax_over_gathered_blocks_and_keeps_nan_in_its
     want_out, want_lse = _reference_decode(q, k_pool, v_pool, table, lens, 0.35)
     torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+    # rows whose keys begin with a prefix placed in the pool (block 0's slots, or none for row 2)
+    prefix = torch.tensor([0, 1, 0, 2, 0, 3]), torch.tensor([3, 4, 0, 2, 1, 1], dtype=torch.int32)
+    kernel(q, k_pool, v_pool, table, lens, out, lse, 0.35, prefix)
+    want_out, want_lse = _reference_decode(q, k_pool, v_pool, table, lens, 0.35, prefix)
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="prefix slots within the pool"):
+        kernel(q, k_pool, v_pool, table, lens, out, lse, 0.35, (prefix[0] + num_blocks * bs - 3, prefix[1]))
     # a NaN in row 3's values, past row 1's length in a block row 1 also lists: only row 3 goes bad
     table[1, 1] = table[3, 1]
     v_pool[table[3, 1], 2, 0, 0] = float("nan")
     kernel(q, k_pool, v_pool, table, lens, out, None, 0.35)
     bad = ~out.flatten(1).isfinite().all(-1)
     assert bad.tolist() == [False, False, False, True, False, False]
+
+
+def test_decode_kernel_matches_softmax_over_gathered_blocks_and_keeps_nan_in_its_row():
+    assert torch.get_num_threads() > 1, "the rows are meant to be split over torch's OpenMP threads"
+    _check_kernel(load_paged_decode())
+
+
+def test_a_compiler_without_openmp_builds_the_kernel_serial(tmp_path, monkeypatch):
+    compiler = tmp_path / "cc-without-openmp"
+    compiler.write_text('#!/bin/sh\nfor a; do [ "$a" = -fopenmp ] && exit 1; done\nexec cc "$@"\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("PREFIXSERVE_KERNEL_DIR", str(tmp_path / "kernels"))
+    monkeypatch.setenv("CC", str(compiler))
+    _check_kernel(load_paged_decode.__wrapped__())
 
 
 def test_decode_kernel_and_gathered_blocks_give_the_same_outputs(tiny_model):

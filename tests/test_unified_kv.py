@@ -135,6 +135,41 @@ def test_kv_prefixes_live_in_the_kv_pool_and_rows_read_them_there(tiny_model, hf
     assert prefix_blocks(engine) == 2 + 3 + 8  # ceil(5/4) + ceil(9/4) + ceil(30/4)
 
 
+def test_the_decode_kernel_reads_short_in_pool_prefixes_as_the_rows_first_keys(tiny_model):
+    """Decode rows whose KV prefix is short and placed in the pool attend to it inside the CPU decode
+    kernel (one softmax over prefix and own keys); rows with a longer one (past IN_KERNEL_PREFIX) keep
+    the kind's attention. Logits equal the kind's attention on prefixes registered apart."""
+    states = {**make_prefixes(tiny_model, [3, 9], seed=4), **make_prefixes(tiny_model, [70], seed=5)}
+    config = dict(max_running=8, kv_cache_tokens=1024, record_logits=True, max_seq_len=128, max_prefix_len=80)
+    engine = engine_on(tiny_model, pool_for(tiny_model, states), **config)
+    kernel, read = engine.runner._paged_decode, []
+    assert kernel is not None, "the CPU decode kernel did not build"
+
+    def spy(*args):  # the real kernel runs; the spy notes the prefix positions each call read
+        read.append(set() if args[-1] is None else set(args[-1][1].tolist()))
+        return kernel(*args)
+
+    engine.runner._paged_decode = spy
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    order = ["p3", "p9", "p9", None, "p70", "p3"]
+
+    def tokens_and_logits(eng: EngineCore) -> dict[str, tuple]:
+        for i, pid in enumerate(order):
+            eng.add_request(PROMPTS[i % len(PROMPTS)], params, prefix_id=pid, request_id=f"r{i}")
+        return {rid: collect(outs)[:2] for rid, outs in eng.run_to_completion().items()}
+
+    got = tokens_and_logits(engine)
+    assert set().union(*read) == {0, 3, 9}  # p70 (and the bare row) never in the kernel's prefix part
+    apart = EngineCore(tiny_model, EngineConfig(**config))
+    for pid, state in states.items():
+        apart.prefixes.register(pid, state)
+    want = tokens_and_logits(apart)
+    assert got.keys() == want.keys() and len(got) == len(order)
+    for rid, (tokens, logits) in got.items():
+        assert tokens == want[rid][0]
+        torch.testing.assert_close(torch.stack(logits), torch.stack(want[rid][1]), atol=1e-4, rtol=1e-4)
+
+
 def test_unused_prefixes_give_their_blocks_to_long_requests(tiny_model):
     """A burst of prefixes fills the pool; a burst of long requests then takes their blocks (the
     unused prefixes are evicted, least recently used first) instead of preempting anyone."""

@@ -70,6 +70,13 @@ class KvArena:
             self._runs[view.data_ptr()] = (first, n)
         return view
 
+    def first_slot(self, state: torch.Tensor) -> int | None:
+        """The pool slot (block * block_size) holding a placed prefix's first position; None for a
+        state not placed here. Its positions are the slots that follow (one run of blocks)."""
+        with self._lock:
+            run = self._runs.get(state.data_ptr())
+        return None if run is None else run[0] * self.blocks.block_size
+
     def release(self, state: torch.Tensor) -> None:
         """Give a placed prefix's blocks back (nothing may read the view afterwards)."""
         with self._lock:

@@ -123,6 +123,7 @@ class _Live:
     generator: torch.Generator | None
     pinned: list[str]  # held from `add` until the request ends: its rows read the resident prefix/adapter
     prefix: PrefixState | None = None  # the resident prefix, once the row is admitted
+    prefix_slot: int | None = None  # its first slot in the KV pool, when it is a KV prefix placed there
     adapter: PrefixState | None = None  # the resident weight-side adapter, likewise
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=lambda: [None])  # scored so far
 
@@ -483,11 +484,15 @@ class EngineCore:
             )
         top = req.params.prompt_logprobs
         if top is None:
-            return RowInput(rid, tokens, start, chunk.blocks, live.prefix, chunk.sample, adapter=live.adapter)
+            return RowInput(
+                rid, tokens, start, chunk.blocks, live.prefix, chunk.sample, adapter=live.adapter,
+                prefix_slot=live.prefix_slot,
+            )  # fmt: skip
         targets = p[start + 1 : start + n + 1]  # prompt tokens only: the first new token is sampled
         return RowInput(
-            rid, tokens, start, chunk.blocks, live.prefix, chunk.sample, targets, top, live.adapter
-        )
+            rid, tokens, start, chunk.blocks, live.prefix, chunk.sample, targets, top, live.adapter,
+            live.prefix_slot,
+        )  # fmt: skip
 
     def _open(self, request_id: str) -> None:
         """Look the row's resident prefix and adapter up (pinned, so resident, until the request ends):
@@ -507,6 +512,8 @@ class EngineCore:
             raise ValueError(problem)
         live.prefix = prefixes[0] if prefixes else None
         live.adapter = adapters[0] if adapters else None
+        if live.prefix is not None and kind_of(live.prefix).placed:
+            live.prefix_slot = self.arena.first_slot(live.prefix)
 
     def _output(
         self,

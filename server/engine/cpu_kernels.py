@@ -28,19 +28,25 @@ SOURCE = Path(__file__).with_name("paged_decode.c")
 # -O3 vectorises the dot products and sums; reassociation is allowed, finite-math is not (NaN must
 # propagate: bad rows are found by their outputs)
 FLAGS = [
-    "-O3", "-march=native", "-fPIC", "-shared", "-pthread",
+    "-O3", "-march=native", "-fPIC", "-shared",
     "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
 ]  # fmt: skip
+# The rows go to the OpenMP team torch already runs (libgomp.so.1, loaded once per process): a compiler
+# without OpenMP builds the kernel serial instead.
+OPENMP = ["-fopenmp"]
 
 
 class PagedDecode:
-    """`paged_decode(q, k_pool, v_pool, table, lens, out, lse, scale)`: see `__call__`."""
+    """`paged_decode(q, k_pool, v_pool, table, lens, out, lse, scale[, prefix])`: see `__call__`."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         fn = lib.paged_decode
         ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        # q, q_stride, k, v, table, nb, lens, rows, block_size, heads, dim, scale, out, lse, threads
-        fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i32, i32, i32, i32, ctypes.c_float, ptr, ptr, i32]
+        # q, q_stride, k, v, table, nb, lens, pre_slot, pre_len, rows, block_size, heads, dim, scale,
+        # out, lse, threads
+        fn.argtypes = [
+            ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, i32, i32, i32, i32, ctypes.c_float, ptr, ptr, i32
+        ]  # fmt: skip
         fn.restype = ctypes.c_int
         self._fn = fn
 
@@ -54,27 +60,32 @@ class PagedDecode:
         out: torch.Tensor,
         lse: torch.Tensor | None,
         scale: float,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         """Row r's query `q[r]` `[H, D]` over its own `lens[r]` tokens, found in the pool `k`/`v`
         `[num_blocks, block_size, H, D]` through `table [R, nb]` (int64): writes `out [R, H, D]` and,
         when given, `lse [R, H]` (float32, log-sum-exp of the scaled scores). All float32 on the CPU;
-        q may be a strided view of rows (each `[H, D]` contiguous), the rest contiguous."""
+        q may be a strided view of rows (each `[H, D]` contiguous), the rest contiguous.
+
+        `prefix = (slot [R] int64, length [R] int32)`: row r's keys begin with `length[r]` prefix
+        positions at the pool's flat slots `slot[r] ..` (a KV prefix placed in the pool; length 0: none)."""
         rows, heads, dim = q.shape
-        _check_layout(q, k, v, table, lens, out, lse)
+        _check_layout(q, k, v, table, lens, out, lse, prefix)
         if rows == 0:
             return
+        slot, length = (None, None) if prefix is None else (prefix[0].data_ptr(), prefix[1].data_ptr())
         failed = self._fn(
             q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), table.data_ptr(), table.shape[1],
-            lens.data_ptr(), rows, k.shape[1], heads, dim, scale, out.data_ptr(),
+            lens.data_ptr(), slot, length, rows, k.shape[1], heads, dim, scale, out.data_ptr(),
             None if lse is None else lse.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         if failed:
             raise MemoryError("paged_decode: out of memory for its scratch buffers")
 
 
-def _check_layout(q, k, v, table, lens, out, lse) -> None:
+def _check_layout(q, k, v, table, lens, out, lse, prefix) -> None:
     """What the C code takes for granted (it reads raw memory): dtypes, strides, and every row's
-    tokens within its block table and every block within the pool. ValueError otherwise."""
+    tokens within its block table and every block and prefix slot within the pool. ValueError otherwise."""
     rows, heads, dim = q.shape
     problems = [
         q.dtype == k.dtype == v.dtype == out.dtype == torch.float32 or "float32 tensors",
@@ -86,6 +97,8 @@ def _check_layout(q, k, v, table, lens, out, lse) -> None:
         (out.is_contiguous() and out.shape == q.shape) or "a contiguous out like q",
         lse is None or (lse.is_contiguous() and lse.shape == (rows, heads)) or "a contiguous lse [R, H]",
     ]
+    if prefix is not None:
+        problems += _prefix_problems(*prefix, rows, k.shape[0] * k.shape[1])
     if rows:
         problems += [
             (int(lens.min()) >= 1 and int(lens.max()) <= table.shape[1] * k.shape[1]) or "lens within tables",
@@ -94,6 +107,16 @@ def _check_layout(q, k, v, table, lens, out, lse) -> None:
     bad = [p for p in problems if p is not True]
     if bad:
         raise ValueError(f"paged_decode: expected {', '.join(bad)}")
+
+
+def _prefix_problems(slot: torch.Tensor, length: torch.Tensor, rows: int, slots: int) -> list[str]:
+    """The in-pool prefixes' layout and bounds: `slot [R]` int64 and `length [R]` int32 within `slots`."""
+    ok = slot.dtype == torch.int64 and length.dtype == torch.int32 and slot.shape == length.shape == (rows,)
+    if not (ok and slot.is_contiguous() and length.is_contiguous()):
+        return ["a contiguous int64 prefix slot and int32 prefix length per row"]
+    if rows and (int(slot.min()) < 0 or int(length.min()) < 0 or int((slot + length).max()) > slots):
+        return ["prefix slots within the pool"]
+    return []
 
 
 def kernel_dir() -> Path:
@@ -117,10 +140,14 @@ def _build(target: Path) -> None:
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
         partial = Path(tmp.name)
     try:
-        subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(partial), "-lm"],
-            check=True, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+        for extra in (OPENMP, []):
+            done = subprocess.run(
+                [compiler, *FLAGS, *extra, str(SOURCE), "-o", str(partial), "-lm"],
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            if done.returncode == 0:
+                break
+        done.check_returncode()
         os.replace(partial, target)  # atomic: a process starting now sees the old state or this one
     finally:
         partial.unlink(missing_ok=True)
@@ -130,7 +157,8 @@ def _build(target: Path) -> None:
 def load_paged_decode() -> PagedDecode | None:
     """The kernel, built on first use; None where it cannot be built here (the runner gathers)."""
     try:
-        key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_id().encode()).hexdigest()
+        flags = " ".join(FLAGS + OPENMP).encode()
+        key = hashlib.sha256(SOURCE.read_bytes() + flags + _cpu_id().encode()).hexdigest()
         target = kernel_dir() / f"paged_decode-{key[:16]}.so"  # (no home directory: RuntimeError)
         if not target.exists():
             _build(target)

@@ -65,6 +65,9 @@ class RowInput:
     targets: list[int] = field(default_factory=list)
     top: int = 0
     adapter: PrefixState | None = None  # a weight-side adapter (LoRA, bottleneck), beside any prefix
+    # the KV prefix's first slot in the KV pool when it is placed there (unified paging): a short one is
+    # then read in place by the CPU decode kernel as the row's first keys (IN_KERNEL_PREFIX)
+    prefix_slot: int | None = None
 
 
 @dataclass
@@ -91,6 +94,8 @@ class _Paged:
     # kernel reads in place, by `lens`)
     bias: torch.Tensor | None
     lens: torch.Tensor | None = None  # [R] int32 own tokens per row (decode rows; the kernels)
+    # decode rows on the CPU kernel: each row's in-pool prefix, (first slot [R] int64, length [R] int32)
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -111,6 +116,10 @@ class _Batch:
 
 _GELU_K = 2.0 * math.sqrt(2.0 / math.pi)
 SCORE_SLICE = 256  # prompt tokens scored per [M, V] block
+# KV prefixes up to this long, placed in the KV pool, are read by the CPU decode kernel as a decode
+# row's first keys (one softmax, nothing to merge); longer ones, which many rows may share, keep their
+# kind's attention (Hydragen: read once per step for all the rows that share them)
+IN_KERNEL_PREFIX = 64
 
 
 def gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
@@ -255,6 +264,7 @@ class ModelRunner:
         slots: list[int] = []
         last_idx: list[int] = []
         sample_rows: list[int] = []
+        in_kernel = [self._kernel_prefix(r) for r in decode]  # prefix positions the decode kernel reads
         members: dict[type, dict[int, list[int]]] = {}  # kind -> prefix (by identity) -> its token indices
         states: dict[type, dict[int, PrefixState]] = {}
         for i, r in enumerate(order):
@@ -271,13 +281,15 @@ class ModelRunner:
             last_idx.append(len(ids) - 1)
             if r.sample:
                 sample_rows.append(i)
-            for state in (r.prefix, r.adapter):
+            for state in (None if i < len(decode) and in_kernel[i] else r.prefix, r.adapter):
                 if state is not None:
                     key, k = id(state), kind_of(state)
                     members.setdefault(k, {}).setdefault(key, []).extend(range(first, first + n))
                     states.setdefault(k, {})[key] = state
         inputs = self.inputs
-        parts = ([self._decode_part(decode)] if decode else []) + self._prefill_parts(prefill, len(decode))
+        parts = ([self._decode_part(decode, in_kernel)] if decode else []) + self._prefill_parts(
+            prefill, len(decode)
+        )
         for k in (*self.kinds, *self.adapters):
             if type(k) not in members:
                 k.idle()
@@ -304,13 +316,26 @@ class ModelRunner:
         self._masks(parts)
         return batch, order
 
-    def _decode_part(self, decode: list[RowInput]) -> _Paged:
-        """Decode rows: one query each over its own keys `0 .. start` (the new token included). Its mask
-        (when the blocks are gathered) is made from `lens` once they are on the device (`_masks`)."""
+    def _kernel_prefix(self, r: RowInput) -> int:
+        """Positions of the row's prefix that the CPU decode kernel reads in place (0: none there): a
+        decode row's KV prefix of at most IN_KERNEL_PREFIX positions, placed in the KV pool."""
+        if self._paged_decode is None or r.prefix_slot is None or len(r.tokens) != 1:
+            return 0
+        p = kind_of(r.prefix).length(r.prefix)
+        return p if p <= IN_KERNEL_PREFIX else 0
+
+    def _decode_part(self, decode: list[RowInput], in_kernel: list[int]) -> _Paged:
+        """Decode rows: one query each over its own keys `0 .. start` (the new token included), after
+        the `in_kernel[i]` positions of its prefix that the kernel reads in place. Its mask (when the
+        blocks are gathered) is made from `lens` once they are on the device (`_masks`)."""
         lens = [r.start + 1 for r in decode]
         nb = blocks_for(max(lens), self.block_size)
         table = self.inputs.put([b for r in decode for b in _padded(r.blocks, nb)])  # [R * nb]
-        return _Paged(0, len(decode), 1, table, None, self.inputs.put(lens, torch.int32))  # lens [R]
+        part = _Paged(0, len(decode), 1, table, None, self.inputs.put(lens, torch.int32))  # lens [R]
+        if any(in_kernel):
+            slots = [r.prefix_slot if n else 0 for r, n in zip(decode, in_kernel, strict=True)]
+            part.prefix = (self.inputs.put(slots), self.inputs.put(in_kernel, torch.int32))  # [R], [R]
+        return part
 
     def _prefill_parts(self, prefill: list[RowInput], offset: int) -> list[_Paged]:
         """Prefill chunks grouped by (length, start): causal over the row's own keys `0 .. start+i`."""
@@ -425,6 +450,7 @@ class ModelRunner:
                 self._paged_decode(
                     q[part.offset : end], *self.kv[layer], part.table.view(part.rows, -1), part.lens,
                     out[part.offset : end], None if lse is None else lse[part.offset : end], scale,
+                    part.prefix,
                 )  # fmt: skip
                 continue
             qs = (
