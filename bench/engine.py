@@ -4,7 +4,8 @@
 
 Workload (the issue's): 64 concurrent requests, 32 input tokens, 64 new tokens each (greedy, EOS
 ignored), prefix length 10, GPT-2-small dimensions (random weights unless --model names a checkpoint).
-Columns, measured side by side in one run, rounds interleaved so machine noise hits all alike:
+Columns, measured side by side in one run, rounds interleaved so machine noise hits all alike (every
+other round in reverse order):
 
   mixed          the engine, 64 distinct prefixes
   single         the engine, one shared prefix
@@ -339,8 +340,10 @@ def main() -> None:
     splits: dict[str, list[tuple[float, float]]] = {
         k: [] for k in ("mixed", "single", "roofline") if k in columns
     }
-    for _ in range(rounds):
-        for name, fn in columns.items():
+    for r in range(rounds):
+        # alternate rounds run the columns in reverse order, so no column always follows the same one
+        # (a 1000-position engine's memory going back, a warm-up) and neighbours' drift cancels out
+        for name, fn in list(columns.items())[:: 1 if r % 2 == 0 else -1]:
             results[name].append(fn())
             if name in splits:
                 splits[name].append(bench.split[name])
