@@ -2,8 +2,9 @@
 
     python bench/profile_step.py [--device cpu|cuda] [--dtype float32] [--batch 64] [--steps 20]
 
-A GPT-2-small-dims model with random weights; `batch` rows with distinct 10-token prefixes, 32 input
-tokens each, all decoding. Each phase of `EngineCore.step` is timed by wall clock (host time: on CUDA
+A GPT-2-small-dims model with random weights; `batch` rows with distinct 10-token prefixes (resident
+in the store's device pool, so in the KV blocks, as the server has them), 32 input tokens each, all
+decoding. Each phase of `EngineCore.step` is timed by wall clock (host time: on CUDA
 the forward phase is the time to launch its kernels, and `readback` is the wait for the device to
 finish the step), averaged over `steps` decode steps, for each graph setting the device has (CUDA:
 piecewise graphs off and on; CPU: off). Then `torch.profiler` lists the costliest operators of one
@@ -24,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine import GPT2_SMALL
+from bench.engine import GPT2_SMALL, engine_with_prefixes, padded_tokens
 from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
 from prefixserve.model import load_model
 from prefixserve.tiny import write_tiny_model
@@ -62,12 +63,15 @@ def timed(engine: EngineCore, totals: collections.Counter) -> None:
 
 def decoding_engine(model, batch: int, graphs: bool) -> EngineCore:
     config = EngineConfig(
-        max_running=batch, max_waiting=batch, max_seq_len=256, kv_cache_tokens=batch * 256, cuda_graphs=graphs
+        max_running=batch,
+        max_waiting=batch,
+        max_seq_len=256,
+        kv_cache_tokens=batch * 256 + padded_tokens(batch, 10),
+        cuda_graphs=graphs,
     )
-    engine = EngineCore(model, config)
     g = torch.Generator().manual_seed(0)
-    for i in range(batch):
-        engine.prefixes.register(f"p{i}", torch.randn(model.spec.prefix_shape(10), generator=g) * 0.5)
+    states = {f"p{i}": torch.randn(model.spec.prefix_shape(10), generator=g) * 0.5 for i in range(batch)}
+    engine = engine_with_prefixes(model, config, states)  # in the store's device pool, as the server has them
     prompts = torch.randint(0, model.spec.vocab_size, (batch, 32), generator=g).tolist()
     params = SamplingParams(max_new_tokens=200, ignore_eos=True)
     for i, prompt in enumerate(prompts):
