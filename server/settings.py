@@ -75,6 +75,7 @@ class ServerSettings:
     requests_per_minute: int = 0  # per tenant; 0 = unlimited
     tokens_per_minute: int = 0  # per tenant (input + max_new_tokens); 0 = unlimited
     job_reclaim_s: float = 60.0  # a job whose worker is silent this long is handed to another worker
+    job_progress_s: float = 1.0  # a running job's progress (step, loss, ETA) is saved at most this often
     request_timeout_s: float = 300.0
     shutdown_grace_s: float = 30.0
     # connections (server/protocol.py): a client slower than this is cut off with 408
