@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import os
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from prefix_store.format import PrefixMeta, encode_prefix
+from prefixserve.api.errors import DeadlineExceeded
 from prefixserve.metrics import tenant_label
 from prefixserve.settings import ServerSettings
 
@@ -308,6 +310,46 @@ def generated_tokens(api, tenant: str) -> float:
         if line.startswith(f'prefixserve_generated_tokens_total{{tenant="{tenant_label(tenant)}"}}'):
             return float(line.split()[-1])
     return 0.0
+
+
+class _Connection:
+    """The ASGI server's side of one connection whose request body has been read: `receive` blocks
+    until the client goes (as uvicorn's does), and counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.closed = asyncio.Event()
+
+    async def receive(self) -> dict:
+        self.calls += 1
+        await self.closed.wait()
+        return {"type": "http.disconnect"}
+
+
+def test_a_waiting_request_watches_its_client_without_polling():
+    from starlette.requests import Request
+
+    from prefixserve.api.generation import while_connected
+
+    async def scenario() -> None:
+        conn = _Connection()
+        request = Request({"type": "http", "method": "POST", "headers": []}, conn.receive)
+        assert await while_connected(request, asyncio.sleep(0.4, "first token")) == "first token"
+        assert conn.calls == 1  # one wait for the disconnect, not a probe every few ms
+
+        conn = _Connection()
+        request = Request({"type": "http", "method": "POST", "headers": []}, conn.receive)
+        waiting = asyncio.ensure_future(asyncio.sleep(30))
+        asyncio.get_running_loop().call_later(0.1, conn.closed.set)  # the client leaves
+        t0 = time.monotonic()
+        with pytest.raises(asyncio.CancelledError):
+            await while_connected(request, waiting)
+        assert time.monotonic() - t0 < 1 and waiting.cancelled()  # noticed at once; the wait ended
+
+        with pytest.raises(DeadlineExceeded):
+            await while_connected(Request({"type": "http"}, _Connection().receive), asyncio.sleep(5), 0.1)
+
+    asyncio.run(scenario())
 
 
 def test_non_streaming_client_disconnect_frees_the_slot(api):

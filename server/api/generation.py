@@ -104,24 +104,29 @@ async def _timed(
 
 
 async def while_connected(request: Request, awaitable: Awaitable[T], timeout_s: float | None = None) -> T:
-    """Await `awaitable`, checking every 50 ms that the client is still there (and, with `timeout_s`,
-    the deadline); a client that leaves or a passed deadline cancels it."""
+    """Await `awaitable`; the client leaving or, with `timeout_s`, the deadline passing cancels it.
+    Nothing polls: the ASGI server's `http.disconnect` wakes the watcher (a request waiting in a full
+    queue costs no CPU while it waits)."""
     task = asyncio.ensure_future(awaitable)
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    gone = asyncio.ensure_future(disconnected(request))
     try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=0.05)
-            if task.done():
-                break
-            if await request.is_disconnected():
-                raise asyncio.CancelledError  # the finally below cancels the task
-            if deadline is not None and time.monotonic() > deadline:
-                raise DeadlineExceeded(f"generation did not finish within {timeout_s}s")
-        return task.result()
+        await asyncio.wait({task, gone}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        if gone.done():
+            raise asyncio.CancelledError  # the finally below cancels the task
+        raise DeadlineExceeded(f"generation did not finish within {timeout_s}s")
     finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        for t in (task, gone):
+            t.cancel()
+        await asyncio.gather(task, gone, return_exceptions=True)
+
+
+async def disconnected(request: Request) -> None:
+    """Returns when the client has gone. Only for a request whose body has been read: after the body
+    an ASGI server's `receive` blocks until the connection closes (or the response is complete)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def first_output(request: Request, outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
