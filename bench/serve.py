@@ -26,10 +26,12 @@ C in requests/s. The throughput sweep offers 3 C (saturation: every batch slot s
 full, so the tok/s columns are capacity and the surplus is answered 429), over
 N = 1, 10, 100, 1000 prefixes; the latency runs offer 0.5 C at N = 100 (below prefixserve's
 saturation: TTFT, inter-token and end-to-end latency, SLO attainment). Both rates are the same for
-every system. Throughput counts tokens streamed inside the measurement window (the run less its
-first 25%, the ramp-up); a saturation run ends at its last arrival, and a latency run waits `--drain`
-seconds for its requests to finish; requests still running then are cut off (aborted) and reported
-as unfinished, never as errors.
+every system. With `--rounds R` every point is measured R times, the systems in reverse order every
+other round (A B C, C B A: a drift of the machine's speed weighs on all alike), and the figures pool the
+rounds (each round's tok/s is kept too). Throughput counts tokens streamed inside the measurement
+window (the run less its first 25%, the ramp-up); a saturation run ends at its last arrival, and a
+latency run waits `--drain` seconds for its requests to finish; requests still running then are cut
+off (aborted) and reported as unfinished, never as errors.
 
 Writes bench/results/serve-DEVICE-DTYPE[-quick].json and two PNGs (throughput vs number of prefixes,
 latency CDFs per system). The last line printed is one JSON object.
@@ -262,10 +264,24 @@ def pct(xs: list[float], q: float) -> float | None:
     return round(float(np.percentile(xs, q)) * 1e3, 1) if xs else None
 
 
-def summarize(outcomes: list[Outcome], start: float, load: Load, slo_ttft_s: float, warmup: float) -> dict:
-    w0, w1 = start + warmup * load.duration_s, start + load.duration_s  # measurement window
+Run = tuple[list[Outcome], float]  # one run's outcomes and its start time
+
+
+def in_window(run: Run, load: Load, warmup: float) -> tuple[int, int]:
+    """Tokens streamed and requests finished inside a run's measurement window (after the ramp-up)."""
+    outcomes, start = run
+    w0, w1 = start + warmup * load.duration_s, start + load.duration_s
     tokens = sum(1 for o in outcomes for t in o.token_times if w0 <= t < w1)
-    done_in_window = sum(1 for o in outcomes if o.ok and w0 <= o.ended < w1)
+    return tokens, sum(1 for o in outcomes if o.ok and w0 <= o.ended < w1)
+
+
+def summarize(runs: list[Run], load: Load, slo_ttft_s: float, warmup: float) -> dict:
+    """One system's figures at one load over its runs (rounds): rates over all their windows,
+    percentiles over all their requests, and each run's tok/s (`tok_s_rounds`)."""
+    window_s = (1 - warmup) * load.duration_s
+    counts = [in_window(run, load, warmup) for run in runs]
+    tokens, done_in_window = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    outcomes = [o for run, _ in runs for o in run]
     ttft = [o.ttft for o in outcomes if o.ttft is not None]
     itl = [b - a for o in outcomes for a, b in zip(o.token_times, o.token_times[1:], strict=False)]
     e2e = [o.ended - o.sent for o in outcomes if o.ok]
@@ -291,8 +307,9 @@ def summarize(outcomes: list[Outcome], start: float, load: Load, slo_ttft_s: flo
         "unfinished": unfinished,
         "errors": errors,
         "error_samples": samples,
-        "req_s": round(done_in_window / (w1 - w0), 3),
-        "tok_s": round(tokens / (w1 - w0), 1),
+        "req_s": round(done_in_window / (window_s * len(runs)), 3),
+        "tok_s": round(tokens / (window_s * len(runs)), 1),
+        "tok_s_rounds": [round(c[0] / window_s, 1) for c in counts],
         "ttft_ms": {"p50": pct(ttft, 50), "p90": pct(ttft, 90), "p99": pct(ttft, 99)},
         "itl_ms": {"p50": pct(itl, 50), "p90": pct(itl, 90), "p99": pct(itl, 99)},
         "e2e_ms": {"p50": pct(e2e, 50), "p90": pct(e2e, 90), "p99": pct(e2e, 99)},
@@ -505,6 +522,12 @@ def main() -> None:
     ap.add_argument(
         "--drain", type=float, default=None, help="latency runs: seconds to let requests finish (5/20)"
     )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every point this many times, the systems in reverse order every other round (2: ABBA)",
+    )
     ap.add_argument("--warmup", type=float, default=0.25, help="share of each run left out of tok/s")
     ap.add_argument(
         "--overload",
@@ -596,26 +619,33 @@ async def measure(
         "latency_rate": lo,
         "latency_n": args.latency_n,
     }
+    names = list(servers)
+    runs: dict[tuple[str, int], list[Run]] = {}
+    for order in rounds(names, args.rounds):  # A B C, then C B A, ...: drift cancels
+        for name in order:
+            full = name in ("prefixserve", "engine", "threaded") or not args.quick
+            for n in sweep if full else [n for n in sweep if n == 100]:
+                load = replace(base, n_prefixes=n, rate=hi, seed=n)
+                runs.setdefault((name, n), []).append(await load_on(servers[name], load, prefix_ids, 0.0))
+                await asyncio.sleep(1.0)  # cut-off requests are aborted before the next point
     rows = []
-    for name, server in servers.items():
-        full = name in ("prefixserve", "engine", "threaded") or not args.quick
-        points = sweep if full else [n for n in sweep if n == 100]
-        for n in points:
-            load = replace(base, n_prefixes=n, rate=hi, seed=n)
-            outcomes, start = await load_on(server, load, prefix_ids, drain_s=0.0)
-            r = summarize(outcomes, start, load, args.slo_ttft_ms / 1e3, args.warmup)
-            results["throughput"].setdefault(name, {})[str(n)] = r
-            rows.append((name, r))
-            await asyncio.sleep(1.0)  # cut-off requests are aborted before the next point
+    for (name, n), point in runs.items():
+        r = summarize(point, replace(base, n_prefixes=n, rate=hi), args.slo_ttft_ms / 1e3, args.warmup)
+        results["throughput"].setdefault(name, {})[str(n)] = r
+        rows.append((name, r))
     print_table(f"Throughput sweep: offered {hi:.2f} req/s ({args.overload}x prefixserve's capacity)", rows)
+    latency = replace(base, n_prefixes=args.latency_n, rate=lo, duration_s=args.latency_duration, seed=7)
+    lat_runs: dict[str, list[Run]] = {}
+    for order in rounds(names, args.rounds):
+        for name in order:
+            run = await load_on(servers[name], latency, prefix_ids, args.drain)
+            lat_runs.setdefault(name, []).append(run)
+            await asyncio.sleep(1.0)
     rows = []
-    for name, server in servers.items():
-        load = replace(base, n_prefixes=args.latency_n, rate=lo, duration_s=args.latency_duration, seed=7)
-        outcomes, start = await load_on(server, load, prefix_ids, args.drain)
-        r = summarize(outcomes, start, load, args.slo_ttft_ms / 1e3, args.warmup)
+    for name in names:
+        r = summarize(lat_runs[name], latency, args.slo_ttft_ms / 1e3, args.warmup)
         results["latency"][name] = r
         rows.append((name, r))
-        await asyncio.sleep(1.0)
     print_table(
         f"Latency runs: offered {lo:.2f} req/s, N = {args.latency_n}, "
         f"SLO: first token within {args.slo_ttft_ms:.0f} ms",
@@ -625,6 +655,12 @@ async def measure(
         for r in points.values():
             r.pop("cdf")
     return results
+
+
+def rounds(names: list[str], n: int) -> list[list[str]]:
+    """The order of the systems in each of n rounds: as given, then reversed, and so on (A B C, C B A),
+    so that a drift of the machine's speed over the run weighs on every system alike."""
+    return [names if r % 2 == 0 else names[::-1] for r in range(n)]
 
 
 def headline(results: dict) -> dict:
@@ -657,6 +693,10 @@ def headline(results: dict) -> dict:
     h["tok_s_100_over_seq"] = ratio("tok_s_100", "baseline_seq_tok_s_100")
     h["tok_s_100_over_group"] = ratio("tok_s_100", "baseline_group_tok_s_100")
     h["http_over_engine"] = ratio("http_tok_s", "engine_tok_s")
+    http_r, engine_r = (
+        tp.get(s, {}).get("100", {}).get("tok_s_rounds", []) for s in ("prefixserve", "engine")
+    )
+    h["http_over_engine_rounds"] = [round(a / b, 3) for a, b in zip(http_r, engine_r, strict=False) if b]
     targets = {
         "tok_s_1000_over_tok_s_1": 0.9,
         "tok_s_100_over_seq": 10,
