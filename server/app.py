@@ -34,7 +34,7 @@ from .model import LoadedModel
 from .ratelimit import RateLimiter
 from .settings import ServerSettings
 from .training.jobs import JobQueue, LocalJobQueue, RedisJobQueue
-from .training.worker import Worker, WorkerConfig
+from .training.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def create_app(
             watch_task = asyncio.create_task(redis_health.watch(stop_watch, watched))
         else:  # the embedded default: the same worker code on a thread
             jobs = LocalJobQueue()
-            worker = Worker(jobs, service, WorkerConfig(save_every_s=settings.job_progress_s))
+            worker = Worker(jobs, service, settings.worker_config())
             worker_thread = threading.Thread(
                 target=worker.run, args=(stop_worker,), name="train-worker", daemon=True
             )

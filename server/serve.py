@@ -164,7 +164,7 @@ def run_worker(settings: ServerSettings) -> None:
     from .compile import bind_model
     from .loading import load_configured_model
     from .training.jobs import RedisJobQueue
-    from .training.worker import Worker, WorkerConfig
+    from .training.worker import Worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.redis_url:
@@ -178,7 +178,7 @@ def run_worker(settings: ServerSettings) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     queue = RedisJobQueue(settings.redis_url, settings.job_reclaim_s, health)
-    Worker(queue, service, WorkerConfig(save_every_s=settings.job_progress_s)).run(stop)
+    Worker(queue, service, settings.worker_config()).run(stop)
 
 
 if __name__ == "__main__":

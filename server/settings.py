@@ -13,6 +13,7 @@ from .engine import EngineConfig
 from .limits import DEFAULT_MAX_PREFIX_LEN
 from .metrics import MetricsConfig
 from .protocol import ConnectionLimits
+from .training.worker import WorkerConfig
 
 ENV_PREFIX = "PREFIXSERVE_"
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -166,6 +167,10 @@ class ServerSettings:
             body_timeout_s=self.client_body_timeout_s,
             body_min_bytes_per_s=self.client_body_min_bytes_per_s,
         )
+
+    def worker_config(self) -> WorkerConfig:
+        """The training worker's, wherever it runs (a thread of the server, or `prefixserve worker`)."""
+        return WorkerConfig(save_every_s=self.job_progress_s)
 
     def metrics_config(self) -> MetricsConfig:
         return MetricsConfig(
