@@ -109,6 +109,12 @@ def padded_tokens(count: int, plen: int) -> int:
     return count * blocks_for(plen, block_size) * block_size
 
 
+def alternating(names: list[str], rounds: int) -> list[list[str]]:
+    """The order of the columns (systems) in each round: as given, then reversed, and so on (A B C,
+    C B A), so that a drift of the machine's speed over the run weighs on every one alike."""
+    return [names if r % 2 == 0 else names[::-1] for r in range(rounds)]
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -340,11 +346,11 @@ def main() -> None:
     splits: dict[str, list[tuple[float, float]]] = {
         k: [] for k in ("mixed", "single", "roofline") if k in columns
     }
-    for r in range(rounds):
-        # alternate rounds run the columns in reverse order, so no column always follows the same one
-        # (a 1000-position engine's memory going back, a warm-up) and neighbours' drift cancels out
-        for name, fn in list(columns.items())[:: 1 if r % 2 == 0 else -1]:
-            results[name].append(fn())
+    # alternate rounds run the columns in reverse order, so no column always follows the same one
+    # (a 1000-position engine's memory going back, a warm-up) and neighbours' drift cancels out
+    for order in alternating(list(columns), rounds):
+        for name in order:
+            results[name].append(columns[name]())
             if name in splits:
                 splits[name].append(bench.split[name])
         bench._long.clear()  # the long prefixes' memory goes back between rounds

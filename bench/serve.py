@@ -58,7 +58,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine import GPT2_SMALL, RESULTS
+from bench.engine import GPT2_SMALL, RESULTS, alternating
 from prefix_store.redis_server import free_port
 from prefix_store.service import PrefixService, StoreConfig
 from prefixserve.compile import bind_model
@@ -621,7 +621,7 @@ async def measure(
     }
     names = list(servers)
     runs: dict[tuple[str, int], list[Run]] = {}
-    for order in rounds(names, args.rounds):  # A B C, then C B A, ...: drift cancels
+    for order in alternating(names, args.rounds):  # A B C, then C B A, ...: drift cancels
         for name in order:
             full = name in ("prefixserve", "engine", "threaded") or not args.quick
             for n in sweep if full else [n for n in sweep if n == 100]:
@@ -636,7 +636,7 @@ async def measure(
     print_table(f"Throughput sweep: offered {hi:.2f} req/s ({args.overload}x prefixserve's capacity)", rows)
     latency = replace(base, n_prefixes=args.latency_n, rate=lo, duration_s=args.latency_duration, seed=7)
     lat_runs: dict[str, list[Run]] = {}
-    for order in rounds(names, args.rounds):
+    for order in alternating(names, args.rounds):
         for name in order:
             run = await load_on(servers[name], latency, prefix_ids, args.drain)
             lat_runs.setdefault(name, []).append(run)
@@ -655,12 +655,6 @@ async def measure(
         for r in points.values():
             r.pop("cdf")
     return results
-
-
-def rounds(names: list[str], n: int) -> list[list[str]]:
-    """The order of the systems in each of n rounds: as given, then reversed, and so on (A B C, C B A),
-    so that a drift of the machine's speed over the run weighs on every system alike."""
-    return [names if r % 2 == 0 else names[::-1] for r in range(n)]
 
 
 def headline(results: dict) -> dict:
