@@ -7,15 +7,50 @@ worker heartbeats to keep it). Job records are JSON strings without a TTL (AOF k
 Redis restart); the training data itself lives in the durable store.
 
 `LocalJobQueue`: the same calls in-process, for the embedded default without Redis.
+
+Fairness: jobs are dispatched round-robin across tenants, so a tenant with 100 queued jobs delays another
+tenant's first job by at most the jobs running now. Each tenant has a FIFO of its queued job ids
+(`prefixserve:jobs-queued:<tenant>`) and the tenants with a turn to come are a ring
+(`prefixserve:jobs-ring`, its members also in the set `prefixserve:jobs-ring-tenants`). The policy is
+fq_codel's (RFC 8290) with one job as the quantum:
+
+- a tenant not in the ring that submits (it "becomes active") enters it at the FRONT: new tenants are
+  served first, right after the jobs running now;
+- a dispatch takes the ring's first tenant, pops that tenant's oldest job and moves the tenant to the
+  BACK of the ring, even when its FIFO is now empty; a tenant leaves the ring only when its turn comes
+  and it has nothing queued. So a tenant cannot game "new first" by submitting its next job while its
+  previous one runs: it is still in the ring and waits for its turn like everybody else.
+
+On Redis the stream entries are *tickets*: every submission writes its record, its tenant index, its
+FIFO entry, the ring update, its active-set entry and one stream entry (field `job_id` = the submitted
+job) in ONE Lua script, so tickets and queued job ids always match one for one. A worker reads a ticket
+exactly as before (XAUTOCLAIM first, then XREADGROUP: at-least-once, reclaim after `reclaim_s`, NOGROUP
+recreates the group) and then *binds* it with a second Lua script: the ticket's delivery id already
+in the hash `prefixserve:jobs-bound` (a reclaimed ticket) gives the same job again, so a dead worker's
+job is resumed, not replaced; otherwise the ring picks the job (as above) and the binding is stored.
+`ack` removes the ticket and its binding together. A ticket read but never bound (its worker died in
+between) is reclaimed and bound then; nothing is lost. With an empty ring (tickets an older version
+wrote, or lists lost) a ticket falls back to its own `job_id`; a worker skips a job whose record is
+already terminal (a cancelled queued job still takes its place in its tenant's FIFO, and is acked at
+once when its turn comes).
+
+`active(tenant)`: the tenant's queued or running jobs (for a per-tenant quota). Redis keeps a set
+`prefixserve:jobs-active:<tenant>` (SADD on submit and on every non-terminal save, SREM on a terminal
+save); the record stays the truth: counting reads each member's record and drops the members whose
+record is gone or terminal, so an over-count heals itself when it is read. After a FLUSHALL the sets,
+the records, the ring, the FIFOs, the bindings and the stream are all gone together: the count is 0,
+and a worker still running a job across the flush re-adds it with its next progress save (and removes
+it with its end), like it re-creates its record. Jobs queued by a version without the set are counted
+from their first save by a worker on.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -37,6 +72,11 @@ GROUP = "workers"
 RECORD = "prefixserve:job:"
 BY_TENANT = "prefixserve:jobs-of:"  # a sorted set per tenant: job ids scored by submission time
 MAX_LISTED = 1000  # the newest jobs a tenant's index keeps (older records stay readable by id)
+QUEUED = "prefixserve:jobs-queued:"  # a list per tenant: its queued job ids, oldest first
+RING = "prefixserve:jobs-ring"  # a list: the tenants whose turn is to come, next first
+RING_TENANTS = "prefixserve:jobs-ring-tenants"  # a set: the tenants in the ring
+BOUND = "prefixserve:jobs-bound"  # a hash: a ticket's delivery id -> the job bound to it
+ACTIVE = "prefixserve:jobs-active:"  # a set per tenant: its queued or running job ids
 
 
 class JobStatus(StrEnum):
@@ -48,6 +88,7 @@ class JobStatus(StrEnum):
 
 
 TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+LIVE = tuple(s for s in JobStatus if s not in TERMINAL)  # queued or running: counted by `active`
 
 
 class JobNotFound(PrefixServeError):
@@ -123,6 +164,10 @@ class JobQueue(Protocol):
 
     def cancel_requested(self, job_id: str) -> bool: ...
 
+    def active(self, tenant: str) -> int:
+        """The tenant's jobs that are queued or running."""
+        ...
+
 
 def cancel(q: JobQueue, job_id: str) -> Job:
     """Cancel a job: a queued one ends now, a running one at its worker's next progress save."""
@@ -134,6 +179,76 @@ def cancel(q: JobQueue, job_id: str) -> Job:
         job.status = JobStatus.CANCELLED
         q.save(job)
     return job
+
+
+# KEYS: record, tenant index, tenant FIFO, ring, ring tenants, active set, stream
+# ARGV: record JSON, job id, tenant, submission time, MAX_LISTED
+SUBMIT_LUA = """
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[2])
+redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -tonumber(ARGV[5]) - 1)
+redis.call('RPUSH', KEYS[3], ARGV[2])
+if redis.call('SADD', KEYS[5], ARGV[3]) == 1 then
+  redis.call('LPUSH', KEYS[4], ARGV[3])
+end
+redis.call('SADD', KEYS[6], ARGV[2])
+return redis.call('XADD', KEYS[7], '*', 'job_id', ARGV[2], 'tenant', ARGV[3])
+"""
+
+# KEYS: bindings, ring, ring tenants; ARGV: delivery id, the ticket's own job id, QUEUED
+BIND_LUA = """
+local job = redis.call('HGET', KEYS[1], ARGV[1])
+if job then
+  return job
+end
+while true do
+  local tenant = redis.call('LPOP', KEYS[2])
+  if not tenant then
+    break
+  end
+  job = redis.call('LPOP', ARGV[3] .. tenant)
+  if job then
+    redis.call('RPUSH', KEYS[2], tenant)
+    break
+  end
+  redis.call('SREM', KEYS[3], tenant)
+end
+if not job then
+  job = ARGV[2]
+end
+redis.call('HSET', KEYS[1], ARGV[1], job)
+return job
+"""
+
+# KEYS: the tenant's active set; ARGV: RECORD, then the live statuses. A member whose record is gone or
+# no longer live is removed (the record is the truth). Record keys are read by name (one Redis, no
+# cluster). cjson reads the NaN/Infinity Python writes in a loss curve; a record it refuses anyway has its
+# top-level status read with a pattern (a string value cannot fake it: its quotes are escaped).
+ACTIVE_LUA = """
+local live = {}
+for i = 2, #ARGV do
+  live[ARGV[i]] = true
+end
+local n = 0
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local raw = redis.call('GET', ARGV[1] .. id)
+  local status = nil
+  if raw then
+    local ok, rec = pcall(cjson.decode, raw)
+    if ok and type(rec) == 'table' then
+      status = rec.status
+    else
+      status = string.match(raw, '"status": "(%a+)"')
+    end
+  end
+  if status and live[status] then
+    n = n + 1
+  else
+    redis.call('SREM', KEYS[1], id)
+  end
+end
+return n
+"""
 
 
 class RedisJobQueue:
@@ -157,6 +272,10 @@ class RedisJobQueue:
         self.reclaim_ms = int(reclaim_s * 1000)
         self.dead_after_ms = int((dead_after_s if dead_after_s is not None else 5 * reclaim_s) * 1000)
         self._next_sweep = 0.0
+        # EVALSHA, loaded again by redis-py after a Redis restart (NOSCRIPT); nothing is sent here
+        self._submit = self.r.register_script(SUBMIT_LUA)
+        self._bind = self.r.register_script(BIND_LUA)
+        self._active = self.r.register_script(ACTIVE_LUA)
 
     # ---- plumbing ------------------------------------------------------------------------------
     def _call(self, what: str, fn: Callable[[], T]) -> T:
@@ -193,12 +312,18 @@ class RedisJobQueue:
 
         def submit() -> None:
             self._create_group()  # cheap, and makes a flushed Redis usable without waiting for a worker
-            pipe = self.r.pipeline(transaction=True)
-            pipe.set(RECORD + job.id, job.to_json())
-            pipe.zadd(BY_TENANT + job.tenant, {job.id: time.time()})
-            pipe.zremrangebyrank(BY_TENANT + job.tenant, 0, -MAX_LISTED - 1)
-            pipe.xadd(STREAM, {"job_id": job.id})
-            pipe.execute()
+            self._submit(  # the record, its index, its place in the tenant's FIFO and ring, its ticket
+                keys=[
+                    RECORD + job.id,
+                    BY_TENANT + job.tenant,
+                    QUEUED + job.tenant,
+                    RING,
+                    RING_TENANTS,
+                    ACTIVE + job.tenant,
+                    STREAM,
+                ],
+                args=[job.to_json(), job.id, job.tenant, time.time(), MAX_LISTED],
+            )
 
         self._call("submitting a training job", submit)
 
@@ -217,10 +342,29 @@ class RedisJobQueue:
 
     def save(self, job: Job) -> None:
         job.updated_at = now()
-        self._call("saving a job", lambda: self.r.set(RECORD + job.id, job.to_json()))
+
+        def save() -> None:
+            pipe = self.r.pipeline(transaction=True)
+            pipe.set(RECORD + job.id, job.to_json())
+            if job.status in TERMINAL:
+                pipe.srem(ACTIVE + job.tenant, job.id)
+            else:
+                pipe.sadd(ACTIVE + job.tenant, job.id)
+            pipe.execute()
+
+        self._call("saving a job", save)
+
+    def active(self, tenant: str) -> int:
+        return int(
+            self._call(
+                "counting a tenant's jobs",
+                lambda: self._active(keys=[ACTIVE + tenant], args=[RECORD, *(s.value for s in LIVE)]),
+            )
+        )
 
     def claim(self, consumer: str, block_s: float) -> tuple[str, Job] | None:
-        """A job whose worker died (idle past reclaim_s) first, else a new one."""
+        """A ticket whose worker died (idle past reclaim_s) first, else a new one; then the job bound to
+        it: the same job again for a reclaimed ticket, else the next job in round-robin order."""
         self._sweep_dead(consumer)
         _, claimed, *_ = self._call(
             "claiming a job",
@@ -238,11 +382,16 @@ class RedisJobQueue:
         if not claimed:
             return None
         delivery, fields = claimed[0]
-        job_id = fields[b"job_id"].decode()
+        delivery = delivery.decode()
+        own = (fields or {}).get(b"job_id", b"").decode()  # the fallback when no tenant has a job queued
+        job_id = self._call(
+            "dispatching a job",
+            lambda: self._bind(keys=[BOUND, RING, RING_TENANTS], args=[delivery, own, QUEUED]),
+        ).decode()
         try:
-            return delivery.decode(), self.get(job_id)
+            return delivery, self.get(job_id)
         except JobNotFound:
-            self.ack(delivery.decode())  # a record that vanished cannot be run
+            self.ack(delivery)  # a record that vanished cannot be run
             return None
 
     def heartbeat(self, consumer: str, delivery: str) -> None:
@@ -251,10 +400,16 @@ class RedisJobQueue:
         )
 
     def ack(self, delivery: str) -> None:
-        self._call("acknowledging a job", lambda: self.r.xack(STREAM, GROUP, delivery))
+        def ack() -> None:
+            pipe = self.r.pipeline(transaction=True)
+            pipe.xack(STREAM, GROUP, delivery)
+            pipe.hdel(BOUND, delivery)
+            pipe.execute()
+
+        self._call("acknowledging a job", ack)
 
     def release(self, delivery: str, job: Job) -> None:
-        return None  # left pending: XAUTOCLAIM hands it out again after reclaim_s
+        return None  # left pending and bound: XAUTOCLAIM hands the same job out again after reclaim_s
 
     def request_cancel(self, job_id: str) -> None:
         self._call("cancelling a job", lambda: self.r.set(RECORD + job_id + ":cancel", "1"))
@@ -289,17 +444,47 @@ class RedisJobQueue:
 
 
 class LocalJobQueue:
-    """In-process queue (no Redis configured); one process, so no reclaiming is needed."""
+    """In-process queue (no Redis configured); one process, so no reclaiming is needed. The same
+    round-robin policy as Redis (the module docstring): a FIFO of job ids per tenant and a ring of
+    tenants, new tenants at the front; `claim` waits on a condition up to `block_s`."""
 
     def __init__(self) -> None:
         self._jobs: dict[str, str] = {}
-        self._queue: queue.Queue[str] = queue.Queue()
+        self._live: dict[str, str] = {}  # job id -> tenant, for the jobs queued or running
         self._cancel: set[str] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
+        self._ring: deque[str] = deque()  # tenants whose turn is to come, next first
+        self._fifo: dict[str, deque[str]] = {}  # a tenant has one exactly while it is in the ring
+        self._n_queued = 0
 
     def submit(self, job: Job) -> None:
-        self.save(job)
-        self._queue.put(job.id)
+        with self._lock:
+            self.save(job)
+            self._enqueue(job.tenant, job.id, front=False)
+
+    def _enqueue(self, tenant: str, job_id: str, front: bool) -> None:
+        if tenant not in self._fifo:  # becomes active: served first
+            self._fifo[tenant] = deque()
+            self._ring.appendleft(tenant)
+        if front:
+            self._fifo[tenant].appendleft(job_id)
+        else:
+            self._fifo[tenant].append(job_id)
+        self._n_queued += 1
+        self._lock.notify()
+
+    def _next(self) -> str | None:
+        """The ring's next job; its tenant moves to the back, or leaves the ring when found empty."""
+        if not self._n_queued:  # (no turn is taken while nothing is queued, as on Redis)
+            return None
+        while True:
+            tenant = self._ring.popleft()
+            fifo = self._fifo[tenant]
+            if fifo:
+                self._ring.append(tenant)
+                self._n_queued -= 1
+                return fifo.popleft()
+            del self._fifo[tenant]
 
     def get(self, job_id: str) -> Job:
         with self._lock:
@@ -318,12 +503,23 @@ class LocalJobQueue:
         job.updated_at = now()
         with self._lock:
             self._jobs[job.id] = job.to_json()
+            if job.status in TERMINAL:
+                self._live.pop(job.id, None)
+            else:
+                self._live[job.id] = job.tenant
+
+    def active(self, tenant: str) -> int:
+        with self._lock:
+            return sum(1 for owner in self._live.values() if owner == tenant)
 
     def claim(self, consumer: str, block_s: float) -> tuple[str, Job] | None:
-        try:
-            job_id = self._queue.get(timeout=block_s)
-        except queue.Empty:
-            return None
+        deadline = time.monotonic() + block_s
+        with self._lock:
+            while (job_id := self._next()) is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._lock.wait(left)
         return job_id, self.get(job_id)
 
     def heartbeat(self, consumer: str, delivery: str) -> None:
@@ -333,7 +529,9 @@ class LocalJobQueue:
         return None
 
     def release(self, delivery: str, job: Job) -> None:
-        self._queue.put(job.id)
+        """Back at the front of its tenant's FIFO (its tenant enters the ring at the front if absent)."""
+        with self._lock:
+            self._enqueue(job.tenant, job.id, front=True)
 
     def request_cancel(self, job_id: str) -> None:
         with self._lock:
