@@ -19,6 +19,7 @@ __all__ = [
     "PrefixError",
     "PrefixNotFound",
     "PrefixServeError",
+    "QuotaExceeded",
     "UnsupportedModel",
 ]
 
@@ -59,10 +60,42 @@ class EngineOverloaded(PrefixServeError):
     kind = "overloaded"
     status = 429
 
-    def __init__(self, waiting: int, limit: int) -> None:
-        super().__init__(f"engine queue is full: {waiting} requests waiting, limit {limit}")
+    def __init__(self, waiting: int, limit: int, detail: str = "") -> None:
+        super().__init__(f"engine queue is full: {waiting} requests waiting, limit {limit}" + detail)
         self.waiting = waiting
         self.limit = limit
+
+
+class QuotaExceeded(PrefixServeError):
+    """A tenant's quota or limit is spent: the message names the quota, the tenant's usage and the limit.
+    Rates and concurrency answer 429 with Retry-After (they free up by themselves); storage and the like
+    answer `status` (403: only deleting something frees it)."""
+
+    kind = "quota_exceeded"
+    status = 429
+
+    def __init__(
+        self,
+        tenant: str,
+        quota: str,
+        usage: float,
+        limit: float,
+        what: str = "",
+        retry_after: float = 1.0,
+        status: int = 429,
+    ) -> None:
+        unit = f" {what}" if what else ""
+        super().__init__(
+            f"tenant {tenant!r} is at its {quota} quota: {_num(usage)}{unit} used of {_num(limit)}{unit}"
+            + (f"; retry after {retry_after:.0f}s" if status == 429 else "")
+        )
+        self.tenant, self.quota, self.usage, self.limit = tenant, quota, usage, limit
+        self.retry_after = retry_after
+        self.status = status
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 class UnsupportedModel(PrefixServeError):

@@ -46,7 +46,8 @@ async def start_generation(
     if separator:
         input = with_suffix(state, input, input_suffix(metas))
     prefix_len = metas[0].prefix_len if prefix_id is not None else 0
-    prepared = state.engine.preparer.prepare(input, params, prefix_id, prefix_len, rid, adapter_id)
+    tenancy = state.tenancy(tenant)
+    prepared = state.engine.preparer.prepare(input, params, prefix_id, prefix_len, rid, adapter_id, tenancy)
     await state.limiter.check(tenant, len(prepared.prompt_ids) + params.max_new_tokens)
     return prepared, _timed(state, tenant, state.engine.stream(prepared))
 

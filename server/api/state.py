@@ -14,6 +14,7 @@ from prefix_store.service import PrefixService
 
 from ..auth import Tenants
 from ..engine import AsyncEngine, EngineClient
+from ..engine.request import Tenancy
 from ..errors import PrefixNotFound
 from ..idempotency import Idempotency
 from ..metrics import Metrics
@@ -43,6 +44,10 @@ class State:
         """Refuse new work (503) while the server is not ready yet or draining."""
         if self.draining or not self.ready:
             raise Draining("the server is shutting down or not ready; retry on another replica")
+
+    def tenancy(self, tenant: str) -> Tenancy:
+        """What the engine needs to know of the tenant to share itself fairly (weight, concurrency cap)."""
+        return Tenancy(tenant)
 
     async def visible(self, prefix_id: str, tenant: str) -> PrefixMeta:
         """The prefix's metadata if the tenant may use it; read from the store on a thread the first

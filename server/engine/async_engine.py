@@ -2,9 +2,10 @@
 
 Callers never touch the core's state directly: `generate` validates in the caller's thread
 (`EngineCore.prepare` reads only immutable state), then posts the request to an inbox that the engine
-thread drains between steps. Each step's outputs are handed to the callers' event loops. A caller
-that stops iterating (client disconnect, task cancellation) aborts its request, which frees its place
-in the batch (and its KV blocks) at once.
+thread drains between steps; there the core admits or refuses it (its bounded queue is shared fairly
+between tenants, so the decision needs the engine's own state). Each step's outputs are handed to the
+callers' event loops. A caller that stops iterating (client disconnect, task cancellation) aborts its
+request, which frees its place in the batch (and its KV blocks) at once.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from ..errors import EngineOverloaded, PrefixServeError
+from ..errors import PrefixServeError
 from .core import EngineCore, RequestOutput
 from .prepare import RequestPreparer
 from .request import Request, SamplingParams
@@ -40,8 +41,6 @@ class AsyncEngine:
     def __init__(self, core: EngineCore) -> None:
         self.core = core
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
-        self._pending = 0  # requests posted but not yet in the scheduler (guarded by _lock)
-        self._lock = threading.Lock()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._stop = threading.Event()
@@ -117,11 +116,8 @@ class AsyncEngine:
             self._streams.pop(request.request_id, None)
 
     def _submit(self, request: Request, stream: _Stream) -> None:
-        with self._lock:
-            waiting = self.core.scheduler.num_waiting + self._pending
-            if waiting >= self.core.config.max_waiting:
-                raise EngineOverloaded(waiting, self.core.config.max_waiting)
-            self._pending += 1
+        """Post a request to the engine thread, which admits it or refuses it (a full queue, shared
+        fairly between tenants, or a tenant's quota: EngineCore.add) before its next step."""
         self._streams[request.request_id] = stream
         self._inbox.put(("add", request))
         self._wake.set()
@@ -161,12 +157,13 @@ class AsyncEngine:
             if op == "abort":
                 self.core.abort(arg)
                 continue
-            with self._lock:
-                self._pending -= 1
             try:
-                self.core.add(arg)
+                ended = self.core.add(arg)
             except PrefixServeError as exc:
                 self._deliver(arg.request_id, exc)
+                continue
+            for out in ended:  # refused to make room for it (EngineCore.add)
+                self._deliver(out.request_id, out)
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         stream = self._streams.get(request_id)

@@ -23,6 +23,7 @@ from ..errors import (
     InvalidRequest,
     PrefixError,
     PrefixServeError,
+    QuotaExceeded,
 )
 from ..model import LoadedModel, ModelSpec
 from .arena import KvArena
@@ -30,7 +31,7 @@ from .blocks import blocks_for
 from .detokenizer import Detokenizer
 from .prefixes import PrefixProvider, PrefixState, PrefixTable
 from .prepare import RequestPreparer
-from .request import FinishReason, Request, SamplingParams, TokenLogprob
+from .request import FinishReason, Request, SamplingParams, Tenancy, TokenLogprob
 from .runner import ModelRunner, RowInput, Scores, StepOutput, log_probs
 from .sampling import first_maxima, make_generator, plain_greedy, sample_rows
 from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, Sequence
@@ -166,6 +167,8 @@ class EngineCore:
         self.prefixes.attach(self.arena)
         self.readback = Readback(model.device)  # each step's flags and greedy picks: one transfer
         self._live: dict[str, _Live] = {}
+        self._ended: list[RequestOutput] = []  # requests `add_request` ended, out with the next step
+        self.num_steps = 0  # forward passes run (the stats' `steps`)
         self.preparer = RequestPreparer(model.tokenizer, spec, self.max_seq_len)
 
     # ---- requests ------------------------------------------------------------------------------
@@ -176,19 +179,28 @@ class EngineCore:
         prefix_id: str | None = None,
         request_id: str | None = None,
         adapter_id: str | None = None,
+        tenancy: Tenancy | None = None,
     ) -> Request:
         """Validate and tokenize a request without touching engine state (safe from any thread)."""
         prefix_len = self.prefixes.length(prefix_id) if prefix_id is not None else 0
-        return self.preparer.prepare(input, params, prefix_id, prefix_len, request_id, adapter_id)
+        return self.preparer.prepare(input, params, prefix_id, prefix_len, request_id, adapter_id, tenancy)
 
-    def add(self, request: Request) -> None:
-        """Queue a prepared request (engine thread only). Raises EngineOverloaded when full."""
-        if self.scheduler.num_waiting >= self.config.max_waiting:
-            raise EngineOverloaded(self.scheduler.num_waiting, self.config.max_waiting)
+    def add(self, request: Request) -> list[RequestOutput]:
+        """Queue a prepared request (engine thread only). Raises QuotaExceeded when its tenant has
+        `max_concurrent` requests in the engine, EngineOverloaded when the queue is full and its tenant
+        already holds its share of it. Returns the outputs of requests it ended instead: when the queue is
+        full and its tenant holds less than its share, the youngest waiting request of the tenant holding
+        the most places is refused (EngineOverloaded) to make room."""
         if request.request_id in self._live:
             raise InvalidRequest(
                 "request_id", f"{request.request_id!r} is already in use by a running request"
             )
+        tenancy = request.tenancy
+        tenancy.validate()
+        in_flight = self.scheduler.in_flight(tenancy.name)
+        if tenancy.max_concurrent and in_flight >= tenancy.max_concurrent:
+            raise QuotaExceeded(tenancy.name, "max_concurrent", in_flight, tenancy.max_concurrent, "requests")
+        ended = self._make_room(tenancy)
         pinned: list[str] = []
         try:
             for resident_id in request.resident_ids:
@@ -208,6 +220,8 @@ class EngineCore:
                 params.max_new_tokens,
                 eos,
                 adapter_id=request.adapter_id,
+                tenant=tenancy.name,
+                weight=tenancy.weight,
             )
         )
         self._live[request.request_id] = _Live(
@@ -216,6 +230,29 @@ class EngineCore:
             make_generator(params, self.model.device),
             pinned,
         )
+        return ended
+
+    def _make_room(self, tenancy: Tenancy) -> list[RequestOutput]:
+        """The bounded waiting queue, shared fairly by weight: a full queue refuses a request whose tenant
+        holds at least its share of the places, else ends another tenant's youngest waiting request."""
+        limit, waiting = self.config.max_waiting, self.scheduler.num_waiting
+        if waiting < limit:
+            return []
+        held, fraction = self.scheduler.queue_share(tenancy.name, tenancy.weight)
+        share = fraction * limit
+        if held >= share:
+            who = f" (tenant {tenancy.name!r})" if tenancy.name else ""
+            raise EngineOverloaded(
+                waiting, limit, f"; you{who} hold {held} places, your fair share is {share:.0f}"
+            )
+        victim = self.scheduler.queue_victim(tenancy.name)
+        if victim is None:
+            raise EngineOverloaded(waiting, limit)
+        error = EngineOverloaded(
+            waiting, limit, "; this request was waiting beyond its tenant's fair share of the queue and"
+            " gave its place to a tenant below its share",
+        )  # fmt: skip
+        return [self._end(victim.request_id, error, scrub=False)]
 
     def add_request(
         self,
@@ -224,9 +261,11 @@ class EngineCore:
         prefix_id: str | None = None,
         request_id: str | None = None,
         adapter_id: str | None = None,
+        tenancy: Tenancy | None = None,
     ) -> str:
-        request = self.prepare(input, params, prefix_id, request_id, adapter_id)
-        self.add(request)
+        """Prepare and queue a request (errors are raised; requests it ended go out with the next step)."""
+        request = self.prepare(input, params, prefix_id, request_id, adapter_id, tenancy)
+        self._ended += self.add(request)
         return request.request_id
 
     def abort(self, request_id: str) -> bool:
@@ -243,7 +282,7 @@ class EngineCore:
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or bool(self._ended)
 
     @property
     def num_live(self) -> int:
@@ -260,6 +299,7 @@ class EngineCore:
             kv_blocks_free=free,
             kv_blocks_prefixes=prefix_blocks,
             preemptions=s.num_preemptions,
+            steps=self.num_steps,
             running_prefixes=_prefix_ids(s.running()),
             waiting_prefixes=_prefix_ids(s.waiting()),
             max_running=s.config.max_running,
@@ -288,10 +328,11 @@ class EngineCore:
         picks and the finite flags, and their readback (one transfer). On CUDA this returns while the
         device still runs, so the caller can take in requests meanwhile (`add` and `abort` are fine
         before `finish`)."""
-        out = self._fail_unloadable()
+        out, self._ended = self._ended + self._fail_unloadable(), []
         plan = self.scheduler.schedule()  # blocks of finished rows are back; preempted rows wait again
         if not plan.chunks:
             return LaunchedStep(out)
+        self.num_steps += 1
         rows = [row for c in plan.chunks if (row := self._admit(c, out)) is not None]
         result = self._forward(rows, out)
         if result is None:

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from ..errors import ContextTooLong, InvalidRequest
 from ..limits import MAX_INPUT_CHARS
 from ..model import ModelSpec
-from .request import Request, SamplingParams
+from .request import Request, SamplingParams, Tenancy
 
 
 class RequestPreparer:
@@ -30,16 +30,25 @@ class RequestPreparer:
         prefix_len: int,
         request_id: str | None = None,
         adapter_id: str | None = None,
+        tenancy: Tenancy | None = None,
     ) -> Request:
         """Validate and tokenize (safe from any thread). `prefix_len`: the prefix's positions (0: none);
-        `adapter_id`: a weight-side adapter carried beside the prefix."""
+        `adapter_id`: a weight-side adapter carried beside the prefix; `tenancy`: whose request it is."""
         params = params or SamplingParams()
         params.validate(self.spec.vocab_size)
+        tenancy = tenancy or Tenancy()
+        tenancy.validate()
         prompt_ids = self._tokenize(input)
         self._check_fits(prefix_len, len(prompt_ids), params.max_new_tokens)
         rid = request_id or f"req-{next(self._ids)}"
         return Request(
-            rid, prompt_ids, params, prefix_id=prefix_id, prefix_len=prefix_len, adapter_id=adapter_id
+            rid,
+            prompt_ids,
+            params,
+            prefix_id=prefix_id,
+            prefix_len=prefix_len,
+            adapter_id=adapter_id,
+            tenancy=tenancy,
         )
 
     def _tokenize(self, input: str | list[int]) -> list[int]:

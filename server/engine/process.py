@@ -112,13 +112,15 @@ class EngineLoop:
         elif isinstance(msg, Add):
             self.owner[msg.request_id] = client
             try:
-                self.core.add(msg.request())
+                ended = self.core.add(msg.request())
             except PrefixServeError as exc:
                 self.owner.pop(msg.request_id, None)
                 error = Output(
                     msg.request_id, [], "error", msg.prefix_len, len(msg.prompt_ids), 0, RemoteError.wire(exc)
                 )
                 self.sock.send_multipart([client, encode(Step([error], 0, self.stats()))])
+                return
+            self._send(ended, sampled=0)  # requests refused to make room for it (EngineCore.add)
         elif isinstance(msg, Abort):
             if self.core.abort(msg.request_id):
                 self.owner.pop(msg.request_id, None)
@@ -134,6 +136,12 @@ class EngineLoop:
             log.exception("engine step failed; failing %d requests", self.core.num_live)
             fault = EngineFault(f"the engine step failed ({type(exc).__name__}, logged)")
             outputs = [_failed(rid, fault) for rid in self.core.fail_all()]
+        self._send(outputs, sampled=sum(1 for out in outputs if out.token_ids))
+
+    def _send(self, outputs: list[RequestOutput], sampled: int) -> None:
+        """Outputs to the clients that sent their requests: one message per client."""
+        if not outputs:
+            return
         by_client: dict[bytes, list[Output]] = {}
         for out in outputs:
             client = self.owner.get(out.request_id)
@@ -142,7 +150,6 @@ class EngineLoop:
             by_client.setdefault(client, []).append(wire_output(out))
             if out.finished:
                 del self.owner[out.request_id]
-        sampled = sum(1 for out in outputs if out.token_ids)
         stats = self.stats()
         for client, outs in by_client.items():
             self.sock.send_multipart([client, encode(Step(outs, sampled, stats))])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -141,6 +142,28 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()  # (token id, logprob)
 
 
+@dataclass(frozen=True)
+class Tenancy:
+    """Whose request it is, as the engine's fair scheduling needs it (the API fills it in from the tenant
+    registry with every request, so a changed weight or quota applies from the next request on)."""
+
+    name: str = ""  # "": the engine's own callers (tests, benchmarks, evaluation), one anonymous tenant
+    weight: float = 1.0  # its share of the engine relative to the other tenants' weights
+    max_concurrent: int = 0  # its requests in the engine at once (waiting + running); 0: no cap
+
+    def validate(self) -> None:
+        _check(
+            math.isfinite(self.weight) and self.weight > 0,
+            "tenant.weight",
+            f"expected a finite number > 0, got {self.weight!r}",
+        )
+        _check(
+            isinstance(self.max_concurrent, int) and self.max_concurrent >= 0,
+            "tenant.max_concurrent",
+            f"expected an integer >= 0 (0: no cap), got {self.max_concurrent!r}",
+        )
+
+
 @dataclass
 class Request:
     """A validated request as the engine holds it (token ids already computed)."""
@@ -152,6 +175,7 @@ class Request:
     prefix_len: int = 0
     output_ids: list[int] = field(default_factory=list)
     adapter_id: str | None = None  # a weight-side adapter (LoRA, bottleneck) beside the prefix
+    tenancy: Tenancy = Tenancy()
 
     @property
     def resident_ids(self) -> list[str]:

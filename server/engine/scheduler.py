@@ -6,14 +6,24 @@ Three-call cycle (as in vLLM v1): `schedule()` returns a plan, the runner execut
 Every scheduled row is the same kind of work: compute the tokens `[num_computed, num_computed + n)`
 of one sequence (prompt tokens while prefilling, in chunks if the step's token budget is short;
 the last sampled token while decoding). A row whose chunk reaches the last known token samples the
-next one. Running rows come first (so they never starve), then waiting requests in arrival order;
-a waiting request whose prefix is not on the device yet is skipped without blocking those behind it.
+next one. Running rows come first (so they never starve), then waiting requests; a waiting request
+whose prefix is not on the device yet is skipped without blocking those behind it.
+
+Tenants (architecture.md invariant 10): every sequence belongs to a tenant with a weight, and the
+waiting requests are kept per tenant, in arrival order. Admission takes the next request of the tenant
+that has received the least service for its weight (Virtual Token Counters, fairness.py), so a tenant
+that floods the server waits behind its own requests, not in front of everyone else's. A tenant with
+requests waiting and fewer running rows than its weighted share of the batch may take the place of the
+newest row of a tenant above its share that has received more service (preempted, recomputed later):
+a light tenant's request starts at the next step even when a flood fills the batch. With one tenant
+(or none named) this is plain arrival order, and a tenant alone gets the whole machine.
 
 Memory: a row's own tokens live in KV blocks (blocks.py) that the scheduler hands out as the row
 grows. A waiting request is admitted while the blocks of its first chunk are free (beyond a small
 watermark kept for the running rows to grow); when a running row needs a block and none is free, the
-newest running row is preempted: its blocks are freed and it goes back to the front of the queue, to
-recompute its tokens (prompt and output so far) when memory allows. Its output is unchanged.
+newest running row of the tenant furthest above its share (the highest counter) is preempted: its
+blocks are freed and it goes back to the front of its tenant's queue, to recompute its tokens (prompt
+and output so far) when memory allows. Its output is unchanged.
 
 The pool is shared with the resident KV prefixes (unified paging, arena.py): before it preempts a row
 the scheduler asks `reclaim` to evict prefixes no request uses, and admission keeps the blocks that
@@ -23,11 +33,13 @@ a stream of requests that do not need it.
 
 from __future__ import annotations
 
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
 from .blocks import BlockAllocator, blocks_for
+from .fairness import TenantCounters
 from .request import FinishReason
 
 
@@ -38,6 +50,9 @@ class SchedulerConfig:
     num_blocks: int = 1 << 40  # KV blocks in the pool (block 0 is the null block); default: unbounded
     block_size: int = 16  # tokens per KV block
     watermark_blocks: int = 0  # admission leaves this many blocks free for the running rows to grow
+    # a tenant's service (fairness.py): prompt tokens x service_in + generated tokens x service_out
+    service_in: float = 1.0
+    service_out: float = 2.0
 
     def __post_init__(self) -> None:
         if self.max_running < 1:
@@ -71,6 +86,11 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)  # the row's block table
     num_preemptions: int = 0
     adapter_id: str | None = None  # a weight-side adapter it waits for too
+    tenant: str = ""  # whose request it is ("": the engine's own callers, one anonymous tenant)
+    weight: float = 1.0  # the tenant's weight in fair scheduling
+    arrival: int = 0  # when it arrived, on the scheduler's clock (set by `add`)
+    admitted: int = 0  # when it was last admitted to the batch, on the same clock
+    num_charged: int = 0  # prompt tokens counted as the tenant's service (a recompute is not counted)
 
     @property
     def resident_ids(self) -> list[str]:
@@ -128,18 +148,22 @@ class Scheduler:
         self._prefix_ready = prefix_ready
         self._reclaim = reclaim  # make n blocks free by evicting unused prefixes, if they can
         self._reserved = reserved  # blocks that loaded prefixes wait for
-        self._waiting: list[Sequence] = []  # arrival order
+        self._queues: dict[str, deque[Sequence]] = {}  # waiting, per tenant, in arrival order
+        self._num_waiting = 0
         self._running: list[Sequence] = []  # admission order
+        self._rows: Counter[str] = Counter()  # running rows per tenant
         self._by_id: dict[str, Sequence] = {}
         self._to_free: list[str] = []  # left the batch since the last plan
         self._last_plan: SchedulePlan | None = None
+        self._clock = 0  # ticks at every arrival and admission: orders them
+        self.tenants = TenantCounters(config.service_in, config.service_out)
         self.blocks = BlockAllocator(config.num_blocks, config.block_size)
-        self.num_preemptions = 0  # rows sent back to the queue for want of blocks, ever
+        self.num_preemptions = 0  # rows sent back to the queue for want of blocks or a fair place, ever
 
     # ---- queries -------------------------------------------------------------------------------
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return self._num_waiting
 
     @property
     def num_running(self) -> int:
@@ -147,10 +171,11 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self._waiting or self._running or self._to_free)
+        return bool(self._num_waiting or self._running or self._to_free)
 
     def waiting(self) -> list[Sequence]:
-        return list(self._waiting)
+        """The waiting requests, tenant by tenant, each tenant's in arrival order."""
+        return [seq for queue in self._queues.values() for seq in queue]
 
     def running(self) -> list[Sequence]:
         """The rows in the batch, oldest first."""
@@ -159,16 +184,47 @@ class Scheduler:
     def get(self, request_id: str) -> Sequence | None:
         return self._by_id.get(request_id)
 
+    def in_flight(self, tenant: str) -> int:
+        """The tenant's requests in the scheduler (waiting or running)."""
+        return self.tenants.live[tenant]
+
     def can_ever_fit(self, tokens: int) -> bool:
         """Whether a row of `tokens` own tokens fits the KV pool at all (alone)."""
         return blocks_for(tokens, self.config.block_size) <= self.blocks.capacity
+
+    # ---- the bounded queue, shared fairly --------------------------------------------------------
+    def queue_share(self, tenant: str, weight: float) -> tuple[int, float]:
+        """The places `tenant` holds in the waiting queue, and the fraction of the queue due to it: its
+        weight over the weights of the tenants now waiting and its own."""
+        others = {t for t, q in self._queues.items() if q and t != tenant}
+        weights = sum(self.tenants.weight(t) for t in others) + weight
+        return len(self._queues.get(tenant, ())), weight / weights
+
+    def queue_victim(self, tenant: str) -> Sequence | None:
+        """The request to refuse so that one of `tenant` (below its share) can wait instead: the youngest
+        never-started waiting request of the tenant holding the most places for its weight. None if no
+        other tenant has such a request."""
+        holders = sorted(
+            (t for t, q in self._queues.items() if q and t != tenant),
+            key=lambda t: len(self._queues[t]) / self.tenants.weight(t),
+            reverse=True,
+        )
+        for t in holders:
+            fresh = next((s for s in reversed(self._queues[t]) if not s.num_preemptions), None)
+            if fresh is not None:
+                return fresh
+        return None
 
     # ---- requests in and out -------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         if seq.request_id in self._by_id:
             raise ValueError(f"request id {seq.request_id!r} is already scheduled")
+        self._clock += 1
+        seq.arrival = self._clock
         self._by_id[seq.request_id] = seq
-        self._waiting.append(seq)
+        self.tenants.join(seq.tenant, seq.weight)
+        self._queues.setdefault(seq.tenant, deque()).append(seq)
+        self._num_waiting += 1
 
     def finish(self, request_id: str, reason: FinishReason) -> bool:
         """End a sequence now (stop string, cancel, error); its blocks are free at once.
@@ -178,15 +234,24 @@ class Scheduler:
         seq = self._by_id.pop(request_id, None)
         if seq is None:
             return False
-        seq.status, seq.finish_reason = Status.FINISHED, reason
-        if seq in self._waiting:
-            self._waiting.remove(seq)  # holds no blocks (never admitted, or preempted)
+        if seq.status is Status.WAITING:
+            self._unqueue(seq)  # holds no blocks (never admitted, or preempted)
         else:
             self._running.remove(seq)
+            self._rows[seq.tenant] -= 1
             self._to_free.append(request_id)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        self.tenants.leave(seq.tenant)
         self.blocks.free(seq.blocks)
         seq.blocks = []
         return True
+
+    def _unqueue(self, seq: Sequence) -> None:
+        queue = self._queues[seq.tenant]
+        queue.remove(seq)
+        if not queue:
+            del self._queues[seq.tenant]
+        self._num_waiting -= 1
 
     # ---- the cycle -----------------------------------------------------------------------------
     def schedule(self) -> SchedulePlan:
@@ -200,25 +265,97 @@ class Scheduler:
         for seq in decoding + prefilling:
             if seq.status is Status.RUNNING:  # (not preempted earlier in this loop)
                 budget -= self._schedule_running(plan, seq, budget)
-        for seq in list(self._waiting):
-            if budget == 0 or len(self._running) >= self.config.max_running:
-                break
-            if seq.request_id in plan.preempted:
-                break  # memory ran out this step: it waits for the next
-            if self._prefix_pending(seq):
-                continue  # keeps its place in line; does not block the requests behind it
+        self._admit(plan, budget)
+        self._last_plan = plan
+        return plan
+
+    def _admit(self, plan: SchedulePlan, budget: int) -> None:
+        """Admit waiting requests while the budget and memory allow: into free places the least-served
+        tenant's first; once the batch is full, requests of tenants below their share of the batch, in
+        place of rows of tenants above theirs (`_fair_place`)."""
+        served = self.tenants.snapshot()  # service so far, this step's running rows included
+        while budget > 0:
+            if len(self._running) < self.config.max_running:
+                seq = self._next_waiting()
+            else:
+                seq, freed = self._fair_place(plan, served)
+                budget += freed
+            if seq is None or seq.request_id in plan.preempted:
+                return  # nothing admissible, or memory ran out this step: it waits for the next
             n = min(seq.num_tokens, budget)
             blocks = self._take(blocks_for(n, self.config.block_size), self._reserve())
             if blocks is None:
-                break  # first come, first served: no later request jumps ahead for want of memory
-            self._waiting.remove(seq)
+                return  # no later request jumps ahead for want of memory
+            self._unqueue(seq)
             self._running.append(seq)
-            seq.status = Status.RUNNING
-            seq.blocks = blocks
+            self._rows[seq.tenant] += 1
+            self._clock += 1
+            seq.status, seq.blocks, seq.admitted = Status.RUNNING, blocks, self._clock
             plan.chunks.append(self._chunk(seq, n, first=True))
             budget -= n
-        self._last_plan = plan
-        return plan
+
+    def _heads(self) -> list[Sequence]:
+        """Each tenant's first admissible waiting request (its prefix on the device: a request whose
+        prefix is loading keeps its place without blocking the requests behind it)."""
+        heads = (next((s for s in q if not self._prefix_pending(s)), None) for q in self._queues.values())
+        return [s for s in heads if s is not None]
+
+    def _next_waiting(self) -> Sequence | None:
+        """The first admissible request of the tenant with the least service for its weight; between
+        equals (a tenant just lifted to the others' counter) the one with fewer rows in the batch for its
+        weight; then arrival order."""
+
+        def rank(seq: Sequence) -> tuple[float, float, int]:
+            t = seq.tenant
+            return self.tenants.counter(t), self._rows[t] / self.tenants.weight(t), seq.arrival
+
+        return min(self._heads(), key=rank, default=None)
+
+    def _fair_place(self, plan: SchedulePlan, served: dict[str, float]) -> tuple[Sequence | None, int]:
+        """The batch is full: the first waiting request (least service when this step began, `served`,
+        first) whose tenant runs fewer rows than its weighted share of the batch takes the place of a row
+        it may displace (`_displaced`), which steps back (preempted). Returns (that request, the budget the
+        preempted row gave back), or (None, 0) when no place is due."""
+        places = self.config.max_running
+        rows = {t: n for t, n in self._rows.items() if n}
+        weight_of_rows = sum(self.tenants.weight(t) for t in rows)
+        for seq in sorted(self._heads(), key=lambda s: (served.get(s.tenant, 0.0), s.arrival)):
+            total = weight_of_rows + (0.0 if seq.tenant in rows else self.tenants.weight(seq.tenant))
+
+            def share(tenant: str, total: float = total) -> float:
+                return places * self.tenants.weight(tenant) / total
+
+            if rows.get(seq.tenant, 0) + 1 > share(seq.tenant):
+                continue
+            victim = self._displaced(seq, rows, share, served)
+            if victim is not None:
+                return seq, self._preempt(plan, victim)
+        return None, 0
+
+    def _displaced(
+        self,
+        seq: Sequence,
+        rows: dict[str, int],
+        share: Callable[[str], float],
+        served: dict[str, float],
+    ) -> Sequence | None:
+        """The row `seq` may take the place of: among the tenants that stay at or above their share of the
+        batch without one row and had received at least as much service as `seq`'s, the one furthest above
+        its share; its newest row admitted before `seq` arrived. So places only move towards the shares,
+        and a backlog that admission already weighed (it was waiting when those rows were admitted) never
+        displaces them: in steady saturation nothing is preempted, while a light tenant's new request
+        starts at the next step whatever fills the batch."""
+        mine = served.get(seq.tenant, 0.0)
+        over = {
+            t for t, n in rows.items() if t != seq.tenant and n - 1 >= share(t) and served.get(t, 0.0) >= mine
+        }
+        earlier = [r for r in self._running if r.tenant in over and r.admitted < seq.arrival]
+        if not earlier:
+            return None
+        most = max(
+            {r.tenant for r in earlier}, key=lambda t: (rows[t] / self.tenants.weight(t), served.get(t, 0.0))
+        )
+        return max((r for r in earlier if r.tenant == most), key=lambda r: r.admitted)
 
     def _prefix_pending(self, seq: Sequence) -> bool:
         """Its prefix is not on the device yet (a preempted row still holds the one it ran with)."""
@@ -240,16 +377,16 @@ class Scheduler:
         return blocks
 
     def _schedule_running(self, plan: SchedulePlan, seq: Sequence, budget: int) -> int:
-        """Schedule a running row's next chunk, growing its block table; preempts the newest rows
-        while blocks are short (possibly this one). Returns the budget it used, less what preempted
-        rows gave back."""
+        """Schedule a running row's next chunk, growing its block table; preempts rows of the tenant
+        furthest above its share while blocks are short (possibly this one). Returns the budget it used,
+        less what preempted rows gave back."""
         n = min(seq.num_tokens - seq.num_computed, budget)
         if n <= 0:
             return 0
         need = blocks_for(seq.num_computed + n, self.config.block_size) - len(seq.blocks)
         returned = 0
         while (blocks := self._take(need)) is None:
-            victim = self._running[-1]
+            victim = self._memory_victim()
             returned += self._preempt(plan, victim)
             if victim is seq:
                 return -returned
@@ -257,23 +394,40 @@ class Scheduler:
         plan.chunks.append(self._chunk(seq, n, first=False))
         return n - returned
 
+    def _memory_victim(self) -> Sequence:
+        """The newest running row of the tenant with the most service for its weight."""
+        tenant = max({s.tenant for s in self._running}, key=self.tenants.counter)
+        return next(s for s in reversed(self._running) if s.tenant == tenant)
+
     def _preempt(self, plan: SchedulePlan, seq: Sequence) -> int:
-        """Send a running row back to the front of the queue, freeing its blocks; its tokens so far are
-        recomputed when it runs again. Returns the tokens of its chunk already in `plan` (removed)."""
+        """Send a running row back to the front of its tenant's queue, freeing its blocks; its tokens so
+        far are recomputed when it runs again. Returns the tokens of its chunk already in `plan`
+        (removed)."""
         self._running.remove(seq)
+        self._rows[seq.tenant] -= 1
         self.blocks.free(seq.blocks)
         seq.blocks, seq.num_computed, seq.status = [], 0, Status.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self._waiting.insert(0, seq)
+        self._queues.setdefault(seq.tenant, deque()).appendleft(seq)
+        self._num_waiting += 1
         plan.preempted.append(seq.request_id)
         mine = [c for c in plan.chunks if c.request_id == seq.request_id]
         plan.chunks = [c for c in plan.chunks if c.request_id != seq.request_id]
+        self.tenants.charge_output(seq.tenant, -sum(c.sample for c in mine))  # it samples nothing now
         return sum(c.num_tokens for c in mine)
 
-    @staticmethod
-    def _chunk(seq: Sequence, n: int, first: bool) -> ScheduledChunk:
+    def _chunk(self, seq: Sequence, n: int, first: bool) -> ScheduledChunk:
+        """The chunk of `n` tokens from `seq.num_computed`, charged to its tenant as it is planned (so the
+        admissions later in this step see this step's service): its prompt tokens not counted before (a
+        recompute is not counted again) and the token it samples."""
+        prompt_end = min(seq.num_computed + n, seq.num_prompt_tokens)
+        if prompt_end > seq.num_charged:
+            self.tenants.charge_prompt(seq.tenant, prompt_end - seq.num_charged)
+            seq.num_charged = prompt_end
         done = seq.num_computed + n == seq.num_tokens and seq.max_new_tokens > 0  # 0: scoring only
+        if done:
+            self.tenants.charge_output(seq.tenant)
         return ScheduledChunk(seq.request_id, seq.num_computed, n, first, sample=done, blocks=seq.blocks)
 
     def update(self, sampled: dict[str, int]) -> list[Finished]:

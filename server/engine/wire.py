@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from ..errors import PrefixServeError
-from .request import Request, SamplingParams, TokenLogprob
+from .request import Request, SamplingParams, Tenancy, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class EngineStats:
     kv_blocks_free: int = 0
     kv_blocks_prefixes: int = 0  # held by resident KV prefixes (unified paging); the rest are rows'
     preemptions: int = 0
+    steps: int = 0  # forward passes run since the engine started
     prefix_loads: dict[str, int] = field(default_factory=dict)  # the engine's own store counters, by
     # "tier_result" (its device pool and caches live in its process); empty for an engine in-process
     # residency, for gateways that route by prefix affinity (vLLM's lora_requests_info): the prefix
@@ -53,11 +54,12 @@ class Add(msgspec.Struct, tag="add"):
     prefix_id: str | None
     prefix_len: int
     adapter_id: str | None = None
+    tenancy: Tenancy = Tenancy()  # whose request: the engine shares itself fairly by it
 
     @staticmethod
     def of(request: Request, wire_id: str) -> Add:
         r = request
-        return Add(wire_id, r.prompt_ids, r.params, r.prefix_id, r.prefix_len, r.adapter_id)
+        return Add(wire_id, r.prompt_ids, r.params, r.prefix_id, r.prefix_len, r.adapter_id, r.tenancy)
 
     def request(self) -> Request:
         return Request(
@@ -67,6 +69,7 @@ class Add(msgspec.Struct, tag="add"):
             self.prefix_id,
             self.prefix_len,
             adapter_id=self.adapter_id,
+            tenancy=self.tenancy,
         )
 
 

@@ -274,6 +274,7 @@ def merge_stats(stats: list[EngineStats]) -> EngineStats:
         kv_blocks_free=sum(s.kv_blocks_free for s in stats),
         kv_blocks_prefixes=sum(s.kv_blocks_prefixes for s in stats),
         preemptions=sum(s.preemptions for s in stats),
+        steps=sum(s.steps for s in stats),
         prefix_loads=loads,
         running_prefixes=sorted({p for s in stats for p in s.running_prefixes}),
         waiting_prefixes=sorted({p for s in stats for p in s.waiting_prefixes}),

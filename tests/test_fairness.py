@@ -1,0 +1,235 @@
+"""Tenant fairness in the scheduler (Virtual Token Counters) and in the engine's bounded queue.
+
+The scheduler tests drive it with fake outputs (no model, no tensors), as tests/test_scheduler.py does;
+the queue tests run the real engine core on the tiny model.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from prefixserve.engine import (
+    EngineConfig,
+    EngineCore,
+    FinishReason,
+    SamplingParams,
+    Scheduler,
+    SchedulerConfig,
+)
+from prefixserve.engine.request import Tenancy
+from prefixserve.engine.scheduler import Sequence
+from prefixserve.errors import EngineOverloaded, QuotaExceeded
+
+EOS = 0
+
+
+def seq(rid: str, tenant: str, prompt: int = 4, max_new: int = 8, weight: float = 1.0) -> Sequence:
+    return Sequence(rid, None, prompt, max_new, None, tenant=tenant, weight=weight)
+
+
+def make(max_running: int = 4, budget: int = 64, blocks: int | None = None, block_size: int = 4) -> Scheduler:
+    num_blocks = 1 << 40 if blocks is None else blocks + 1
+    return Scheduler(SchedulerConfig(max_running, budget, num_blocks, block_size), lambda pid: True)
+
+
+def step(s: Scheduler):
+    plan = s.schedule()
+    return plan, s.update({c.request_id: 7 for c in plan.chunks if c.sample})
+
+
+def test_a_light_tenant_is_admitted_at_the_next_step_with_300_of_another_waiting():
+    s = make(max_running=4)
+    for i in range(304):
+        s.add(seq(f"h{i}", "heavy", max_new=50))
+    for _ in range(3):
+        step(s)
+    assert s.num_running == 4 and s.num_waiting == 300  # the flood fills the batch and the queue
+    s.add(seq("light", "light", max_new=16))
+    plan, _ = step(s)
+    admitted = [c.request_id for c in plan.chunks if c.first]
+    assert admitted == ["light"]  # at once, ahead of 300 earlier requests
+    assert plan.preempted == ["h3"]  # the newest row of the tenant above its share stepped back for it
+    assert s.get("h3").num_preemptions == 1 and s.num_running == 4
+
+
+def test_light_requests_keep_going_first_while_their_tenant_is_below_its_share():
+    s = make(max_running=16)  # the light tenant's share is 8 places; it asks for 4 at a time
+    for i in range(300):
+        s.add(seq(f"h{i}", "heavy", max_new=64))
+    for _ in range(5):
+        step(s)
+    waits = []
+    for round_ in range(20):  # the light tenant sends 4 at a time, the next 4 when those are done
+        ids = [f"l{round_}-{j}" for j in range(4)]
+        for rid in ids:
+            s.add(seq(rid, "light", max_new=16))
+        started: dict[str, int] = {}
+        n = 0
+        while any(s.get(r) is not None for r in ids):
+            plan, _ = step(s)
+            n += 1
+            for c in plan.chunks:
+                if c.first and c.request_id in ids:
+                    started.setdefault(c.request_id, n)
+        waits += started.values()
+    assert max(waits) == 1  # every light request starts in the first step after it arrives
+
+
+def service_shares(weights: dict[str, float], steps: int, seed: int = 0) -> tuple[dict[str, float], int]:
+    """Every tenant keeps 40 requests of random lengths queued; the share of the service (prompt tokens
+    computed once + 2 x tokens generated) each receives over `steps` steps after a warm-up, counted here
+    from the plans, and the number of preemptions."""
+    rng = random.Random(seed)
+    s = make(max_running=16, budget=128)
+    counted: dict[str, int] = {}  # prompt tokens of each request already counted (a recompute is not)
+    service: Counter[str] = Counter()
+    n = 0
+    for i in range(steps + 500):
+        for tenant, weight in weights.items():
+            while s.in_flight(tenant) < 40:
+                s.add(seq(f"{tenant}-{n}", tenant, rng.randint(2, 40), rng.randint(1, 60), weight))
+                n += 1
+        plan = s.schedule()
+        for c in plan.chunks:
+            tenant, prompt = c.request_id.split("-")[0], s.get(c.request_id).num_prompt_tokens
+            new = max(0, min(c.start + c.num_tokens, prompt) - counted.get(c.request_id, 0))
+            counted[c.request_id] = counted.get(c.request_id, 0) + new
+            if i >= 500:
+                service[tenant] += new + 2 * c.sample
+        s.update({c.request_id: 7 for c in plan.chunks if c.sample})
+    total = sum(service.values())
+    return {t: service[t] / total for t in weights}, s.num_preemptions
+
+
+def test_service_shares_match_weights_1_1_2_within_5_percent_over_10000_steps():
+    weights = {"a": 1.0, "b": 1.0, "c": 2.0}
+    shares, preemptions = service_shares(weights, steps=10_000)
+    want = {t: w / sum(weights.values()) for t, w in weights.items()}
+    errors = {t: abs(shares[t] - want[t]) for t in weights}
+    assert max(errors.values()) <= 0.05, (shares, want)
+    assert preemptions < 10_000 * 0.05  # places change hands rarely once the shares are met
+
+
+def test_one_tenant_alone_fills_the_batch_and_a_short_one_leaves_the_rest_to_the_other():
+    s = make(max_running=8)
+    for i in range(20):
+        s.add(seq(f"a{i}", "a"))
+    step(s)
+    assert s.num_running == 8  # work-conserving: alone, it gets every place
+    s2 = make(max_running=8)
+    for i in range(3):
+        s2.add(seq(f"b{i}", "b", max_new=100))
+    for i in range(20):
+        s2.add(seq(f"a{i}", "a", max_new=100))
+    step(s2)
+    running = Counter(r.tenant for r in s2.running())
+    assert running == {"b": 3, "a": 5}  # b wants only 3 places; a takes every other one
+
+
+def test_a_returning_tenant_is_lifted_to_the_active_minimum_and_banks_nothing():
+    s = make(max_running=4)
+    for i in range(100):
+        s.add(seq(f"a{i}", "a", max_new=20))
+    for _ in range(200):  # "a" alone for a long while
+        step(s)
+    a_counter = s.tenants.counter("a")
+    assert a_counter > 1000
+    s.add(seq("b0", "b", max_new=20))
+    assert s.tenants.counter("b") == pytest.approx(a_counter)  # lifted, not starting from zero
+    for i in range(1, 100):
+        s.add(seq(f"b{i}", "b", max_new=20))
+    for _ in range(20):
+        step(s)
+    # from here on the two share the batch: "b" does not take it over to spend a credit it never had
+    counts: Counter[str] = Counter()
+    for _ in range(200):
+        plan, _ = step(s)
+        counts.update(c.request_id[0] for c in plan.chunks if c.sample)
+    assert abs(counts["a"] - counts["b"]) / sum(counts.values()) < 0.1, counts
+
+
+def test_counters_are_dropped_when_every_tenant_is_idle():
+    s = make()
+    s.add(seq("a", "a", max_new=2))
+    while s.has_work:
+        step(s)
+    assert s.tenants.counter("a") == 0.0 and not s.tenants.live
+
+
+def test_out_of_memory_preempts_the_tenant_furthest_above_its_share_not_the_newest_row():
+    s = make(max_running=8, blocks=6, block_size=4)
+    for i in range(2):
+        s.add(seq(f"h{i}", "heavy", prompt=4, max_new=20))
+    step(s)  # heavy's two rows: one block each, and heavy has been served
+    s.add(seq("light", "light", prompt=4, max_new=20))
+    for _ in range(4):  # every row grows to two blocks: 6 of 6 held
+        step(s)
+    assert s.blocks.num_free == 0
+    plan, _ = step(s)  # heavy's rows need a third block: memory runs out
+    assert plan.preempted and all(r.startswith("h") for r in plan.preempted)  # never the light row
+    assert s.get("light").status.value == "running"
+
+
+def test_the_full_queue_is_shared_fairly():
+    s = make(max_running=1)
+    for i in range(6):
+        s.add(seq(f"h{i}", "heavy"))
+    step(s)  # h0 runs; h1..h5 wait
+    held, fraction = s.queue_share("light", 1.0)
+    assert (held, fraction) == (0, 0.5)  # two tenants of equal weight: half the queue each
+    victim = s.queue_victim("light")
+    assert victim.request_id == "h5"  # the youngest waiting request of the tenant holding the most
+    assert s.queue_share("heavy", 1.0) == (5, 1.0)
+    assert s.queue_victim("heavy") is None  # nobody else waits: heavy's own requests are refused
+
+
+# ---- the engine's bounded queue and the concurrency quota (real engine core, tiny model) -----------
+
+
+def test_a_full_queue_refuses_the_tenant_over_its_share_and_makes_room_for_the_other(tiny_model):
+    core = EngineCore(tiny_model, EngineConfig(max_running=1, max_waiting=4))
+    long = SamplingParams(max_new_tokens=50, ignore_eos=True)
+    heavy, light = Tenancy("heavy"), Tenancy("light")
+    core.add(core.prepare("name : Aromi", long, request_id="h0", tenancy=heavy))
+    core.step()  # h0 runs
+    for i in range(1, 5):  # four wait: the queue is full
+        assert core.add(core.prepare("name : Aromi", long, request_id=f"h{i}", tenancy=heavy)) == []
+    with pytest.raises(
+        EngineOverloaded, match="you \\(tenant 'heavy'\\) hold 4 places, your fair share is 4"
+    ):
+        core.add(core.prepare("name : Aromi", long, request_id="h5", tenancy=heavy))
+    ended = core.add(core.prepare("name : Cotto", long, request_id="l0", tenancy=light))
+    assert [(o.request_id, o.finish_reason) for o in ended] == [("h4", FinishReason.ERROR)]
+    assert isinstance(ended[0].error, EngineOverloaded) and "gave its place" in str(ended[0].error)
+    assert ended[0].error.status == 429
+    core.add(core.prepare("name : Cotto", long, request_id="l1", tenancy=light))  # h3 makes room
+    with pytest.raises(EngineOverloaded, match="hold 2 places, your fair share is 2"):
+        core.add(core.prepare("name : Cotto", long, request_id="l2", tenancy=light))
+    assert sorted(s.request_id for s in core.scheduler.waiting()) == ["h1", "h2", "l0", "l1"]
+    for rid in ["h0", "h1", "h2", "l0", "l1"]:
+        core.abort(rid)
+    assert core.num_live == 0
+
+
+def test_max_concurrent_caps_a_tenants_requests_in_the_engine(tiny_model):
+    core = EngineCore(tiny_model, EngineConfig(max_running=2, max_waiting=8))
+    capped = Tenancy("acme", max_concurrent=2)
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+    for i in range(2):
+        core.add(core.prepare("name : Aromi", params, request_id=f"a{i}", tenancy=capped))
+    with pytest.raises(QuotaExceeded, match="'acme' is at its max_concurrent quota: 2 requests used of 2"):
+        core.add(core.prepare("name : Aromi", params, request_id="a2", tenancy=capped))
+    core.add(core.prepare("name : Aromi", params, request_id="other", tenancy=Tenancy("other")))
+    outputs = core.run_to_completion()
+    assert set(outputs) == {"a0", "a1", "other"}
+    core.add(core.prepare("name : Aromi", params, request_id="a3", tenancy=capped))  # room again
+    assert core.run_to_completion()["a3"][-1].finish_reason == FinishReason.LENGTH
+
+
+def test_tenancy_is_validated(tiny_model):
+    core = EngineCore(tiny_model)
+    with pytest.raises(Exception, match=r"tenant\.weight: expected a finite number > 0"):
+        core.prepare("x", None, tenancy=Tenancy("t", weight=0.0))
