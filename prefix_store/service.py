@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ from .state import PrefixState
 from .store import DurableStore
 
 log = logging.getLogger(__name__)
+Admit = Callable[[int], None]  # called with a new prefix file's size before it is stored; raises to refuse
 
 
 def new_prefix_id() -> str:
@@ -115,6 +117,7 @@ class PrefixService:
         source: str = "upload",
         prefix_id: str | None = None,
         input_suffix: str = "",
+        admit: Admit | None = None,
     ) -> PrefixMeta:
         """Validate canonical K/V against the model, store it (under a new id unless `prefix_id` is
         given; an existing id raises PrefixExists), return its metadata."""
@@ -122,7 +125,9 @@ class PrefixService:
             raise InvalidPrefixFile(
                 f"prefix must be [n_layer, 2, n_head, P, head_dim], got shape {list(kv.shape)}"
             )
-        return self.add_tensors({TENSOR_NAME: kv}, owner, name, visibility, source, prefix_id, input_suffix)
+        return self.add_tensors(
+            {TENSOR_NAME: kv}, owner, name, visibility, source, prefix_id, input_suffix, admit
+        )
 
     def add_tensors(
         self,
@@ -133,9 +138,11 @@ class PrefixService:
         source: str = "upload",
         prefix_id: str | None = None,
         input_suffix: str = "",
+        admit: Admit | None = None,
     ) -> PrefixMeta:
         """Store a prefix of either kind from its named tensors (format.TENSOR_SETS), validated like
-        every load; returns its metadata."""
+        every load; returns its metadata. `admit(bytes)`: called with the file's size before anything is
+        stored, to refuse it (a quota) by raising."""
         tensors = {n: t.detach().cpu() for n, t in tensors.items()}
         tensors = {n: t if t.dtype in DTYPE_NAMES else t.float() for n, t in tensors.items()}
         meta = PrefixMeta(
@@ -151,6 +158,8 @@ class PrefixService:
         )
         data = encode_tensors(tensors, meta)
         _, meta = decode_tensors(data, self.expect)  # the same validation as every load
+        if admit is not None:
+            admit(len(data))
         self.store.put(meta.id, data)
         self.cache.put(meta.id, data)
         with self._lock:
@@ -165,10 +174,13 @@ class PrefixService:
         name: str = "",
         visibility: str = "private",
         prefix_id: str | None = None,
+        admit: Admit | None = None,
     ) -> PrefixMeta:
         """A native prefix file (e.g. downloaded from another server running the same model)."""
         tensors, meta = decode_tensors(data, self.expect)
-        return self.add_tensors(tensors, owner, name or meta.name, visibility, "upload", prefix_id)
+        return self.add_tensors(
+            tensors, owner, name or meta.name, visibility, "upload", prefix_id, admit=admit
+        )
 
     def add_peft(
         self,
@@ -178,16 +190,17 @@ class PrefixService:
         name: str = "",
         visibility: str = "private",
         prefix_id: str | None = None,
+        admit: Admit | None = None,
     ) -> PrefixMeta:
         """A PEFT adapter: prefix tuning or prompt tuning (-> prefix_kv), or LoRA (-> lora)."""
         if peft_type(config_raw) == "LORA":
             tensors = import_peft_lora(config_raw, weights_raw, self.model, self.config.max_file_bytes)
-            return self.add_tensors(tensors, owner, name, visibility, "peft", prefix_id)
+            return self.add_tensors(tensors, owner, name, visibility, "peft", prefix_id, admit=admit)
         kv = import_peft(
             config_raw, weights_raw, self.model, self.config.max_file_bytes, self.expect.max_prefix_len
         )
         try:
-            return self.add_tensor(kv, owner, name, visibility, "peft", prefix_id)
+            return self.add_tensor(kv, owner, name, visibility, "peft", prefix_id, admit=admit)
         except InvalidPrefixFile as exc:  # say which uploaded tensor the values came from
             raise InvalidPrefixFile(f"adapter_model {PEFT_TENSOR}, read as {exc}") from None
 
@@ -198,9 +211,10 @@ class PrefixService:
         name: str = "",
         visibility: str = "private",
         prefix_id: str | None = None,
+        admit: Admit | None = None,
     ) -> PrefixMeta:
         kv = self.model.compile_text(text, self.expect.max_prefix_len)
-        return self.add_tensor(kv, owner, name, visibility, "text", prefix_id)
+        return self.add_tensor(kv, owner, name, visibility, "text", prefix_id, admit=admit)
 
     # ---- read ----------------------------------------------------------------------------------
     def cached_meta(self, prefix_id: str) -> PrefixMeta | None:
@@ -235,18 +249,27 @@ class PrefixService:
     def length(self, prefix_id: str) -> int:
         return self.meta(prefix_id).prefix_len
 
-    def list(self, tenant: str) -> list[PrefixMeta]:
-        """The tenant's own prefixes and every public one."""
-        out = []
+    def owned(self, owner: str) -> tuple[int, int]:
+        """How many prefixes `owner` owns, and their files' bytes (disk: the store is listed; each file's
+        header is read once per process)."""
+        count = size = 0
+        for meta in self._all():
+            if meta.owner == owner:
+                count += 1
+                size += self.size(meta.id) or 0
+        return count, size
+
+    def _all(self) -> Iterator[PrefixMeta]:
+        """Every stored prefix's metadata (an unreadable file is logged and skipped)."""
         for pid in self.store.ids():
             try:
-                meta = self.meta(pid)
+                yield self.meta(pid)
             except Exception as exc:  # one unreadable file must not hide the others
                 log.warning("skipping unreadable prefix file %s: %s", pid, exc)
-                continue
-            if meta.owner == tenant or meta.visibility == "public":
-                out.append(meta)
-        return out
+
+    def list(self, tenant: str) -> list[PrefixMeta]:
+        """The tenant's own prefixes and every public one."""
+        return [m for m in self._all() if m.owner == tenant or m.visibility == "public"]
 
     def load_bytes(self, prefix_id: str) -> bytes:
         """Read-through: cache, then the durable store (which refills the cache)."""

@@ -204,12 +204,18 @@ class DurableStore:
         return f"{self.root}/{check_prefix_id(kind)}/{check_prefix_id(name)}.json"
 
     @_remote_guard
-    def put_record(self, kind: str, name: str, data: bytes) -> None:
-        """Write a record once, atomically; PrefixExists if it is already there."""
+    def put_record(self, kind: str, name: str, data: bytes, replace: bool = False) -> None:
+        """Write a record atomically: once (PrefixExists if it is already there), or with `replace` over
+        the one there (a reader sees the old record or the new one, never a mix)."""
         final = self.record_path(kind, name)
         with _space_checked(f"the {kind} record {name}"):
             self.fs.makedirs(f"{self.root}/{kind}", exist_ok=True)
-            self._write_once(final, data, f"record {kind}/{name}")
+            if not replace:
+                self._write_once(final, data, f"record {kind}/{name}")
+            elif self.local:
+                self._put_local(final, data, replace=True)
+            else:
+                self.fs.pipe_file(final, data)
 
     @_remote_guard
     def get_record(self, kind: str, name: str) -> bytes | None:

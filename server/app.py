@@ -22,7 +22,7 @@ from .api.console import install_console
 from .api.errors import install_error_handlers
 from .api.routes import ROUTERS
 from .api.state import State
-from .auth import Tenants
+from .auth import Authenticator
 from .compile import bind_model
 from .engine import AsyncEngine, EngineClient, EngineCore
 from .engine.prepare import RequestPreparer
@@ -33,8 +33,10 @@ from .metrics import Metrics
 from .model import LoadedModel
 from .ratelimit import RateLimiter
 from .settings import ServerSettings
+from .tenants import TenantRegistry
 from .training.jobs import JobQueue, LocalJobQueue, RedisJobQueue
 from .training.worker import Worker
+from .usage import UsageMeter
 
 log = logging.getLogger(__name__)
 
@@ -87,35 +89,45 @@ def create_app(
             engine.start()
         metrics = Metrics(engine, service, settings.metrics_config())
         engine.on_step = metrics.batch.observe
-        tenants = Tenants.from_settings(settings.api_keys, settings.api_keys_file, settings.auth_enabled)
-        limiter = RateLimiter(settings.requests_per_minute, settings.tokens_per_minute, redis_health)
+        registry = TenantRegistry(
+            service.store, settings.config_keys(), redis_health, settings.registry_refresh_s
+        )
+        await asyncio.to_thread(registry.reload)
+        auth = Authenticator(registry, settings.auth, settings.admin_secret())
+        auth.log_mode()
+        limiter = RateLimiter(redis_health)
+        usage = UsageMeter(service.store, on_count=metrics.count_usage)
         jobs: JobQueue
         stop_worker = threading.Event()
         worker_thread: threading.Thread | None = None
         stop_watch, watched = asyncio.Event(), asyncio.Event()
         watch_task: asyncio.Task | None = None
+        registry_task: asyncio.Task | None = None
         if redis_health is not None:  # workers run as their own processes (prefixserve worker)
             # no Redis call here: the server starts with Redis down, and everything reconnects by itself
             jobs = RedisJobQueue(settings.redis_url, settings.job_reclaim_s, redis_health)
             watch_task = asyncio.create_task(redis_health.watch(stop_watch, watched))
+            registry_task = asyncio.create_task(registry.watch(stop_watch))
         else:  # the embedded default: the same worker code on a thread
             jobs = LocalJobQueue()
-            worker = Worker(jobs, service, settings.worker_config())
+            worker = Worker(jobs, service, settings.worker_config(), usage=usage)
             worker_thread = threading.Thread(
                 target=worker.run, args=(stop_worker,), name="train-worker", daemon=True
             )
             worker_thread.start()
+        usage_task = asyncio.create_task(usage.run(stop_watch, settings.usage_flush_s))
         state = State(
             settings,
             loaded,
             service,
             engine,
-            tenants,
+            auth,
             limiter,
             metrics,
             jobs,
             redis_health,
             idempotency=Idempotency(service.store, settings.idempotency_ttl_s),
+            usage=usage,
         )
         app.state.s = state
         async for _ in engine.generate("warm up", None):  # one real pass before /ready says yes
@@ -134,8 +146,9 @@ def create_app(
             engine.stop()
             service.close()
             stop_watch.set()
-            if watch_task is not None:
-                await watch_task
+            for task in (watch_task, registry_task, usage_task):  # (the usage meter flushes a last time)
+                if task is not None:
+                    await task
             await limiter.close()
 
     app = FastAPI(

@@ -67,9 +67,9 @@ class EngineOverloaded(PrefixServeError):
 
 
 class QuotaExceeded(PrefixServeError):
-    """A tenant's quota or limit is spent: the message names the quota, the tenant's usage and the limit.
-    Rates and concurrency answer 429 with Retry-After (they free up by themselves); storage and the like
-    answer `status` (403: only deleting something frees it)."""
+    """A tenant's quota or limit is reached: the message names the quota, the usage and the limit. Rates
+    and concurrency answer 429 with Retry-After (they free up by themselves); storage answers `status`
+    403 (only deleting something frees it)."""
 
     kind = "quota_exceeded"
     status = 429
@@ -80,15 +80,13 @@ class QuotaExceeded(PrefixServeError):
         quota: str,
         usage: float,
         limit: float,
-        what: str = "",
+        what: str,
         retry_after: float = 1.0,
         status: int = 429,
     ) -> None:
-        unit = f" {what}" if what else ""
-        super().__init__(
-            f"tenant {tenant!r} is at its {quota} quota: {_num(usage)}{unit} used of {_num(limit)}{unit}"
-            + (f"; retry after {retry_after:.0f}s" if status == 429 else "")
-        )
+        used = f"{_num(usage)} {what}; the limit is {_num(limit)}"
+        retry = f"; retry after {retry_after:.0f}s" if status == 429 else ""
+        super().__init__(f"tenant {tenant!r} has reached its {quota} quota ({used}){retry}")
         self.tenant, self.quota, self.usage, self.limit = tenant, quota, usage, limit
         self.retry_after = retry_after
         self.status = status

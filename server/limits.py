@@ -40,6 +40,7 @@ __all__ = [
     "MAX_STOP_LEN",
     "MAX_STOP_STRINGS",
     "MAX_TEMPERATURE",
+    "MAX_USAGE_DAYS",
     "OPENAI_MAX_LOGPROBS",
     "TENANT_NAME_MAX",
     "VISIBILITIES",
@@ -64,6 +65,7 @@ MAX_CHOICES = 64  # completions per request (prompts x n), on the OpenAI endpoin
 # ---- client input --------------------------------------------------------------------------------
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 MAX_JOBS_LISTED = 200  # GET /jobs?limit=
+MAX_USAGE_DAYS = 366  # GET /usage?days=, GET /admin/usage?days=
 TENANT_NAME_MAX = 64
 
 # ---- training submissions ------------------------------------------------------------------------

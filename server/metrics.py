@@ -109,6 +109,13 @@ class Metrics:
             "prefixserve_requests", "HTTP requests", ["endpoint", "status", "tenant"], registry=r
         )
         self.tokens = Counter("prefixserve_generated_tokens", "Generated tokens", ["tenant"], registry=r)
+        self.usage = Counter(
+            "prefixserve_usage",
+            "Usage counted for tenants (usage.py: requests, prompt_tokens, prefix_tokens, generated_tokens,"
+            " training_example_epochs, evaluation_examples, stored_bytes)",
+            ["tenant", "what"],
+            registry=r,
+        )
         self.ttft = Histogram(
             "prefixserve_time_to_first_token_seconds",
             "Time to first token",
@@ -150,6 +157,12 @@ class Metrics:
     def tenant(self, tenant: str) -> str:
         """The value of a `tenant` label: the name only when configured (tenant_labels)."""
         return tenant if self.config.tenant_labels or tenant == NO_TENANT else tenant_label(tenant)
+
+    def count_usage(self, tenant: str, counts: dict[str, int]) -> None:
+        """The usage meter's hook: every count also goes to the `prefixserve_usage` counters."""
+        label = self.tenant(tenant)
+        for what, n in counts.items():
+            self.usage.labels(label, what).inc(n)
 
     def count_tokens(self, tenant: str, n: int) -> None:
         self.tokens.labels(self.tenant(tenant)).inc(n)

@@ -1,4 +1,4 @@
-"""Per-tenant requests/minute and tokens/minute.
+"""Per-tenant requests/minute and tokens/minute (each tenant's own limits: tenants.py).
 
 Fixed one-minute windows. With Redis the counters are shared by every replica (INCRBY on a key
 that expires with its window), through the asyncio client, so the event loop never waits on Redis;
@@ -16,27 +16,22 @@ from collections import Counter
 
 from prefix_store.redis_health import RedisHealth, RedisUnavailable
 
-from .errors import PrefixServeError
+from .errors import QuotaExceeded
+from .tenants import Limits
 
 WINDOW_S = 60
 
 
-class RateLimited(PrefixServeError):
-    kind = "rate_limited"
-    status = 429
+class RateLimited(QuotaExceeded):
+    """A tenant's requests or tokens per minute are spent (429 with Retry-After: the window's end)."""
 
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
+    kind = "rate_limited"
 
 
 class RateLimiter:
     """Create it on the event loop that calls `check` (the asyncio client belongs to that loop)."""
 
-    def __init__(
-        self, requests_per_minute: int, tokens_per_minute: int, health: RedisHealth | None = None
-    ) -> None:
-        self.limits = {"requests": requests_per_minute, "tokens": tokens_per_minute}
+    def __init__(self, health: RedisHealth | None = None) -> None:
         self.health = health
         self._redis = health.config.async_client() if health is not None else None
         self._local: Counter[str] = Counter()
@@ -46,19 +41,22 @@ class RateLimiter:
         if self._redis is not None:
             await self._redis.aclose()
 
-    async def check(self, tenant: str, tokens: int) -> None:
-        """Count one request of `tokens` tokens for the tenant; RateLimited if a limit is exceeded."""
+    async def check(self, tenant: str, tokens: int, limits: Limits) -> None:
+        """Count one request of `tokens` tokens for the tenant; RateLimited if one of its limits
+        (`limits.requests_per_minute`, `limits.tokens_per_minute`) is exceeded."""
         now = time.time()
         window = int(now // WINDOW_S)
         retry_after = math.ceil((window + 1) * WINDOW_S - now)
-        for what, amount in (("requests", 1), ("tokens", tokens)):
-            limit = self.limits[what]
+        for what, amount, limit in (
+            ("requests", 1, limits.requests_per_minute),
+            ("tokens", tokens, limits.tokens_per_minute),
+        ):
             if limit <= 0:
                 continue
             used = await self._add(f"prefixserve:rl:{tenant}:{what}:{window}", amount)
             if used > limit:
                 raise RateLimited(
-                    f"tenant {tenant!r} exceeded {limit} {what} per minute ({used} this minute)", retry_after
+                    tenant, f"{what}_per_minute", used, limit, f"{what} this minute", retry_after
                 )
 
     async def _add(self, key: str, amount: int) -> int:

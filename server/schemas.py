@@ -22,6 +22,7 @@ from .limits import (
     VISIBILITIES,
     stop_problem,
 )
+from .tenants import MAX_WEIGHT, TENANT_NAME
 
 
 def stop_strings(value: list[str] | str | None, max_count: int = MAX_STOP_STRINGS) -> list[str] | None:
@@ -252,6 +253,7 @@ class JobInfo(BaseModel):
     )
     created_at: str
     updated_at: str
+    started_at: str | None = Field(None, description="when a worker first began it (null: not yet)")
 
     @classmethod
     def of(cls, job) -> JobInfo:
@@ -290,6 +292,113 @@ class ServerStats(BaseModel):
 
 class JobList(BaseModel):
     jobs: list[JobInfo]
+
+
+# ---- tenants, keys and usage (the admin API, GET /usage) ---------------------------------------------
+class TenantLimits(BaseModel):
+    """A tenant's limits (0: unlimited). In a request: only the ones given change; null resets one to
+    the server's default."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    requests_per_minute: int | None = Field(None, ge=0)
+    tokens_per_minute: int | None = Field(None, ge=0, description="input + max_new_tokens per minute")
+    max_concurrent: int | None = Field(None, ge=0, description="generation requests in the engine at once")
+    max_stored_prefixes: int | None = Field(None, ge=0, description="prefixes owned (queued training counts)")
+    max_stored_bytes: int | None = Field(None, ge=0, description="bytes of the prefix files owned")
+    max_active_jobs: int | None = Field(
+        None, ge=0, description="training and evaluation jobs queued or running"
+    )
+
+
+class TenantCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(..., pattern=TENANT_NAME.pattern, description="letters, digits, '.', '_', '@', '-'")
+    status: Literal["active", "disabled"] = "active"
+    weight: float = Field(1.0, gt=0, le=MAX_WEIGHT, description="its share of the engine relative to others'")
+    limits: TenantLimits = Field(default_factory=TenantLimits)
+
+
+class TenantPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    status: Literal["active", "disabled"] | None = None
+    weight: float | None = Field(None, gt=0, le=MAX_WEIGHT)
+    limits: TenantLimits | None = None
+
+
+class TenantInfo(BaseModel):
+    name: str
+    status: Literal["active", "disabled"]
+    weight: float
+    limits: dict[str, int] = Field(description="the limits set for this tenant (the others: the defaults)")
+    effective_limits: dict[str, int] = Field(description="every limit as it applies (0: unlimited)")
+    source: Literal["registry", "config"] = Field(
+        description='"config": known only from PREFIXSERVE_API_KEYS (no record until changed)'
+    )
+    keys: int = Field(description="API keys issued by the admin API (live)")
+    config_keys: int = Field(description="API keys configured by PREFIXSERVE_API_KEYS / _FILE")
+    created_at: str
+    updated_at: str
+
+
+class TenantList(BaseModel):
+    tenants: list[TenantInfo]
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: Text = Field("", max_length=MAX_NAME_LEN, description="a label for the key (e.g. where it is used)")
+
+
+class KeyInfo(BaseModel):
+    key_id: str = Field(description="the key's public id (the key starts psk-<key_id>-)")
+    tenant: str
+    name: str
+    created_at: str
+
+
+class KeyCreated(KeyInfo):
+    key: str = Field(description="the API key itself: shown only in this answer, stored only as a digest")
+
+
+class KeyList(BaseModel):
+    keys: list[KeyInfo]
+    config_keys: int = Field(description="keys configured by PREFIXSERVE_API_KEYS / _FILE (not listed)")
+
+
+class UsageDay(BaseModel):
+    day: str = Field(description="UTC date, YYYY-MM-DD")
+    tenant: str
+    requests: int = 0
+    prompt_tokens: int = 0
+    prefix_tokens: int = 0
+    generated_tokens: int = 0
+    training_example_epochs: int = 0
+    evaluation_examples: int = 0
+    stored_bytes: int = Field(0, description="bytes of the prefixes it added that day")
+
+
+class StoredNow(BaseModel):
+    prefixes: int
+    bytes: int
+
+
+class UsageReport(BaseModel):
+    """A tenant's usage per day (newest first), its totals over those days, what it stores now and its
+    limits."""
+
+    tenant: str
+    days: list[UsageDay]
+    totals: UsageDay
+    stored: StoredNow
+    limits: dict[str, int]
+
+
+class AdminUsage(BaseModel):
+    days: list[UsageDay] = Field(description="one row per tenant and day with any usage, newest day first")
 
 
 def inline_schema(model: type[BaseModel]) -> dict:

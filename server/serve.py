@@ -165,6 +165,7 @@ def run_worker(settings: ServerSettings) -> None:
     from .loading import load_configured_model
     from .training.jobs import RedisJobQueue
     from .training.worker import Worker
+    from .usage import UsageMeter
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.redis_url:
@@ -178,7 +179,8 @@ def run_worker(settings: ServerSettings) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     queue = RedisJobQueue(settings.redis_url, settings.job_reclaim_s, health)
-    Worker(queue, service, settings.worker_config()).run(stop)
+    usage = UsageMeter(service.store)  # the jobs' work, counted (and written) as each one succeeds
+    Worker(queue, service, settings.worker_config(), usage=usage).run(stop)
 
 
 if __name__ == "__main__":

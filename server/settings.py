@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from prefix_store.limits import longest_usable_prefix
 from prefix_store.redis_health import RedisConfig
@@ -13,6 +14,7 @@ from .engine import EngineConfig
 from .limits import DEFAULT_MAX_PREFIX_LEN
 from .metrics import MetricsConfig
 from .protocol import ConnectionLimits
+from .tenants import LIMIT_NAMES, Limits, parse_config_keys
 from .training.worker import WorkerConfig
 
 ENV_PREFIX = "PREFIXSERVE_"
@@ -68,13 +70,23 @@ class ServerSettings:
     replica_prefixes: int = 0  # prefixes an engine replica holds (Ray's models per replica); 0: as many
     # of the longest allowed prefix as the device pool's bytes hold
     # tenants and limits
-    # "auto": on exactly when API keys are configured; "false": one default tenant, no keys (local use;
-    # logged as a warning); "true": keys required even when none are configured (everything 401s)
+    # "auto": on exactly when API keys are configured, an admin key is set or the tenant registry holds
+    # issued keys; "false": one default tenant, no keys (local use; logged as a warning); "true": keys
+    # required even when none are configured (everything 401s)
     auth: str | bool = "auto"
-    api_keys: str = ""  # "tenant:key,tenant2:key2"
+    api_keys: str = ""  # "tenant:key,tenant2:key2" (config keys; the registry issues more at run time)
     api_keys_file: str = ""  # JSON {"tenant": ["key", ...]}
-    requests_per_minute: int = 0  # per tenant; 0 = unlimited
-    tokens_per_minute: int = 0  # per tenant (input + max_new_tokens); 0 = unlimited
+    admin_key: str = ""  # the key of the /admin API (tenants, keys, usage); empty: no admin API
+    admin_key_file: str = ""  # a file holding the admin key (instead of admin_key)
+    registry_refresh_s: float = 1.0  # how often each process checks Redis for tenant and key changes
+    # every tenant's limits unless its registry record overrides them (0 = unlimited)
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0  # input + max_new_tokens of its requests
+    max_concurrent: int = 0  # its generation requests in the engine at once (waiting + running)
+    max_stored_prefixes: int = 0  # prefixes it owns (its queued training jobs count too)
+    max_stored_bytes: int = 0  # bytes of the prefix files it owns
+    max_active_jobs: int = 0  # its training and evaluation jobs queued or running
+    usage_flush_s: float = 1.0  # usage counts are written to Redis (or the store) at least this often
     job_reclaim_s: float = 60.0  # a job whose worker is silent this long is handed to another worker
     job_progress_s: float = 1.0  # a running job's progress (step, loss, ETA) is saved at most this often
     request_timeout_s: float = 300.0
@@ -113,9 +125,11 @@ class ServerSettings:
 
     @property
     def auth_enabled(self) -> bool:
+        """Whether authentication is on by the settings alone (keys issued earlier and found in the
+        registry turn it on too, `prefixserve.auth.Authenticator.enabled`)."""
         value = str(self.auth).strip().lower()
         if value == "auto":
-            return bool(self.api_keys.strip() or self.api_keys_file)
+            return bool(self.api_keys.strip() or self.api_keys_file or self.admin_key or self.admin_key_file)
         if value in TRUE + FALSE:
             return value in TRUE
         raise ValueError(f"{ENV_PREFIX}AUTH: expected auto, true or false, got {self.auth!r}")
@@ -126,8 +140,24 @@ class ServerSettings:
         if not self.auth_enabled and not explicit and self.host not in LOOPBACK:
             raise SystemExit(
                 f"refusing to serve on {self.host} without authentication: no API keys are configured."
-                f" Set {ENV_PREFIX}API_KEYS (or _API_KEYS_FILE), or {ENV_PREFIX}AUTH=false to allow it."
+                f" Set {ENV_PREFIX}API_KEYS (or _API_KEYS_FILE) or {ENV_PREFIX}ADMIN_KEY, or"
+                f" {ENV_PREFIX}AUTH=false to allow it."
             )
+
+    def tenant_limits(self) -> Limits:
+        """Every tenant's limits unless its registry record overrides them."""
+        return Limits(**{name: getattr(self, name) for name in LIMIT_NAMES})
+
+    def admin_secret(self) -> str:
+        """The admin key: `admin_key`, or the first line of `admin_key_file` ("" when neither is set)."""
+        if self.admin_key or not self.admin_key_file:
+            return self.admin_key
+        return Path(self.admin_key_file).read_text().strip()
+
+    def config_keys(self) -> dict[str, list[str]]:
+        """The API keys configured by `api_keys` and `api_keys_file`, by tenant."""
+        text = Path(self.api_keys_file).read_text() if self.api_keys_file else None
+        return parse_config_keys(self.api_keys, text)
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(

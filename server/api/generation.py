@@ -48,8 +48,8 @@ async def start_generation(
     prefix_len = metas[0].prefix_len if prefix_id is not None else 0
     tenancy = state.tenancy(tenant)
     prepared = state.engine.preparer.prepare(input, params, prefix_id, prefix_len, rid, adapter_id, tenancy)
-    await state.limiter.check(tenant, len(prepared.prompt_ids) + params.max_new_tokens)
-    return prepared, _timed(state, tenant, state.engine.stream(prepared))
+    await state.limiter.check(tenant, len(prepared.prompt_ids) + params.max_new_tokens, state.limits(tenant))
+    return prepared, _metered(state, tenant, state.engine.stream(prepared))
 
 
 async def steering(
@@ -89,19 +89,33 @@ def with_suffix(state: State, input: str | list[int], suffix: str) -> str | list
     return input + state.engine.preparer.tokenizer.encode(suffix, add_special_tokens=False)
 
 
-async def _timed(
+async def _metered(
     state: State, tenant: str, outputs: AsyncIterator[RequestOutput]
 ) -> AsyncIterator[RequestOutput]:
-    """Pass outputs through, recording time to first token, inter-token latency and token counts."""
+    """Pass outputs through, recording time to first token, inter-token latency and token counts, and
+    the request's usage once it ends, whatever ends it (its last output, an error midway, the client
+    leaving): the tokens it was served. A request that ended before any output used nothing."""
     start = last = time.monotonic()
     first = True
-    async for out in outputs:
-        now = time.monotonic()
-        if out.token_ids:
-            (state.metrics.ttft if first else state.metrics.itl).observe(now - (start if first else last))
-            state.metrics.count_tokens(tenant, len(out.token_ids))
-            first, last = False, now
-        yield out
+    seen: RequestOutput | None = None
+    try:
+        async for out in outputs:
+            now = time.monotonic()
+            if out.token_ids:
+                (state.metrics.ttft if first else state.metrics.itl).observe(now - (start if first else last))
+                state.metrics.count_tokens(tenant, len(out.token_ids))
+                first, last = False, now
+            seen = out
+            yield out
+    finally:
+        if seen is not None:
+            state.usage.record(
+                tenant,
+                requests=1,
+                prompt_tokens=seen.prompt_tokens,
+                prefix_tokens=seen.prefix_tokens,
+                generated_tokens=seen.completion_tokens,
+            )
 
 
 async def while_connected(request: Request, awaitable: Awaitable[T], timeout_s: float | None = None) -> T:

@@ -12,7 +12,7 @@ from prefix_store.format import InvalidPrefixFile, PrefixMeta
 from prefix_store.redis_health import RedisHealth
 from prefix_store.service import PrefixService
 
-from ..auth import Tenants
+from ..auth import Authenticator
 from ..engine import AsyncEngine, EngineClient
 from ..engine.request import Tenancy
 from ..errors import PrefixNotFound
@@ -21,7 +21,9 @@ from ..metrics import Metrics
 from ..model import LoadedModel
 from ..ratelimit import RateLimiter
 from ..settings import ServerSettings
+from ..tenants import Limits, TenantRegistry
 from ..training.jobs import JobQueue
+from ..usage import UsageMeter
 from .errors import Draining
 
 
@@ -31,7 +33,7 @@ class State:
     model: LoadedModel
     service: PrefixService
     engine: AsyncEngine | EngineClient  # in this process, or in its own (engine/process.py)
-    tenants: Tenants
+    auth: Authenticator  # keys -> tenants (its registry holds the tenants, their weights and limits)
     limiter: RateLimiter
     metrics: Metrics
     jobs: JobQueue
@@ -39,15 +41,28 @@ class State:
     ready: bool = False
     draining: bool = False
     idempotency: Idempotency = field(kw_only=True)  # Idempotency-Key records on POST /prefixes
+    usage: UsageMeter = field(kw_only=True)  # what each tenant used, per day
 
     def admit(self) -> None:
         """Refuse new work (503) while the server is not ready yet or draining."""
         if self.draining or not self.ready:
             raise Draining("the server is shutting down or not ready; retry on another replica")
 
+    @property
+    def registry(self) -> TenantRegistry:
+        return self.auth.registry
+
+    def limits(self, tenant: str) -> Limits:
+        """The tenant's limits: its registry record's over the server's defaults."""
+        record = self.registry.tenant(tenant)
+        defaults = self.settings.tenant_limits()
+        return record.resolved(defaults) if record is not None else defaults
+
     def tenancy(self, tenant: str) -> Tenancy:
         """What the engine needs to know of the tenant to share itself fairly (weight, concurrency cap)."""
-        return Tenancy(tenant)
+        record = self.registry.tenant(tenant)
+        weight = record.weight if record is not None else 1.0
+        return Tenancy(tenant, weight, self.limits(tenant).max_concurrent)
 
     async def visible(self, prefix_id: str, tenant: str) -> PrefixMeta:
         """The prefix's metadata if the tenant may use it; read from the store on a thread the first
@@ -67,8 +82,15 @@ def get_state(request: Request) -> State:
 
 
 async def tenant_of(request: Request) -> str:
-    """Authenticate; the tenant's name (401 without a valid key). A dependency of every route: async,
-    so FastAPI runs it on the loop (a hash and a few compares, no I/O) rather than hop to a thread."""
-    tenant = get_state(request).tenants.authenticate(request.headers.get("authorization"))
+    """Authenticate; the tenant's name (401 without a valid key, 403 for a disabled tenant). A dependency
+    of every tenant route: async, so FastAPI runs it on the loop (a hash and two lookups in memory, no
+    I/O) rather than hop to a thread."""
+    tenant = get_state(request).auth.tenant(request.headers.get("authorization")).name
     request.state.tenant = tenant
     return tenant
+
+
+async def admin_of(request: Request) -> None:
+    """Authenticate the admin key (the dependency of every /admin route): 401 without it, 403 for a
+    tenant's key or when the server has no admin key."""
+    get_state(request).auth.admin(request.headers.get("authorization"))

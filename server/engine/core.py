@@ -199,7 +199,9 @@ class EngineCore:
         tenancy.validate()
         in_flight = self.scheduler.in_flight(tenancy.name)
         if tenancy.max_concurrent and in_flight >= tenancy.max_concurrent:
-            raise QuotaExceeded(tenancy.name, "max_concurrent", in_flight, tenancy.max_concurrent, "requests")
+            raise QuotaExceeded(
+                tenancy.name, "max_concurrent", in_flight, tenancy.max_concurrent, "requests in the engine"
+            )
         ended = self._make_room(tenancy)
         pinned: list[str] = []
         try:

@@ -122,6 +122,7 @@ class Job:
     evaluation: dict | None = None  # the result of an evaluation job, or of a training job's held-out split
     created_at: str = field(default_factory=now)
     updated_at: str = field(default_factory=now)
+    started_at: str | None = None  # when a worker first began it (milliseconds: the dispatch order)
 
     @property
     def prefix_id_to_publish(self) -> str:

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 
 import torch
 from transformers import GPT2LMHeadModel
@@ -32,6 +33,7 @@ from prefix_store.store import PrefixExists
 from ..compile import BoundModel
 from ..errors import PrefixServeError
 from ..model import LoadedModel, load_hf_model
+from ..usage import UsageMeter
 from .checkpoint import CheckpointMismatch, decode_checkpoint, encode_checkpoint
 from .evaluate import METRICS, EvalConfig, Evaluation, evaluate
 from .jobs import TERMINAL, Job, JobQueue, JobStatus, now
@@ -70,8 +72,10 @@ class Worker:
         config: WorkerConfig | None = None,
         name: str | None = None,
         hf_model: GPT2LMHeadModel | None = None,
+        usage: UsageMeter | None = None,
     ) -> None:
-        self.queue, self.service = queue, service
+        """`usage`: where the work of the jobs that succeed is counted (usage.py), once per job."""
+        self.queue, self.service, self.usage = queue, service, usage
         self.config = config or WorkerConfig()
         self.name = name or f"{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}"
         self._hf = hf_model
@@ -128,6 +132,7 @@ class Worker:
         # saved together: a job's progress never goes back without its attempt number going up
         job.progress = resume.progress.copy() if resume else Progress(total_steps=job.progress.total_steps)
         job.status = JobStatus.RUNNING
+        job.started_at = job.started_at or datetime.now(UTC).isoformat(timespec="milliseconds")
         self.queue.save(job)
         self._run(delivery, job, resume)
         return True
@@ -200,7 +205,7 @@ class Worker:
         except PrefixExists:  # a previous attempt published it and died before acking
             meta = self.service.meta(job.prefix_id_to_publish)
         job.prefix_id = meta.id
-        _, held_out = validation_split(len(pairs), cfg)
+        trained, held_out = validation_split(len(pairs), cfg)
         if held_out:  # the held-out split, evaluated as an evaluation job would
             on_progress = self._progress(delivery, job)  # heartbeats, cancel and stop checks go on
             try:
@@ -213,6 +218,13 @@ class Worker:
                 log.exception("job %s: evaluating the held-out split failed", job.id)
                 job.evaluation = {"error": f"{type(exc).__name__}: {exc}"}
         self._end(delivery, job, JobStatus.SUCCEEDED)
+        evaluated = len(held_out) if job.evaluation and "error" not in job.evaluation else 0
+        self._count(
+            job,
+            training_example_epochs=len(trained) * cfg.epochs,
+            evaluation_examples=evaluated,
+            stored_bytes=self.service.size(meta.id) or 0,
+        )
 
     def _run_evaluation(self, delivery: str, job: Job) -> None:
         pairs = read_pairs(self.service.store.get_training_data(job.id))
@@ -225,6 +237,18 @@ class Worker:
         job.evaluation = self._evaluate(job, job.target, pairs, job.config, progress)
         job.prefix_id = job.target
         self._end(delivery, job, JobStatus.SUCCEEDED)
+        self._count(job, evaluation_examples=len(pairs))
+
+    def _count(self, job: Job, **counts: int) -> None:
+        """A succeeded job's work in the tenant's usage: once per job, however often it was delivered
+        (best effort: a store that cannot take it is logged, the job has succeeded)."""
+        if self.usage is None:
+            return
+        try:
+            self.usage.record_once(f"job:{job.id}", job.tenant, **counts)
+            self.usage.flush()
+        except Exception as exc:
+            log.warning("job %s: could not count its usage: %s", job.id, exc)
 
     def _evaluate(
         self,

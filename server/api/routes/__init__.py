@@ -1,5 +1,14 @@
 """One `APIRouter` per resource; none imports another's private names."""
 
-from . import generate, jobs, openai, ops, prefixes, tokenize
+from . import admin, generate, jobs, openai, ops, prefixes, tokenize, usage
 
-ROUTERS = (ops.router, generate.router, prefixes.router, jobs.router, openai.router, tokenize.router)
+ROUTERS = (
+    ops.router,
+    generate.router,
+    prefixes.router,
+    jobs.router,
+    openai.router,
+    tokenize.router,
+    usage.router,
+    admin.router,
+)

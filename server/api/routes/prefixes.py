@@ -20,7 +20,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from prefix_store.format import InvalidPrefixFile, PrefixMeta
-from prefix_store.service import new_prefix_id
+from prefix_store.service import Admit, new_prefix_id
 from prefix_store.store import PrefixExists
 
 from ...errors import InvalidRequest, PrefixNotFound
@@ -39,6 +39,7 @@ from ...training.data import (
 from ...training.evaluate import EvalConfig, check_examples
 from ...training.jobs import Job, JobNotFound
 from ..errors import ERRORS, BoundedJsonRoute, ClientGone, Forbidden, PayloadTooLarge
+from ..quotas import check_job, prefix_admission
 from ..state import State, get_state, tenant_of
 
 router = APIRouter(tags=["prefixes"], route_class=BoundedJsonRoute)
@@ -246,11 +247,18 @@ class _Creation:
     key: str | None
 
     async def prefix(
-        self, fingerprint: Callable[[], str], add: Callable[[str], Awaitable[PrefixMeta]]
+        self, fingerprint: Callable[[], str], add: Callable[[str, Admit | None], Awaitable[PrefixMeta]]
     ) -> JSONResponse:
+        """`add(prefix_id, admit)` creates it; `admit` checks its size against the tenant's quota."""
+
         async def create(prefix_id: str) -> JSONResponse:
-            meta = await add(prefix_id)  # new: no evaluations yet
-            return JSONResponse(PrefixInfo.of(meta, [], self.state.service.size(meta.id)).model_dump(), 201)
+            admit = await prefix_admission(self.state, self.tenant)
+            meta = await add(prefix_id, admit)  # new: no evaluations yet
+            size = self.state.service.size(meta.id)
+            await asyncio.to_thread(  # once per prefix: a replayed or resumed request counts nothing again
+                self.state.usage.record_once, f"prefix:{meta.id}", self.tenant, stored_bytes=size or 0
+            )
+            return JSONResponse(PrefixInfo.of(meta, [], size).model_dump(), 201)
 
         return await self._run(fingerprint, new_prefix_id(), create, self._recover_prefix)
 
@@ -320,9 +328,10 @@ async def _submit_training(
 
 
 async def _queue(state: State, job: Job, data: bytes, doing: str) -> JSONResponse:
-    """Store a job's examples durably, then queue it -> 202."""
+    """Check the tenant's job quotas, store the job's examples durably, then queue it -> 202."""
     if state.redis is not None:  # known down: 503 before writing anything that would need undoing
         state.redis.check(doing)
+    await check_job(state, job.tenant, trains=job.kind == "train")
     store = state.service.store
     # 507 when the disk is full; PrefixExists: a resumed idempotent request whose dataset (same
     # fingerprint) was stored before a stop
@@ -396,8 +405,8 @@ async def _add_json(request: Request, state: State, creation: _Creation) -> JSON
     text = TextPrefixRequest.model_validate(data)
     return await creation.prefix(
         lambda: json_fingerprint(data),
-        lambda pid: asyncio.to_thread(
-            state.service.add_text, text.text, tenant, text.name, text.visibility, pid
+        lambda pid, admit: asyncio.to_thread(
+            state.service.add_text, text.text, tenant, text.name, text.visibility, pid, admit
         ),
     )
 
@@ -433,13 +442,17 @@ async def _add_upload(request: Request, state: State, creation: _Creation) -> JS
     if set(files) == {"file"}:
         return await creation.prefix(
             lambda: fingerprint("form", parts),
-            lambda pid: asyncio.to_thread(service.add_file, files["file"], tenant, name, visibility, pid),
+            lambda pid, admit: asyncio.to_thread(
+                service.add_file, files["file"], tenant, name, visibility, pid, admit
+            ),
         )
     if set(files) == {"adapter_config", "adapter_model"}:
         cfg, weights = files["adapter_config"], files["adapter_model"]
         return await creation.prefix(
             lambda: fingerprint("form", parts),
-            lambda pid: asyncio.to_thread(service.add_peft, cfg, weights, tenant, name, visibility, pid),
+            lambda pid, admit: asyncio.to_thread(
+                service.add_peft, cfg, weights, tenant, name, visibility, pid, admit
+            ),
         )
     raise InvalidPrefixFile(
         "upload either 'file' (a prefix .safetensors), 'adapter_config' + 'adapter_model' (PEFT)"
