@@ -7,6 +7,7 @@ the queue tests run the real engine core on the tiny model.
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 
 import pytest
@@ -220,7 +221,10 @@ def test_max_concurrent_caps_a_tenants_requests_in_the_engine(tiny_model):
     params = SamplingParams(max_new_tokens=3, ignore_eos=True)
     for i in range(2):
         core.add(core.prepare("name : Aromi", params, request_id=f"a{i}", tenancy=capped))
-    with pytest.raises(QuotaExceeded, match="'acme' is at its max_concurrent quota: 2 requests used of 2"):
+    with pytest.raises(
+        QuotaExceeded,
+        match=r"'acme' has reached its max_concurrent quota \(2 requests in the engine; the limit is 2\)",
+    ):
         core.add(core.prepare("name : Aromi", params, request_id="a2", tenancy=capped))
     core.add(core.prepare("name : Aromi", params, request_id="other", tenancy=Tenancy("other")))
     outputs = core.run_to_completion()
@@ -233,3 +237,68 @@ def test_tenancy_is_validated(tiny_model):
     core = EngineCore(tiny_model)
     with pytest.raises(Exception, match=r"tenant\.weight: expected a finite number > 0"):
         core.prepare("x", None, tenancy=Tenancy("t", weight=0.0))
+
+
+# ---- the noisy neighbour over HTTP ------------------------------------------------------------------
+def test_a_flooding_tenant_does_not_delay_another_over_http(tmp_path):
+    """One tenant keeps 40 long streams in flight (10x the batch); the other's requests all succeed and
+    each starts within a few engine steps of its arrival (in arrival order it would wait ~500 steps)."""
+    import threading
+
+    import httpx
+
+    from prefixserve.model import load_model
+    from prefixserve.settings import ServerSettings
+    from prefixserve.tiny import TinyModelConfig, write_tiny_model
+
+    from .live import LiveServer
+
+    heavy_key, light_key = "heavy-key-0123456789ab", "light-key-0123456789ab"
+    slow = load_model(write_tiny_model(tmp_path / "m", TinyModelConfig(n_layer=8, n_head=8, n_embd=384)))
+    settings = ServerSettings(
+        data_dir=str(tmp_path), api_keys=f"heavy:{heavy_key},light:{light_key}", max_running=4, max_waiting=64
+    )
+    server = LiveServer(settings, slow).start()
+    core = server.state.engine.core
+    stop = threading.Event()
+    flood_errors: list[int] = []
+
+    def flood() -> None:
+        body = {"input": "name : Aromi", "max_new_tokens": 50, "ignore_eos": True, "stream": True}
+        headers = {"Authorization": f"Bearer {heavy_key}"}
+        with httpx.Client(timeout=120) as client:
+            while not stop.is_set():
+                with client.stream("POST", server.url + "/generate", json=body, headers=headers) as r:
+                    if r.status_code != 200:
+                        flood_errors.append(r.status_code)
+                    for _ in r.iter_lines():
+                        pass
+
+    threads = [threading.Thread(target=flood, daemon=True) for _ in range(40)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while core.scheduler.num_waiting < 30:  # the flood fills the batch and the queue
+            assert time.monotonic() < deadline, "the flood did not build up"
+            time.sleep(0.01)
+        waits = []
+        body = {"input": "name : Cotto", "max_new_tokens": 4, "stream": True, "ignore_eos": True}
+        with httpx.Client(timeout=60) as client:
+            for _ in range(5):
+                sent = core.num_steps
+                headers = {"Authorization": f"Bearer {light_key}"}
+                with client.stream("POST", server.url + "/generate", json=body, headers=headers) as r:
+                    assert r.status_code == 200
+                    lines = r.iter_lines()
+                    first = next(line for line in lines if line.startswith("data:"))
+                    waits.append(core.num_steps - sent)
+                    assert "token_ids" in first
+                    rest = [line for line in lines if line.startswith("event:")]
+                    assert rest[-1] == "event: done"  # it succeeded
+        assert core.scheduler.num_waiting >= 20  # the flood was still queued the whole time
+        assert max(waits) <= 3, waits  # the step running when it arrived, its own, and slack for the stream
+    finally:
+        stop.set()
+        server.stop()
+    assert not flood_errors, flood_errors
