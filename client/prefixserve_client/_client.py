@@ -13,14 +13,24 @@ import random
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from ._errors import PrefixServeError, ServerError, Timeout, error_for
-from ._models import GenerateResult, JobState, Prefix, ScoreResult
+from ._models import (
+    ApiKey,
+    GenerateResult,
+    IssuedKey,
+    JobState,
+    Prefix,
+    ScoreResult,
+    Tenant,
+    UsageDay,
+    UsageReport,
+)
 from ._plot import sparkline
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
@@ -90,6 +100,27 @@ def _score_body(prefix_id: str | None, input: str, continuation: str, top_logpro
         "continuation": continuation,
         "top_logprobs": top_logprobs,
     }
+
+
+def _given(**fields: Any) -> dict[str, Any]:
+    """The fields that are not None: an admin request body (only what is given is sent) or query. A
+    `limits` mapping is sent whole, its None values as null: those limits go back to the server's default."""
+    body = {k: v for k, v in fields.items() if v is not None}
+    if "limits" in body:
+        body["limits"] = dict(body["limits"])
+    return body
+
+
+def _key_list(response: httpx.Response) -> list[ApiKey]:
+    return [ApiKey.model_validate(k) for k in response.json()["keys"]]
+
+
+def _usage_days(response: httpx.Response) -> list[UsageDay]:
+    return [UsageDay.model_validate(d) for d in response.json()["days"]]
+
+
+def _tenant_list(response: httpx.Response) -> list[Tenant]:
+    return [Tenant.model_validate(t) for t in response.json()["tenants"]]
 
 
 class _SSE:
@@ -183,7 +214,10 @@ class Client:
     `max_retries` times; creations (`prefixes.upload`, `.from_text`, `.train`) carry an
     Idempotency-Key, so they are also retried after a dropped connection and never create twice.
     Other errors raise a typed exception (`PrefixNotFound`, `ValidationError`,
-    `AuthenticationError`, `Overloaded`, `ServerError`, ...).
+    `AuthenticationError`, `Overloaded`, `QuotaExceeded`, `ServerError`, ...).
+
+    `client.usage()` is the calling tenant's own usage. `client.admin` (tenants, their keys, everyone's
+    usage) needs the server's admin key as this client's key: `Client(url, api_key=ADMIN_KEY)`.
     """
 
     def __init__(
@@ -199,6 +233,7 @@ class Client:
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
         self.prefixes = Prefixes(self)
         self.jobs = Jobs(self)
+        self.admin = Admin(self)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         for attempt in range(self.max_retries + 1):
@@ -248,6 +283,11 @@ class Client:
                             return
                         yield text
                 return
+
+    def usage(self, days: int = 7) -> UsageReport:
+        """Your usage per UTC day over the last `days` days (today included), its totals, what you store
+        now and the limits that apply to you."""
+        return UsageReport.model_validate(self._request("GET", "/usage", params={"days": days}).json())
 
     def close(self) -> None:
         self._http.close()
@@ -385,6 +425,89 @@ def _trained_prefix_id(state: JobState) -> str:
     return state.prefix_id
 
 
+class Admin:
+    """`client.admin`: tenants, their API keys and every tenant's usage (the server's /admin API).
+
+    Every call sends the client's own key, which must be the server's admin key (PREFIXSERVE_ADMIN_KEY):
+
+    >>> admin = Client("http://localhost:8000", api_key=ADMIN_KEY)
+    >>> admin.admin.tenants.create("acme", weight=2.0, limits={"requests_per_minute": 600})
+    >>> key = admin.admin.keys.issue("acme", name="ci").key     # shown only this once
+    >>> admin.admin.usage(days=7, tenant="acme")
+
+    A tenant's key is refused with `PermissionDenied`, no key with `AuthenticationError`.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self._c = client
+        self.tenants = AdminTenants(client)
+        self.keys = AdminKeys(client)
+
+    def usage(self, days: int = 7, tenant: str | None = None) -> list[UsageDay]:
+        """One row per tenant and UTC day with any usage over the last `days` days, newest day first."""
+        return _usage_days(self._c._request("GET", "/admin/usage", params=_given(days=days, tenant=tenant)))
+
+
+class AdminTenants:
+    """`client.admin.tenants`: create, list, get, update. Limits (names as in `Tenant.effective_limits`:
+    requests_per_minute, tokens_per_minute, max_concurrent, max_stored_prefixes, max_stored_bytes,
+    max_active_jobs; 0 is unlimited) not set for a tenant are the server's defaults."""
+
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def create(
+        self,
+        name: str,
+        weight: float = 1.0,
+        status: str = "active",
+        limits: Mapping[str, int | None] | None = None,
+    ) -> Tenant:
+        """A new tenant (`ValidationError`, status 409, if it exists); then issue it a key."""
+        body = _given(name=name, status=status, weight=weight, limits=limits)
+        return Tenant.model_validate(self._c._request("POST", "/admin/tenants", json=body).json())
+
+    def list(self) -> list[Tenant]:
+        """Every tenant: those created here and those known only from keys configured on the server."""
+        return _tenant_list(self._c._request("GET", "/admin/tenants"))
+
+    def get(self, name: str) -> Tenant:
+        return Tenant.model_validate(self._c._request("GET", f"/admin/tenants/{name}").json())
+
+    def update(
+        self,
+        name: str,
+        status: str | None = None,
+        weight: float | None = None,
+        limits: Mapping[str, int | None] | None = None,
+    ) -> Tenant:
+        """Change what is given: `status` ("disabled": its keys are refused within seconds), `weight`, or
+        the limits named in `limits` (the others stay; a limit given as None goes back to the default)."""
+        body = _given(status=status, weight=weight, limits=limits)
+        return Tenant.model_validate(self._c._request("PATCH", f"/admin/tenants/{name}", json=body).json())
+
+
+class AdminKeys:
+    """`client.admin.keys`: issue, list, revoke a tenant's API keys."""
+
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def issue(self, tenant: str, name: str = "") -> IssuedKey:
+        """A new key for `tenant`, labelled `name`: `.key` is the key, returned only this once."""
+        response = self._c._request("POST", f"/admin/tenants/{tenant}/keys", json={"name": name})
+        return IssuedKey.model_validate(response.json())
+
+    def list(self, tenant: str) -> list[ApiKey]:
+        """The tenant's issued keys (ids and labels, never the keys; configured keys are only counted, in
+        `Tenant.config_keys`)."""
+        return _key_list(self._c._request("GET", f"/admin/tenants/{tenant}/keys"))
+
+    def revoke(self, tenant: str, key_id: str) -> None:
+        """Refused by every replica within seconds."""
+        self._c._request("DELETE", f"/admin/tenants/{tenant}/keys/{key_id}")
+
+
 # ---- async -----------------------------------------------------------------------------------------
 class AsyncClient:
     """The asyncio twin of `Client`.
@@ -393,6 +516,9 @@ class AsyncClient:
     ...     result = await client.generate(prefix_id, "Hello", max_new_tokens=16)
     ...     async for piece in client.stream(prefix_id, "Hello"):
     ...         print(piece, end="")
+
+    `await client.usage()` is the calling tenant's own usage; `client.admin` (the same methods as
+    `Client.admin`, awaited) needs the server's admin key as this client's key.
     """
 
     def __init__(
@@ -408,6 +534,7 @@ class AsyncClient:
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout)
         self.prefixes = AsyncPrefixes(self)
         self.jobs = AsyncJobs(self)
+        self.admin = AsyncAdmin(self)
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         for attempt in range(self.max_retries + 1):
@@ -453,6 +580,10 @@ class AsyncClient:
                             return
                         yield text
                 return
+
+    async def usage(self, days: int = 7) -> UsageReport:
+        response = await self._request("GET", "/usage", params={"days": days})
+        return UsageReport.model_validate(response.json())
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -567,3 +698,64 @@ class AsyncJob:
                 raise Timeout(f"job {self.id} still {self.state.status} after {timeout}s")
             await asyncio.sleep(poll_s)
         return await self._c.prefixes.get(_trained_prefix_id(self.state))
+
+
+class AsyncAdmin:
+    """`AsyncClient.admin`: the async twin of `Client.admin`, with the same methods. Needs the server's
+    admin key as the client's key: `AsyncClient(url, api_key=ADMIN_KEY)`."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+        self.tenants = AsyncAdminTenants(client)
+        self.keys = AsyncAdminKeys(client)
+
+    async def usage(self, days: int = 7, tenant: str | None = None) -> list[UsageDay]:
+        params = _given(days=days, tenant=tenant)
+        return _usage_days(await self._c._request("GET", "/admin/usage", params=params))
+
+
+class AsyncAdminTenants:
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def create(
+        self,
+        name: str,
+        weight: float = 1.0,
+        status: str = "active",
+        limits: Mapping[str, int | None] | None = None,
+    ) -> Tenant:
+        body = _given(name=name, status=status, weight=weight, limits=limits)
+        return Tenant.model_validate((await self._c._request("POST", "/admin/tenants", json=body)).json())
+
+    async def list(self) -> list[Tenant]:
+        return _tenant_list(await self._c._request("GET", "/admin/tenants"))
+
+    async def get(self, name: str) -> Tenant:
+        return Tenant.model_validate((await self._c._request("GET", f"/admin/tenants/{name}")).json())
+
+    async def update(
+        self,
+        name: str,
+        status: str | None = None,
+        weight: float | None = None,
+        limits: Mapping[str, int | None] | None = None,
+    ) -> Tenant:
+        body = _given(status=status, weight=weight, limits=limits)
+        response = await self._c._request("PATCH", f"/admin/tenants/{name}", json=body)
+        return Tenant.model_validate(response.json())
+
+
+class AsyncAdminKeys:
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def issue(self, tenant: str, name: str = "") -> IssuedKey:
+        response = await self._c._request("POST", f"/admin/tenants/{tenant}/keys", json={"name": name})
+        return IssuedKey.model_validate(response.json())
+
+    async def list(self, tenant: str) -> list[ApiKey]:
+        return _key_list(await self._c._request("GET", f"/admin/tenants/{tenant}/keys"))
+
+    async def revoke(self, tenant: str, key_id: str) -> None:
+        await self._c._request("DELETE", f"/admin/tenants/{tenant}/keys/{key_id}")

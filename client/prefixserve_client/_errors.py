@@ -1,4 +1,18 @@
-"""Typed exceptions, built from the server's `{"error": {"type", "message"}}` body."""
+"""Typed exceptions, built from the server's `{"error": {"type", "message"}}` body.
+
+The classes follow the HTTP status (401 `AuthenticationError`, 403 `PermissionDenied`, 404 `NotFound`, 429
+`Overloaded`, ...). A tenant's quota refusal is also a `QuotaExceeded`, through one of two concrete
+classes that keep its status's class as well:
+
+    StorageQuotaExceeded(QuotaExceeded, PermissionDenied)   403: stored prefixes or bytes; only deleting
+                                                            something frees it
+    TransientQuotaExceeded(QuotaExceeded, Overloaded)       429 + Retry-After: requests or tokens per
+                                                            minute, concurrency, active jobs; they free
+                                                            up by themselves (so the client retries them)
+
+so `except QuotaExceeded` catches every quota refusal, and `except Overloaded` / `except PermissionDenied`
+keep catching what they caught before quotas existed.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +30,8 @@ class AuthenticationError(PrefixServeError):
 
 
 class PermissionDenied(PrefixServeError):
-    """403: e.g. deleting another tenant's public prefix."""
+    """403: e.g. deleting another tenant's public prefix, a disabled tenant's key, a tenant's key on the
+    admin API (type `forbidden`), or a storage quota (a `StorageQuotaExceeded`)."""
 
 
 class NotFound(PrefixServeError):
@@ -32,7 +47,8 @@ class JobNotFound(NotFound):
 
 
 class ValidationError(PrefixServeError):
-    """422 (or 413, 400): the request was refused; `message` names the reason."""
+    """422 (or 413, 400, 409: e.g. creating a tenant that exists): the request was refused; `message` names
+    the reason."""
 
 
 class Overloaded(PrefixServeError):
@@ -41,6 +57,26 @@ class Overloaded(PrefixServeError):
     def __init__(self, message: str, status: int = 429, type: str = "overloaded", retry_after: float = 1.0):
         super().__init__(message, status, type)
         self.retry_after = retry_after
+
+
+class QuotaExceeded(PrefixServeError):
+    """A tenant's quota refused the request (error type `quota_exceeded`, or `rate_limited` for the per-minute
+    rates); the message names the quota, the usage and the limit. Never raised itself: it is either a
+    `StorageQuotaExceeded` (403) or a `TransientQuotaExceeded` (429). `retry_after`: the seconds the server
+    said to wait (None for storage: waiting frees nothing)."""
+
+    retry_after: float | None = None
+
+
+class StorageQuotaExceeded(QuotaExceeded, PermissionDenied):
+    """403: max_stored_prefixes or max_stored_bytes is reached; delete a prefix to make room."""
+
+
+class TransientQuotaExceeded(QuotaExceeded, Overloaded):
+    """429: a per-minute rate, max_concurrent or max_active_jobs is reached; retry after `retry_after`."""
+
+
+QUOTA_TYPES = ("quota_exceeded", "rate_limited")
 
 
 class ServerError(PrefixServeError):
@@ -59,7 +95,8 @@ def error_for(status: int, body: object, retry_after: float | None) -> PrefixSer
     if status == 401:
         return AuthenticationError(message, status, kind)
     if status == 403:
-        return PermissionDenied(message, status, kind)
+        cls = StorageQuotaExceeded if kind in QUOTA_TYPES else PermissionDenied
+        return cls(message, status, kind)
     if status == 404:
         cls = (
             JobNotFound
@@ -70,7 +107,8 @@ def error_for(status: int, body: object, retry_after: float | None) -> PrefixSer
         )
         return cls(message, status, kind)
     if status == 429:
-        return Overloaded(message, status, kind, retry_after if retry_after is not None else 1.0)
+        cls = TransientQuotaExceeded if kind in QUOTA_TYPES else Overloaded
+        return cls(message, status, kind, retry_after if retry_after is not None else 1.0)
     if status == 504:
         return Timeout(message, status, kind)
     if status >= 500:

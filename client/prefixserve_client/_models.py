@@ -100,7 +100,73 @@ class JobState(_Model):
     evaluation: dict | None = None
     created_at: str = ""
     updated_at: str = ""
+    started_at: str | None = None  # when a worker first began it (None: not yet)
 
     @property
     def done(self) -> bool:
         return self.status in ("succeeded", "failed", "cancelled")
+
+
+# ---- tenants, keys, usage (the admin API and GET /usage) --------------------------------------------
+class Tenant(_Model):
+    """A tenant as the admin API shows it. `limits`: the ones set for it; `effective_limits`: every limit
+    as it applies, the server's defaults included (0: unlimited). `keys`: API keys issued by the admin
+    API; `config_keys`: keys configured on the server (PREFIXSERVE_API_KEYS), never listed."""
+
+    name: str
+    status: Literal["active", "disabled"]
+    weight: float
+    limits: dict[str, int] = {}
+    effective_limits: dict[str, int] = {}
+    source: str = "registry"  # or "config": known only from configured keys
+    keys: int = 0
+    config_keys: int = 0
+    created_at: str = ""
+    updated_at: str = ""
+
+
+class ApiKey(_Model):
+    """An issued API key's record (never the key itself: the server keeps only its digest)."""
+
+    key_id: str
+    tenant: str
+    name: str = ""
+    created_at: str = ""
+
+
+class IssuedKey(ApiKey):
+    """`admin.keys.issue(...)`: the record and, this once, the key itself."""
+
+    key: str
+
+
+class UsageDay(_Model):
+    """A tenant's usage on one UTC day (`day` is "total" in `UsageReport.totals`)."""
+
+    day: str
+    tenant: str
+    requests: int = 0
+    prompt_tokens: int = 0
+    prefix_tokens: int = 0
+    generated_tokens: int = 0
+    training_example_epochs: int = 0
+    evaluation_examples: int = 0
+    stored_bytes: int = 0  # bytes of the prefixes it added that day
+
+
+class StoredUsage(_Model):
+    """What a tenant stores now."""
+
+    prefixes: int
+    bytes: int
+
+
+class UsageReport(_Model):
+    """`client.usage(days)`: the calling tenant's usage per day (newest first), its totals over those days,
+    what it stores now and the limits that apply to it (0: unlimited)."""
+
+    tenant: str
+    days: list[UsageDay]
+    totals: UsageDay
+    stored: StoredUsage
+    limits: dict[str, int] = {}

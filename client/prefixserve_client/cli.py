@@ -7,8 +7,19 @@
     prefixserve-client train data.jsonl --epochs 5           # shows progress, prints the prefix
     prefixserve-client job JOB_ID [--wait | --cancel] [--plot loss.png]   # --plot: the [plot] extra
     prefixserve-client jobs                                   # your jobs, newest first, with loss sparklines
+    prefixserve-client usage [--days N]                       # your usage per day, stored prefixes, limits
 
-Server and key from --base-url / --api-key or PREFIXSERVE_BASE_URL / PREFIXSERVE_API_KEY.
+    prefixserve-client admin tenants list | get NAME
+    prefixserve-client admin tenants create NAME [--weight W] [--disabled] [--limit NAME=VALUE ...]
+    prefixserve-client admin tenants update NAME [--weight W] [--status active|disabled]
+                                                 [--limit NAME=VALUE ...] [--reset-limit NAME ...]
+    prefixserve-client admin keys issue TENANT [--name LABEL] | list TENANT | revoke TENANT KEY_ID
+    prefixserve-client admin usage [--days N] [--tenant T]    # every tenant's usage per day
+
+Server and key from --base-url / --api-key or PREFIXSERVE_BASE_URL / PREFIXSERVE_API_KEY. The admin
+commands use the server's admin key: --admin-key or PREFIXSERVE_ADMIN_KEY (else the API key). Limits:
+requests_per_minute, tokens_per_minute, max_concurrent, max_stored_prefixes, max_stored_bytes,
+max_active_jobs (0: unlimited; --reset-limit: back to the server's default).
 """
 
 from __future__ import annotations
@@ -16,13 +27,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 
 from ._client import Client, JobFailed
 from ._errors import PrefixServeError
-from ._models import JobState, Prefix
+from ._models import ApiKey, JobState, Prefix, Tenant, UsageDay
 from ._plot import plot_losses, sparkline
 
+ENV_ADMIN_KEY = "PREFIXSERVE_ADMIN_KEY"
+USAGE_COLUMNS = {  # heading: UsageDay field
+    "REQUESTS": "requests",
+    "PROMPT": "prompt_tokens",
+    "PREFIX": "prefix_tokens",
+    "GENERATED": "generated_tokens",
+    "TRAINED": "training_example_epochs",
+    "EVALUATED": "evaluation_examples",
+    "STORED_BYTES": "stored_bytes",
+}
 HYPER = {
     "prefix_len": int,
     "hidden": int,
@@ -140,12 +162,140 @@ def _jobs(client: Client, a: argparse.Namespace) -> None:
     _print_jobs(client.jobs.list(a.limit))
 
 
+def _usage_table(days: list[UsageDay], totals: UsageDay | None = None) -> None:
+    """One row per tenant and day (a "total" day for `totals`); each count right-aligned under its heading."""
+    widths = {head: max(len(head), 9) for head in USAGE_COLUMNS}
+    print(f"{'DAY':<10} {'TENANT':<20} " + " ".join(f"{h:>{w}}" for h, w in widths.items()))
+    for d in [*days, *([totals] if totals is not None else [])]:
+        counts = " ".join(f"{getattr(d, f):>{widths[h]}}" for h, f in USAGE_COLUMNS.items())
+        print(f"{d.day:<10} {d.tenant:<20} {counts}")
+
+
+def _limits_text(limits: dict[str, int]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(limits.items())) or "-"
+
+
+def _usage(client: Client, a: argparse.Namespace) -> None:
+    report = client.usage(a.days)
+    _usage_table(report.days, report.totals)
+    print(f"stored now: {report.stored.prefixes} prefixes, {report.stored.bytes} bytes")
+    print(f"limits (0: unlimited): {_limits_text(report.limits)}")
+
+
+# ---- admin ----------------------------------------------------------------------------------------
+def _limit(text: str) -> tuple[str, int]:
+    """`--limit name=value` (argparse type)."""
+    name, sep, value = text.partition("=")
+    if not (sep and name.strip()):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name.strip(), int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name}: expected a whole number, got {value!r}") from None
+
+
+def _limits(a: argparse.Namespace) -> dict[str, int | None] | None:
+    """The limits to send: those set by --limit, and those of --reset-limit as None (the default)."""
+    limits = {**dict(a.limit or []), **dict.fromkeys(getattr(a, "reset_limit", None) or [])}
+    return limits or None
+
+
+def _print_tenants(tenants: list[Tenant]) -> None:
+    print(f"{'NAME':<20} {'STATUS':<8} {'WEIGHT':>7} {'SOURCE':<8} {'KEYS':>4} {'CONFIG':>6}  LIMITS")
+    for t in tenants:
+        print(
+            f"{t.name:<20} {t.status:<8} {t.weight:>7g} {t.source:<8} {t.keys:>4} {t.config_keys:>6}  "
+            f"{_limits_text(t.limits)}"
+        )
+
+
+def _print_keys(keys: list[ApiKey]) -> None:
+    print(f"{'KEY_ID':<20} {'NAME':<24} CREATED")
+    for k in keys:
+        print(f"{k.key_id:<20} {k.name[:24]:<24} {k.created_at}")
+
+
+def _admin_tenants(client: Client, a: argparse.Namespace) -> None:
+    tenants = client.admin.tenants
+    if a.action == "list":
+        _print_tenants(tenants.list())
+    elif a.action == "get":
+        _print_json(tenants.get(a.name))
+    elif a.action == "create":
+        status = "disabled" if a.disabled else "active"
+        _print_json(tenants.create(a.name, weight=a.weight, status=status, limits=_limits(a)))
+    elif a.action == "update":
+        _print_json(tenants.update(a.name, status=a.status, weight=a.weight, limits=_limits(a)))
+
+
+def _admin_keys(client: Client, a: argparse.Namespace) -> None:
+    keys = client.admin.keys
+    if a.action == "issue":
+        issued = keys.issue(a.tenant, a.name)
+        print(issued.key)  # alone on stdout, for KEY=$(prefixserve-client admin keys issue ...)
+        print(f"key {issued.key_id} of tenant {issued.tenant!r}: it will not be shown again", file=sys.stderr)
+    elif a.action == "list":
+        _print_keys(keys.list(a.tenant))
+    elif a.action == "revoke":
+        keys.revoke(a.tenant, a.key_id)
+        print(f"revoked {a.key_id}")
+
+
+def _admin_usage(client: Client, a: argparse.Namespace) -> None:
+    _usage_table(client.admin.usage(a.days, a.tenant))
+
+
+def _add_admin(sub: argparse._SubParsersAction) -> None:
+    ad = sub.add_parser("admin", help="tenants, their API keys and every tenant's usage (the admin key)")
+    ad.add_argument(  # SUPPRESS: not given here, the top-level --admin-key stands
+        "--admin-key", default=argparse.SUPPRESS, help="the server's admin key (or PREFIXSERVE_ADMIN_KEY)"
+    )
+    groups = ad.add_subparsers(dest="admin_command", required=True)
+
+    group = groups.add_parser("tenants", help="list / get / create / update tenants")
+    group.set_defaults(func=_admin_tenants)
+    tenants = group.add_subparsers(dest="action", required=True)
+    tenants.add_parser("list", help="every tenant, with its weight, keys and limits")
+    tenants.add_parser("get").add_argument("name")
+    limit = {"type": _limit, "action": "extend", "nargs": "+", "metavar": "NAME=VALUE", "default": None}
+    create = tenants.add_parser("create")
+    create.add_argument("name")
+    create.add_argument("--weight", type=float, default=1.0, help="its share of the engine (default 1)")
+    create.add_argument("--disabled", action="store_true", help="create it disabled")
+    create.add_argument("--limit", **limit)
+    update = tenants.add_parser("update")
+    update.add_argument("name")
+    update.add_argument("--weight", type=float, default=None)
+    update.add_argument("--status", choices=["active", "disabled"], default=None)
+    update.add_argument("--limit", **limit)
+    update.add_argument(
+        "--reset-limit", action="extend", nargs="+", metavar="NAME", default=None, help="back to the default"
+    )
+
+    group = groups.add_parser("keys", help="issue / list / revoke a tenant's API keys")
+    group.set_defaults(func=_admin_keys)
+    keys = group.add_subparsers(dest="action", required=True)
+    issue = keys.add_parser("issue", help="print a new key (shown only this once)")
+    issue.add_argument("tenant")
+    issue.add_argument("--name", default="", help="a label for the key")
+    keys.add_parser("list", help="the tenant's issued keys (not the keys themselves)").add_argument("tenant")
+    revoke = keys.add_parser("revoke")
+    revoke.add_argument("tenant")
+    revoke.add_argument("key_id")
+
+    usage = groups.add_parser("usage", help="every tenant's usage per day, newest first")
+    usage.add_argument("--days", type=int, default=7)
+    usage.add_argument("--tenant", default=None)
+    usage.set_defaults(func=_admin_usage)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="prefixserve-client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--base-url", default=None)
     ap.add_argument("--api-key", default=None)
+    ap.add_argument("--admin-key", default=None, help="for the admin commands (or PREFIXSERVE_ADMIN_KEY)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text (with --stream: token by token)")
@@ -199,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     js = sub.add_parser("jobs", help="your jobs, newest first, with their loss curves as sparklines")
     js.add_argument("--limit", type=int, default=20)
     js.set_defaults(func=_jobs)
+
+    u = sub.add_parser("usage", help="your usage per day, what you store now and your limits")
+    u.add_argument("--days", type=int, default=7)
+    u.set_defaults(func=_usage)
+    _add_admin(sub)
     return ap
 
 
@@ -207,8 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prefixes" and args.action != "list" and not args.target:
         print(f"prefixes {args.action} needs a target", file=sys.stderr)
         return 2
+    key = args.api_key
+    if args.command == "admin":
+        key = args.admin_key or os.environ.get(ENV_ADMIN_KEY) or args.api_key  # (None: PREFIXSERVE_API_KEY)
     try:
-        with Client(args.base_url, args.api_key) as client:
+        with Client(args.base_url, key) as client:
             args.func(client, args)
     except PrefixServeError as exc:
         print(f"error ({type(exc).__name__}, {exc.status or 'no response'}): {exc.message}", file=sys.stderr)
