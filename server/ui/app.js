@@ -11,9 +11,12 @@ const SVG = "http://www.w3.org/2000/svg";
 const state = {
   key: sessionStorage.getItem(KEY_STORE) || "",
   connected: false, // a key (or none, where the server has auth off) was accepted
+  role: "tenant", // "admin": the key is the server's admin key (only the Admin page), else a tenant's
   prefixes: [],
   scores: new Map(), // prefix id -> its latest evaluation's metrics, or null: none
   selectedJob: null,
+  tenants: [], // the Admin page's GET /admin/tenants
+  adminTenant: null, // the tenant open in the Admin page's detail card
   timers: [],
   streams: [],
   throughput: [], // tokens/s samples of the Server page
@@ -123,29 +126,42 @@ function stopTimers() {
 }
 
 // ---- log-in --------------------------------------------------------------------------------------
+// Which kind of key: the admin key lists the tenants (a tenant's key gets 403 there, a wrong one 401,
+// and a server without an admin API 403), else it must work as a tenant's key, as it always did.
 async function connect(key) {
   state.key = key;
+  let role = "tenant";
   try {
-    await api("GET", "/prefixes");
-  } catch (err) {
-    state.key = "";
-    sessionStorage.removeItem(KEY_STORE);
-    showLoggedIn(false);
-    say(explain(err));
-    return false;
+    await api("GET", "/admin/tenants");
+    role = "admin";
+  } catch {
+    try {
+      await api("GET", "/prefixes");
+    } catch (err) {
+      state.key = "";
+      sessionStorage.removeItem(KEY_STORE);
+      showLoggedIn(false);
+      say(explain(err));
+      return false;
+    }
   }
   sessionStorage.setItem(KEY_STORE, key);
-  showLoggedIn(true);
+  showLoggedIn(true, role);
   say("");
   return true;
 }
 
-function showLoggedIn(yes) {
+function showLoggedIn(yes, role = "tenant") {
   state.connected = yes;
-  $("#who").textContent = yes ? "connected" : "";
+  state.role = yes ? role : "tenant";
+  $("#who").textContent = yes ? (state.role === "admin" ? "connected as admin" : "connected") : "";
   $("#logout").hidden = !yes;
   $("#api-key").value = "";
   document.body.classList.toggle("connected", yes);
+  document.body.dataset.role = state.role;
+  // the admin key works only on /admin: the tenant pages (and their links) are for tenants' keys
+  for (const link of document.querySelectorAll("nav a[data-role]")) link.hidden = link.dataset.role !== state.role;
+  if (state.role !== "admin") clearAdmin(); // nothing of the admin's stays in the page for another key
 }
 
 // ---- Prefixes ------------------------------------------------------------------------------------
@@ -682,19 +698,318 @@ async function loadServer() {
       el("td", {}, Object.entries(t.other).map(([k, n]) => `${k.replace("_", " ")} ${n}`).join(", ")))));
 }
 
+// The calling tenant's own usage (GET /usage): today's and the last 7 days' counts, what it stores
+// now, and the limits that apply to it.
+const USAGE_COUNTS = [
+  ["requests", "Requests"],
+  ["prompt_tokens", "Prompt tokens"],
+  ["prefix_tokens", "Prefix tokens"],
+  ["generated_tokens", "Generated tokens"],
+  ["training_example_epochs", "Training examples × epochs"],
+  ["evaluation_examples", "Evaluation examples"],
+  ["stored_bytes", "Bytes of prefixes added"],
+];
+
+async function loadMyUsage() {
+  let today, week;
+  try {
+    // days=1 is the server's (UTC) today, whatever this browser's clock says
+    [today, week] = await Promise.all([api("GET", "/usage?days=1"), api("GET", "/usage?days=7")]);
+  } catch (err) {
+    say(explain(err));
+    return;
+  }
+  $("#my-usage-tenant").textContent = `(tenant ${week.tenant})`;
+  const count = (row, k) => (k === "stored_bytes" ? fmtBytes(row[k]) : String(row[k]));
+  $("#my-usage-table tbody").replaceChildren(...USAGE_COUNTS.map(([k, label]) =>
+    el("tr", { "data-count": k }, el("th", {}, label), el("td", { class: "num" }, count(today.totals, k)),
+      el("td", { class: "num" }, count(week.totals, k)))));
+  const now = { max_stored_prefixes: String(week.stored.prefixes), max_stored_bytes: fmtBytes(week.stored.bytes) };
+  $("#my-limits-table tbody").replaceChildren(...LIMITS.map(([k, label]) =>
+    el("tr", { "data-limit": k }, el("th", {}, label), el("td", { class: "num" }, fmtLimit(k, week.limits[k])),
+      el("td", { class: "num" }, now[k] ?? ""))));
+  $("#my-usage").hidden = false;
+}
+
+// ---- Admin (the admin key only) ------------------------------------------------------------------
+// [field, label, short label] of every tenant limit (TenantLimits); 0 is unlimited
+const LIMITS = [
+  ["requests_per_minute", "Requests / minute", "req/min"],
+  ["tokens_per_minute", "Tokens / minute", "tok/min"],
+  ["max_concurrent", "Concurrent requests", "concurrent"],
+  ["max_stored_prefixes", "Stored prefixes", "prefixes"],
+  ["max_stored_bytes", "Stored bytes", "bytes"],
+  ["max_active_jobs", "Active jobs", "jobs"],
+];
+
+function fmtLimit(field, value) {
+  if (value === undefined || value === null) return "–";
+  if (value === 0) return "unlimited";
+  return field === "max_stored_bytes" ? fmtBytes(value) : String(value);
+}
+
+function limitInputs(container) {
+  container.replaceChildren(...LIMITS.map(([k, label]) =>
+    el("label", {}, label, el("input", { type: "number", min: "0", step: "1", "data-limit": k }))));
+}
+
+// The limits typed in `form`: a number each; an empty one is left out, or null (reset to the default)
+function readLimits(form, emptyAs) {
+  const limits = {};
+  for (const input of form.querySelectorAll("input[data-limit]")) {
+    const text = input.value.trim();
+    const label = LIMITS.find(([k]) => k === input.dataset.limit)[1];
+    if (text === "") {
+      if (emptyAs !== undefined) limits[input.dataset.limit] = emptyAs;
+      continue;
+    }
+    const n = Number(text);
+    if (!Number.isSafeInteger(n) || n < 0) throw new ApiError(0, `${label}: expected a whole number, 0 or more (0: unlimited)`);
+    limits[input.dataset.limit] = n;
+  }
+  return limits;
+}
+
+function readWeight(input) {
+  const w = Number(input.value);
+  if (input.value.trim() === "" || !Number.isFinite(w) || w <= 0) throw new ApiError(0, "Weight: expected a number above 0");
+  return w;
+}
+
+const tenantPath = (name) => `/admin/tenants/${encodeURIComponent(name)}`;
+
+async function loadAdmin() {
+  let tenants, today, week;
+  try {
+    // days=1: the server's (UTC) today
+    [tenants, today, week] = await Promise.all([
+      api("GET", "/admin/tenants"), api("GET", "/admin/usage?days=1"), api("GET", "/admin/usage?days=7"),
+    ]);
+  } catch (err) {
+    if (state.role === "admin") say(explain(err));
+    return false;
+  }
+  if (!state.connected || state.role !== "admin") return false; // the key was forgotten meanwhile
+  state.tenants = tenants.tenants;
+  renderTenants(today.days);
+  renderAdminUsage(week.days);
+  if (state.adminTenant && !state.tenants.some((t) => t.name === state.adminTenant)) closeTenant();
+  return true;
+}
+
+function limitSummary(t) {
+  return el("span", { class: "limits-compact" }, ...LIMITS.map(([k, label, short]) =>
+    el("span", { class: k in t.limits ? "limit set" : "limit", "data-limit": k,
+      title: `${label}: ${fmtLimit(k, t.effective_limits[k])} (${k in t.limits ? "set for this tenant" : "the server's default"})` },
+    `${short} ${fmtLimit(k, t.effective_limits[k]).replace("unlimited", "∞")}`)));
+}
+
+function renderTenants(todayRows) {
+  const today = new Map(todayRows.map((r) => [r.tenant, r]));
+  $("#tenant-table tbody").replaceChildren(...state.tenants.map((t) => {
+    const use = today.get(t.name) || { requests: 0, generated_tokens: 0 };
+    const active = t.status === "active";
+    const keys = t.keys + (t.config_keys ? ` + ${t.config_keys} configured` : "");
+    return el("tr", { "data-tenant": t.name, "data-status": t.status, class: t.name === state.adminTenant ? "selected" : "" },
+      el("td", { class: "name" }, t.name),
+      el("td", { class: `status ${t.status}` }, t.status),
+      el("td", { class: "num weight" }, String(t.weight)),
+      el("td", {}, t.source),
+      el("td", { class: "keys" }, keys),
+      el("td", {}, limitSummary(t)),
+      el("td", { class: "num today-requests" }, use.requests),
+      el("td", { class: "num today-generated" }, use.generated_tokens),
+      el("td", {}, el("button", { type: "button", class: active ? "toggle danger" : "toggle",
+        onclick: () => setStatus(t.name, active ? "disabled" : "active") }, active ? "Disable" : "Enable")),
+      el("td", {}, el("button", { type: "button", class: "manage", onclick: () => openTenant(t.name) }, "Manage")));
+  }));
+  $("#tenant-empty").hidden = state.tenants.length > 0;
+}
+
+function renderAdminUsage(rows) {
+  $("#admin-usage-table tbody").replaceChildren(...rows.map((r) =>
+    el("tr", { "data-day": r.day, "data-tenant": r.tenant }, el("td", {}, r.day), el("td", {}, r.tenant),
+      ...USAGE_COUNTS.map(([k]) => el("td", { class: "num" }, k === "stored_bytes" ? fmtBytes(r[k]) : r[k])))));
+  $("#admin-usage-empty").hidden = rows.length > 0;
+}
+
+async function setStatus(name, status) {
+  try {
+    await api("PATCH", tenantPath(name), { status });
+    say(status === "disabled" ? `Disabled ${name}: its keys are refused within seconds.` : `Enabled ${name}.`, "ok");
+  } catch (err) {
+    say(explain(err));
+  }
+  await loadAdmin(); // (the open edit form keeps what is typed there: status is not in it)
+}
+
+async function openTenant(name) {
+  state.adminTenant = name;
+  for (const row of document.querySelectorAll("#tenant-table tbody tr")) row.classList.toggle("selected", row.dataset.tenant === name);
+  $("#tenant-title").textContent = name;
+  $("#key-label").value = "";
+  fillTenantForm();
+  $("#tenant-detail").hidden = false;
+  await loadKeys();
+}
+
+function closeTenant() {
+  state.adminTenant = null;
+  $("#tenant-detail").hidden = true;
+  $("#key-table tbody").replaceChildren();
+  for (const row of document.querySelectorAll("#tenant-table tbody tr.selected")) row.classList.remove("selected");
+}
+
+// The edit form shows the tenant's own limits; an empty box shows the default it falls back to.
+function fillTenantForm() {
+  const t = state.tenants.find((x) => x.name === state.adminTenant);
+  if (!t) return;
+  $("#edit-weight").value = String(t.weight);
+  for (const input of document.querySelectorAll("#edit-limits input[data-limit]")) {
+    const k = input.dataset.limit;
+    input.value = k in t.limits ? String(t.limits[k]) : "";
+    const fallback = t.effective_limits[k];
+    input.placeholder = k in t.limits ? "" : `default: ${fallback === 0 ? "0 (∞)" : fallback ?? "?"}`;
+  }
+}
+
+async function saveTenant(event) {
+  event.preventDefault();
+  const name = state.adminTenant;
+  let body;
+  try {
+    body = { weight: readWeight($("#edit-weight")), limits: readLimits($("#edit-limits"), null) };
+  } catch (err) {
+    return say(explain(err));
+  }
+  try {
+    await api("PATCH", tenantPath(name), body);
+    say(`Saved ${name}'s weight and limits.`, "ok");
+  } catch (err) {
+    return say(explain(err));
+  }
+  await loadAdmin();
+  fillTenantForm();
+}
+
+async function loadKeys() {
+  const name = state.adminTenant;
+  let list;
+  try {
+    list = await api("GET", `${tenantPath(name)}/keys`);
+  } catch (err) {
+    return say(explain(err));
+  }
+  if (name !== state.adminTenant || state.role !== "admin") return; // another tenant opened, or logged out
+  $("#key-table tbody").replaceChildren(...list.keys.map((k) =>
+    el("tr", { "data-key": k.key_id },
+      el("td", { class: "mono" }, k.key_id),
+      el("td", { class: "label" }, k.name || "–"),
+      el("td", {}, fmtDate(k.created_at)),
+      el("td", {}, el("button", { type: "button", class: "danger", onclick: () => revokeKey(name, k) }, "Revoke")))));
+  const notes = [];
+  if (!list.keys.length) notes.push("No keys issued by the admin API.");
+  if (list.config_keys) notes.push(`${list.config_keys} configured key(s) (PREFIXSERVE_API_KEYS), not listed and not revocable here.`);
+  $("#key-note").textContent = notes.join(" ");
+}
+
+async function issueKey(event) {
+  event.preventDefault();
+  const name = state.adminTenant;
+  let created;
+  try {
+    created = await api("POST", `${tenantPath(name)}/keys`, { name: $("#key-label").value.trim() });
+  } catch (err) {
+    return say(explain(err));
+  }
+  // the key is in this answer only: shown once, in the box, never in the message or anywhere kept
+  $("#new-key-tenant").textContent = created.tenant;
+  $("#new-key-id").textContent = created.key_id;
+  $("#new-key-value").textContent = created.key;
+  $("#new-key").hidden = false;
+  $("#key-label").value = "";
+  say(`Issued key ${created.key_id} to ${created.tenant}: copy it from the box below now.`, "ok");
+  await loadKeys();
+  await loadAdmin();
+  $("#new-key").scrollIntoView({ block: "nearest" });
+}
+
+function hideNewKey() {
+  $("#new-key").hidden = true;
+  for (const id of ["#new-key-value", "#new-key-tenant", "#new-key-id"]) $(id).textContent = "";
+}
+
+async function copyNewKey() {
+  try {
+    await navigator.clipboard.writeText($("#new-key-value").textContent);
+    say("Copied the key to the clipboard.", "ok");
+  } catch {
+    const range = document.createRange(); // no clipboard here: select it for the user to copy
+    range.selectNodeContents($("#new-key-value"));
+    getSelection().removeAllRanges();
+    getSelection().addRange(range);
+    say("This page may not use the clipboard: the key is selected, copy it yourself.", "info");
+  }
+}
+
+async function revokeKey(name, key) {
+  const label = key.name ? ` ("${key.name}")` : "";
+  if (!confirm(`Revoke key ${key.key_id}${label} of ${name}? Requests with it are refused within seconds.`)) return;
+  try {
+    await api("DELETE", `${tenantPath(name)}/keys/${encodeURIComponent(key.key_id)}`);
+    say(`Revoked key ${key.key_id} of ${name}.`, "ok");
+  } catch (err) {
+    say(explain(err));
+  }
+  await loadKeys();
+  await loadAdmin();
+}
+
+async function createTenant(event) {
+  event.preventDefault();
+  let body;
+  try {
+    body = { name: $("#create-name").value.trim(), weight: readWeight($("#create-weight")),
+      limits: readLimits($("#create-limits")) };
+  } catch (err) {
+    return say(explain(err));
+  }
+  try {
+    await api("POST", "/admin/tenants", body);
+  } catch (err) {
+    return say(explain(err));
+  }
+  say(`Created tenant ${body.name}: issue it a key below.`, "ok");
+  $("#tenant-create").reset();
+  if (await loadAdmin()) await openTenant(body.name);
+}
+
+// Forget every admin figure shown (on leaving the page or forgetting the key); the new key first.
+function clearAdmin() {
+  hideNewKey();
+  closeTenant();
+  state.tenants = [];
+  $("#tenant-table tbody").replaceChildren();
+  $("#admin-usage-table tbody").replaceChildren();
+}
+
 // ---- pages ---------------------------------------------------------------------------------------
 const PAGES = {
   prefixes: () => loadPrefixes(),
   jobs: () => { loadPrefixes(); every(1000, loadJobs); },
   playground: () => loadPrefixes(),
-  server: () => every(2000, loadServer),
+  server: () => { every(2000, loadServer); every(15000, loadMyUsage); },
+  admin: () => loadAdmin(),
 };
+const ROLE_PAGES = { tenant: ["prefixes", "jobs", "playground", "server"], admin: ["admin"] };
 
 function route() {
   stopTimers();
   say("");
-  const page = (location.hash || "#prefixes").slice(1);
-  const name = page in PAGES ? page : "prefixes";
+  hideNewKey(); // an issued key is shown once: not again after leaving or reloading the page
+  const pages = ROLE_PAGES[state.role];
+  const page = location.hash.slice(1);
+  const name = pages.includes(page) ? page : pages[0];
   for (const section of document.querySelectorAll(".page")) section.hidden = section.id !== `page-${name}`;
   for (const link of document.querySelectorAll("nav a[data-page]")) link.classList.toggle("active", link.dataset.page === name);
   if (state.connected) PAGES[name]();
@@ -711,6 +1026,7 @@ function init() {
     sessionStorage.removeItem(KEY_STORE);
     showLoggedIn(false);
     stopTimers();
+    if (location.hash === "#admin") route(); // the Admin page is gone with the key
     say("Key forgotten.", "info");
   });
   for (const id of ["#filter-name", "#filter-kind", "#filter-source", "#filter-visibility"]) {
@@ -728,6 +1044,15 @@ function init() {
   $("#play-form").addEventListener("submit", runPlayground);
   $("#play-add").addEventListener("click", () => addColumn());
   $("#play-stop-all").addEventListener("click", stopStreams);
+  limitInputs($("#create-limits"));
+  limitInputs($("#edit-limits"));
+  $("#admin-refresh").addEventListener("click", async () => { if (await loadAdmin()) fillTenantForm(); });
+  $("#tenant-create").addEventListener("submit", createTenant);
+  $("#tenant-edit").addEventListener("submit", saveTenant);
+  $("#key-form").addEventListener("submit", issueKey);
+  $("#tenant-close").addEventListener("click", closeTenant);
+  $("#new-key-copy").addEventListener("click", copyNewKey);
+  $("#new-key-dismiss").addEventListener("click", hideNewKey);
   addColumn();
   addColumn();
   window.addEventListener("hashchange", route);
