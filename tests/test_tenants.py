@@ -8,13 +8,14 @@ import os
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 
 import httpx
 import pytest
 
 from prefix_store.redis_server import free_port
 from prefix_store.store import DurableStore
-from prefixserve.auth import AuthForbidden, Authenticator, Unauthorized
+from prefixserve.auth import Authenticator, AuthForbidden, Unauthorized
 from prefixserve.model import load_model
 from prefixserve.settings import ServerSettings
 from prefixserve.tenants import TenantExists, TenantNotFound, TenantRegistry
@@ -244,6 +245,30 @@ def test_max_concurrent_over_http(tmp_path):
             assert "max_concurrent quota (1 requests in the engine; the limit is 1)" in r.text
     finally:
         server.stop()
+
+
+def test_a_tenants_first_training_job_starts_right_after_the_running_one(api):
+    """Through the API and the server's training worker: 3 jobs of one tenant, then 1 of another. No job
+    of the first tenant starts between the other's submission and its start (round-robin, new tenants
+    first): it waits for at most the job running when it came, not for the whole backlog."""
+    heavy, light = new_tenant(api, "trains-a-lot"), new_tenant(api, "trains-once")
+    examples = [{"input": f"name : {n}", "output": f"{n} is a pub."} for n in ("Aromi", "Cotto", "Wildwood")]
+    train = {"train": {"examples": examples, "epochs": 20, "prefix_len": 2}}
+    jobs = [httpx.post(api.url + "/prefixes", json=train, headers=heavy).json()["id"] for _ in range(3)]
+    submitted = datetime.now(UTC).isoformat(timespec="milliseconds")
+    jobs.append(httpx.post(api.url + "/prefixes", json=train, headers=light).json()["id"])
+    started = {}
+    deadline = time.monotonic() + 120
+    for job_id, headers in zip(jobs, [heavy] * 3 + [light], strict=True):
+        while (job := httpx.get(api.url + f"/jobs/{job_id}", headers=headers).json())[
+            "status"
+        ] != "succeeded":
+            assert job["status"] in ("queued", "running") and time.monotonic() < deadline, job
+            time.sleep(0.05)
+        started[job_id] = job["started_at"]
+    jumped = [j for j in jobs[:3] if submitted < started[j] < started[jobs[3]]]
+    assert not jumped, (submitted, started)
+    assert sorted(jobs[:3], key=started.__getitem__) == jobs[:3]  # the first tenant's own in order
 
 
 # ---- usage ------------------------------------------------------------------------------------------
