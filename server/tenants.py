@@ -29,6 +29,7 @@ import logging
 import math
 import re
 import secrets
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
@@ -149,10 +150,11 @@ class Snapshot:
     tenants: MappingProxyType  # name -> Tenant (records)
     keys: MappingProxyType  # key id -> ApiKey
     config_keys: MappingProxyType  # sha256 hex -> tenant name (configured keys)
+    config_tenants: frozenset[str]  # the tenants of the configured keys
 
     def tenant(self, name: str) -> Tenant | None:
         found = self.tenants.get(name)
-        if found is None and name in self.config_keys.values():
+        if found is None and name in self.config_tenants:
             found = Tenant(name, source="config")
         return found
 
@@ -194,7 +196,8 @@ class TenantRegistry:
         self._config = MappingProxyType({digest(k): t for t, ks in (config_keys or {}).items() for k in ks})
         self._redis = health.config.client() if health is not None else None
         self._version: bytes | None = None
-        self.snapshot = Snapshot(MappingProxyType({}), MappingProxyType({}), self._config)
+        self._reloading = threading.Lock()  # one reload at a time: an older one never lands last
+        self.snapshot = self._snapshot({}, {})
         self.reloads = 0
 
     # ---- reading -------------------------------------------------------------------------------
@@ -205,7 +208,7 @@ class TenantRegistry:
     def tenants(self) -> list[Tenant]:
         """Every known tenant, by name."""
         snap = self.snapshot
-        names = set(snap.tenants) | set(snap.config_keys.values())
+        names = set(snap.tenants) | snap.config_tenants
         return [snap.tenant(n) for n in sorted(names)]
 
     def keys_of(self, tenant: str) -> list[ApiKey]:
@@ -299,7 +302,7 @@ class TenantRegistry:
         raw = self.store.get_record(TENANTS, record_name(name))
         if raw is not None:
             return Tenant.from_json(raw)
-        if name in self._config.values():
+        if name in self.snapshot.config_tenants:
             return Tenant(name, source="config")
         raise TenantNotFound(name)
 
@@ -316,13 +319,22 @@ class TenantRegistry:
                 self.health.run("announcing a tenant change", lambda: self._redis.set(VERSION_KEY, token))
             except RedisUnavailable:  # the others find it at their next degraded or full reload
                 log.warning(
-                    "the tenant change could not be announced in Redis; replicas reload within %ss",
-                    DEGRADED_RELOAD_S,
+                    "a tenant change could not be announced in Redis; the other replicas see it within %ss",
+                    FULL_RELOAD_S,
                 )
 
     # ---- loading and propagation ---------------------------------------------------------------
     def reload(self) -> None:
         """Read every record from the store and swap in the new snapshot (disk: on a thread)."""
+        with self._reloading:
+            self.snapshot = self._read()
+            self.reloads += 1
+
+    def _snapshot(self, tenants: dict[str, Tenant], keys: dict[str, ApiKey]) -> Snapshot:
+        config = self._config
+        return Snapshot(MappingProxyType(tenants), MappingProxyType(keys), config, frozenset(config.values()))
+
+    def _read(self) -> Snapshot:
         tenants: dict[str, Tenant] = {}
         for name in self.store.record_names(TENANTS):
             with _skipping("tenant", name):
@@ -336,8 +348,7 @@ class TenantRegistry:
                 record = self._read_key(key_id)
                 if record is not None:
                     keys[record.key_id] = record
-        self.snapshot = Snapshot(MappingProxyType(tenants), MappingProxyType(keys), self._config)
-        self.reloads += 1
+        return self._snapshot(tenants, keys)
 
     async def watch(self, stop: asyncio.Event) -> None:
         """Keep the snapshot current until `stop` is set (see the module docstring). A task on the event
