@@ -79,6 +79,19 @@ def test_light_requests_keep_going_first_while_their_tenant_is_below_its_share()
     assert max(waits) == 1  # every light request starts in the first step after it arrives
 
 
+def test_a_floods_prompt_chunks_do_not_hold_back_another_tenants_prompt():
+    s = make(max_running=8, budget=32)
+    for i in range(4):
+        s.add(seq(f"h{i}", "heavy", prompt=400, max_new=4))  # long prompts, prefilled in chunks
+    step(s)
+    assert all(s.get(f"h{i}").num_computed < 400 for i in range(4))  # still prefilling
+    s.add(seq("light", "light", prompt=12, max_new=4))
+    plan, _ = step(s)
+    light = next(c for c in plan.chunks if c.request_id == "light")
+    assert (light.first, light.num_tokens, light.sample) == (True, 12, True)  # whole prompt, first token
+    assert plan.num_tokens == 32  # the rest of the budget still goes to heavy's prompts
+
+
 def service_shares(weights: dict[str, float], steps: int, seed: int = 0) -> tuple[dict[str, float], int]:
     """Every tenant keeps 40 requests of random lengths queued; the share of the service (prompt tokens
     computed once + 2 x tokens generated) each receives over `steps` steps after a warm-up, counted here

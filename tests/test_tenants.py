@@ -206,6 +206,20 @@ def test_storage_quotas_refuse_with_a_clear_403_and_leave_other_tenants_uploadin
     assert httpx.get(api.url + "/usage", headers=tight).json()["stored"] == {"prefixes": 0, "bytes": 0}
 
 
+def test_a_training_job_counts_against_the_storage_quota(api):
+    """A training job is a prefix to come: one stored prefix and a quota of 2 leave room for one job."""
+    key = new_tenant(api, "trainer", max_stored_prefixes=2)
+    assert httpx.post(api.url + "/prefixes", json={"text": "Be brief.\n"}, headers=key).status_code == 201
+    examples = [{"input": "name : Aromi", "output": "Aromi is a pub."}]
+    train = {"train": {"examples": examples, "epochs": 100, "prefix_len": 2}}
+    first = httpx.post(api.url + "/prefixes", json=train, headers=key)
+    assert first.status_code == 202, first.text
+    r = httpx.post(api.url + "/prefixes", json=train, headers=key)
+    assert r.status_code == 403 and r.json()["error"]["type"] == "quota_exceeded"
+    assert "(2 prefixes stored or being trained; the limit is 2)" in r.json()["error"]["message"]
+    httpx.delete(api.url + f"/jobs/{first.json()['id']}", headers=key)
+
+
 def test_rate_concurrency_and_job_quotas_answer_429_naming_the_quota(api):
     limited = new_tenant(api, "limited", requests_per_minute=1, max_active_jobs=1)
     body = {"input": "name : Aromi", "max_new_tokens": 1}

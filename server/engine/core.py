@@ -202,12 +202,12 @@ class EngineCore:
             raise QuotaExceeded(
                 tenancy.name, "max_concurrent", in_flight, tenancy.max_concurrent, "requests in the engine"
             )
-        ended = self._make_room(tenancy)
         pinned: list[str] = []
         try:
             for resident_id in request.resident_ids:
                 self.prefixes.acquire(resident_id)  # may raise PrefixNotFound if it was removed
                 pinned.append(resident_id)
+            ended = self._make_room(tenancy)  # (only once nothing else can refuse it)
         except BaseException:
             for resident_id in pinned:
                 self.prefixes.release(resident_id)

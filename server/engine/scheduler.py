@@ -6,17 +6,20 @@ Three-call cycle (as in vLLM v1): `schedule()` returns a plan, the runner execut
 Every scheduled row is the same kind of work: compute the tokens `[num_computed, num_computed + n)`
 of one sequence (prompt tokens while prefilling, in chunks if the step's token budget is short;
 the last sampled token while decoding). A row whose chunk reaches the last known token samples the
-next one. Running rows come first (so they never starve), then waiting requests; a waiting request
-whose prefix is not on the device yet is skipped without blocking those behind it.
+next one. Decoding rows come first (one token each, so they never starve), then prompt chunks of
+running rows and admissions of waiting requests; a waiting request whose prefix is not on the device
+yet is skipped without blocking those behind it.
 
 Tenants (architecture.md invariant 10): every sequence belongs to a tenant with a weight, and the
-waiting requests are kept per tenant, in arrival order. Admission takes the next request of the tenant
-that has received the least service for its weight (Virtual Token Counters, fairness.py), so a tenant
-that floods the server waits behind its own requests, not in front of everyone else's. A tenant with
-requests waiting and fewer running rows than its weighted share of the batch may take the place of the
-newest row of a tenant above its share that has received more service (preempted, recomputed later):
-a light tenant's request starts at the next step even when a flood fills the batch. With one tenant
-(or none named) this is plain arrival order, and a tenant alone gets the whole machine.
+waiting requests are kept per tenant, in arrival order. The budget left after the decoding rows goes
+tenant by tenant, to the tenant that has received the least service for its weight first (Virtual
+Token Counters, fairness.py): its running rows' next prompt chunks, then its next waiting request. So
+a tenant that floods the server waits behind its own requests and prompts, not in front of everyone
+else's. A tenant with requests waiting and fewer running rows than its weighted share of a full batch
+may take the place of a row of a tenant above its share (preempted, recomputed later; only a row
+admitted before the request arrived, so nothing churns in steady saturation): a light tenant's
+request starts at the next step even when a flood fills the batch. With one tenant (or none named)
+this is plain arrival order, and a tenant alone gets the whole machine.
 
 Memory: a row's own tokens live in KV blocks (blocks.py) that the scheduler hands out as the row
 grows. A waiting request is admitted while the blocks of its first chunk are free (beyond a small
@@ -258,79 +261,102 @@ class Scheduler:
         plan = SchedulePlan(freed=self._to_free)
         self._to_free = []
         budget = self.config.max_tokens_per_step
-        # decode rows first (one token each: they always fit the budget), then chunks of prompts and of
-        # rows recomputing after a preemption
-        decoding = [s for s in self._running if s.num_tokens - s.num_computed == 1]
-        prefilling = [s for s in self._running if s.num_tokens - s.num_computed > 1]
-        for seq in decoding + prefilling:
+        # decode rows first (one token each: they always fit the budget), then prompt chunks and admissions
+        for seq in [s for s in self._running if s.num_tokens - s.num_computed == 1]:
             if seq.status is Status.RUNNING:  # (not preempted earlier in this loop)
                 budget -= self._schedule_running(plan, seq, budget)
-        self._admit(plan, budget)
+        self._prefill(plan, budget)
         self._last_plan = plan
         return plan
 
-    def _admit(self, plan: SchedulePlan, budget: int) -> None:
-        """Admit waiting requests while the budget and memory allow: into free places the least-served
-        tenant's first; once the batch is full, requests of tenants below their share of the batch, in
-        place of rows of tenants above theirs (`_fair_place`)."""
-        served = self.tenants.snapshot()  # service so far, this step's running rows included
+    def _prefill(self, plan: SchedulePlan, budget: int) -> None:
+        """The rest of the budget, tenant by tenant, the least served first: a tenant's next item is a
+        chunk of its running rows that are prefilling (prompts, and rows recomputing after a preemption),
+        oldest first, else the admission of its next waiting request. So one tenant's prompts never hold
+        back another's, and within a tenant a long prompt is not overtaken by later ones. Admission stops
+        for this step when memory runs out (no later request jumps ahead for want of memory); once the
+        batch is full a request is admitted only into a place due to its tenant (`_fair_place`)."""
+        rows: dict[str, deque[Sequence]] = {}  # each tenant's prefilling rows, in admission order
+        for seq in self._running:
+            if seq.num_tokens - seq.num_computed > 1:
+                rows.setdefault(seq.tenant, deque()).append(seq)
+        served = self.tenants.snapshot()  # service so far, this step's decode rows included
+        blocked: set[str] = set()  # tenants with no place due in the full batch this step
+        admitting = True
         while budget > 0:
-            if len(self._running) < self.config.max_running:
-                seq = self._next_waiting()
-            else:
-                seq, freed = self._fair_place(plan, served)
+            seq = self._next_prefill(rows, blocked if admitting else set(self._queues))
+            if seq is None:
+                return
+            if seq.status is Status.RUNNING:
+                rows[seq.tenant].popleft()
+                budget -= self._schedule_running(plan, seq, budget)
+                continue
+            if len(self._running) >= self.config.max_running:
+                freed = self._fair_place(plan, seq, served)
+                if freed is None:
+                    blocked.add(seq.tenant)
+                    continue
                 budget += freed
-            if seq is None or seq.request_id in plan.preempted:
-                return  # nothing admissible, or memory ran out this step: it waits for the next
-            n = min(seq.num_tokens, budget)
-            blocks = self._take(blocks_for(n, self.config.block_size), self._reserve())
-            if blocks is None:
-                return  # no later request jumps ahead for want of memory
-            self._unqueue(seq)
-            self._running.append(seq)
-            self._rows[seq.tenant] += 1
-            self._clock += 1
-            seq.status, seq.blocks, seq.admitted = Status.RUNNING, blocks, self._clock
-            plan.chunks.append(self._chunk(seq, n, first=True))
-            budget -= n
+            admitting = seq.request_id not in plan.preempted and self._admit(plan, seq, budget)
+            if admitting:
+                budget -= plan.chunks[-1].num_tokens
 
-    def _heads(self) -> list[Sequence]:
-        """Each tenant's first admissible waiting request (its prefix on the device: a request whose
+    def _next_prefill(self, rows: dict[str, deque[Sequence]], closed: set[str]) -> Sequence | None:
+        """The next item of the tenant with the least service for its weight (between equals, a tenant
+        just lifted to the others' counter, the one with fewer rows in the batch for its weight; then
+        the older item): its oldest prefilling row, else its first admissible waiting request unless its
+        admissions are `closed`."""
+        best: tuple[float, float, int] | None = None
+        found: Sequence | None = None
+        for tenant in set(rows) | set(self._queues):
+            mine = rows.get(tenant)
+            while mine and mine[0].status is not Status.RUNNING:  # preempted earlier in this step
+                mine.popleft()
+            if mine:
+                seq, order = mine[0], mine[0].admitted
+            elif tenant not in closed and (seq := self._head(tenant)) is not None:
+                order = seq.arrival
+            else:
+                continue
+            rank = (self.tenants.counter(tenant), self._rows[tenant] / self.tenants.weight(tenant), order)
+            if best is None or rank < best:
+                best, found = rank, seq
+        return found
+
+    def _head(self, tenant: str) -> Sequence | None:
+        """The tenant's first admissible waiting request (its prefix on the device: a request whose
         prefix is loading keeps its place without blocking the requests behind it)."""
-        heads = (next((s for s in q if not self._prefix_pending(s)), None) for q in self._queues.values())
-        return [s for s in heads if s is not None]
+        return next((s for s in self._queues.get(tenant, ()) if not self._prefix_pending(s)), None)
 
-    def _next_waiting(self) -> Sequence | None:
-        """The first admissible request of the tenant with the least service for its weight; between
-        equals (a tenant just lifted to the others' counter) the one with fewer rows in the batch for its
-        weight; then arrival order."""
+    def _admit(self, plan: SchedulePlan, seq: Sequence, budget: int) -> bool:
+        """Admit a waiting request with the first chunk the budget allows; False: its blocks are short."""
+        n = min(seq.num_tokens, budget)
+        blocks = self._take(blocks_for(n, self.config.block_size), self._reserve())
+        if blocks is None:
+            return False
+        self._unqueue(seq)
+        self._running.append(seq)
+        self._rows[seq.tenant] += 1
+        self._clock += 1
+        seq.status, seq.blocks, seq.admitted = Status.RUNNING, blocks, self._clock
+        plan.chunks.append(self._chunk(seq, n, first=True))
+        return True
 
-        def rank(seq: Sequence) -> tuple[float, float, int]:
-            t = seq.tenant
-            return self.tenants.counter(t), self._rows[t] / self.tenants.weight(t), seq.arrival
-
-        return min(self._heads(), key=rank, default=None)
-
-    def _fair_place(self, plan: SchedulePlan, served: dict[str, float]) -> tuple[Sequence | None, int]:
-        """The batch is full: the first waiting request (least service when this step began, `served`,
-        first) whose tenant runs fewer rows than its weighted share of the batch takes the place of a row
-        it may displace (`_displaced`), which steps back (preempted). Returns (that request, the budget the
-        preempted row gave back), or (None, 0) when no place is due."""
+    def _fair_place(self, plan: SchedulePlan, seq: Sequence, served: dict[str, float]) -> int | None:
+        """The batch is full: if `seq`'s tenant runs fewer rows than its weighted share of the batch, a
+        row it may displace (`_displaced`) steps back for it (preempted). Returns the budget the
+        preempted row gave back, or None when no place is due."""
         places = self.config.max_running
         rows = {t: n for t, n in self._rows.items() if n}
-        weight_of_rows = sum(self.tenants.weight(t) for t in rows)
-        for seq in sorted(self._heads(), key=lambda s: (served.get(s.tenant, 0.0), s.arrival)):
-            total = weight_of_rows + (0.0 if seq.tenant in rows else self.tenants.weight(seq.tenant))
+        total = sum(self.tenants.weight(t) for t in rows | {seq.tenant: 0})
 
-            def share(tenant: str, total: float = total) -> float:
-                return places * self.tenants.weight(tenant) / total
+        def share(tenant: str) -> float:
+            return places * self.tenants.weight(tenant) / total
 
-            if rows.get(seq.tenant, 0) + 1 > share(seq.tenant):
-                continue
-            victim = self._displaced(seq, rows, share, served)
-            if victim is not None:
-                return seq, self._preempt(plan, victim)
-        return None, 0
+        if rows.get(seq.tenant, 0) + 1 > share(seq.tenant):
+            return None
+        victim = self._displaced(seq, rows, share, served)
+        return None if victim is None else self._preempt(plan, victim)
 
     def _displaced(
         self,

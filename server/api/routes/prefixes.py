@@ -254,11 +254,7 @@ class _Creation:
         async def create(prefix_id: str) -> JSONResponse:
             admit = await prefix_admission(self.state, self.tenant)
             meta = await add(prefix_id, admit)  # new: no evaluations yet
-            size = self.state.service.size(meta.id)
-            await asyncio.to_thread(  # once per prefix: a replayed or resumed request counts nothing again
-                self.state.usage.record_once, f"prefix:{meta.id}", self.tenant, stored_bytes=size or 0
-            )
-            return JSONResponse(PrefixInfo.of(meta, [], size).model_dump(), 201)
+            return await self._created(meta)
 
         return await self._run(fingerprint, new_prefix_id(), create, self._recover_prefix)
 
@@ -288,7 +284,16 @@ class _Creation:
             return None
         if meta.owner != self.tenant:
             return None
-        return JSONResponse(PrefixInfo.of(meta, [], self.state.service.size(prefix_id)).model_dump(), 201)
+        return await self._created(meta)  # (counted now if the stop came between storing and counting)
+
+    async def _created(self, meta: PrefixMeta) -> JSONResponse:
+        """The answer for a prefix this request created; its bytes counted in the tenant's usage once
+        per prefix (a replayed or resumed request counts nothing again)."""
+        size = self.state.service.size(meta.id)
+        await asyncio.to_thread(
+            self.state.usage.record_once, f"prefix:{meta.id}", self.tenant, stored_bytes=size or 0
+        )
+        return JSONResponse(PrefixInfo.of(meta, [], size).model_dump(), 201)
 
     async def _recover_job(self, job_id: str) -> JSONResponse | None:
         """The answer for a planned job id already queued (by this tenant), else None."""
