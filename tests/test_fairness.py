@@ -53,7 +53,14 @@ def test_a_light_tenant_is_admitted_at_the_next_step_with_300_of_another_waiting
     admitted = [c.request_id for c in plan.chunks if c.first]
     assert admitted == ["light"]  # at once, ahead of 300 earlier requests
     assert plan.preempted == ["h3"]  # the newest row of the tenant above its share stepped back for it
-    assert s.get("h3").num_preemptions == 1 and s.num_running == 4
+    h3 = s.get("h3")
+    assert h3.num_preemptions == 1 and s.num_running == 4
+    assert h3.num_computed == 6 and len(h3.blocks) == 2  # paused: it keeps its KV (and the block it grew)
+    while s.get("light") is not None:
+        step(s)
+    plan, _ = step(s)  # light is done: h3 goes on where it stopped (one token, not a recompute)
+    chunk = next(c for c in plan.chunks if c.request_id == "h3")
+    assert (chunk.first, chunk.start, chunk.num_tokens) == (False, 6, 1)
 
 
 def test_light_requests_keep_going_first_while_their_tenant_is_below_its_share():
@@ -90,6 +97,47 @@ def test_a_floods_prompt_chunks_do_not_hold_back_another_tenants_prompt():
     light = next(c for c in plan.chunks if c.request_id == "light")
     assert (light.first, light.num_tokens, light.sample) == (True, 12, True)  # whole prompt, first token
     assert plan.num_tokens == 32  # the rest of the budget still goes to heavy's prompts
+
+
+def test_a_paused_row_gives_its_blocks_back_when_memory_runs_short():
+    s = make(max_running=2, blocks=6, block_size=4)
+    s.add(seq("h0", "heavy", prompt=4, max_new=20))
+    s.add(seq("h1", "heavy", prompt=4, max_new=20))
+    step(s)
+    s.add(seq("light", "light", prompt=4, max_new=20))
+    plan, _ = step(s)
+    h1 = s.get("h1")
+    assert plan.preempted == ["h1"] and len(h1.blocks) == 2  # paused, holding its blocks
+    for _ in range(6):  # h0 and light grow until blocks run short: h1's are taken back first
+        step(s)
+    assert (h1.status.value, h1.blocks, h1.num_computed) == ("waiting", [], 0)
+    assert s.get("h0").status.value == "running" and s.get("light").status.value == "running"
+    while s.has_work:
+        step(s)
+    assert s.blocks.num_free == 6  # every block back
+
+
+def test_paused_and_resumed_rows_give_the_tokens_they_give_alone(tiny_model):
+    """Invariant 3 with fair places: a flood's row that gives its place and goes on later, and the light
+    request that took it, produce exactly their greedy tokens run alone."""
+    core = EngineCore(tiny_model, EngineConfig(max_running=2, max_waiting=8))
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    inputs = {"h0": "name : Aromi", "h1": "name : Cotto | food", "light": "name : Wildwood"}
+    for rid in ("h0", "h1"):
+        core.add(core.prepare(inputs[rid], params, request_id=rid, tenancy=Tenancy("heavy")))
+    got: dict[str, list[int]] = {rid: [] for rid in inputs}
+    for _ in range(2):
+        for out in core.step():
+            got[out.request_id] += out.token_ids
+    core.add(core.prepare(inputs["light"], params, request_id="light", tenancy=Tenancy("light")))
+    for rid, outs in core.run_to_completion().items():
+        got[rid] += [t for o in outs for t in o.token_ids]
+    assert core.scheduler.num_preemptions == 1  # h1 paused for light
+    for rid, text in inputs.items():
+        alone = EngineCore(tiny_model)
+        alone.add(alone.prepare(text, params, request_id=rid))
+        want = [t for o in alone.run_to_completion()[rid] for t in o.token_ids]
+        assert len(want) == 12 and got[rid] == want, rid
 
 
 def service_shares(weights: dict[str, float], steps: int, seed: int = 0) -> tuple[dict[str, float], int]:

@@ -16,10 +16,12 @@ tenant by tenant, to the tenant that has received the least service for its weig
 Token Counters, fairness.py): its running rows' next prompt chunks, then its next waiting request. So
 a tenant that floods the server waits behind its own requests and prompts, not in front of everyone
 else's. A tenant with requests waiting and fewer running rows than its weighted share of a full batch
-may take the place of a row of a tenant above its share (preempted, recomputed later; only a row
-admitted before the request arrived, so nothing churns in steady saturation): a light tenant's
-request starts at the next step even when a flood fills the batch. With one tenant (or none named)
-this is plain arrival order, and a tenant alone gets the whole machine.
+may take the place of a row of a tenant above its share (only a row admitted before the request
+arrived, so nothing churns in steady saturation): that row is paused, keeping its KV blocks, and goes
+on where it stopped when its tenant gets a place again (its blocks are taken back, and its tokens
+recomputed later, only if memory runs short meanwhile). A light tenant's request starts at the next
+step even when a flood fills the batch, and the flood loses no work to it. With one tenant (or none
+named) this is plain arrival order, and a tenant alone gets the whole machine.
 
 Memory: a row's own tokens live in KV blocks (blocks.py) that the scheduler hands out as the row
 grows. A waiting request is admitted while the blocks of its first chunk are free (beyond a small
@@ -155,6 +157,7 @@ class Scheduler:
         self._num_waiting = 0
         self._running: list[Sequence] = []  # admission order
         self._rows: Counter[str] = Counter()  # running rows per tenant
+        self._paused: list[Sequence] = []  # waiting rows that gave their place but kept their blocks
         self._by_id: dict[str, Sequence] = {}
         self._to_free: list[str] = []  # left the batch since the last plan
         self._last_plan: SchedulePlan | None = None
@@ -238,7 +241,9 @@ class Scheduler:
         if seq is None:
             return False
         if seq.status is Status.WAITING:
-            self._unqueue(seq)  # holds no blocks (never admitted, or preempted)
+            self._unqueue(seq)  # holds no blocks (never admitted, or preempted), unless paused
+            if seq in self._paused:
+                self._paused.remove(seq)
         else:
             self._running.remove(seq)
             self._rows[seq.tenant] -= 1
@@ -329,17 +334,21 @@ class Scheduler:
         return next((s for s in self._queues.get(tenant, ()) if not self._prefix_pending(s)), None)
 
     def _admit(self, plan: SchedulePlan, seq: Sequence, budget: int) -> bool:
-        """Admit a waiting request with the first chunk the budget allows; False: its blocks are short."""
-        n = min(seq.num_tokens, budget)
-        blocks = self._take(blocks_for(n, self.config.block_size), self._reserve())
+        """Admit a waiting request with the next chunk the budget allows (a paused row goes on from
+        where it stopped, with the blocks it kept); False: blocks are short."""
+        n = min(seq.num_tokens - seq.num_computed, budget)
+        need = blocks_for(seq.num_computed + n, self.config.block_size) - len(seq.blocks)
+        blocks = self._take(need, self._reserve(), spare=seq)
         if blocks is None:
             return False
         self._unqueue(seq)
+        if seq in self._paused:
+            self._paused.remove(seq)
         self._running.append(seq)
         self._rows[seq.tenant] += 1
         self._clock += 1
-        seq.status, seq.blocks, seq.admitted = Status.RUNNING, blocks, self._clock
-        plan.chunks.append(self._chunk(seq, n, first=True))
+        seq.status, seq.blocks, seq.admitted = Status.RUNNING, seq.blocks + blocks, self._clock
+        plan.chunks.append(self._chunk(seq, n, first=seq.num_computed == 0))
         return True
 
     def _fair_place(self, plan: SchedulePlan, seq: Sequence, served: dict[str, float]) -> int | None:
@@ -356,7 +365,7 @@ class Scheduler:
         if rows.get(seq.tenant, 0) + 1 > share(seq.tenant):
             return None
         victim = self._displaced(seq, rows, share, served)
-        return None if victim is None else self._preempt(plan, victim)
+        return None if victim is None else self._preempt(plan, victim, pause=True)
 
     def _displaced(
         self,
@@ -394,13 +403,23 @@ class Scheduler:
         reserve = self.config.watermark_blocks if self._running else 0
         return reserve + (self._reserved() if self._reserved is not None else 0)
 
-    def _take(self, n: int, keep: int = 0) -> list[int] | None:
-        """n free blocks, leaving `keep` free; evicts unused prefixes when that makes room. None: short."""
+    def _take(self, n: int, keep: int = 0, spare: Sequence | None = None) -> list[int] | None:
+        """n free blocks, leaving `keep` free; evicts unused prefixes, then takes back the blocks of
+        paused rows (newest first; not `spare`'s), when that makes room. None: short."""
         blocks = self.blocks.try_allocate(n, keep)
         if blocks is None and self._reclaim is not None:
             self._reclaim(n + keep)
             blocks = self.blocks.try_allocate(n, keep)
+        while blocks is None and (paused := [p for p in self._paused if p is not spare]):
+            self._unpause(paused[-1])
+            blocks = self.blocks.try_allocate(n, keep)
         return blocks
+
+    def _unpause(self, seq: Sequence) -> None:
+        """A paused row gives its blocks back: it recomputes its tokens when it runs again."""
+        self._paused.remove(seq)
+        self.blocks.free(seq.blocks)
+        seq.blocks, seq.num_computed = [], 0
 
     def _schedule_running(self, plan: SchedulePlan, seq: Sequence, budget: int) -> int:
         """Schedule a running row's next chunk, growing its block table; preempts rows of the tenant
@@ -425,14 +444,19 @@ class Scheduler:
         tenant = max({s.tenant for s in self._running}, key=self.tenants.counter)
         return next(s for s in reversed(self._running) if s.tenant == tenant)
 
-    def _preempt(self, plan: SchedulePlan, seq: Sequence) -> int:
-        """Send a running row back to the front of its tenant's queue, freeing its blocks; its tokens so
-        far are recomputed when it runs again. Returns the tokens of its chunk already in `plan`
-        (removed)."""
+    def _preempt(self, plan: SchedulePlan, seq: Sequence, pause: bool = False) -> int:
+        """Send a running row back to the front of its tenant's queue. Out of memory its blocks are
+        freed and its tokens so far recomputed when it runs again; to give its place (`pause`) it keeps
+        its blocks and goes on where it stopped (unless memory runs short meanwhile: `_take`). Returns
+        the tokens of its chunk already in `plan` (removed)."""
         self._running.remove(seq)
         self._rows[seq.tenant] -= 1
-        self.blocks.free(seq.blocks)
-        seq.blocks, seq.num_computed, seq.status = [], 0, Status.WAITING
+        seq.status = Status.WAITING
+        if pause:
+            self._paused.append(seq)
+        else:
+            self.blocks.free(seq.blocks)
+            seq.blocks, seq.num_computed = [], 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self._queues.setdefault(seq.tenant, deque()).appendleft(seq)
