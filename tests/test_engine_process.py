@@ -83,8 +83,9 @@ def test_a_killed_engine_fails_requests_in_flight_fast_and_is_started_again(tiny
         with httpx.stream("POST", url + "/generate", json={**long, "stream": True}, timeout=30) as r:
             lines = r.iter_lines()
             head = [next(lines), next(lines)]  # the first token arrived
+            os.kill(first, signal.SIGSTOP)  # frozen: the stream cannot finish before the kill
             t.start()
-            time.sleep(0.2)
+            time.sleep(0.2)  # the whole request reaches the API and waits on the engine
             os.kill(first, signal.SIGKILL)
             killed = time.monotonic()
             events = sse_events([*head, *lines])
