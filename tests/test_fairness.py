@@ -99,6 +99,25 @@ def test_a_floods_prompt_chunks_do_not_hold_back_another_tenants_prompt():
     assert plan.num_tokens == 32  # the rest of the budget still goes to heavy's prompts
 
 
+def test_a_step_with_a_light_prompt_carries_no_prompt_of_a_tenant_above_its_share():
+    s = make(max_running=12, budget=64)  # room for all: no row gives its place
+    for i in range(7):
+        s.add(seq(f"d{i}", "heavy", prompt=4, max_new=50))  # decoding rows
+    step(s)
+    s.add(seq("p", "heavy", prompt=300, max_new=4))  # a long prompt, prefilled in chunks
+    step(s)
+    assert s.num_running == 8 and 0 < s.get("p").num_computed < 300
+    s.add(seq("light", "light", prompt=12, max_new=4))  # heavy holds 8 places, its share is 6
+    plan, _ = step(s)
+    chunks = {c.request_id: c for c in plan.chunks}
+    assert chunks["light"].first and chunks["light"].num_tokens == 12
+    heavy = [c for rid, c in chunks.items() if rid != "light"]
+    assert heavy and all(c.num_tokens == 1 for c in heavy)  # heavy's decoding rows only: no prompt chunk
+    plan, _ = step(s)  # the next step gives heavy's prompt the budget again
+    assert next(c for c in plan.chunks if c.request_id == "p").num_tokens > 1
+    assert plan.num_tokens == 64
+
+
 def test_a_paused_row_gives_its_blocks_back_when_memory_runs_short():
     s = make(max_running=2, blocks=6, block_size=4)
     s.add(seq("h0", "heavy", prompt=4, max_new=20))

@@ -280,21 +280,27 @@ class Scheduler:
         oldest first, else the admission of its next waiting request. So one tenant's prompts never hold
         back another's, and within a tenant a long prompt is not overtaken by later ones. Admission stops
         for this step when memory runs out (no later request jumps ahead for want of memory); once the
-        batch is full a request is admitted only into a place due to its tenant (`_fair_place`)."""
+        batch is full a request is admitted only into a place due to its tenant (`_fair_place`). A step
+        that carries the prompt of a tenant within its share of the batch carries no prompt of a tenant
+        above its share (`_crowding`): the newcomer's first token waits for the flood's decoding rows,
+        never for the flood's prompts, and the flood's prompts wait one step (nothing is lost)."""
         rows: dict[str, deque[Sequence]] = {}  # each tenant's prefilling rows, in admission order
         for seq in self._running:
             if seq.num_tokens - seq.num_computed > 1:
                 rows.setdefault(seq.tenant, deque()).append(seq)
         served = self.tenants.snapshot()  # service so far, this step's decode rows included
         blocked: set[str] = set()  # tenants with no place due in the full batch this step
+        crowding: set[str] = set()  # tenants above their share, held back this step (`_crowding`)
         admitting = True
         while budget > 0:
-            seq = self._next_prefill(rows, blocked if admitting else set(self._queues))
+            seq = self._next_prefill(rows, blocked if admitting else set(self._queues), crowding)
             if seq is None:
                 return
+            crowded = self._crowding(seq)
             if seq.status is Status.RUNNING:
                 rows[seq.tenant].popleft()
                 budget -= self._schedule_running(plan, seq, budget)
+                crowding |= crowded
                 continue
             if len(self._running) >= self.config.max_running:
                 freed = self._fair_place(plan, seq, served)
@@ -305,15 +311,18 @@ class Scheduler:
             admitting = seq.request_id not in plan.preempted and self._admit(plan, seq, budget)
             if admitting:
                 budget -= plan.chunks[-1].num_tokens
+                crowding |= crowded
 
-    def _next_prefill(self, rows: dict[str, deque[Sequence]], closed: set[str]) -> Sequence | None:
+    def _next_prefill(
+        self, rows: dict[str, deque[Sequence]], closed: set[str], held: set[str]
+    ) -> Sequence | None:
         """The next item of the tenant with the least service for its weight (between equals, a tenant
         just lifted to the others' counter, the one with fewer rows in the batch for its weight; then
-        the older item): its oldest prefilling row, else its first admissible waiting request unless its
-        admissions are `closed`."""
+        the older item), tenants `held` aside: its oldest prefilling row, else its first admissible
+        waiting request unless its admissions are `closed`."""
         best: tuple[float, float, int] | None = None
         found: Sequence | None = None
-        for tenant in set(rows) | set(self._queues):
+        for tenant in (set(rows) | set(self._queues)) - held:
             mine = rows.get(tenant)
             while mine and mine[0].status is not Status.RUNNING:  # preempted earlier in this step
                 mine.popleft()
@@ -327,6 +336,18 @@ class Scheduler:
             if best is None or rank < best:
                 best, found = rank, seq
         return found
+
+    def _crowding(self, seq: Sequence) -> set[str]:
+        """If `seq`'s tenant, with `seq` in the batch, holds no more than its weighted share of the
+        places: the tenants holding more than theirs (their prompts wait while its prompt runs).
+        Shares are over the tenants in the batch and `seq`'s."""
+        rows = {t: n for t, n in self._rows.items() if n}
+        mine = rows.get(seq.tenant, 0) + (seq.status is not Status.RUNNING)
+        total = sum(self.tenants.weight(t) for t in rows | {seq.tenant: 0})
+        places = self.config.max_running / total
+        if mine > places * self.tenants.weight(seq.tenant):
+            return set()
+        return {t for t, n in rows.items() if n > places * self.tenants.weight(t)}
 
     def _head(self, tenant: str) -> Sequence | None:
         """The tenant's first admissible waiting request (its prefix on the device: a request whose
