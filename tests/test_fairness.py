@@ -118,6 +118,23 @@ def test_a_step_with_a_light_prompt_carries_no_prompt_of_a_tenant_above_its_shar
     assert plan.num_tokens == 64
 
 
+def test_a_tenant_above_its_share_gets_a_bounded_prompt_per_step_only_while_another_has_work():
+    config = SchedulerConfig(max_running=12, max_tokens_per_step=64, crowded_prompt_tokens=16)
+    s = Scheduler(config, lambda pid: True)
+    for i in range(7):
+        s.add(seq(f"d{i}", "heavy", prompt=4, max_new=50))
+    step(s)
+    s.add(seq("p", "heavy", prompt=300, max_new=4))
+    plan, _ = step(s)  # heavy alone: the whole budget
+    assert next(c for c in plan.chunks if c.request_id == "p").num_tokens == 64 - 7
+    s.add(seq("light", "light", prompt=4, max_new=50))  # heavy: 8 rows, its share 6
+    step(s)  # light's prompt: heavy's prompt waits
+    for _ in range(3):  # light decodes: heavy's prompt goes on, 16 tokens a step
+        plan, _ = step(s)
+        assert next(c for c in plan.chunks if c.request_id == "p").num_tokens == 16
+    assert plan.num_tokens == 7 + 1 + 16
+
+
 def test_a_paused_row_gives_its_blocks_back_when_memory_runs_short():
     s = make(max_running=2, blocks=6, block_size=4)
     s.add(seq("h0", "heavy", prompt=4, max_new=20))

@@ -62,6 +62,10 @@ class EngineConfig:
     # each layer's dense part (everything but attention) as CUDA graphs at token-count buckets (graphs.py);
     # None: on for CUDA, off elsewhere. True on the CPU runs the same pieces without capture (tests)
     cuda_graphs: bool | None = None
+    # while tenants share the engine, the prompt tokens a step carries for a tenant above its share of the
+    # batch, in tokens (the step a newcomer waits behind stays short); None: a quarter of the budget on
+    # the CPU, where a step's time grows with its tokens; unbounded on CUDA, where it hardly does
+    crowded_prompt_tokens: int | None = None
     record_logits: bool = False  # attach each step's logits to the outputs (tests, debugging)
     detokenize: bool = True  # False: outputs carry token ids only (text and stop strings done by the caller)
 
@@ -71,11 +75,14 @@ class EngineConfig:
         running = self.max_running or DEFAULT_MAX_RUNNING.get(device.type, DEFAULT_MAX_RUNNING["cpu"])
         tokens = self.kv_cache_tokens or min(running * max_seq_len // 2, fits or 1 << 62)
         tokens = max(tokens, max_seq_len)
+        budget = self.max_tokens_per_step or max(512, running)
+        crowded = self.crowded_prompt_tokens or (budget if device.type == "cuda" else budget // 4)
         return replace(
             self,
             cuda_graphs=device.type == "cuda" if self.cuda_graphs is None else self.cuda_graphs,
             max_running=running,
-            max_tokens_per_step=self.max_tokens_per_step or max(512, running),
+            max_tokens_per_step=budget,
+            crowded_prompt_tokens=crowded,
             max_seq_len=max_seq_len,
             kv_cache_tokens=tokens,
         )
@@ -86,6 +93,7 @@ class EngineConfig:
         return SchedulerConfig(
             max_running=self.max_running,
             max_tokens_per_step=self.max_tokens_per_step,
+            crowded_prompt_tokens=self.crowded_prompt_tokens,
             num_blocks=num_blocks,
             block_size=self.block_size,
             watermark_blocks=max(1, num_blocks // 100),

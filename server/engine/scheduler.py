@@ -58,10 +58,15 @@ class SchedulerConfig:
     # a tenant's service (fairness.py): prompt tokens x service_in + generated tokens x service_out
     service_in: float = 1.0
     service_out: float = 2.0
+    # while another tenant has work, the prompt tokens a step carries for a tenant above its share of the
+    # batch (None: no bound): keeps short the step in progress that a newcomer's first token waits for
+    crowded_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_running < 1:
             raise ValueError(f"max_running must be >= 1, got {self.max_running}")
+        if self.crowded_prompt_tokens is not None and self.crowded_prompt_tokens < 1:
+            raise ValueError(f"crowded_prompt_tokens must be >= 1 or None, got {self.crowded_prompt_tokens}")
         if self.max_tokens_per_step < self.max_running:
             raise ValueError(
                 f"max_tokens_per_step ({self.max_tokens_per_step}) must be >= "
@@ -280,38 +285,47 @@ class Scheduler:
         oldest first, else the admission of its next waiting request. So one tenant's prompts never hold
         back another's, and within a tenant a long prompt is not overtaken by later ones. Admission stops
         for this step when memory runs out (no later request jumps ahead for want of memory); once the
-        batch is full a request is admitted only into a place due to its tenant (`_fair_place`). A step
-        that carries the prompt of a tenant within its share of the batch carries no prompt of a tenant
-        above its share (`_crowding`): the newcomer's first token waits for the flood's decoding rows,
-        never for the flood's prompts, and the flood's prompts wait one step (nothing is lost)."""
+        batch is full a request is admitted only into a place due to its tenant (`_fair_place`).
+        While tenants share the batch, a tenant above its share gets at most `crowded_prompt_tokens` of
+        prompt a step, and none in a step that carries the prompt of a tenant within its share
+        (`_crowding`): a newcomer's first token waits for a short step in progress and then for the
+        flood's decoding rows, never for the flood's prompts (they wait a step; nothing is lost)."""
         rows: dict[str, deque[Sequence]] = {}  # each tenant's prefilling rows, in admission order
         for seq in self._running:
             if seq.num_tokens - seq.num_computed > 1:
                 rows.setdefault(seq.tenant, deque()).append(seq)
         served = self.tenants.snapshot()  # service so far, this step's decode rows included
         blocked: set[str] = set()  # tenants with no place due in the full batch this step
-        crowding: set[str] = set()  # tenants above their share, held back this step (`_crowding`)
+        allowance = self._allowances()  # prompt tokens left this step to each tenant above its share
+        held: set[str] = set()  # tenants above their share with no more prompt this step
         admitting = True
         while budget > 0:
-            seq = self._next_prefill(rows, blocked if admitting else set(self._queues), crowding)
+            seq = self._next_prefill(rows, blocked if admitting else set(self._queues), held)
             if seq is None:
                 return
             crowded = self._crowding(seq)
+            room = min(budget, allowance.get(seq.tenant, budget))
             if seq.status is Status.RUNNING:
                 rows[seq.tenant].popleft()
-                budget -= self._schedule_running(plan, seq, budget)
-                crowding |= crowded
-                continue
-            if len(self._running) >= self.config.max_running:
-                freed = self._fair_place(plan, seq, served)
-                if freed is None:
-                    blocked.add(seq.tenant)
+                used = self._schedule_running(plan, seq, room)
+            else:
+                if len(self._running) >= self.config.max_running:
+                    freed = self._fair_place(plan, seq, served)
+                    if freed is None:
+                        blocked.add(seq.tenant)
+                        continue
+                    budget += freed
+                    room = min(budget, allowance.get(seq.tenant, budget))
+                admitting = seq.request_id not in plan.preempted and self._admit(plan, seq, room)
+                if not admitting:
                     continue
-                budget += freed
-            admitting = seq.request_id not in plan.preempted and self._admit(plan, seq, budget)
-            if admitting:
-                budget -= plan.chunks[-1].num_tokens
-                crowding |= crowded
+                used = plan.chunks[-1].num_tokens
+            budget -= used
+            held |= crowded
+            if seq.tenant in allowance:
+                allowance[seq.tenant] -= used
+                if allowance[seq.tenant] <= 0:
+                    held.add(seq.tenant)
 
     def _next_prefill(
         self, rows: dict[str, deque[Sequence]], closed: set[str], held: set[str]
@@ -337,17 +351,32 @@ class Scheduler:
                 best, found = rank, seq
         return found
 
+    def _allowances(self) -> dict[str, int]:
+        """While more than one tenant has work: `crowded_prompt_tokens` for each tenant above its share."""
+        working = {t for t, n in self._rows.items() if n} | set(self._queues)
+        cap = self.config.crowded_prompt_tokens
+        if cap is None or len(working) < 2:
+            return {}
+        return {t: cap for t in self._above_share(working)}
+
     def _crowding(self, seq: Sequence) -> set[str]:
         """If `seq`'s tenant, with `seq` in the batch, holds no more than its weighted share of the
-        places: the tenants holding more than theirs (their prompts wait while its prompt runs).
-        Shares are over the tenants in the batch and `seq`'s."""
-        rows = {t: n for t, n in self._rows.items() if n}
-        mine = rows.get(seq.tenant, 0) + (seq.status is not Status.RUNNING)
-        total = sum(self.tenants.weight(t) for t in rows | {seq.tenant: 0})
-        places = self.config.max_running / total
-        if mine > places * self.tenants.weight(seq.tenant):
+        places: the tenants holding more than theirs (their prompts wait while its prompt runs)."""
+        mine = self._rows[seq.tenant] + (seq.status is not Status.RUNNING)
+        if mine > self._places({seq.tenant}) * self.tenants.weight(seq.tenant):
             return set()
-        return {t for t, n in rows.items() if n > places * self.tenants.weight(t)}
+        return self._above_share({seq.tenant})
+
+    def _above_share(self, also: set[str]) -> set[str]:
+        """The tenants holding more rows than their weighted share of the places, the shares taken over
+        the tenants in the batch and `also`."""
+        places = self._places(also)
+        return {t for t, n in self._rows.items() if n > places * self.tenants.weight(t)}
+
+    def _places(self, also: set[str]) -> float:
+        """The batch's places per unit of weight, over the tenants in the batch and `also`."""
+        tenants = {t for t, n in self._rows.items() if n} | also
+        return self.config.max_running / sum(self.tenants.weight(t) for t in tenants)
 
     def _head(self, tenant: str) -> Sequence | None:
         """The tenant's first admissible waiting request (its prefix on the device: a request whose
