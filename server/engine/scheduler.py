@@ -405,12 +405,11 @@ class Scheduler:
         """The batch is full: if `seq`'s tenant runs fewer rows than its weighted share of the batch, a
         row it may displace (`_displaced`) steps back for it (preempted). Returns the budget the
         preempted row gave back, or None when no place is due."""
-        places = self.config.max_running
+        places = self._places({seq.tenant})
         rows = {t: n for t, n in self._rows.items() if n}
-        total = sum(self.tenants.weight(t) for t in rows | {seq.tenant: 0})
 
         def share(tenant: str) -> float:
-            return places * self.tenants.weight(tenant) / total
+            return places * self.tenants.weight(tenant)
 
         if rows.get(seq.tenant, 0) + 1 > share(seq.tenant):
             return None
