@@ -135,6 +135,22 @@ def test_a_tenant_above_its_share_gets_a_bounded_prompt_per_step_only_while_anot
     assert plan.num_tokens == 7 + 1 + 16
 
 
+def test_a_tenant_that_just_left_still_bounds_the_floods_prompt_for_a_few_steps():
+    """A client's next request follows the end of its previous one: the step in progress when it comes
+    is kept as short as while it was there."""
+    config = SchedulerConfig(max_running=12, max_tokens_per_step=64, crowded_prompt_tokens=16, sharing_steps=2)
+    s = Scheduler(config, lambda pid: True)
+    for i in range(7):
+        s.add(seq(f"d{i}", "heavy", prompt=4, max_new=50))
+    step(s)
+    s.add(seq("light", "light", prompt=4, max_new=1))
+    step(s)  # light's only token: it has left
+    assert s.get("light") is None
+    s.add(seq("p", "heavy", prompt=300, max_new=4))
+    sizes = [next(c for c in step(s)[0].chunks if c.request_id == "p").num_tokens for _ in range(3)]
+    assert sizes == [16, 16, 64 - 7]  # two steps as if light were there, then heavy alone: the budget
+
+
 def test_a_paused_row_gives_its_blocks_back_when_memory_runs_short():
     s = make(max_running=2, blocks=6, block_size=4)
     s.add(seq("h0", "heavy", prompt=4, max_new=20))

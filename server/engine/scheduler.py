@@ -58,15 +58,22 @@ class SchedulerConfig:
     # a tenant's service (fairness.py): prompt tokens x service_in + generated tokens x service_out
     service_in: float = 1.0
     service_out: float = 2.0
-    # while another tenant has work, the prompt tokens a step carries for a tenant above its share of the
-    # batch (None: no bound): keeps short the step in progress that a newcomer's first token waits for
+    # while tenants share the engine (`sharing_steps`), the prompt tokens a step carries for a tenant above
+    # its share of the batch (None: no bound): keeps short the step in progress that a newcomer's first
+    # token waits for
     crowded_prompt_tokens: int | None = None
+    # a tenant counts as sharing the engine while it has work and for this many steps after its last
+    # request ended: a client's next request follows the end of its previous one, and finds the step then
+    # in progress as short as while it was there
+    sharing_steps: int = 4
 
     def __post_init__(self) -> None:
         if self.max_running < 1:
             raise ValueError(f"max_running must be >= 1, got {self.max_running}")
         if self.crowded_prompt_tokens is not None and self.crowded_prompt_tokens < 1:
             raise ValueError(f"crowded_prompt_tokens must be >= 1 or None, got {self.crowded_prompt_tokens}")
+        if self.sharing_steps < 0:
+            raise ValueError(f"sharing_steps must be >= 0, got {self.sharing_steps}")
         if self.max_tokens_per_step < self.max_running:
             raise ValueError(
                 f"max_tokens_per_step ({self.max_tokens_per_step}) must be >= "
@@ -167,6 +174,8 @@ class Scheduler:
         self._to_free: list[str] = []  # left the batch since the last plan
         self._last_plan: SchedulePlan | None = None
         self._clock = 0  # ticks at every arrival and admission: orders them
+        self._steps = 0  # plans made
+        self._left: dict[str, int] = {}  # tenant -> the step its last request ended (while it has none)
         self.tenants = TenantCounters(config.service_in, config.service_out)
         self.blocks = BlockAllocator(config.num_blocks, config.block_size)
         self.num_preemptions = 0  # rows sent back to the queue for want of blocks or a fair place, ever
@@ -255,6 +264,8 @@ class Scheduler:
             self._to_free.append(request_id)
         seq.status, seq.finish_reason = Status.FINISHED, reason
         self.tenants.leave(seq.tenant)
+        if not self.tenants.live[seq.tenant]:
+            self._left[seq.tenant] = self._steps
         self.blocks.free(seq.blocks)
         seq.blocks = []
         return True
@@ -270,6 +281,7 @@ class Scheduler:
     def schedule(self) -> SchedulePlan:
         plan = SchedulePlan(freed=self._to_free)
         self._to_free = []
+        self._steps += 1
         budget = self.config.max_tokens_per_step
         # decode rows first (one token each: they always fit the budget), then prompt chunks and admissions
         for seq in [s for s in self._running if s.num_tokens - s.num_computed == 1]:
@@ -352,12 +364,20 @@ class Scheduler:
         return found
 
     def _allowances(self) -> dict[str, int]:
-        """While more than one tenant has work: `crowded_prompt_tokens` for each tenant above its share."""
-        working = {t for t, n in self._rows.items() if n} | set(self._queues)
+        """While tenants share the engine (`_sharing`): `crowded_prompt_tokens` for each tenant above its
+        share."""
+        sharing = self._sharing()
         cap = self.config.crowded_prompt_tokens
-        if cap is None or len(working) < 2:
+        if cap is None or len(sharing) < 2:
             return {}
-        return {t: cap for t in self._above_share(working)}
+        return {t: cap for t in self._above_share(sharing)}
+
+    def _sharing(self) -> set[str]:
+        """The tenants with work, and those whose last request ended within `sharing_steps` steps."""
+        working = {t for t, n in self._rows.items() if n} | set(self._queues)
+        recent = self._steps - self.config.sharing_steps
+        self._left = {t: s for t, s in self._left.items() if s >= recent and t not in working}
+        return working | set(self._left)
 
     def _crowding(self, seq: Sequence) -> set[str]:
         """If `seq`'s tenant, with `seq` in the batch, holds no more than its weighted share of the
