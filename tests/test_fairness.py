@@ -138,7 +138,9 @@ def test_a_tenant_above_its_share_gets_a_bounded_prompt_per_step_only_while_anot
 def test_a_tenant_that_just_left_still_bounds_the_floods_prompt_for_a_few_steps():
     """A client's next request follows the end of its previous one: the step in progress when it comes
     is kept as short as while it was there."""
-    config = SchedulerConfig(max_running=12, max_tokens_per_step=64, crowded_prompt_tokens=16, sharing_steps=2)
+    config = SchedulerConfig(
+        max_running=12, max_tokens_per_step=64, crowded_prompt_tokens=16, sharing_steps=2
+    )
     s = Scheduler(config, lambda pid: True)
     for i in range(7):
         s.add(seq(f"d{i}", "heavy", prompt=4, max_new=50))
