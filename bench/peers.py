@@ -8,7 +8,8 @@ GPT-2-small-sized checkpoint with random weights written once by this benchmark 
 1000-token prefix + 32 + 64 fit) and loaded by every engine; tok/s = generated tokens / wall time of the
 whole batch, prefill included; 2 threads each (the machine's cores).
 
-Columns (per dtype; `_bf16` after the key for bfloat16):
+Columns (per dtype; `_bf16` after the key for bfloat16, measured only on a CPU with bf16 instructions,
+avx512_bf16 or amx_bf16: elsewhere bf16 matmuls run a fallback many times slower than fp32):
 
   ps_bare            this engine, no prefix
   ps_mixed           64 distinct 10-position KV prefixes in the batch
@@ -260,6 +261,10 @@ def main() -> None:
     tokens: dict[str, list[list[int]]] = {}
     errors: dict[str, str] = {}
     for dtype in args.dtypes.split(","):
+        if dtype == "bfloat16" and not cpu_has_bf16():
+            errors["bf16"] = "this CPU has no bf16 instructions (avx512_bf16 / amx_bf16): bf16 not measured"
+            print(f"{dtype}: {errors['bf16']}", file=sys.stderr)
+            continue
         print(f"{dtype}: loading ...", file=sys.stderr, flush=True)
         ours = Ours(path, dtype, prompts)
         workers: list[Worker] = []
@@ -330,6 +335,16 @@ def main() -> None:
     out.write_text(json.dumps({"tok_s": tok_s, "headline": head}, indent=1) + "\n")
     print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     print(json.dumps(head))
+
+
+def cpu_has_bf16() -> bool:
+    """Whether the CPU computes in bf16 natively (without, bf16 matmuls fall back to a path ~20-100x
+    slower than fp32 here, measuring nothing users would run)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def git_commit() -> str | None:
