@@ -38,6 +38,7 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,7 +51,9 @@ from transformers import GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from prefix_store.kinds import kind_of
 from prefix_store.pool import DevicePool
+from prefix_store.state import PrefixState
 from prefixserve.engine import EngineConfig, EngineCore, SamplingParams, Scheduler
 from prefixserve.engine.blocks import blocks_for
 from prefixserve.engine.scheduler import Sequence
@@ -88,19 +91,39 @@ def engine_config(batch: int, max_seq_len: int, prefix_tokens: int = 0, **more) 
 
 
 def engine_with_prefixes(
-    model: LoadedModel, config: EngineConfig, states: dict[str, torch.Tensor]
+    model: LoadedModel, config: EngineConfig, states: dict[str, PrefixState]
 ) -> EngineCore:
-    """An engine whose prefixes are resident in the store's device pool, as the server runs them: KV
-    prefixes in runs of the engine's own KV blocks (unified paging), read there in place."""
-    length = lambda pid: states[pid].shape[3]  # noqa: E731
+    """An engine whose prefixes (and adapters: any kind) are resident in the store's device pool, as the
+    server runs them: KV prefixes in runs of the engine's own KV blocks (unified paging), read there in
+    place."""
+    length = lambda pid: kind_of(states[pid]).length(states[pid])  # noqa: E731
     pool = DevicePool(states.__getitem__, length, 1 << 62, model.device, model.dtype)
     engine = EngineCore(model, config, prefixes=pool)
     for pid, state in states.items():
         pool.put(pid, state)
-    blocks = sum(blocks_for(s.shape[3], engine.config.block_size) for s in states.values())
+    kv = [s for s in states.values() if isinstance(s, torch.Tensor)]
+    blocks = sum(blocks_for(s.shape[3], engine.config.block_size) for s in kv)
     assert engine.arena.prefix_blocks == blocks, "every prefix is placed in the KV pool"
     states.clear()  # the copies in the pool are what runs (the budget never evicts one to reload it)
     return engine
+
+
+def git_commit() -> str | None:
+    """The checkout's short commit, "-dirty" when it has changes (None outside a git checkout)."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=RESULTS.parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=RESULTS.parent, capture_output=True, text=True
+        )
+        return sha + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def padded_tokens(count: int, plen: int) -> int:

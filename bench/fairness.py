@@ -63,7 +63,6 @@ import os
 import platform
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -77,7 +76,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine import GPT2_SMALL, RESULTS
+from bench.engine import GPT2_SMALL, RESULTS, git_commit
 from bench.serve import (
     WORDS,
     Arrival,
@@ -528,17 +527,6 @@ def print_training(n: int, r: dict) -> None:
 
 
 # ---- main --------------------------------------------------------------------------------------
-def git_commit() -> str | None:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
-        return sha + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 async def measure(url: str, args, keys: dict[str, str], bodies: dict[str, list[dict]]) -> dict:
     plan = phases(args.heavy_inflight, args.light_batch, args.weighted_inflight)
     rows = min(args.heavy_inflight, args.max_running or (256 if args.device.startswith("cuda") else 64))

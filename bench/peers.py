@@ -51,14 +51,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.adapters import peft_adapters
-from bench.engine import RESULTS, alternating, engine_config, padded_tokens
+from bench.engine import RESULTS, alternating, engine_config, engine_with_prefixes, git_commit, padded_tokens
 from prefix_store.importers import import_peft_lora
-from prefix_store.kinds import LoraKind, kind_of
-from prefix_store.pool import DevicePool
-from prefix_store.state import PrefixState
+from prefix_store.kinds import LoraKind
 from prefixserve.compile import bind_model
-from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
-from prefixserve.model import LoadedModel, load_hf_model, load_model, parse_dtype
+from prefixserve.engine import EngineCore, SamplingParams
+from prefixserve.model import load_hf_model, load_model, parse_dtype
 from prefixserve.tiny import TinyModelConfig, write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,17 +109,6 @@ class Worker:
                 self.proc.kill()
 
 
-def pooled_engine(model: LoadedModel, config: EngineConfig, states: dict[str, PrefixState]) -> EngineCore:
-    """An engine whose prefixes and adapters are resident in the store's device pool, as the server runs
-    them (bench/engine.py's engine_with_prefixes, with any kind)."""
-    length = lambda pid: kind_of(states[pid]).length(states[pid])  # noqa: E731
-    pool = DevicePool(states.__getitem__, length, 1 << 62, model.device, model.dtype)
-    engine = EngineCore(model, config, prefixes=pool)
-    for pid, state in states.items():
-        pool.put(pid, state)
-    return engine
-
-
 class Ours:
     """This engine's columns on one dtype: engines built once, each run drains a fresh batch."""
 
@@ -137,11 +124,11 @@ class Ours:
         binding = bind_model(self.model)
         for i, (cfg, weights) in enumerate(peft_adapters(hf, LORAS)[1]):
             short[f"lora{i}"] = LoraKind.from_tensors(import_peft_lora(cfg, weights, binding, 1 << 31))
-        self.bare = pooled_engine(
+        self.bare = engine_with_prefixes(
             self.model, engine_config(BATCH, SHORT + INPUT + NEW, padded_tokens(BATCH, SHORT)), short
         )
         long = {"long": (torch.randn(spec.prefix_shape(LONG), generator=g) * 0.5).to(dt)}
-        self.long = pooled_engine(
+        self.long = engine_with_prefixes(
             self.model,
             engine_config(BATCH, LONG + INPUT + NEW, padded_tokens(1, LONG), max_prefix_len=LONG),
             long,
@@ -269,7 +256,7 @@ def main() -> None:
         ours = Ours(path, dtype, prompts)
         workers: list[Worker] = []
         try:
-            cols = {**ours.columns(DTYPE_KEY[dtype])}
+            cols = ours.columns(DTYPE_KEY[dtype])
             cols.update(peer_columns(path, dtype, peers, prompts, long_prompts, workers, errors))
             measure(cols, rounds, tok_s, tokens)
         finally:
@@ -278,14 +265,12 @@ def main() -> None:
         del ours
 
     med = {name: round(statistics.median(v), 1) for name, v in tok_s.items()}
+    pairs = {"vllm": "ps_bare", "ct2_f32": "ps_bare", "vllm_bf16": "ps_bare_bf16", "ct2_bf16": "ps_bare_bf16"}
     agree = {
-        f"{peer}{key}": agreement(tokens[f"ps_bare{key}"], tokens[f"{peer}{key}"])
-        for key in DTYPE_KEY.values()
-        for peer in ("vllm", "ct2_f32" if not key else "ct2_bf16")
-        if f"{peer}{key}" in tokens and f"ps_bare{key}" in tokens
+        peer: agreement(tokens[ours], tokens[peer])
+        for peer, ours in pairs.items()
+        if peer in tokens and ours in tokens
     }
-    if "ct2_f32" in agree:
-        agree["ct2_f32"] = agree.pop("ct2_f32")
 
     def ratio(a: str, b: str) -> float | None:
         return round(med[a] / med[b], 3) if a in med and b in med else None
@@ -345,17 +330,6 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def git_commit() -> str | None:
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
-        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except OSError:
-        return None
 
 
 if __name__ == "__main__":
