@@ -266,17 +266,19 @@ class Bench:
     # ---- roofline ----------------------------------------------------------------------------
     @torch.inference_mode()
     def run_roofline(self) -> float:
-        """The workload's matmuls alone: prefill of B*T tokens (-> first token), then new_tokens - 1 steps."""
-        w, wl, dev, dt = self.model.weights, self.wl, self.model.device, self.model.dtype
+        """The workload's matmuls alone, on the layouts the engine runs them on (dense.py: packed for
+        decode-sized steps where the device has it): prefill of B*T tokens (-> first token), then
+        new_tokens - 1 steps."""
+        wl, dev, dt = self.wl, self.model.device, self.model.dtype
         c = self.model.spec.n_embd
+        layers, lm_head = self.model.dense()
 
         def matmuls(x: torch.Tensor, logits_rows: int) -> None:  # x [N, C]
-            for lw in w.layers:
-                torch.addmm(lw.attn_b, x, lw.attn_w)  # [N, 3C]
-                torch.addmm(lw.proj_b, x, lw.proj_w)  # [N, C]
-                h = torch.addmm(lw.fc_b, x, lw.fc_w)  # [N, 4C]
-                torch.addmm(lw.out_b, h, lw.out_w)  # [N, C]
-            x[:logits_rows] @ w.lm_head  # [B, V]
+            for d in layers:
+                d.attn(x)  # [N, 3C]
+                d.proj(x)  # [N, C]
+                d.out(d.fc(x))  # [N, 4C] -> [N, C]
+            lm_head(x[:logits_rows])  # [B, V]
 
         prefill_x = torch.randn(wl.batch * wl.input_len, c, device=dev, dtype=dt)  # [B*T, C]
         decode_x = torch.randn(wl.batch, c, device=dev, dtype=dt)  # [B, C]

@@ -11,7 +11,7 @@ import hashlib
 import inspect
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from transformers import (
 
 from prefix_store.spec import ModelSpec
 
+from .dense import Dense, LayerDense, packing_available
 from .errors import InvalidRequest, UnsupportedModel
 
 DTYPES: dict[str, torch.dtype] = {
@@ -177,6 +178,27 @@ class LoadedModel:
     device: torch.device
     eos_token_id: int | None  # generation stops here unless a request sets ignore_eos
     fingerprint: str  # dims + weight hash; every stored prefix is bound to it
+    # the dense layers as the engine runs them, by whether packing was asked for (made on first use)
+    _dense: dict[bool, tuple[list[LayerDense], Dense]] = field(default_factory=dict, repr=False)
+
+    def dense(self, pack: bool = True) -> tuple[list[LayerDense], Dense]:
+        """Each layer's dense layers and the LM head, laid out for serving (dense.py): packed for
+        oneDNN as well when `pack` and this device runs the dtype natively. Made once, on first use, so
+        only the process that runs the model pays for the packed copy."""
+        pack = pack and packing_available(self.device, self.dtype)
+        if pack not in self._dense:
+            w = self.weights
+            layers = [
+                LayerDense(
+                    attn=Dense.of(lw.attn_w, lw.attn_b, pack),
+                    proj=Dense.of(lw.proj_w, lw.proj_b, pack),
+                    fc=Dense.of(lw.fc_w, lw.fc_b, pack),
+                    out=Dense.of(lw.out_w, lw.out_b, pack),
+                )
+                for lw in w.layers
+            ]
+            self._dense[pack] = (layers, Dense.of(w.lm_head, None, pack, keep_plain=False))
+        return self._dense[pack]
 
     @property
     def served_name(self) -> str:

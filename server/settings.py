@@ -49,6 +49,8 @@ class ServerSettings:
     kv_cache_tokens: int = 0  # paged KV pool of the rows' own tokens; 0: max_running * max_seq_len / 2
     kv_block_size: int = 16  # tokens per KV block
     cuda_graphs: bool = True  # on CUDA, each layer's dense part replays as CUDA graphs; false: eager
+    # on the CPU, the dense layers also packed for oneDNN's GEMM (decode steps; one more copy of them)
+    cpu_packed: bool = True
     # the engine core runs in its own process (API processes talk to it over ZeroMQ); false: on a thread
     # of the API process (one process, as embedding it in Python does)
     engine_process: bool = True
@@ -168,6 +170,7 @@ class ServerSettings:
             kv_cache_tokens=self.kv_cache_tokens or None,
             block_size=self.kv_block_size,
             cuda_graphs=None if self.cuda_graphs else False,  # None: on CUDA only
+            packed_gemm=self.cpu_packed,
         )
 
     def redis_config(self) -> RedisConfig | None:

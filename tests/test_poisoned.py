@@ -34,6 +34,7 @@ from prefix_store.format import (
 from prefix_store.service import PrefixService, StoreConfig
 from prefix_store.state import NtkPrefix
 from prefixserve.compile import bind_model, magnitude_bounds
+from prefixserve.dense import Dense
 from prefixserve.engine import EngineConfig, EngineCore, FinishReason, SamplingParams
 from prefixserve.engine.runner import compile_prefix
 from prefixserve.errors import EngineFault, PrefixError
@@ -384,14 +385,15 @@ def test_a_step_fault_ends_that_steps_rows_and_the_engine_keeps_serving(tiny_mod
     b = engine.add_request(PROMPTS[1], SamplingParams(max_new_tokens=20))
     c = engine.add_request(PROMPTS[2], SamplingParams(max_new_tokens=6), "n1")  # waits: max_running is 2
     engine.step()
-    layer = engine.runner.w.layers[1]
-    weight = layer.proj_w
-    layer.proj_w = weight[:, :-1]  # a genuine fault inside the forward pass (no row's data explains it)
-    try:
+    runner = engine.runner
+    dense = runner.dense
+    broken = Dense(dense[1].proj.w[:, :-1], dense[1].proj.b)  # plain layout: no packed copy to use instead
+    runner.dense = [*dense[:1], dataclasses.replace(dense[1], proj=broken), *dense[2:]]
+    try:  # a genuine fault inside the forward pass (no row's data explains it)
         with caplog.at_level(logging.ERROR, logger="prefixserve.engine.core"):
             outs = {o.request_id: o for o in engine.step()}
     finally:
-        layer.proj_w = weight
+        runner.dense = dense
     assert set(outs) == {a, b}
     assert all(
         isinstance(o.error, EngineFault) and o.finish_reason == FinishReason.ERROR for o in outs.values()

@@ -59,6 +59,9 @@ class EngineConfig:
     # on the CPU (float32), decode rows read their KV blocks in place with a compiled kernel
     # (cpu_kernels.py); False, or no C compiler: the blocks are gathered per layer (slower, same numbers)
     paged_kernel: bool = True
+    # on the CPU, the dense layers also packed once for oneDNN's GEMM, run by decode-sized steps (dense.py);
+    # False: addmm on the plain layout alone (one copy of the weights less)
+    packed_gemm: bool = True
     # each layer's dense part (everything but attention) as CUDA graphs at token-count buckets (graphs.py);
     # None: on for CUDA, off elsewhere. True on the CPU runs the same pieces without capture (tests)
     cuda_graphs: bool | None = None
@@ -168,6 +171,7 @@ class EngineCore:
             self.config.paged_kernel,
             graphs=self.config.cuda_graphs,
             max_tokens=self.config.max_tokens_per_step,
+            pack=self.config.packed_gemm,
         )
         # KV prefixes share the rows' KV pool (unified paging), all but one longest row's blocks
         row = blocks_for(self.max_seq_len, scheduler.block_size)

@@ -25,9 +25,10 @@ log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
 
-# (layer, lw, x [n, C]) -> qkv written into `qkv [n, 3C]`; (layer, lw, x, attn [n, C]) -> x updated in place
-Pre = Callable[[object, torch.Tensor, torch.Tensor], None]
-Post = Callable[[object, torch.Tensor, torch.Tensor], None]
+# (layer, x [n, C], qkv) -> the QKV projection written into `qkv [n, 3C]`;
+# (layer, x, attn [n, C]) -> x updated in place
+Pre = Callable[[int, torch.Tensor, torch.Tensor], object]
+Post = Callable[[int, torch.Tensor, torch.Tensor], None]
 # (layer, qkv [n, 3C], attn out [n, C]) -> None: writes the K/V, then the attention into `attn`
 Attend = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -36,13 +37,13 @@ class _Bucket:
     """Static buffers for `size` tokens and each layer's two pieces over them."""
 
     def __init__(
-        self, size: int, layers: list, width: int, pre: Pre, post: Post, like: torch.Tensor, pool: object
+        self, size: int, layers: int, width: int, pre: Pre, post: Post, like: torch.Tensor, pool: object
     ) -> None:
         self.x = like.new_zeros(size, width)  # [Nb, C] the residual stream
         self.qkv = like.new_zeros(size, 3 * width)  # [Nb, 3C]
         self.attn = like.new_zeros(size, width)  # [Nb, C]
-        self.pre = [_piece(lambda lw=lw: pre(lw, self.x, self.qkv), pool) for lw in layers]
-        self.post = [_piece(lambda lw=lw: post(lw, self.x, self.attn), pool) for lw in layers]
+        self.pre = [_piece(lambda i=i: pre(i, self.x, self.qkv), pool) for i in range(layers)]
+        self.post = [_piece(lambda i=i: post(i, self.x, self.attn), pool) for i in range(layers)]
 
     def run(self, x: torch.Tensor, attend: Attend) -> torch.Tensor:
         """The layers over x `[n, C]` (n <= size) -> the final residual stream `[n, C]` (a view of the
@@ -79,7 +80,7 @@ class PiecewiseGraphs:
 
     def __init__(
         self,
-        layers: list,
+        layers: int,
         width: int,
         pre: Pre,
         post: Post,

@@ -149,10 +149,12 @@ class ModelRunner:
         paged_kernel: bool = True,
         graphs: bool = False,
         max_tokens: int = 512,
+        pack: bool = True,
     ) -> None:
         spec: ModelSpec = model.spec
         self.spec = spec
         self.w = model.weights
+        self.dense, self.lm_head = model.dense(pack)  # the layers' GEMMs, packed where it pays (dense.py)
         self.device, self.dtype = model.device, model.dtype
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (spec.n_layer, 2, num_blocks, block_size, spec.n_head, spec.head_dim)
@@ -171,7 +173,7 @@ class ModelRunner:
         # same pieces and buffers run eagerly)
         self.graphs = (
             PiecewiseGraphs(
-                self.w.layers,
+                spec.n_layer,
                 spec.n_embd,
                 self._pre,
                 self._post,
@@ -212,12 +214,12 @@ class ModelRunner:
         elif bucket is not None:  # the dense pieces replayed, attention eager between them
             x = bucket.run(x, lambda layer, qkv, out: self._attend(layer, qkv, batch, out))
         else:
-            for layer, lw in enumerate(self.w.layers):
-                x = self._block(layer, lw, x, batch)
+            for layer in range(self.spec.n_layer):
+                x = self._block(layer, x, batch)
         h = x[batch.last_idx]  # [B, C]
         h = F.layer_norm(h, (self.spec.n_embd,), self.w.lnf_w, self.w.lnf_b, self.spec.layer_norm_eps)
         hs = h if batch.sample_rows is None else h[batch.sample_rows]  # [n_sample, C]
-        logits = hs @ self.w.lm_head  # [n_sample, V]
+        logits = self.lm_head(hs)  # [n_sample, V]
         return StepOutput(
             sample_ids=[r.request_id for r in order if r.sample],
             logits=logits,
@@ -248,7 +250,7 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Final hidden states h `[M, C]` -> `log_probs` of their logits."""
         h = F.layer_norm(h, (self.spec.n_embd,), self.w.lnf_w, self.w.lnf_b, self.spec.layer_norm_eps)
-        return log_probs(h @ self.w.lm_head, target, top)
+        return log_probs(self.lm_head(h), target, top)
 
     def _prepare(self, rows: list[RowInput]) -> tuple[_Batch, list[RowInput]]:
         self.inputs.begin()
@@ -364,46 +366,46 @@ class ModelRunner:
         bias = torch.zeros(keep.shape, device=self.device, dtype=self.dtype)
         return bias.masked_fill_(~keep, float("-inf"))
 
-    def _block(self, layer: int, lw: LayerWeights, x: torch.Tensor, b: _Batch) -> torch.Tensor:
+    def _block(self, layer: int, x: torch.Tensor, b: _Batch) -> torch.Tensor:
         """One layer, eagerly: x `[N, C]` -> `[N, C]` (updated in place)."""
-        n, c = x.shape
-        qkv, attn = x.new_empty(n, 3 * c), x.new_empty(n, c)  # [N, 3C], [N, C]
-        self._pre(lw, x, qkv)
-        self._attend(layer, qkv, b, attn)
-        self._post(lw, x, attn)
+        attn = x.new_empty(x.shape)  # [N, C]
+        self._attend(layer, self._pre(layer, x), b, attn)
+        self._post(layer, x, attn)
         return x
 
-    def _pre(self, lw: LayerWeights, x: torch.Tensor, qkv: torch.Tensor) -> None:
-        """Layer norm and the QKV projection: x `[n, C]` -> qkv `[n, 3C]` (graphs.py captures this)."""
+    def _pre(self, layer: int, x: torch.Tensor, qkv: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer norm and the QKV projection: x `[n, C]` -> qkv `[n, 3C]` (into `qkv` when given: graphs.py
+        captures this)."""
+        lw = self.w.layers[layer]
         h = F.layer_norm(x, (x.shape[1],), lw.ln1_w, lw.ln1_b, self.spec.layer_norm_eps)
-        torch.addmm(lw.attn_b, h, lw.attn_w, out=qkv)
+        return self.dense[layer].attn(h, out=qkv)
 
-    def _post(self, lw: LayerWeights, x: torch.Tensor, attn: torch.Tensor) -> None:
+    def _post(self, layer: int, x: torch.Tensor, attn: torch.Tensor) -> None:
         """Output projection, MLP and both residuals, in place on x `[n, C]` (graphs.py captures this)."""
-        x.add_(lw.proj_b).addmm_(attn, lw.proj_w)  # the residual is the matmul's accumulator
+        lw, d = self.w.layers[layer], self.dense[layer]
+        d.proj.add_to(attn, x)
         h = F.layer_norm(x, (x.shape[1],), lw.ln2_w, lw.ln2_b, self.spec.layer_norm_eps)
-        h = self._act(torch.addmm(lw.fc_b, h, lw.fc_w))  # [n, 4C]
-        x.add_(lw.out_b).addmm_(h, lw.out_w)
+        d.out.add_to(self._act(d.fc(h)), x)  # fc: [n, 4C]
 
     def _adapted_block(self, layer: int, lw: LayerWeights, x: torch.Tensor, b: _Batch) -> torch.Tensor:
         """One layer with the step's weight-side adapters at their sites: x `[N, C]` -> `[N, C]` (in
         place). The same dense matmuls as `_block`, each sublayer's output kept apart so that LoRA can
         add to a module's output and a bottleneck adapter can read and add to a sublayer's output."""
-        eps = self.spec.layer_norm_eps
+        eps, d = self.spec.layer_norm_eps, self.dense[layer]
         h = F.layer_norm(x, (x.shape[1],), lw.ln1_w, lw.ln1_b, eps)
-        qkv = torch.addmm(lw.attn_b, h, lw.attn_w)  # [N, 3C]
+        qkv = d.attn(h)  # [N, 3C]
         self._adapt("attn.c_attn", layer, h, qkv, b)
         attn = torch.empty_like(x)  # [N, C]
         self._attend(layer, qkv, b, attn)
-        a = torch.addmm(lw.proj_b, attn, lw.proj_w)  # [N, C] attention's output
+        a = d.proj(attn)  # [N, C] attention's output
         self._adapt("attn.c_proj", layer, attn, a, b)
         self._adapt("attn", layer, a, a, b)  # a bottleneck adapter reads the sublayer's output
         x.add_(a)
         h = F.layer_norm(x, (x.shape[1],), lw.ln2_w, lw.ln2_b, eps)
-        f = torch.addmm(lw.fc_b, h, lw.fc_w)  # [N, 4C]
+        f = d.fc(h)  # [N, 4C]
         self._adapt("mlp.c_fc", layer, h, f, b)
         g = self._act(f)
-        m = torch.addmm(lw.out_b, g, lw.out_w)  # [N, C] the MLP's output
+        m = d.out(g)  # [N, C] the MLP's output
         self._adapt("mlp.c_proj", layer, g, m, b)
         self._adapt("mlp", layer, m, m, b)
         return x.add_(m)
