@@ -20,7 +20,14 @@ avx512_bf16 or amx_bf16: elsewhere bf16 matmuls run a fallback many times slower
                      prefix cache warm, block_size 32 (caches 992 of 1000: its best)
   vllm_p1000_default the same at vLLM's default block size (128 on the CPU: caches 896 of 1000)
   ct2_f32, ct2_int8  CTranslate2, compute_type float32 / int8 (fp32 rounds only); ct2_bf16 in bf16 rounds
-  ps_int8            (not built yet: PREFIXSERVE_QUANTIZE=int8 is issue 32's item 4) reported as null
+  ps_int8            this engine with PREFIXSERVE_QUANTIZE=int8 (int8 GEMMs, server/dense.py), no prefix
+  ps_int8_mixed      the same with the 64 distinct 10-position prefixes
+
+int8 quality (`int8_quality`): greedy agreement of ps_int8 and ct2_int8 with ps_bare (fp32) on this
+benchmark's checkpoint, and on the tiny model's eval set (the held-out table-to-text inputs of
+bench/train.py, `table_to_text(16, seed=1)`, 32 new tokens each): agreement, and the mean |logit
+difference| int8 vs fp32 over the positions before the first differing token (same contexts), also as a
+share of the mean |logit|.
 
 vLLM's CPU build refuses LoRA for GPT-2 ("GPT2LMHeadModel does not support LoRA yet"), so ps_lora has no
 peer column. Each peer runs in a persistent worker process of its own (bench/peer_worker.py, in its
@@ -44,6 +51,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -55,9 +63,10 @@ from bench.engine import RESULTS, alternating, engine_config, engine_with_prefix
 from prefix_store.importers import import_peft_lora
 from prefix_store.kinds import LoraKind
 from prefixserve.compile import bind_model
-from prefixserve.engine import EngineCore, SamplingParams
+from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
 from prefixserve.model import load_hf_model, load_model, parse_dtype
 from prefixserve.tiny import TinyModelConfig, write_tiny_model
+from prefixserve.training.synthetic import table_to_text
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT / ".peers"
@@ -124,9 +133,13 @@ class Ours:
         binding = bind_model(self.model)
         for i, (cfg, weights) in enumerate(peft_adapters(hf, LORAS)[1]):
             short[f"lora{i}"] = LoraKind.from_tensors(import_peft_lora(cfg, weights, binding, 1 << 31))
-        self.bare = engine_with_prefixes(
-            self.model, engine_config(BATCH, SHORT + INPUT + NEW, padded_tokens(BATCH, SHORT)), short
+        config = engine_config(BATCH, SHORT + INPUT + NEW, padded_tokens(BATCH, SHORT))
+        self.int8 = (
+            engine_with_prefixes(self.model, replace(config, quantize="int8"), dict(short))
+            if dtype == "float32"
+            else None
         )
+        self.bare = engine_with_prefixes(self.model, config, short)
         long = {"long": (torch.randn(spec.prefix_shape(LONG), generator=g) * 0.5).to(dt)}
         self.long = engine_with_prefixes(
             self.model,
@@ -151,12 +164,17 @@ class Ours:
         return seconds, [got[rid] for rid in ids]
 
     def columns(self, key: str) -> dict[str, Callable[[], tuple[float, list[list[int]]]]]:
-        return {
+        mixed = [(f"p{i}", None) for i in range(BATCH)]
+        cols = {
             f"ps_bare{key}": lambda: self.run(self.bare, [(None, None)] * BATCH),
-            f"ps_mixed{key}": lambda: self.run(self.bare, [(f"p{i}", None) for i in range(BATCH)]),
+            f"ps_mixed{key}": lambda: self.run(self.bare, mixed),
             f"ps_shared_p1000{key}": lambda: self.run(self.long, [("long", None)] * BATCH),
             f"ps_lora{key}": lambda: self.run(self.bare, [(None, f"lora{i % LORAS}") for i in range(BATCH)]),
         }
+        if self.int8 is not None:
+            cols["ps_int8"] = lambda: self.run(self.int8, [(None, None)] * BATCH)
+            cols["ps_int8_mixed"] = lambda: self.run(self.int8, mixed)
+        return cols
 
 
 def peer_columns(
@@ -265,7 +283,10 @@ def main() -> None:
         del ours
 
     med = {name: round(statistics.median(v), 1) for name, v in tok_s.items()}
-    pairs = {"vllm": "ps_bare", "ct2_f32": "ps_bare", "vllm_bf16": "ps_bare_bf16", "ct2_bf16": "ps_bare_bf16"}
+    pairs = {
+        "vllm": "ps_bare", "ct2_f32": "ps_bare", "vllm_bf16": "ps_bare_bf16", "ct2_bf16": "ps_bare_bf16",
+        "ps_int8": "ps_bare", "ct2_int8": "ps_bare",
+    }  # fmt: skip
     agree = {
         peer: agreement(tokens[ours], tokens[peer])
         for peer, ours in pairs.items()
@@ -280,14 +301,18 @@ def main() -> None:
         "mixed/bare": ratio("ps_mixed", "ps_bare"),
         "shared_p1000/vllm_p1000": ratio("ps_shared_p1000", "vllm_p1000"),
         "bare/ct2_int8": ratio("ps_bare", "ct2_int8"),
+        "int8/ct2_int8": ratio("ps_int8", "ct2_int8"),
+        "int8_mixed/int8": ratio("ps_int8_mixed", "ps_int8"),
         "bare_bf16/vllm_bf16": ratio("ps_bare_bf16", "vllm_bf16"),
         "mixed_bf16/bare_bf16": ratio("ps_mixed_bf16", "ps_bare_bf16"),
         "shared_p1000_bf16/vllm_p1000_bf16": ratio("ps_shared_p1000_bf16", "vllm_p1000_bf16"),
     }
     targets = {
         "bare/vllm": 1.1, "mixed/bare": 0.95, "shared_p1000/vllm_p1000": 1.1, "bare_bf16/vllm_bf16": 1.1,
-        "mixed_bf16/bare_bf16": 0.95, "shared_p1000_bf16/vllm_p1000_bf16": 1.1,
+        "mixed_bf16/bare_bf16": 0.95, "shared_p1000_bf16/vllm_p1000_bf16": 1.1, "int8/ct2_int8": 0.9,
+        "int8_mixed/int8": 0.95,
     }  # fmt: skip
+    quality = int8_quality(work) if "float32" in args.dtypes.split(",") else None
 
     print(f"\n{'column':<26}{'tok/s median':>13}   rounds")
     for name, v in tok_s.items():
@@ -299,10 +324,11 @@ def main() -> None:
         t = targets.get(name)
         print(f"{name:<36}{'-' if v is None else f'{v:.3f}':>9}{'' if t is None else f'>= {t}':>8}")
     print("\nagreement with ps_bare's greedy tokens: " + json.dumps(agree))
+    print("int8 vs float32 on the tiny model's eval set: " + json.dumps(quality))
 
     keys = [
         "ps_bare", "ps_mixed", "ps_shared_p1000", "ps_lora", "vllm", "vllm_p1000", "vllm_p1000_default",
-        "ct2_f32", "ct2_int8",
+        "ct2_f32", "ct2_int8", "ps_int8", "ps_int8_mixed",
     ]  # fmt: skip
     head: dict = {}
     for k in keys:
@@ -311,15 +337,46 @@ def main() -> None:
         if f"{k}_bf16" in med:
             head[f"{k}_tok_s_bf16"] = med[f"{k}_bf16"]
     head["ct2_tok_s_bf16"] = med.get("ct2_bf16")
-    head["ps_int8_tok_s"] = None  # PREFIXSERVE_QUANTIZE=int8 is not built yet
     head.update(
-        ratios=ratios, agreement=agree, errors=errors, rounds=rounds, threads=2, machine=platform.processor()
-        or platform.machine(), torch=torch.__version__, commit=git_commit()
+        ratios=ratios, agreement=agree, int8_quality=quality, errors=errors, rounds=rounds, threads=2,
+        machine=platform.processor() or platform.machine(), torch=torch.__version__, commit=git_commit()
     )  # fmt: skip
     out = Path(args.out) if args.out else RESULTS / f"peers-cpu{'-quick' if args.quick else ''}.json"
     out.write_text(json.dumps({"tok_s": tok_s, "headline": head}, indent=1) + "\n")
     print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     print(json.dumps(head))
+
+
+def int8_quality(work: Path, new_tokens: int = 32) -> dict[str, float]:
+    """int8 against float32 on the tiny model's eval set (see the module's docstring)."""
+    model = load_model(write_tiny_model(work / "tiny"), dtype="float32")
+    prompts = [model.tokenizer.encode(x) for x, _ in table_to_text(16, seed=1)]
+    runs = []
+    for quantize in (None, "int8"):
+        engine = EngineCore(model, EngineConfig(max_running=16, record_logits=True, quantize=quantize))
+        params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+        ids = [engine.add_request(p, params) for p in prompts]
+        outs = engine.run_to_completion()
+        runs.append(
+            [
+                ([t for o in outs[i] for t in o.token_ids], [lg for o in outs[i] for lg in o.logits])
+                for i in ids
+            ]
+        )
+    diffs, scale = [], []
+    for (tokens, logits), (q_tokens, q_logits) in zip(*runs, strict=True):
+        same = next((i for i, (a, b) in enumerate(zip(tokens, q_tokens, strict=True)) if a != b), len(tokens))
+        for a, b in zip(
+            logits[: same + 1], q_logits[: same + 1], strict=True
+        ):  # the contexts are equal up to there
+            diffs.append(float((a - b).abs().mean()))
+            scale.append(float(a.abs().mean()))
+    agree = agreement([t for t, _ in runs[0]], [t for t, _ in runs[1]])
+    mean_diff = statistics.fmean(diffs)
+    return {
+        **agree, "mean_abs_logit_diff": round(mean_diff, 4),
+        "relative_to_mean_abs_logit": round(mean_diff / statistics.fmean(scale), 4),
+    }  # fmt: skip
 
 
 def cpu_has_bf16() -> bool:

@@ -28,7 +28,7 @@ from transformers import (
 
 from prefix_store.spec import ModelSpec
 
-from .dense import Dense, LayerDense, packing_available
+from .dense import QUANTIZE, Dense, Int8Dense, LayerDense, packing_available, quantization_available
 from .errors import InvalidRequest, UnsupportedModel
 
 DTYPES: dict[str, torch.dtype] = {
@@ -178,27 +178,49 @@ class LoadedModel:
     device: torch.device
     eos_token_id: int | None  # generation stops here unless a request sets ignore_eos
     fingerprint: str  # dims + weight hash; every stored prefix is bound to it
-    # the dense layers as the engine runs them, by whether packing was asked for (made on first use)
-    _dense: dict[bool, tuple[list[LayerDense], Dense]] = field(default_factory=dict, repr=False)
+    # the dense layers as the engine runs them, by (packing, quantization) asked for (made on first use)
+    _dense: dict[tuple, tuple[list[LayerDense], Dense | Int8Dense]] = field(default_factory=dict, repr=False)
 
-    def dense(self, pack: bool = True) -> tuple[list[LayerDense], Dense]:
+    def dense(
+        self, pack: bool = True, quantize: str | None = None
+    ) -> tuple[list[LayerDense], Dense | Int8Dense]:
         """Each layer's dense layers and the LM head, laid out for serving (dense.py): packed for
-        oneDNN as well when `pack` and this device runs the dtype natively. Made once, on first use, so
-        only the process that runs the model pays for the packed copy."""
-        pack = pack and packing_available(self.device, self.dtype)
-        if pack not in self._dense:
-            w = self.weights
-            layers = [
-                LayerDense(
-                    attn=Dense.of(lw.attn_w, lw.attn_b, pack),
-                    proj=Dense.of(lw.proj_w, lw.proj_b, pack),
-                    fc=Dense.of(lw.fc_w, lw.fc_b, pack),
-                    out=Dense.of(lw.out_w, lw.out_b, pack),
-                )
-                for lw in w.layers
-            ]
-            self._dense[pack] = (layers, Dense.of(w.lm_head, None, pack, keep_plain=False))
-        return self._dense[pack]
+        oneDNN as well when `pack` and this device runs the dtype natively; int8 GEMMs throughout with
+        `quantize="int8"` (a serving option: the weights, and so the fingerprint, stay the model's).
+        Made once, on first use, so only the process that runs the model pays for the extra copies."""
+        if quantize not in (None, *QUANTIZE):
+            raise InvalidRequest("quantize", f"expected one of {list(QUANTIZE)} or none, got {quantize!r}")
+        if quantize and not quantization_available(self.device, self.dtype):
+            raise InvalidRequest(
+                "quantize", f"int8 runs float32 models on an x86 CPU; this is {self.dtype} on {self.device}"
+            )
+        pack = pack and not quantize and packing_available(self.device, self.dtype)
+        key = (pack, quantize)
+        if key not in self._dense:
+            self._dense[key] = _dense_layers(self.weights, pack, quantize)
+        return self._dense[key]
+
+
+def _dense_layers(
+    w: GPT2Weights, pack: bool, quantize: str | None
+) -> tuple[list[LayerDense], Dense | Int8Dense]:
+    """Every dense layer of the model, and its LM head, in one layout (dense.py)."""
+
+    def layer(weight: torch.Tensor, bias: torch.Tensor | None, head: bool = False) -> Dense | Int8Dense:
+        if quantize:
+            return Int8Dense(weight, bias)
+        return Dense.of(weight, bias, pack, keep_plain=not head)
+
+    layers = [
+        LayerDense(
+            attn=layer(lw.attn_w, lw.attn_b),
+            proj=layer(lw.proj_w, lw.proj_b),
+            fc=layer(lw.fc_w, lw.fc_b),
+            out=layer(lw.out_w, lw.out_b),
+        )
+        for lw in w.layers
+    ]
+    return layers, layer(w.lm_head, None, head=True)
 
     @property
     def served_name(self) -> str:

@@ -10,6 +10,7 @@ from prefix_store.limits import longest_usable_prefix
 from prefix_store.redis_health import RedisConfig
 from prefix_store.service import StoreConfig
 
+from .dense import QUANTIZE
 from .engine import EngineConfig
 from .limits import DEFAULT_MAX_PREFIX_LEN
 from .metrics import MetricsConfig
@@ -51,6 +52,7 @@ class ServerSettings:
     cuda_graphs: bool = True  # on CUDA, each layer's dense part replays as CUDA graphs; false: eager
     # on the CPU, the dense layers also packed for oneDNN's GEMM (decode steps; one more copy of them)
     cpu_packed: bool = True
+    quantize: str = ""  # "int8": int8 GEMMs for every dense layer (float32 on an x86 CPU); empty: none
     # the engine core runs in its own process (API processes talk to it over ZeroMQ); false: on a thread
     # of the API process (one process, as embedding it in Python does)
     engine_process: bool = True
@@ -162,6 +164,10 @@ class ServerSettings:
         return parse_config_keys(self.api_keys, text)
 
     def engine_config(self) -> EngineConfig:
+        if self.quantize not in ("", *QUANTIZE):
+            raise ValueError(
+                f"{ENV_PREFIX}QUANTIZE: expected one of {list(QUANTIZE)} or empty, got {self.quantize!r}"
+            )
         return EngineConfig(
             max_running=self.max_running or None,
             max_tokens_per_step=self.max_tokens_per_step or None,
@@ -171,6 +177,7 @@ class ServerSettings:
             block_size=self.kv_block_size,
             cuda_graphs=None if self.cuda_graphs else False,  # None: on CUDA only
             packed_gemm=self.cpu_packed,
+            quantize=self.quantize or None,
         )
 
     def redis_config(self) -> RedisConfig | None:

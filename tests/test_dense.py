@@ -1,16 +1,22 @@
-"""The dense layers' two layouts (dense.py): oneDNN's packed GEMM for decode-sized steps, addmm on the
-plain `[C_in, C_out]` layout above PACKED_ROWS; the same numbers either way, and the engine's tokens
-and logits the same with packing on or off."""
+"""The dense layers' layouts (dense.py): oneDNN's packed GEMM for decode-sized steps, addmm on the
+plain `[C_in, C_out]` layout above PACKED_ROWS, the same numbers either way, and the engine's tokens
+and logits the same with packing on or off; and the int8 option, exact relative to the quantized model
+(each row's numbers independent of its step's other rows, every prefix and adapter kind)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from prefixserve.dense import PACKED_ROWS, Dense, packing_available
+from prefixserve.dense import PACKED_ROWS, Dense, Int8Dense, packing_available, quantization_available
 from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
+from prefixserve.errors import InvalidRequest
+from prefixserve.settings import ServerSettings
 
+from .test_adapters import LORA_SPECS, engine_for, lora_of, peft_model, random_bottleneck, random_ntk, run
 from .test_engine_reference import PROMPTS, collect, make_prefixes
+
+__all__ = ["peft_model"]  # the fixture, shared with test_adapters
 
 needs_packing = pytest.mark.skipif(
     not packing_available(torch.device("cpu"), torch.float32), reason="this torch has no oneDNN"
@@ -90,3 +96,73 @@ def test_the_engine_gives_the_same_tokens_and_logits_packed_or_not(tiny_model):
         assert tokens == plain_tokens
         for a, b in zip(logits, plain_logits, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+needs_int8 = pytest.mark.skipif(
+    not quantization_available(torch.device("cpu"), torch.float32), reason="no fbgemm (x86) in this torch"
+)
+
+
+@needs_int8
+def test_int8_rows_are_scaled_alone_and_the_integer_products_are_exact():
+    w, b = layer(c_in=256, c_out=48)
+    dense = Int8Dense(w, b)
+    x = torch.randn(9, 256)
+    x[3, 7] = 40.0  # one row with an outlier: only that row's scale is coarser
+    y = dense(x)
+    # the same arithmetic in int64: rows to [-127, 127] by their own max, weights per channel to [-63, 63]
+    s = x.abs().amax(1, keepdim=True) / 127
+    w_scale = w.abs().amax(0) / 63  # [C_out]
+    qw = torch.round(w / w_scale)  # [C_in, C_out]
+    want = (torch.round(x / s).long() @ qw.long()).double() * s.double() * w_scale.double() + b.double()
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    for rows in ([3], [0, 1, 2], [8, 3]):  # any subset of rows gives those rows' numbers bit for bit
+        assert torch.equal(dense(x[rows]), y[rows])
+    torch.testing.assert_close(y, x @ w + b, rtol=0.05, atol=0.05 * float((x @ w).abs().max()))
+    # saturation: full-scale rows of one sign against full-scale weights of one sign stay exact
+    full = Int8Dense(torch.ones(768, 4), None)
+    assert torch.allclose(full(torch.ones(2, 768)), torch.full((2, 4), 768.0), rtol=1e-5)
+    bad = x.clone()
+    bad[1, 0], bad[5, 2] = float("nan"), float("inf")
+    finite = dense(bad).isfinite().all(1)
+    assert finite.tolist() == [i not in (1, 5) for i in range(9)]  # bad rows stay visible, alone
+
+
+@needs_int8
+def test_int8_mixed_batch_of_every_kind_equals_each_row_alone(tiny_model, peft_model):
+    g = torch.Generator().manual_seed(7)
+    states = {
+        "kv": torch.randn(tiny_model.spec.prefix_shape(5), generator=g),
+        "ntk": random_ntk(tiny_model),
+        "l0": lora_of(peft_model, tiny_model, "l0"),
+        "houlsby": random_bottleneck(tiny_model, 16, seed=1),
+    }
+    assert "l0" in LORA_SPECS
+    prompt = [list(torch.randint(0, 400, (n,), generator=g).tolist()) for n in (6, 9, 3, 7, 11, 8)]
+    rows = [  # (id, prompt, max_new, prefix, adapter)
+        ("bare", prompt[0], 6, None, None),
+        ("kv", prompt[1], 5, "kv", None),
+        ("ntk", prompt[2], 6, "ntk", None),
+        ("l0", prompt[3], 7, None, "l0"),
+        ("houlsby", prompt[4], 6, None, "houlsby"),
+        ("kv+l0", prompt[5], 6, "kv", "l0"),
+    ]
+    mixed = run(engine_for(tiny_model, states, max_tokens_per_step=12, quantize="int8"), rows)
+    fp32 = run(engine_for(tiny_model, states), rows)
+    for row in rows:
+        alone = run(engine_for(tiny_model, states, quantize="int8"), [row])[row[0]]
+        assert mixed[row[0]][0] == alone[0], row[0]
+        for a, b in zip(mixed[row[0]][1], alone[1], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m, r=row[0]: f"{r}: {m}")
+        # and it is the quantized model: close to float32, not equal to it
+        first, want = mixed[row[0]][1][0], fp32[row[0]][1][0]
+        assert not torch.equal(first, want)
+        assert float((first - want).abs().mean()) < 0.1 * float(want.abs().mean())  # tiny model: ~5%
+
+
+def test_quantize_refuses_what_it_cannot_run(tiny_model, tiny_model_dir):
+    with pytest.raises(InvalidRequest, match="quantize"):
+        EngineCore(tiny_model, EngineConfig(quantize="int4"))
+    with pytest.raises(ValueError, match="PREFIXSERVE_QUANTIZE"):
+        ServerSettings.from_env({"PREFIXSERVE_QUANTIZE": "fp8"}).engine_config()
+    assert ServerSettings.from_env({"PREFIXSERVE_QUANTIZE": "int8"}).engine_config().quantize == "int8"

@@ -62,6 +62,9 @@ class EngineConfig:
     # on the CPU, the dense layers also packed once for oneDNN's GEMM, run by decode-sized steps (dense.py);
     # False: addmm on the plain layout alone (one copy of the weights less)
     packed_gemm: bool = True
+    # "int8": every dense layer and the LM head as int8 GEMMs (float32 models on an x86 CPU; dense.py),
+    # exact relative to the quantized model; None: the model's own precision
+    quantize: str | None = None
     # each layer's dense part (everything but attention) as CUDA graphs at token-count buckets (graphs.py);
     # None: on for CUDA, off elsewhere. True on the CPU runs the same pieces without capture (tests)
     cuda_graphs: bool | None = None
@@ -172,6 +175,7 @@ class EngineCore:
             graphs=self.config.cuda_graphs,
             max_tokens=self.config.max_tokens_per_step,
             pack=self.config.packed_gemm,
+            quantize=self.config.quantize,
         )
         # KV prefixes share the rows' KV pool (unified paging), all but one longest row's blocks
         row = blocks_for(self.max_seq_len, scheduler.block_size)

@@ -150,11 +150,13 @@ class ModelRunner:
         graphs: bool = False,
         max_tokens: int = 512,
         pack: bool = True,
+        quantize: str | None = None,
     ) -> None:
         spec: ModelSpec = model.spec
         self.spec = spec
         self.w = model.weights
-        self.dense, self.lm_head = model.dense(pack)  # the layers' GEMMs, packed where it pays (dense.py)
+        # the layers' GEMMs: packed where it pays, or int8 (dense.py)
+        self.dense, self.lm_head = model.dense(pack, quantize)
         self.device, self.dtype = model.device, model.dtype
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (spec.n_layer, 2, num_blocks, block_size, spec.n_head, spec.head_dim)
