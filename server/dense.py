@@ -10,8 +10,9 @@ rows take 88 ms packed against 105 ms through addmm, and the LM head 39 ms again
 head, which runs on a step's sampling rows only, is packed alone when packing is on: oneDNN is faster at
 every row count measured (16 .. 512).
 
-The packed copy costs one more copy of the layers' weights in memory (340 MB for GPT-2 small in
-float32); `pack=False` (PREFIXSERVE_CPU_PACKED=0) serves on the plain layout alone. Both layouts give
+The packed copies cost one more copy of the layers' and the LM head's weights in memory (~490 MB for
+GPT-2 small in float32: the model keeps its plain layout); `pack=False` (PREFIXSERVE_CPU_PACKED=0)
+serves on the plain layout alone. Both layouts give
 the same numbers up to float32 rounding (both are GEMMs; the reference tests hold either way).
 
 `Int8Dense` (PREFIXSERVE_QUANTIZE=int8, float32 models on the CPU) runs every dense layer and the LM

@@ -200,6 +200,11 @@ class LoadedModel:
             self._dense[key] = _dense_layers(self.weights, pack, quantize)
         return self._dense[key]
 
+    @property
+    def served_name(self) -> str:
+        """The name clients see (`/ready`, `/v1/models`): a hub id as given, a local directory's name."""
+        return Path(self.name).name if Path(self.name).exists() else self.name
+
 
 def _dense_layers(
     w: GPT2Weights, pack: bool, quantize: str | None
@@ -221,11 +226,6 @@ def _dense_layers(
         for lw in w.layers
     ]
     return layers, layer(w.lm_head, None, head=True)
-
-    @property
-    def served_name(self) -> str:
-        """The name clients see (`/ready`, `/v1/models`): a hub id as given, a local directory's name."""
-        return Path(self.name).name if Path(self.name).exists() else self.name
 
 
 def load_hf_model(name_or_path: str | Path, dtype: torch.dtype, device: torch.device) -> GPT2LMHeadModel:

@@ -525,7 +525,8 @@ def compile_prefix(
     n = len(token_ids) if token_ids is not None else embeds.shape[0]  # type: ignore[union-attr]
     block_size = 16
     nb = blocks_for(n, block_size)
-    runner = ModelRunner(model, num_blocks=nb + 1, block_size=block_size)
+    # the plain layout: a compile runs once per prefix, in whichever process asks (no packed copy for it)
+    runner = ModelRunner(model, num_blocks=nb + 1, block_size=block_size, pack=False)
     ids = token_ids if token_ids is not None else [0] * n  # ids unused when embeds are given
     blocks = list(range(1, nb + 1))
     runner.execute([RowInput("compile", ids, 0, blocks, sample=False)], inputs_embeds=embeds)
