@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from prefix_store.kinds import KvPrefixKind
 from prefix_store.pool import DevicePool
 from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
 from prefixserve.engine.blocks import BlockAllocator, blocks_for
@@ -135,12 +136,17 @@ def test_kv_prefixes_live_in_the_kv_pool_and_rows_read_them_there(tiny_model, hf
     assert prefix_blocks(engine) == 2 + 3 + 8  # ceil(5/4) + ceil(9/4) + ceil(30/4)
 
 
-def test_the_decode_kernel_reads_short_in_pool_prefixes_as_the_rows_first_keys(tiny_model):
-    """Decode rows whose KV prefix is short and placed in the pool attend to it inside the CPU decode
-    kernel (one softmax over prefix and own keys); rows with a longer one (past IN_KERNEL_PREFIX) keep
-    the kind's attention. Logits equal the kind's attention on prefixes registered apart."""
+@pytest.mark.parametrize("budget", [512, 10])  # 10: prompts prefilled in chunks, later ones from start > 0
+def test_short_in_pool_prefixes_are_read_in_place_as_the_rows_first_keys(tiny_model, budget):
+    """Rows whose KV prefix is short and placed in the pool attend to it as their first keys, one
+    softmax over prefix and own keys: decode rows inside the CPU decode kernel, prefill rows with its
+    blocks leading their own gathered blocks. Rows with a longer one (past IN_KERNEL_PREFIX) keep the
+    kind's attention. Logits equal the kind's attention on prefixes registered apart."""
     states = {**make_prefixes(tiny_model, [3, 9], seed=4), **make_prefixes(tiny_model, [70], seed=5)}
-    config = dict(max_running=8, kv_cache_tokens=1024, record_logits=True, max_seq_len=128, max_prefix_len=80)
+    config = dict(
+        max_running=8, kv_cache_tokens=1024, record_logits=True, max_seq_len=128, max_prefix_len=80,
+        max_tokens_per_step=budget,
+    )  # fmt: skip
     engine = engine_on(tiny_model, pool_for(tiny_model, states), **config)
     kernel, read = engine.runner._paged_decode, []
     assert kernel is not None, "the CPU decode kernel did not build"
@@ -150,6 +156,14 @@ def test_the_decode_kernel_reads_short_in_pool_prefixes_as_the_rows_first_keys(t
         return kernel(*args)
 
     engine.runner._paged_decode = spy
+    kv_kind = next(k for k in engine.runner.kinds if isinstance(k, KvPrefixKind))
+    plan, planned = kv_kind.plan, set()
+
+    def plan_spy(members, states, inputs):  # the rows the kind's own attention serves
+        planned.update(KvPrefixKind().length(s) for s in states.values())
+        return plan(members, states, inputs)
+
+    kv_kind.plan = plan_spy
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
     order = ["p3", "p9", "p9", None, "p70", "p3"]
 
@@ -160,6 +174,7 @@ def test_the_decode_kernel_reads_short_in_pool_prefixes_as_the_rows_first_keys(t
 
     got = tokens_and_logits(engine)
     assert set().union(*read) == {0, 3, 9}  # p70 (and the bare row) never in the kernel's prefix part
+    assert planned == {70}  # short prefixes never take the kind's path, in prefill either
     apart = EngineCore(tiny_model, EngineConfig(**config))
     for pid, state in states.items():
         apart.prefixes.register(pid, state)

@@ -268,7 +268,7 @@ class ModelRunner:
         slots: list[int] = []
         last_idx: list[int] = []
         sample_rows: list[int] = []
-        in_kernel = [self._kernel_prefix(r) for r in decode]  # prefix positions the decode kernel reads
+        in_pool = [self._pool_prefix(r) for r in order]  # prefix positions read in place as leading keys
         members: dict[type, dict[int, list[int]]] = {}  # kind -> prefix (by identity) -> its token indices
         states: dict[type, dict[int, PrefixState]] = {}
         for i, r in enumerate(order):
@@ -285,14 +285,14 @@ class ModelRunner:
             last_idx.append(len(ids) - 1)
             if r.sample:
                 sample_rows.append(i)
-            for state in (None if i < len(decode) and in_kernel[i] else r.prefix, r.adapter):
+            for state in (None if in_pool[i] else r.prefix, r.adapter):
                 if state is not None:
                     key, k = id(state), kind_of(state)
                     members.setdefault(k, {}).setdefault(key, []).extend(range(first, first + n))
                     states.setdefault(k, {})[key] = state
         inputs = self.inputs
-        parts = ([self._decode_part(decode, in_kernel)] if decode else []) + self._prefill_parts(
-            prefill, len(decode)
+        parts = ([self._decode_part(decode, in_pool[: len(decode)])] if decode else []) + self._prefill_parts(
+            prefill, len(decode), in_pool[len(decode) :]
         )
         for k in (*self.kinds, *self.adapters):
             if type(k) not in members:
@@ -320,10 +320,12 @@ class ModelRunner:
         self._masks(parts)
         return batch, order
 
-    def _kernel_prefix(self, r: RowInput) -> int:
-        """Positions of the row's prefix that the CPU decode kernel reads in place (0: none there): a
-        decode row's KV prefix of at most IN_KERNEL_PREFIX positions, placed in the KV pool."""
-        if self._paged_decode is None or r.prefix_slot is None or len(r.tokens) != 1:
+    def _pool_prefix(self, r: RowInput) -> int:
+        """Positions of the row's prefix read in place as its first keys (0: none): a KV prefix of at
+        most IN_KERNEL_PREFIX positions placed in the KV pool, on the CPU kernel's path (decode rows:
+        the kernel reads it; prefill rows: its blocks lead the row's gathered blocks). One softmax over
+        prefix and own keys, nothing to merge."""
+        if self._paged_decode is None or r.prefix_slot is None:
             return 0
         p = kind_of(r.prefix).length(r.prefix)
         return p if p <= IN_KERNEL_PREFIX else 0
@@ -341,19 +343,40 @@ class ModelRunner:
             part.prefix = (self.inputs.put(slots), self.inputs.put(in_kernel, torch.int32))  # [R], [R]
         return part
 
-    def _prefill_parts(self, prefill: list[RowInput], offset: int) -> list[_Paged]:
-        """Prefill chunks grouped by (length, start): causal over the row's own keys `0 .. start+i`."""
+    def _prefill_parts(self, prefill: list[RowInput], offset: int, in_pool: list[int]) -> list[_Paged]:
+        """Prefill chunks grouped by (length, start): causal over the row's own keys `0 .. start+i`,
+        after the `in_pool[i]` positions of its prefix read in place (their blocks lead its table)."""
         parts: list[_Paged] = []
-        dev = self.device
+        dev, bs = self.device, self.block_size
+        pre = dict(zip(map(id, prefill), in_pool, strict=True))
         for (n, start), group in itertools.groupby(prefill, key=lambda r: (len(r.tokens), r.start)):
             members = list(group)
-            nb = blocks_for(start + n, self.block_size)
-            table = self.inputs.put([b for r in members for b in _padded(r.blocks, nb)])  # [R * nb]
+            nb = blocks_for(start + n, bs)
+            lead = [pre[id(r)] for r in members]  # [R] prefix positions
+            pb = blocks_for(max(lead), bs)  # leading prefix blocks per row (0: no row has one)
+            table = [
+                b
+                for r, p in zip(members, lead, strict=True)
+                for b in _padded(self._prefix_blocks(r, p), pb) + _padded(r.blocks, nb)
+            ]  # [R * (pb + nb)]
             qpos = torch.arange(start, start + n, device=dev)  # [n]
-            keep = torch.arange(nb * self.block_size, device=dev) <= qpos[:, None]  # [n, S]
-            parts.append(_Paged(offset, len(members), n, table, self._bias(keep)[None, None]))
+            keep = torch.arange(nb * bs, device=dev) <= qpos[:, None]  # [n, S]
+            if pb:  # each row's own prefix positions first: [R, n, pb * bs + S]
+                lens = torch.tensor(lead, device=dev)[:, None, None]  # [R, 1, 1]
+                ahead = (torch.arange(pb * bs, device=dev) < lens).expand(-1, n, -1)
+                keep = torch.cat([ahead, keep.expand(len(members), -1, -1)], dim=2)[:, None]  # [R, 1, n, S']
+            else:
+                keep = keep[None, None]  # [1, 1, n, S]
+            parts.append(_Paged(offset, len(members), n, self.inputs.put(table), self._bias(keep)))
             offset += n * len(members)
         return parts
+
+    def _prefix_blocks(self, r: RowInput, positions: int) -> list[int]:
+        """The blocks holding the first `positions` positions of a row's in-pool prefix (none for 0)."""
+        if not positions:
+            return []
+        first = r.prefix_slot // self.block_size  # placed prefixes start on a block (arena.py)
+        return list(range(first, first + blocks_for(positions, self.block_size)))
 
     def _masks(self, parts: list[_Paged]) -> None:
         """After the upload: the decode rows' masks, unless the CPU kernel reads their blocks in place."""
