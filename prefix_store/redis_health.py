@@ -22,6 +22,9 @@ from typing import TypeVar
 
 import redis
 import redis.asyncio as aredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry as SyncRetry
 
 from .errors import PrefixServeError
 
@@ -42,13 +45,23 @@ class RedisConfig:
     def client(self, extra_read_s: float = 0.0) -> redis.Redis:
         """A synchronous client (for threads); `extra_read_s` for commands that block on purpose."""
         return redis.Redis.from_url(
-            self.url, socket_timeout=self.timeout_s + extra_read_s, socket_connect_timeout=self.timeout_s
+            self.url,
+            socket_timeout=self.timeout_s + extra_read_s,
+            socket_connect_timeout=self.timeout_s,
+            retry=SyncRetry(NoBackoff(), 1),
+            retry_on_error=[redis.ConnectionError],
         )
 
     def async_client(self) -> aredis.Redis:
-        """An asyncio client (for the event loop)."""
+        """An asyncio client (for the event loop). Like the synchronous one, a call that finds its pooled
+        connection dead (Redis restarted since) is tried once more on a fresh connection at once: a
+        restart that is over is not an outage. A timeout is not retried (a hung Redis stays one timeout)."""
         return aredis.Redis.from_url(
-            self.url, socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s
+            self.url,
+            socket_timeout=self.timeout_s,
+            socket_connect_timeout=self.timeout_s,
+            retry=AsyncRetry(NoBackoff(), 1),
+            retry_on_error=[redis.ConnectionError],
         )
 
 
