@@ -48,7 +48,7 @@ class RedisConfig:
             self.url,
             socket_timeout=self.timeout_s + extra_read_s,
             socket_connect_timeout=self.timeout_s,
-            retry=SyncRetry(NoBackoff(), 1),
+            retry=SyncRetry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
             retry_on_error=[redis.ConnectionError],
         )
 
@@ -60,7 +60,7 @@ class RedisConfig:
             self.url,
             socket_timeout=self.timeout_s,
             socket_connect_timeout=self.timeout_s,
-            retry=AsyncRetry(NoBackoff(), 1),
+            retry=AsyncRetry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
             retry_on_error=[redis.ConnectionError],
         )
 

@@ -12,8 +12,8 @@ every row count measured (16 .. 512).
 
 The packed copies cost one more copy of the layers' and the LM head's weights in memory (~490 MB for
 GPT-2 small in float32: the model keeps its plain layout); `pack=False` (PREFIXSERVE_CPU_PACKED=0)
-serves on the plain layout alone. Both layouts give
-the same numbers up to float32 rounding (both are GEMMs; the reference tests hold either way).
+serves on the plain layout alone. Both layouts give the same numbers up to float32 rounding (both are
+GEMMs; the reference tests hold either way).
 
 `Int8Dense` (PREFIXSERVE_QUANTIZE=int8, float32 models on the CPU) runs every dense layer and the LM
 head as an int8 GEMM through fbgemm (torch's quantized linear ops): weights quantized once per output
@@ -75,7 +75,7 @@ class Dense:
     def add_to(self, x: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
         """acc `[n, C_out]` += x @ w + b, in place."""
         if self._packed_for(x.shape[0]):
-            return acc.add_(torch.ops.mkldnn._linear_pointwise(x, self.packed, self.b, "none", [], ""))
+            return acc.add_(self(x))
         if self.b is not None:
             acc.add_(self.b)
         return acc.addmm_(x, self.w)  # the residual is the matmul's accumulator

@@ -179,7 +179,9 @@ class LoadedModel:
     eos_token_id: int | None  # generation stops here unless a request sets ignore_eos
     fingerprint: str  # dims + weight hash; every stored prefix is bound to it
     # the dense layers as the engine runs them, by (packing, quantization) asked for (made on first use)
-    _dense: dict[tuple, tuple[list[LayerDense], Dense | Int8Dense]] = field(default_factory=dict, repr=False)
+    _dense: dict[tuple, tuple[list[LayerDense], Dense | Int8Dense]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def dense(
         self, pack: bool = True, quantize: str | None = None

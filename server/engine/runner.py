@@ -348,11 +348,10 @@ class ModelRunner:
         after the `in_pool[i]` positions of its prefix read in place (their blocks lead its table)."""
         parts: list[_Paged] = []
         dev, bs = self.device, self.block_size
-        pre = dict(zip(map(id, prefill), in_pool, strict=True))
-        for (n, start), group in itertools.groupby(prefill, key=lambda r: (len(r.tokens), r.start)):
-            members = list(group)
+        rows = zip(prefill, in_pool, strict=True)
+        for (n, start), group in itertools.groupby(rows, key=lambda rp: (len(rp[0].tokens), rp[0].start)):
+            members, lead = zip(*group, strict=True)  # the group's rows, and each one's prefix positions [R]
             nb = blocks_for(start + n, bs)
-            lead = [pre[id(r)] for r in members]  # [R] prefix positions
             pb = blocks_for(max(lead), bs)  # leading prefix blocks per row (0: no row has one)
             table = [
                 b
