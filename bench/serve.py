@@ -33,6 +33,15 @@ window (the run less its first 25%, the ramp-up); a saturation run ends at its l
 latency run waits `--drain` seconds for its requests to finish; requests still running then are cut
 off (aborted) and reported as unfinished, never as errors.
 
+`--rotation`: prefix loads under CPU contention, at the serving level. Two prefixserve servers (API
+and engine processes, on the same cores as everything else) serve the same saturating load over
+`--rotation-prefixes` prefixes (Zipf): "resident", whose device pool holds them all (each loaded once
+before the clock starts), and "rotation", whose pool holds `--pool-prefixes` of them, so most requests
+load their prefix (cache -> validation -> device) while the batch runs. A competing process keeps
+`--contend` threads of its own busy with matrix products meanwhile (as a training worker, Redis or a
+neighbour's service would). Headline `rotation_over_resident` (target >= 0.9). Writes
+bench/results/serve-rotation-DEVICE-DTYPE[-quick].json.
+
 Writes bench/results/serve-DEVICE-DTYPE[-quick].json and two PNGs (throughput vs number of prefixes,
 latency CDFs per system). The last line printed is one JSON object.
 """
@@ -360,6 +369,22 @@ class ServerProcess:
         self.log.close()
 
 
+def prefixserve_env(setup: Setup, port: int, log_dir: Path, **more: str) -> dict[str, str]:
+    """The environment of a `prefixserve serve` process on this setup (`more`: further settings)."""
+    return {
+        "PREFIXSERVE_MODEL": setup.model_dir,
+        "PREFIXSERVE_STORE_URL": setup.store,
+        "PREFIXSERVE_DATA_DIR": str(log_dir),
+        "PREFIXSERVE_DEVICE": setup.device,
+        "PREFIXSERVE_DTYPE": setup.dtype,
+        "PREFIXSERVE_PORT": str(port),
+        "PREFIXSERVE_AUTH": "false",
+        "PREFIXSERVE_MAX_RUNNING": str(setup.max_running),
+        "PREFIXSERVE_MAX_WAITING": str(setup.max_waiting),
+        **more,
+    }
+
+
 def start_servers(setup: Setup, names: list[str], log_dir: Path) -> dict[str, ServerProcess | EngineDirect]:
     servers: dict[str, ServerProcess | EngineDirect] = {}
     for name in names:
@@ -369,18 +394,9 @@ def start_servers(setup: Setup, names: list[str], log_dir: Path) -> dict[str, Se
         port = free_port()
         if name in ("prefixserve", "threaded"):
             cmd = [sys.executable, "-m", "prefixserve.cli", "serve"]
-            env = {
-                "PREFIXSERVE_MODEL": setup.model_dir,
-                "PREFIXSERVE_STORE_URL": setup.store,
-                "PREFIXSERVE_DATA_DIR": str(log_dir),
-                "PREFIXSERVE_DEVICE": setup.device,
-                "PREFIXSERVE_DTYPE": setup.dtype,
-                "PREFIXSERVE_PORT": str(port),
-                "PREFIXSERVE_AUTH": "false",
-                "PREFIXSERVE_MAX_RUNNING": str(setup.max_running),
-                "PREFIXSERVE_MAX_WAITING": str(setup.max_waiting),
-                "PREFIXSERVE_ENGINE_PROCESS": "false" if name == "threaded" else "true",
-            }
+            env = prefixserve_env(
+                setup, port, log_dir, PREFIXSERVE_ENGINE_PROCESS="false" if name == "threaded" else "true"
+            )
         else:
             cmd = [sys.executable, "-m", "bench.baselines", "--mode", name, "--model", setup.model_dir]
             cmd += ["--store", setup.store, "--device", setup.device, "--dtype", setup.dtype]
@@ -402,8 +418,9 @@ async def load_on(
     return await run_load(server.url, load, prefix_ids, drain_s)
 
 
-def make_prefixes(setup: Setup, n: int, prefix_len: int) -> list[str]:
-    """n public prefixes of activation-sized random values, written to the shared store."""
+def make_prefixes(setup: Setup, n: int, prefix_len: int) -> tuple[list[str], int]:
+    """n public prefixes of activation-sized random values, written to the shared store -> their ids,
+    and the bytes one of them takes on the device."""
     model = load_model(setup.model_dir, setup.dtype, "cpu")
     service = PrefixService(bind_model(model), StoreConfig(url=setup.store))
     g = torch.Generator().manual_seed(0)
@@ -412,7 +429,7 @@ def make_prefixes(setup: Setup, n: int, prefix_len: int) -> list[str]:
         kv = torch.randn(model.spec.prefix_shape(prefix_len), generator=g) * 0.5  # [L, 2, H, P, D]
         ids.append(service.add_tensor(kv, "bench", f"bench-{i}", "public", prefix_id=f"bench-{i:04d}").id)
     service.close()
-    return ids
+    return ids, kv.numel() * model.dtype.itemsize
 
 
 async def calibrate(url: str, prefix_ids: list[str], concurrency: int, load: Load) -> float:
@@ -550,6 +567,14 @@ def main() -> None:
     ap.add_argument("--latency-n", type=int, default=100)
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--rotation", action="store_true", help="prefix loads under CPU contention (see above) instead"
+    )
+    ap.add_argument("--rotation-prefixes", type=int, default=1000)
+    ap.add_argument(
+        "--pool-prefixes", type=int, default=100, help="prefixes the rotation server's pool holds"
+    )
+    ap.add_argument("--contend", type=int, default=1, help="threads of the competing CPU load (0: none)")
     args = ap.parse_args()
     sweep = [int(x) for x in args.sweep.split(",")]
     systems = args.systems.split(",")
@@ -571,7 +596,11 @@ def main() -> None:
     setup = Setup(
         model_dir, str(work / "prefixes"), args.device, args.dtype, args.max_running, args.max_waiting
     )
-    prefix_ids = make_prefixes(setup, max(*sweep, args.latency_n), args.prefix_len)
+    if args.rotation:
+        prefix_ids, per_prefix = make_prefixes(setup, args.rotation_prefixes, args.prefix_len)
+        main_rotation(args, replace(base, duration_s=args.duration), work, setup, per_prefix, prefix_ids)
+        return
+    prefix_ids, _ = make_prefixes(setup, max(*sweep, args.latency_n), args.prefix_len)
     servers = start_servers(setup, systems, work)
     print(f"servers ready after {time.perf_counter() - t_start:.0f}s (logs in {work})", file=sys.stderr)
     try:
@@ -655,6 +684,151 @@ async def measure(
         for r in points.values():
             r.pop("cdf")
     return results
+
+
+# ---- rotation under contention (--rotation) ------------------------------------------------------
+BURN = """
+import sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+a = torch.randn(512, 512)
+while True:
+    a = torch.tanh(a @ a * 0.01)
+"""
+
+
+def contend(threads: int) -> subprocess.Popen | None:
+    """A competing CPU load: a process keeping `threads` threads busy with matrix products."""
+    if threads <= 0:
+        return None
+    return subprocess.Popen([sys.executable, "-c", BURN, str(threads)])
+
+
+async def warm(url: str, prefix_ids: list[str], concurrency: int = 32) -> None:
+    """One 1-token request per prefix, so that each is resident (as far as the pool holds them)."""
+    gate = asyncio.Semaphore(concurrency)
+    async with new_client() as client:
+
+        async def one(pid: str) -> None:
+            async with gate:
+                r = await client.post(
+                    url + "/generate", json={"prefix_id": pid, "input": "warm up", "max_new_tokens": 1}
+                )
+                if r.status_code != 200:
+                    raise RuntimeError(f"warm-up of {pid} got {r.status_code}: {r.text[:200]}")
+
+        await asyncio.gather(*(one(pid) for pid in prefix_ids))
+
+
+def device_loads(url: str) -> dict[str, float]:
+    """The server's device-pool counters (hits, misses, evictions) from /metrics."""
+    out: dict[str, float] = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("prefixserve_prefix_loads_total{") and 'tier="device"' in line:
+            result = line.split('result="')[1].split('"')[0]
+            out[result] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+async def measure_rotation(
+    args, servers: dict[str, ServerProcess], prefix_ids: list[str], base: Load
+) -> dict:
+    for name, server in servers.items():
+        t = time.perf_counter()
+        await warm(server.url, prefix_ids)
+        print(f"{name}: {len(prefix_ids)} prefixes warmed in {time.perf_counter() - t:.0f}s", file=sys.stderr)
+    burner = contend(args.contend)
+    try:
+        await asyncio.sleep(2.0)  # the competing load is up
+        capacity = args.rate or await calibrate(servers["resident"].url, prefix_ids, args.max_running, base)
+        load = replace(base, n_prefixes=len(prefix_ids), rate=args.overload * capacity, seed=11)
+        runs: dict[str, list[Run]] = {}
+        loads: dict[str, dict[str, float]] = {}
+        for order in alternating(list(servers), args.rounds):
+            for name in order:
+                before = device_loads(servers[name].url)
+                runs.setdefault(name, []).append(await run_load(servers[name].url, load, prefix_ids, 0.0))
+                after = device_loads(servers[name].url)
+                for k, v in after.items():
+                    loads.setdefault(name, {})[k] = loads.get(name, {}).get(k, 0) + v - before.get(k, 0)
+                await asyncio.sleep(1.0)
+    finally:
+        if burner is not None:
+            burner.kill()
+            burner.wait()
+    results: dict = {
+        "capacity_req_s": round(capacity, 3),
+        "rate": load.rate,
+        "throughput": {},
+        "device": loads,
+    }
+    rows = []
+    for name, point in runs.items():
+        r = summarize(point, load, args.slo_ttft_ms / 1e3, args.warmup)
+        r.pop("cdf")
+        results["throughput"][name] = r
+        rows.append((name, r))
+    print_table(
+        f"Rotation under contention: {len(prefix_ids)} prefixes (Zipf alpha={load.alpha}), offered "
+        f"{load.rate:.2f} req/s ({args.overload}x capacity); competing load: {args.contend} thread(s)",
+        rows,
+    )
+    for name, counts in loads.items():
+        print(
+            f"{name:<10} device pool during the runs: " + ", ".join(f"{k} {v:.0f}" for k, v in counts.items())
+        )
+    return results
+
+
+def rotation_headline(results: dict) -> dict:
+    tp = results["throughput"]
+    rot, res = tp["rotation"]["tok_s"], tp["resident"]["tok_s"]
+    h = {
+        "rotation_tok_s": rot,
+        "resident_tok_s": res,
+        "rotation_over_resident": round(rot / res, 3) if res else None,
+        "rotation_over_resident_rounds": [
+            round(a / b, 3)
+            for a, b in zip(tp["rotation"]["tok_s_rounds"], tp["resident"]["tok_s_rounds"], strict=True)
+            if b
+        ],
+        "rotation_ttft_p99_ms": tp["rotation"]["ttft_ms"]["p99"],
+        "resident_ttft_p99_ms": tp["resident"]["ttft_ms"]["p99"],
+        "rotation_device_misses": results["device"].get("rotation", {}).get("misses"),
+        "capacity_req_s": results["capacity_req_s"],
+    }
+    v = h["rotation_over_resident"]
+    print(f"\nrotation_over_resident {v} (target >= 0.9): {'ok' if v and v >= 0.9 else 'MISSED'}")
+    return h
+
+
+def main_rotation(args, base: Load, work: Path, setup: Setup, per_prefix: int, prefix_ids: list[str]) -> None:
+    servers: dict[str, ServerProcess] = {}
+    pools = {"resident": (len(prefix_ids) + 16) * per_prefix, "rotation": args.pool_prefixes * per_prefix}
+    for name, pool_bytes in pools.items():
+        port = free_port()
+        env = prefixserve_env(setup, port, work, PREFIXSERVE_DEVICE_POOL_BYTES=str(pool_bytes))
+        servers[name] = ServerProcess(
+            name, [sys.executable, "-m", "prefixserve.cli", "serve"], env, port, work
+        )
+    try:
+        for server in servers.values():
+            server.wait_ready()
+        results = asyncio.run(measure_rotation(args, servers, prefix_ids, base))
+    finally:
+        for s in servers.values():
+            s.stop()
+    results["config"] = {
+        **{k: v for k, v in vars(args).items() if k != "out"},
+        "pool_bytes": pools,
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "load": asdict(base),
+    }
+    label = f"serve-rotation-{args.device}-{args.dtype}{'-quick' if args.quick else ''}"
+    out = Path(args.out) if args.out else RESULTS / f"{label}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps(rotation_headline(results)))
 
 
 def headline(results: dict) -> dict:

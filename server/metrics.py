@@ -143,6 +143,10 @@ class Metrics:
             "prefixserve_running_sequences": ("Sequences in the batch", "running"),
             "prefixserve_kv_blocks_total": ("Blocks of the paged KV pool", "kv_blocks_total"),
             "prefixserve_kv_blocks_free": ("Free blocks of the paged KV pool", "kv_blocks_free"),
+            "prefixserve_engine_cpu_threads": (
+                "The forward pass's CPU threads now (0: not on the CPU)",
+                "cpu_threads",
+            ),
             "prefixserve_kv_blocks_prefixes": (
                 "Blocks of the paged KV pool held by resident KV prefixes",
                 "kv_blocks_prefixes",

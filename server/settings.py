@@ -52,6 +52,9 @@ class ServerSettings:
     cuda_graphs: bool = True  # on CUDA, each layer's dense part replays as CUDA graphs; false: eager
     # on the CPU, the dense layers also packed for oneDNN's GEMM (decode steps; one more copy of them)
     cpu_packed: bool = True
+    # the engine's CPU threads: 0: as many as the cores other processes leave free, re-fitted every
+    # half second (a team wider than the free cores stalls at every barrier); n: always n
+    cpu_threads: int = 0
     quantize: str = ""  # "int8": int8 GEMMs for every dense layer (float32 on an x86 CPU); empty: none
     # the engine core runs in its own process (API processes talk to it over ZeroMQ); false: on a thread
     # of the API process (one process, as embedding it in Python does)
@@ -168,6 +171,10 @@ class ServerSettings:
             raise ValueError(
                 f"{ENV_PREFIX}QUANTIZE: expected one of {list(QUANTIZE)} or empty, got {self.quantize!r}"
             )
+        if self.cpu_threads < 0:
+            raise ValueError(
+                f"{ENV_PREFIX}CPU_THREADS: expected 0 (fitted) or a thread count, got {self.cpu_threads}"
+            )
         return EngineConfig(
             max_running=self.max_running or None,
             max_tokens_per_step=self.max_tokens_per_step or None,
@@ -177,6 +184,7 @@ class ServerSettings:
             block_size=self.kv_block_size,
             cuda_graphs=None if self.cuda_graphs else False,  # None: on CUDA only
             packed_gemm=self.cpu_packed,
+            cpu_threads=self.cpu_threads,
             quantize=self.quantize or None,
         )
 

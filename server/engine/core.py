@@ -35,6 +35,7 @@ from .request import FinishReason, Request, SamplingParams, Tenancy, TokenLogpro
 from .runner import ModelRunner, RowInput, Scores, StepOutput, log_probs
 from .sampling import first_maxima, make_generator, plain_greedy, sample_rows
 from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, Sequence
+from .threads import ThreadGovernor
 from .wire import EngineStats
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,9 @@ class EngineConfig:
     # "int8": every dense layer and the LM head as int8 GEMMs (float32 models on an x86 CPU; dense.py),
     # exact relative to the quantized model; None: the model's own precision
     quantize: str | None = None
+    # on the CPU, the forward pass's threads: 0: as many as the cores other processes leave free (all
+    # of torch's when the machine is quiet; threads.py); n: always n
+    cpu_threads: int = 0
     # each layer's dense part (everything but attention) as CUDA graphs at token-count buckets (graphs.py);
     # None: on for CUDA, off elsewhere. True on the CPU runs the same pieces without capture (tests)
     cuda_graphs: bool | None = None
@@ -182,6 +186,8 @@ class EngineCore:
         self.arena = KvArena(self.runner.kv, self.scheduler.blocks, self.scheduler.blocks.capacity - row)
         self.prefixes.attach(self.arena)
         self.readback = Readback(model.device)  # each step's flags and greedy picks: one transfer
+        cpu = model.device.type == "cpu"
+        self.threads = ThreadGovernor.for_this_process(self.config.cpu_threads) if cpu else None
         self._live: dict[str, _Live] = {}
         self._ended: list[RequestOutput] = []  # requests `add_request` ended, out with the next step
         self.num_steps = 0  # forward passes run (the stats' `steps`)
@@ -324,6 +330,7 @@ class EngineCore:
             resident_prefixes=resident,
             resident_bytes=resident_bytes,
             pool_budget_bytes=budget,
+            cpu_threads=self.threads.threads if self.threads is not None else 0,
         )
 
     @property
@@ -347,6 +354,8 @@ class EngineCore:
         device still runs, so the caller can take in requests meanwhile (`add` and `abort` are fine
         before `finish`)."""
         out, self._ended = self._ended + self._fail_unloadable(), []
+        if self.threads is not None:
+            self.threads.tick()
         plan = self.scheduler.schedule()  # blocks of finished rows are back; preempted rows wait again
         if not plan.chunks:
             return LaunchedStep(out)

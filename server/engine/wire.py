@@ -40,6 +40,7 @@ class EngineStats:
     resident_prefixes: int = 0
     resident_bytes: int = 0
     pool_budget_bytes: int = 0
+    cpu_threads: int = 0  # the forward pass's CPU threads now (0: not on the CPU)
 
 
 # ---- API -> engine ---------------------------------------------------------------------------
