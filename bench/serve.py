@@ -748,8 +748,9 @@ async def measure_rotation(
                 before = device_loads(servers[name].url)
                 runs.setdefault(name, []).append(await run_load(servers[name].url, load, prefix_ids, 0.0))
                 after = device_loads(servers[name].url)
+                counts = loads.setdefault(name, {})
                 for k, v in after.items():
-                    loads.setdefault(name, {})[k] = loads.get(name, {}).get(k, 0) + v - before.get(k, 0)
+                    counts[k] = counts.get(k, 0) + v - before.get(k, 0)
                 await asyncio.sleep(1.0)
     finally:
         if burner is not None:
