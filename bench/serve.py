@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import signal
@@ -64,6 +65,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+from transformers import GPT2Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -73,7 +75,7 @@ from prefix_store.service import PrefixService, StoreConfig
 from prefixserve.compile import bind_model
 from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
 from prefixserve.errors import PrefixServeError
-from prefixserve.model import load_model
+from prefixserve.model import load_model, parse_dtype, spec_from_config
 from prefixserve.tiny import write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -418,9 +420,8 @@ async def load_on(
     return await run_load(server.url, load, prefix_ids, drain_s)
 
 
-def make_prefixes(setup: Setup, n: int, prefix_len: int) -> tuple[list[str], int]:
-    """n public prefixes of activation-sized random values, written to the shared store -> their ids,
-    and the bytes one of them takes on the device."""
+def make_prefixes(setup: Setup, n: int, prefix_len: int) -> list[str]:
+    """n public prefixes of activation-sized random values, written to the shared store."""
     model = load_model(setup.model_dir, setup.dtype, "cpu")
     service = PrefixService(bind_model(model), StoreConfig(url=setup.store))
     g = torch.Generator().manual_seed(0)
@@ -429,7 +430,13 @@ def make_prefixes(setup: Setup, n: int, prefix_len: int) -> tuple[list[str], int
         kv = torch.randn(model.spec.prefix_shape(prefix_len), generator=g) * 0.5  # [L, 2, H, P, D]
         ids.append(service.add_tensor(kv, "bench", f"bench-{i}", "public", prefix_id=f"bench-{i:04d}").id)
     service.close()
-    return ids, kv.numel() * model.dtype.itemsize
+    return ids
+
+
+def prefix_bytes(setup: Setup, prefix_len: int) -> int:
+    """The bytes one KV prefix of `prefix_len` positions takes on the device."""
+    spec = spec_from_config(GPT2Config.from_pretrained(setup.model_dir))
+    return math.prod(spec.prefix_shape(prefix_len)) * parse_dtype(setup.dtype).itemsize
 
 
 async def calibrate(url: str, prefix_ids: list[str], concurrency: int, load: Load) -> float:
@@ -597,10 +604,11 @@ def main() -> None:
         model_dir, str(work / "prefixes"), args.device, args.dtype, args.max_running, args.max_waiting
     )
     if args.rotation:
-        prefix_ids, per_prefix = make_prefixes(setup, args.rotation_prefixes, args.prefix_len)
+        prefix_ids = make_prefixes(setup, args.rotation_prefixes, args.prefix_len)
+        per_prefix = prefix_bytes(setup, args.prefix_len)
         main_rotation(args, replace(base, duration_s=args.duration), work, setup, per_prefix, prefix_ids)
         return
-    prefix_ids, _ = make_prefixes(setup, max(*sweep, args.latency_n), args.prefix_len)
+    prefix_ids = make_prefixes(setup, max(*sweep, args.latency_n), args.prefix_len)
     servers = start_servers(setup, systems, work)
     print(f"servers ready after {time.perf_counter() - t_start:.0f}s (logs in {work})", file=sys.stderr)
     try:
