@@ -329,6 +329,11 @@ def summarize(runs: list[Run], load: Load, slo_ttft_s: float, warmup: float) -> 
     }
 
 
+def summarize_systems(runs: dict[str, list[Run]], load: Load, args) -> dict[str, dict]:
+    """`summarize` for each system's runs at one load, in the order the systems first ran."""
+    return {name: summarize(point, load, args.slo_ttft_ms / 1e3, args.warmup) for name, point in runs.items()}
+
+
 # ---- servers -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Setup:
@@ -678,15 +683,11 @@ async def measure(
             run = await load_on(servers[name], latency, prefix_ids, args.drain)
             lat_runs.setdefault(name, []).append(run)
             await asyncio.sleep(1.0)
-    rows = []
-    for name in names:
-        r = summarize(lat_runs[name], latency, args.slo_ttft_ms / 1e3, args.warmup)
-        results["latency"][name] = r
-        rows.append((name, r))
+    results["latency"] = summarize_systems(lat_runs, latency, args)
     print_table(
         f"Latency runs: offered {lo:.2f} req/s, N = {args.latency_n}, "
         f"SLO: first token within {args.slo_ttft_ms:.0f} ms",
-        rows,
+        list(results["latency"].items()),
     )
     for points in results["throughput"].values():
         for r in points.values():
@@ -764,28 +765,24 @@ async def measure_rotation(
         if burner is not None:
             burner.kill()
             burner.wait()
-    results: dict = {
-        "capacity_req_s": round(capacity, 3),
-        "rate": load.rate,
-        "throughput": {},
-        "device": loads,
-    }
-    rows = []
-    for name, point in runs.items():
-        r = summarize(point, load, args.slo_ttft_ms / 1e3, args.warmup)
+    throughput = summarize_systems(runs, load, args)
+    for r in throughput.values():
         r.pop("cdf")
-        results["throughput"][name] = r
-        rows.append((name, r))
     print_table(
         f"Rotation under contention: {len(prefix_ids)} prefixes (Zipf alpha={load.alpha}), offered "
         f"{load.rate:.2f} req/s ({args.overload}x capacity); competing load: {args.contend} thread(s)",
-        rows,
+        list(throughput.items()),
     )
     for name, counts in loads.items():
         print(
             f"{name:<10} device pool during the runs: " + ", ".join(f"{k} {v:.0f}" for k, v in counts.items())
         )
-    return results
+    return {
+        "capacity_req_s": round(capacity, 3),
+        "rate": load.rate,
+        "throughput": throughput,
+        "device": loads,
+    }
 
 
 def rotation_headline(results: dict) -> dict:
