@@ -154,6 +154,12 @@ class Metrics:
         }
         for name, (text, field) in gauges.items():
             Gauge(name, text, registry=r).set_function(lambda field=field: getattr(stats(), field))
+        Gauge(
+            "prefixserve_engine_cuda_graphs",
+            "1 while the dense pieces replay captured CUDA graphs; 0 when they run eagerly (off, no graphs "
+            "on this device, or a capture failed: /server/stats says which)",
+            registry=r,
+        ).set_function(lambda: stats().cuda_graphs == "graphs")
         r.register(_TierCollector(self.prefix_loads))
         r.register(_PreemptionCollector(stats))
         r.register(_ResidencyCollector(engine.replica_stats))

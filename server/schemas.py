@@ -288,6 +288,13 @@ class ServerStats(BaseModel):
     resident_bytes: int
     pool_budget_bytes: int = Field(description="the device pool's byte budget (0: none)")
     prefix_loads: dict[str, TierLoads] = Field(description="lookups per tier: device, local, redis, store")
+    cuda_graphs: str = Field(
+        description='the dense pieces: "graphs" (captured CUDA graphs replayed), "eager" (no graphs on this '
+        'device), "failed" (a capture failed: eager from then on), "off" (not configured)'
+    )
+    decode_kernel: str = Field(
+        description='how decode rows read their K/V blocks: "triton" or "c" (in place), "gather" (copied)'
+    )
 
 
 class JobList(BaseModel):

@@ -222,6 +222,8 @@ def test_text_prefix_playground_training_and_delete(page, live):
     page.wait_for_selector("#server-cards .stat", timeout=TIMEOUT_MS)
     occupancy = page.locator("[data-stat='Batch occupancy'] .stat-value").inner_text()
     assert occupancy.endswith("/ 8")
+    compute = page.locator("[data-stat='Compute']").inner_text()
+    assert "attention: c" in compute and "CUDA graphs: off" in compute  # the CPU's in-place C kernel
     device = page.locator("#tier-table tbody tr[data-tier=device] td")
     assert int(device.nth(1).inner_text()) + int(device.nth(2).inner_text()) > 0  # the playground's lookups
     shot(page, "server")

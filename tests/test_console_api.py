@@ -71,6 +71,10 @@ def test_server_stats_are_aggregates_for_any_tenant(api):  # noqa: F811
     assert device["hits"] + device["misses"] >= 1 and 0 <= (device["hit_rate"] or 0) <= 1
     shown = httpx.get(api.url + "/server/stats", headers=B).text
     assert prefix["id"] not in shown and "alice" not in shown  # no prefix ids, no tenants
+    # how the engine computes here: no graphs on the CPU (not configured), blocks read in place by C
+    assert (after["cuda_graphs"], after["decode_kernel"]) == ("off", "c")
+    metrics = httpx.get(api.url + "/metrics").text
+    assert "prefixserve_engine_cuda_graphs 0.0" in metrics
 
 
 def test_docs_and_console_come_from_this_server(api):  # noqa: F811

@@ -247,26 +247,3 @@ def test_trained_ntk_prefix_lowers_held_out_loss_and_serves_as_trained(tiny_mode
     logits = ntk_logits(hf_model, ids, z, k)
     ref = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(labels[1:]), ignore_index=-100)
     torch.testing.assert_close(trainer.evaluate([held[0]]), ref.item(), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_fused_gpu_decode_kernel_matches_the_eager_path(tiny_model_dir, hf_model):
-    from prefix_store.kinds import ntk_triton
-    from prefixserve.model import load_model
-
-    gpu = load_model(tiny_model_dir, device="cuda")
-    assert ntk_triton.available(gpu.device), "Triton is needed for the fused NTK decode kernel"
-    ntk = {"n1": make_ntk(gpu, 1), "n2": make_ntk(gpu, 2)}
-    results = {}
-    for fused in (True, False):
-        engine = new_engine(gpu, 512, ntk)
-        engine.runner.fused_ntk = fused
-        results[fused] = run(engine, NTK_ONLY)
-    for i, (pid, _, max_new, _) in enumerate(NTK_ONLY):
-        (tokens, logits, prompt), (eager_tokens, eager_logits, _) = (
-            results[True][f"r{i}"],
-            results[False][f"r{i}"],
-        )
-        assert tokens == eager_tokens == ntk_generate(hf_model, prompt, ntk[pid].z, ntk[pid].k, max_new)[0]
-        for a, b in zip(logits, eager_logits, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

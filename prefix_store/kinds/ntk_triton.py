@@ -2,23 +2,25 @@
 
 On a GPU, the eager NTK path (ntk.py) launches ~25 small kernels per layer; this one kernel per layer
 does the softmax attention over each row's own keys (online, one pass over K/V) and the NTK epilogue
-`(sum_j e^{s_j} v_j + phi(q) Z) / (sum_j e^{s_j} + phi(q).k)`. Used only on CUDA when Triton is
-installed; everywhere else the engine runs the eager path, which the tests check against the formula.
+`(sum_j e^{s_j} v_j + phi(q) Z) / (sum_j e^{s_j} + phi(q).k)`. Used where Triton runs (CUDA, or the
+CPU under Triton's interpreter: triton_env.py); everywhere else the engine runs the eager path. The tests
+check both against the formula.
 """
 
 from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU installs: the eager path is used
-    triton = None
+from ..triton_env import runs_on, tl, triton
+
+BLOCK_N = 16  # keys per loop iteration (64 took ~230-254 registers at D=64, 32 ~150)
+# registers per thread at num_warps=4 (sm_80, sm_90, every dtype; tests/test_triton_aot.py): 128 keeps at
+# least 4 programs per SM (~96 measured at D=64, the [D, D] state Z read in one piece)
+REGISTER_BUDGET = 128
 
 
 def available(device: torch.device) -> bool:
-    return triton is not None and device.type == "cuda"
+    return runs_on(device)
 
 
 if triton is not None:
@@ -116,6 +118,6 @@ def ntk_decode(
         scale,
         dim**0.25,
         D=dim,
-        BLOCK_N=64,
+        BLOCK_N=BLOCK_N,
     )
     return out

@@ -192,6 +192,12 @@ class EngineCore:
         self._ended: list[RequestOutput] = []  # requests `add_request` ended, out with the next step
         self.num_steps = 0  # forward passes run (the stats' `steps`)
         self.preparer = RequestPreparer(model.tokenizer, spec, self.max_seq_len)
+        log.info(
+            "engine on %s: decode attention %s, dense pieces %s",
+            model.device,
+            self.runner.decode_kernel,
+            self.runner.graphs_mode,
+        )
 
     # ---- requests ------------------------------------------------------------------------------
     def prepare(
@@ -331,6 +337,8 @@ class EngineCore:
             resident_bytes=resident_bytes,
             pool_budget_bytes=budget,
             cpu_threads=self.threads.threads if self.threads is not None else 0,
+            cuda_graphs=self.runner.graphs_mode,
+            decode_kernel=self.runner.decode_kernel,
         )
 
     @property

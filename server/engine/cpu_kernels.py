@@ -84,39 +84,53 @@ class PagedDecode:
 
 
 def _check_layout(q, k, v, table, lens, out, lse, prefix) -> None:
-    """What the C code takes for granted (it reads raw memory): dtypes, strides, and every row's
-    tokens within its block table and every block and prefix slot within the pool. ValueError otherwise."""
-    rows, heads, dim = q.shape
-    problems = [
-        q.dtype == k.dtype == v.dtype == out.dtype == torch.float32 or "float32 tensors",
-        (q.stride(2) == 1 and q.stride(1) == dim) or "q rows of contiguous [H, D]",
-        (k.is_contiguous() and v.is_contiguous() and k.shape == v.shape) or "contiguous K/V pools",
-        (k.shape[2:] == (heads, dim)) or "pools of the query's heads and dim",
-        (table.dtype == torch.int64 and table.is_contiguous() and table.shape[0] == rows) or "an int64 table",
-        (lens.dtype == torch.int32 and lens.shape == (rows,)) or "int32 lens per row",
-        (out.is_contiguous() and out.shape == q.shape) or "a contiguous out like q",
-        lse is None or (lse.is_contiguous() and lse.shape == (rows, heads)) or "a contiguous lse [R, H]",
-    ]
-    if prefix is not None:
-        problems += _prefix_problems(*prefix, rows, k.shape[0] * k.shape[1])
-    if rows:
-        problems += [
-            (int(lens.min()) >= 1 and int(lens.max()) <= table.shape[1] * k.shape[1]) or "lens within tables",
-            (int(table.min()) >= 0 and int(table.max()) < k.shape[0]) or "block ids within the pool",
-        ]
-    bad = [p for p in problems if p is not True]
+    """What the C code takes for granted (it reads raw memory): float32, one KV head per query head, and
+    every row's tokens within its block table and every block and prefix slot within the pool (checked
+    on the host: a CPU kernel has no device to wait for). ValueError otherwise."""
+    rows, heads, _ = q.shape
+    bad = layout_problems(q, k, v, table, lens, out, lse, prefix)
+    bad += [] if q.dtype == torch.float32 else ["float32 tensors"]
+    bad += [] if k.shape[2] == heads else ["pools of the query's heads"]
+    if not bad and rows:  # the layout is sound: the bounds can be read
+        slots = k.shape[0] * k.shape[1]
+        if not (int(lens.min()) >= 1 and int(lens.max()) <= table.shape[1] * k.shape[1]):
+            bad.append("lens within tables")
+        if not (int(table.min()) >= 0 and int(table.max()) < k.shape[0]):
+            bad.append("block ids within the pool")
+        if prefix is not None and (
+            int(prefix[0].min()) < 0 or int(prefix[1].min()) < 0 or int((prefix[0] + prefix[1]).max()) > slots
+        ):
+            bad.append("prefix slots within the pool")
     if bad:
         raise ValueError(f"paged_decode: expected {', '.join(bad)}")
 
 
-def _prefix_problems(slot: torch.Tensor, length: torch.Tensor, rows: int, slots: int) -> list[str]:
-    """The in-pool prefixes' layout and bounds: `slot [R]` int64 and `length [R]` int32 within `slots`."""
-    ok = slot.dtype == torch.int64 and length.dtype == torch.int32 and slot.shape == length.shape == (rows,)
-    if not (ok and slot.is_contiguous() and length.is_contiguous()):
-        return ["a contiguous int64 prefix slot and int32 prefix length per row"]
-    if rows and (int(slot.min()) < 0 or int(length.min()) < 0 or int((slot + length).max()) > slots):
-        return ["prefix slots within the pool"]
-    return []
+def layout_problems(q, k, v, table, lens, out, lse, prefix) -> list[str]:
+    """What any paged decode kernel takes for granted about its arguments' dtypes, shapes and strides
+    (read from metadata only: no host synchronisation) -> what is wrong, as phrases (none: all sound)."""
+    rows, heads, dim = q.shape
+    problems = [
+        q.dtype == k.dtype == v.dtype == out.dtype or "q, K/V pools and out of one dtype",
+        (q.stride(2) == 1 and q.stride(1) == dim) or "q rows of contiguous [H, D]",
+        (k.is_contiguous() and v.is_contiguous() and k.shape == v.shape) or "contiguous K/V pools",
+        (k.dim() == 4 and k.shape[3] == dim) or "pools [blocks, block_size, KV heads, the query's dim]",
+        (table.dtype == torch.int64 and table.is_contiguous() and table.shape[0] == rows) or "an int64 table",
+        (lens.dtype == torch.int32 and lens.shape == (rows,)) or "int32 lens per row",
+        (out.is_contiguous() and out.shape == q.shape) or "a contiguous out like q",
+        lse is None
+        or (lse.dtype == torch.float32 and lse.is_contiguous() and lse.shape == (rows, heads))
+        or "a contiguous float32 lse [R, H]",
+    ]
+    if prefix is not None:
+        slot, length = prefix
+        ok = (
+            slot.dtype == torch.int64
+            and length.dtype == torch.int32
+            and slot.shape == length.shape == (rows,)
+        )
+        if not (ok and slot.is_contiguous() and length.is_contiguous()):
+            problems.append("a contiguous int64 prefix slot and int32 prefix length per row")
+    return [p for p in problems if p is not True]
 
 
 def kernel_dir() -> Path:

@@ -9,8 +9,12 @@ tokens go into the bucket's static buffers, the rows past N are padding whose va
 dense ops never mix rows). Capture happens the first time a bucket is needed; every bucket shares one
 memory pool, and steps larger than the largest bucket run eagerly.
 
-On the CPU nothing is captured: the same pieces run eagerly on the same buffers (`capture=False`),
-which is how the tests check the bucketing and buffers without a GPU.
+How a piece becomes replayable is the `Capture` seam: `CudaGraphs` captures on CUDA; `Eager` (the CPU)
+runs the same pieces on the same buffers without capture, which is how the tests check the bucketing
+and buffers without a GPU; the tests also plug in a stand-in that records a piece's operations, replays
+them, and refuses a host synchronisation inside a piece (tests/test_graphs.py), as a CUDA capture does.
+Whether graphs are in use is `PiecewiseGraphs.mode`: the engine reports it (log, the
+`prefixserve_engine_cuda_graphs` gauge, /server/stats) rather than running eagerly unseen.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import bisect
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -33,17 +38,56 @@ Post = Callable[[int, torch.Tensor, torch.Tensor], None]
 Attend = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
+class Capture(Protocol):
+    """Turns a piece (a function over static buffers) into its replay. Raises RuntimeError when the
+    piece cannot be captured (the graphs are then given up: steps run eagerly)."""
+
+    captures: bool  # whether pieces are really captured (False: they run as written)
+
+    def piece(self, fn: Callable[[], None]) -> Callable[[], None]: ...
+
+
+class Eager:
+    """No capture: each piece runs as written (the CPU)."""
+
+    captures = False
+
+    def piece(self, fn: Callable[[], None]) -> Callable[[], None]:
+        return fn
+
+
+class CudaGraphs:
+    """Each piece as a CUDA graph, all of them in one memory pool."""
+
+    captures = True
+
+    def __init__(self) -> None:
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def piece(self, fn: Callable[[], None]) -> Callable[[], None]:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up off the capture (lazy inits, cuBLAS workspaces)
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the prefix pool's loader threads may copy to the device while this thread captures
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            fn()
+        return graph.replay
+
+
 class _Bucket:
     """Static buffers for `size` tokens and each layer's two pieces over them."""
 
     def __init__(
-        self, size: int, layers: int, width: int, pre: Pre, post: Post, like: torch.Tensor, pool: object
+        self, size: int, layers: int, width: int, pre: Pre, post: Post, like: torch.Tensor, capture: Capture
     ) -> None:
         self.x = like.new_zeros(size, width)  # [Nb, C] the residual stream
         self.qkv = like.new_zeros(size, 3 * width)  # [Nb, 3C]
         self.attn = like.new_zeros(size, width)  # [Nb, C]
-        self.pre = [_piece(lambda i=i: pre(i, self.x, self.qkv), pool) for i in range(layers)]
-        self.post = [_piece(lambda i=i: post(i, self.x, self.attn), pool) for i in range(layers)]
+        self.pre = [capture.piece(lambda i=i: pre(i, self.x, self.qkv)) for i in range(layers)]
+        self.post = [capture.piece(lambda i=i: post(i, self.x, self.attn)) for i in range(layers)]
 
     def run(self, x: torch.Tensor, attend: Attend) -> torch.Tensor:
         """The layers over x `[n, C]` (n <= size) -> the final residual stream `[n, C]` (a view of the
@@ -59,22 +103,6 @@ class _Bucket:
         return self.x[:n]
 
 
-def _piece(fn: Callable[[], None], pool: object) -> Callable[[], None]:
-    """`fn` as a replayable CUDA graph (pool given), or `fn` itself (no pool: the CPU)."""
-    if pool is None:
-        return fn
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up off the capture (lazy inits, cuBLAS workspaces)
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    # thread_local: the prefix pool's loader threads may copy to the device while this thread captures
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-        fn()
-    return graph.replay
-
-
 class PiecewiseGraphs:
     """The buckets of one runner, made on first use."""
 
@@ -85,13 +113,22 @@ class PiecewiseGraphs:
         pre: Pre,
         post: Post,
         like: torch.Tensor,
-        capture: bool,
+        capture: Capture,
         max_tokens: int,
     ) -> None:
-        self._make = lambda size, pool: _Bucket(size, layers, width, pre, post, like, pool)
+        self._make = lambda size: _Bucket(size, layers, width, pre, post, like, self.capture)
+        self.capture = capture
         self.sizes = [b for b in BUCKETS if b <= max_tokens]
-        self._pool = torch.cuda.graph_pool_handle() if capture else None
         self._buckets: dict[int, _Bucket] = {}
+        self.failure: str | None = None  # why capturing failed (the graphs were then given up)
+
+    @property
+    def mode(self) -> str:
+        """ "graphs": pieces captured and replayed; "eager": the same pieces run without capture (no
+        graphs on this device); "failed": a capture failed, every step runs eagerly."""
+        if self.failure is not None:
+            return "failed"
+        return "graphs" if self.capture.captures else "eager"
 
     def bucket(self, tokens: int) -> _Bucket | None:
         """The bucket for a step of `tokens` tokens; None past the largest (that step runs eagerly)."""
@@ -101,9 +138,10 @@ class PiecewiseGraphs:
         size = self.sizes[i]
         if size not in self._buckets:
             try:
-                self._buckets[size] = self._make(size, self._pool)
-            except RuntimeError:  # a capture the platform refuses: serve eagerly rather than not at all
+                self._buckets[size] = self._make(size)
+            except RuntimeError as e:  # a capture the platform refuses: serve eagerly rather than not at all
                 log.exception("capturing the %d-token graphs failed; steps run eagerly from now on", size)
+                self.failure = f"{size}-token bucket: {e}"
                 self.sizes = []
                 return None
         return self._buckets[size]

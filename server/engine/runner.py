@@ -8,8 +8,9 @@ token i sits at position P + i after a prefix of length P.
 
 A step is flat over tokens: every linear layer runs once on `[N, C]` (decode tokens and prefill
 chunks together, no padding). Attention is the one place that looks at rows, as a merge of partial
-states (prefix_store/attention.py): each token's attention over its row's own keys (causal; the blocks
-gathered per step), merged with its prefix kind's part (prefix_store/kinds: KV prefixes attend with
+states (prefix_store/attention.py): each token's attention over its row's own keys (causal; decode rows
+read their blocks in place, by the C kernel on the CPU or the Triton kernel on CUDA; prefill chunks
+gather them), merged with its prefix kind's part (prefix_store/kinds: KV prefixes attend with
 the queries of all rows sharing a prefix stacked, Hydragen; NTK adds its terms). Rows without a
 prefix take the first part as it is.
 
@@ -31,12 +32,14 @@ import torch.nn.functional as F
 from prefix_store.attention import Partial, attention_lse
 from prefix_store.kinds import KIND_CLASSES, NtkPrefixKind, PrefixKind, kind_of
 from prefix_store.staging import StepInputs
+from prefix_store.triton_env import runs_on as triton_runs_on
 
 from ..model import LayerWeights, LoadedModel, ModelSpec
 from .blocks import NULL_BLOCK, blocks_for
-from .cpu_kernels import load_paged_decode
-from .graphs import PiecewiseGraphs
+from .cpu_kernels import PagedDecode, load_paged_decode
+from .graphs import CudaGraphs, Eager, PiecewiseGraphs
 from .prefixes import PrefixState
+from .triton_decode import TritonPagedDecode
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,7 @@ class _Paged:
     # kernel reads in place, by `lens`)
     bias: torch.Tensor | None
     lens: torch.Tensor | None = None  # [R] int32 own tokens per row (decode rows; the kernels)
-    # decode rows on the CPU kernel: each row's in-pool prefix, (first slot [R] int64, length [R] int32)
+    # decode rows on the in-place kernel: each row's in-pool prefix, (first slot [R] int64, length [R] int32)
     prefix: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
@@ -116,7 +119,7 @@ class _Batch:
 
 _GELU_K = 2.0 * math.sqrt(2.0 / math.pi)
 SCORE_SLICE = 256  # prompt tokens scored per [M, V] block
-# KV prefixes up to this long, placed in the KV pool, are read by the CPU decode kernel as a decode
+# KV prefixes up to this long, placed in the KV pool, are read by the in-place decode kernel as a decode
 # row's first keys (one softmax, nothing to merge); longer ones, which many rows may share, keep their
 # kind's attention (Hydragen: read once per step for all the rows that share them)
 IN_KERNEL_PREFIX = 64
@@ -167,9 +170,8 @@ class ModelRunner:
         self.adapters: list[PrefixKind] = [cls() for cls in KIND_CLASSES if cls.weight_side]
         self.fused_ntk = NtkPrefixKind.fused_available(self.device)  # one Triton kernel per layer on CUDA
         self._gathered = [self.kv.new_empty(0, *shape[3:]) for _ in range(2)]  # K, V: [n, bs, H, D]
-        # decode rows read their blocks in place on the CPU (float32); elsewhere blocks are gathered
-        in_place = paged_kernel and self.device.type == "cpu" and self.dtype == torch.float32
-        self._paged_decode = load_paged_decode() if in_place else None
+        # decode rows read their blocks in place (Triton on CUDA, C on the CPU), or they are gathered
+        self._paged_decode = _in_place_decode(self.device, self.dtype) if paged_kernel else None
         self.inputs = StepInputs(self.device)  # each step's index tensors: one buffer, one upload
         # steps of up to max_tokens tokens replay each layer's dense pieces (CUDA graphs; on the CPU the
         # same pieces and buffers run eagerly)
@@ -180,12 +182,23 @@ class ModelRunner:
                 self._pre,
                 self._post,
                 self.kv,
-                self.device.type == "cuda",
+                CudaGraphs() if self.device.type == "cuda" else Eager(),
                 max_tokens,
             )
             if graphs
             else None
         )
+
+    @property
+    def graphs_mode(self) -> str:
+        """The dense pieces: `PiecewiseGraphs.mode` ("graphs", "eager", "failed"), or "off"."""
+        return self.graphs.mode if self.graphs is not None else "off"
+
+    @property
+    def decode_kernel(self) -> str:
+        """How decode rows read their K/V blocks: "triton" or "c" (in place), "gather" (copied out)."""
+        kernel = self._paged_decode
+        return "gather" if kernel is None else "triton" if isinstance(kernel, TritonPagedDecode) else "c"
 
     @property
     def block_bytes(self) -> int:
@@ -322,7 +335,7 @@ class ModelRunner:
 
     def _pool_prefix(self, r: RowInput) -> int:
         """Positions of the row's prefix read in place as its first keys (0: none): a KV prefix of at
-        most IN_KERNEL_PREFIX positions placed in the KV pool, on the CPU kernel's path (decode rows:
+        most IN_KERNEL_PREFIX positions placed in the KV pool, on the in-place kernel's path (decode rows:
         the kernel reads it; prefill rows: its blocks lead the row's gathered blocks). One softmax over
         prefix and own keys, nothing to merge."""
         if self._paged_decode is None or r.prefix_slot is None:
@@ -378,7 +391,7 @@ class ModelRunner:
         return list(range(first, first + blocks_for(positions, self.block_size)))
 
     def _masks(self, parts: list[_Paged]) -> None:
-        """After the upload: the decode rows' masks, unless the CPU kernel reads their blocks in place."""
+        """After the upload: the decode rows' masks, unless a kernel reads their blocks in place."""
         for part in parts:
             if part.bias is None and self._paged_decode is None:
                 span = part.table.numel() // part.rows * self.block_size
@@ -472,7 +485,7 @@ class ModelRunner:
         lse = torch.empty(q.shape[:2], device=q.device) if with_lse else None  # [N, H]
         for part in b.parts:
             end = part.offset + part.rows * part.length
-            if part.bias is None:  # decode rows, blocks read in place (CPU kernel)
+            if part.bias is None:  # decode rows, blocks read in place (C or Triton kernel)
                 self._paged_decode(
                     q[part.offset : end], *self.kv[layer], part.table.view(part.rows, -1), part.lens,
                     out[part.offset : end], None if lse is None else lse[part.offset : end], scale,
@@ -508,6 +521,14 @@ class ModelRunner:
         if self._gathered[i].shape[0] < blocks:
             self._gathered[i] = self.kv.new_empty(int(blocks * 1.25) + 1, *shape)
         return self._gathered[i][:blocks]
+
+
+def _in_place_decode(device: torch.device, dtype: torch.dtype) -> TritonPagedDecode | PagedDecode | None:
+    """The kernel that reads decode rows' K/V blocks in place: Triton's where Triton runs (CUDA, or the
+    CPU under its interpreter), the C kernel on the CPU in float32; None: the blocks are gathered."""
+    if triton_runs_on(device):
+        return TritonPagedDecode(max_prefix=IN_KERNEL_PREFIX)
+    return load_paged_decode() if device.type == "cpu" and dtype == torch.float32 else None
 
 
 def log_probs(

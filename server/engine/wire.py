@@ -41,6 +41,10 @@ class EngineStats:
     resident_bytes: int = 0
     pool_budget_bytes: int = 0
     cpu_threads: int = 0  # the forward pass's CPU threads now (0: not on the CPU)
+    # the dense pieces (graphs.py): "graphs" (captured, replayed), "eager" (no graphs on this device),
+    # "failed" (a capture failed: eager from then on), "off" (not configured)
+    cuda_graphs: str = "off"
+    decode_kernel: str = "gather"  # how decode rows read their K/V blocks: "c", "triton" (in place), "gather"
 
 
 # ---- API -> engine ---------------------------------------------------------------------------

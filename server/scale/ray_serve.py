@@ -283,7 +283,16 @@ def merge_stats(stats: list[EngineStats]) -> EngineStats:
         resident_prefixes=sum(s.resident_prefixes for s in stats),
         resident_bytes=sum(s.resident_bytes for s in stats),
         pool_budget_bytes=sum(s.pool_budget_bytes for s in stats),
+        cuda_graphs=_agreed([s.cuda_graphs for s in stats], EngineStats.cuda_graphs),
+        decode_kernel=_agreed([s.decode_kernel for s in stats], EngineStats.decode_kernel),
     )
+
+
+def _agreed(values: list[str], default: str) -> str:
+    """The replicas' one value (`default` without replicas), or "mixed: a, b" when they differ (say, a
+    replica whose capture failed)."""
+    found = sorted(set(values))
+    return (found[0] if found else default) if len(found) <= 1 else "mixed: " + ", ".join(found)
 
 
 async def ray_engine(settings: ServerSettings, loaded: LoadedModel) -> RayEngineClient:

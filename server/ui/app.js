@@ -684,6 +684,7 @@ async function loadServer() {
       `${fmtBytes(s.resident_bytes)} of ${s.pool_budget_bytes ? fmtBytes(s.pool_budget_bytes) : "no budget"}`,
       s.pool_budget_bytes ? s.resident_bytes / s.pool_budget_bytes : undefined),
     statCard("Model", s.model, `Redis: ${s.redis}`),
+    statCard("Compute", `attention: ${s.decode_kernel}`, `CUDA graphs: ${s.cuda_graphs}`),
   ];
   $("#server-cards").replaceChildren(...cards);
   state.throughput.push(s.tokens_per_s);

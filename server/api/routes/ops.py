@@ -81,6 +81,8 @@ async def server_stats(request: Request, tenant: str = Depends(tenant_of)) -> Se
         resident_bytes=engine.resident_bytes,
         pool_budget_bytes=engine.pool_budget_bytes,
         prefix_loads=tier_loads(metrics.prefix_loads()),
+        cuda_graphs=engine.cuda_graphs,
+        decode_kernel=engine.decode_kernel,
     )
 
 
