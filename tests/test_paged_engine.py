@@ -183,6 +183,56 @@ def test_decode_kernel_matches_softmax_over_gathered_blocks_and_keeps_nan_in_its
     _check_kernel(load_paged_decode())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_decode_kernel_reads_half_precision_pools_and_sums_in_float32(dtype):
+    kernel = load_paged_decode()
+    assert kernel is not None and dtype in kernel.dtypes  # (float16: any compiler with _Float16, gcc >= 12)
+    g = torch.Generator().manual_seed(1)
+    heads, dim, bs = 3, 8, 4
+    k_pool, v_pool = (torch.randn(20, bs, heads, dim, generator=g).to(dtype) for _ in range(2))
+    lens = torch.tensor([1, 7, 16, 3], dtype=torch.int32)
+    table = torch.randperm(19, generator=g)[:16].add(1).view(4, 4)
+    q = (torch.randn(4, 3, heads, dim, generator=g) * 3).to(dtype)[:, 0]  # a strided view
+    prefix = torch.tensor([0, 1, 0, 2]), torch.tensor([3, 0, 2, 1], dtype=torch.int32)
+    out, lse = torch.empty(q.shape, dtype=dtype), torch.empty(4, heads)
+    kernel(q, k_pool, v_pool, table, lens, out, lse, 0.35, prefix)
+    want_out, want_lse = _reference_decode(
+        q.double(), k_pool.double(), v_pool.double(), table, lens, 0.35, prefix
+    )
+    # the output is rounded once to the dtype; the log-sum-exp stays float32
+    torch.testing.assert_close(out.double(), want_out.to(dtype).double(), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
+    v_pool[table[2, 0], 1, 0, 0] = float("nan")  # row 2's second value
+    kernel(q, k_pool, v_pool, table, lens, out, None, 0.35)
+    assert (~out.flatten(1).isfinite().all(-1)).tolist() == [False, False, True, False]
+    with pytest.raises(ValueError, match="one dtype"):
+        kernel(q.float(), k_pool, v_pool, table, lens, out, None, 0.35)
+
+
+def test_half_precision_engines_read_blocks_in_place_as_they_gather_them(tiny_model_dir):
+    from prefixserve.model import load_model
+
+    params = dataclasses.replace(GREEDY, max_new_tokens=12)
+    for dtype in ("bfloat16", "float16"):
+        model = load_model(tiny_model_dir, dtype=dtype)
+        prefixes = make_prefixes(model, [3, 9])
+        runs = {}
+        for in_place in (True, False):
+            engine = engine_with(model, prefixes, max_running=8, record_logits=True, paged_kernel=in_place)
+            assert engine.runner.decode_kernel == ("c" if in_place else "gather")
+            for i, pid in enumerate(["p3", None, "p9", "p9"]):
+                engine.add_request(PROMPTS[i], params, prefix_id=pid, request_id=f"r{i}")
+            runs[in_place] = {rid: collect(outs) for rid, outs in engine.run_to_completion().items()}
+        for rid, (tokens, logits, _) in runs[True].items():
+            other, other_logits = runs[False][rid][:2]
+            differ = [i for i, (a, b) in enumerate(zip(tokens, other, strict=True)) if a != b]
+            same = differ[0] if differ else len(tokens)
+            # the same steps while the tokens agree (a near tie may round either way in half precision)
+            a, b = torch.stack(logits[: same + 1]).float(), torch.stack(other_logits[: same + 1]).float()
+            torch.testing.assert_close(a, b, atol=0.1, rtol=0.05)
+            assert same >= len(tokens) // 2, (dtype, rid, tokens, other)
+
+
 def test_a_compiler_without_openmp_builds_the_kernel_serial(tmp_path, monkeypatch):
     compiler = tmp_path / "cc-without-openmp"
     compiler.write_text('#!/bin/sh\nfor a; do [ "$a" = -fopenmp ] && exit 1; done\nexec cc "$@"\n')

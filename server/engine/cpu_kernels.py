@@ -36,6 +36,10 @@ FLAGS = [
 OPENMP = ["-fopenmp"]
 
 
+# the dtypes the C code serves, by its code for them (paged_decode.c's enum)
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
 class PagedDecode:
     """`paged_decode(q, k_pool, v_pool, table, lens, out, lse, scale[, prefix])`: see `__call__`."""
 
@@ -43,12 +47,15 @@ class PagedDecode:
         fn = lib.paged_decode
         ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         # q, q_stride, k, v, table, nb, lens, pre_slot, pre_len, rows, block_size, heads, dim, scale,
-        # out, lse, threads
+        # out, lse, threads, dtype
         fn.argtypes = [
-            ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, i32, i32, i32, i32, ctypes.c_float, ptr, ptr, i32
+            ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, i32, i32, i32, i32, ctypes.c_float, ptr, ptr,
+            i32, i32,
         ]  # fmt: skip
         fn.restype = ctypes.c_int
         self._fn = fn
+        served = lib.paged_decode_dtypes()  # bit 1 << code per dtype (float16 needs the compiler's _Float16)
+        self.dtypes = frozenset(dt for dt, code in DTYPE_CODES.items() if served >> code & 1)
 
     def __call__(
         self,
@@ -64,32 +71,36 @@ class PagedDecode:
     ) -> None:
         """Row r's query `q[r]` `[H, D]` over its own `lens[r]` tokens, found in the pool `k`/`v`
         `[num_blocks, block_size, H, D]` through `table [R, nb]` (int64): writes `out [R, H, D]` and,
-        when given, `lse [R, H]` (float32, log-sum-exp of the scaled scores). All float32 on the CPU;
-        q may be a strided view of rows (each `[H, D]` contiguous), the rest contiguous.
+        when given, `lse [R, H]` (float32, log-sum-exp of the scaled scores). On the CPU, q, the pools
+        and out in one of `self.dtypes` (every sum float32); q may be a strided view of rows (each
+        `[H, D]` contiguous), the rest contiguous.
 
         `prefix = (slot [R] int64, length [R] int32)`: row r's keys begin with `length[r]` prefix
         positions at the pool's flat slots `slot[r] ..` (a KV prefix placed in the pool; length 0: none)."""
         rows, heads, dim = q.shape
-        _check_layout(q, k, v, table, lens, out, lse, prefix)
+        _check_layout(q, k, v, table, lens, out, lse, prefix, self.dtypes)
         if rows == 0:
             return
         slot, length = (None, None) if prefix is None else (prefix[0].data_ptr(), prefix[1].data_ptr())
         failed = self._fn(
             q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), table.data_ptr(), table.shape[1],
             lens.data_ptr(), slot, length, rows, k.shape[1], heads, dim, scale, out.data_ptr(),
-            None if lse is None else lse.data_ptr(), torch.get_num_threads(),
+            None if lse is None else lse.data_ptr(), torch.get_num_threads(), DTYPE_CODES[q.dtype],
         )  # fmt: skip
-        if failed:
+        if failed == 1:
             raise MemoryError("paged_decode: out of memory for its scratch buffers")
+        if failed:
+            raise ValueError(f"paged_decode: this build does not serve {q.dtype}")
 
 
-def _check_layout(q, k, v, table, lens, out, lse, prefix) -> None:
-    """What the C code takes for granted (it reads raw memory): float32, one KV head per query head, and
-    every row's tokens within its block table and every block and prefix slot within the pool (checked
-    on the host: a CPU kernel has no device to wait for). ValueError otherwise."""
+def _check_layout(q, k, v, table, lens, out, lse, prefix, dtypes: frozenset) -> None:
+    """What the C code takes for granted (it reads raw memory): one of the `dtypes` it serves, one KV
+    head per query head, and every row's tokens within its block table and every block and prefix slot
+    within the pool (checked on the host: a CPU kernel has no device to wait for). ValueError otherwise."""
     rows, heads, _ = q.shape
     bad = layout_problems(q, k, v, table, lens, out, lse, prefix)
-    bad += [] if q.dtype == torch.float32 else ["float32 tensors"]
+    names = sorted(str(dt).removeprefix("torch.") for dt in dtypes)
+    bad += [] if q.dtype in dtypes else [f"tensors of one of {', '.join(names)}"]
     bad += [] if k.shape[2] == heads else ["pools of the query's heads"]
     if not bad and rows:  # the layout is sound: the bounds can be read
         slots = k.shape[0] * k.shape[1]

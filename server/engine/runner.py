@@ -525,10 +525,12 @@ class ModelRunner:
 
 def _in_place_decode(device: torch.device, dtype: torch.dtype) -> TritonPagedDecode | PagedDecode | None:
     """The kernel that reads decode rows' K/V blocks in place: Triton's where Triton runs (CUDA, or the
-    CPU under its interpreter), the C kernel on the CPU in float32; None: the blocks are gathered."""
+    CPU under its interpreter), else the C kernel on the CPU in the dtypes it serves; None: the blocks
+    are gathered."""
     if triton_runs_on(device):
         return TritonPagedDecode(max_prefix=IN_KERNEL_PREFIX)
-    return load_paged_decode() if device.type == "cpu" and dtype == torch.float32 else None
+    kernel = load_paged_decode() if device.type == "cpu" else None
+    return kernel if kernel is not None and dtype in kernel.dtypes else None
 
 
 def log_probs(
