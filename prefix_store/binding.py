@@ -16,7 +16,7 @@ import torch
 from .spec import ModelSpec
 
 if TYPE_CHECKING:
-    from .format import MagnitudeBounds
+    from .bounds import MagnitudeBounds
 
 
 class ModelBinding(Protocol):

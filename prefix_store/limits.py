@@ -9,8 +9,7 @@ KIND_PREFIX_KV = "prefix_kv"  # past_key_values [n_layer, 2, n_head, P, head_dim
 KIND_NTK = "ntk"  # per layer and head Z [d, d] and k [d]; occupies no positions
 KIND_LORA = "lora"  # weight side: low-rank updates of GPT-2's linear modules
 KIND_ADAPTER = "adapter"  # weight side: bottleneck adapters (Houlsby, Pfeiffer; AdaMix averaged into one)
-KINDS = (KIND_PREFIX_KV, KIND_NTK, KIND_LORA, KIND_ADAPTER)
-WEIGHT_KINDS = (KIND_LORA, KIND_ADAPTER)  # attach at the linear layers; the others attach at attention
+# (the list of kinds, and which attach at the linear layers, is the registered classes': kinds.KINDS)
 ADAPTER_MAX_ABS = 1000.0  # the largest |value| a weight-side adapter file may hold (trained ones: << 10)
 VISIBILITIES = ("private", "public")
 MAX_NAME_LEN = 128  # a prefix's (or training job's) display name, in characters

@@ -30,8 +30,8 @@ import torch
 
 from .cache import Stats
 from .errors import PrefixServeError
-from .kinds import kind_of
-from .state import PrefixState, prefix_length, prefix_nbytes
+from .kinds import kind_of, prefix_length, prefix_nbytes
+from .state import PrefixState
 
 log = logging.getLogger(__name__)
 

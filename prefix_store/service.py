@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from .binding import ModelBinding
+from .bounds import Expect
 from .cache import ByteCache, LocalByteCache, RedisByteCache, Stats
 from .errors import PrefixNotFound
 from .format import (
     DTYPE_NAMES,
     MAX_HEADER_BYTES,
     TENSOR_NAME,
-    Expect,
     InvalidPrefixFile,
     PrefixMeta,
     decode_prefix,

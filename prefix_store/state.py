@@ -83,16 +83,3 @@ class BottleneckAdapter:
 # What a provider hands the runner: K/V `[n_layer, 2, n_head, P, head_dim]`, an NTK prefix (length 0), or
 # a weight-side adapter (LoRA, bottleneck; length 0)
 PrefixState = torch.Tensor | NtkPrefix | LoraAdapter | BottleneckAdapter
-
-
-def prefix_length(state: PrefixState) -> int:
-    """Positions the prefix occupies before a row's own tokens (its kind says; NTK: none)."""
-    from .kinds import kind_of  # (the kinds build on these types)
-
-    return kind_of(state).length(state)
-
-
-def prefix_nbytes(state: PrefixState) -> int:
-    from .kinds import kind_of
-
-    return kind_of(state).nbytes(state)

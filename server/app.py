@@ -24,18 +24,18 @@ from .api.routes import ROUTERS
 from .api.state import State
 from .auth import Authenticator
 from .compile import bind_model
-from .engine import AsyncEngine, EngineClient, EngineCore
+from .engine import AsyncEngine, EngineClient, EngineConfig, EngineCore
 from .engine.prepare import RequestPreparer
 from .engine.process import EngineProcess, engine_address
 from .idempotency import Idempotency
 from .loading import load_configured_model
-from .metrics import Metrics
+from .metrics import Metrics, MetricsConfig
 from .model import LoadedModel
 from .ratelimit import RateLimiter
 from .settings import ServerSettings
 from .tenants import TenantRegistry
 from .training.jobs import JobQueue, LocalJobQueue, RedisJobQueue
-from .training.worker import Worker
+from .training.worker import Worker, WorkerConfig
 from .usage import UsageMeter
 
 log = logging.getLogger(__name__)
@@ -85,9 +85,11 @@ def create_app(
         elif model is None and settings.engine_process:
             engine = await start_engine_process(settings, loaded)
         else:  # a model given by the caller (tests, embedding) runs here, on a thread of this process
-            engine = AsyncEngine(EngineCore(loaded, settings.engine_config(), prefixes=service.pool))
+            engine = AsyncEngine(
+                EngineCore(loaded, EngineConfig.from_settings(settings), prefixes=service.pool)
+            )
             engine.start()
-        metrics = Metrics(engine, service, settings.metrics_config())
+        metrics = Metrics(engine, service, MetricsConfig.from_settings(settings))
         engine.on_step = metrics.batch.observe
         registry = TenantRegistry(
             service.store, settings.config_keys(), redis_health, settings.registry_refresh_s
@@ -110,7 +112,7 @@ def create_app(
             registry_task = asyncio.create_task(registry.watch(stop_watch))
         else:  # the embedded default: the same worker code on a thread
             jobs = LocalJobQueue()
-            worker = Worker(jobs, service, settings.worker_config(), usage=usage)
+            worker = Worker(jobs, service, WorkerConfig.from_settings(settings), usage=usage)
             worker_thread = threading.Thread(
                 target=worker.run, args=(stop_worker,), name="train-worker", daemon=True
             )

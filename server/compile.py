@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from prefix_store.format import PROBE_TEXT, InvalidPrefixFile, MagnitudeBounds
+from prefix_store.bounds import PROBE_TEXT, MagnitudeBounds
+from prefix_store.format import InvalidPrefixFile
 from prefix_store.spec import ModelSpec
 
 from .engine.runner import compile_prefix

@@ -1,8 +1,8 @@
 """Every client-facing limit, in one place: the HTTP schemas, the OpenAI endpoint, the engine's own
 validation, training submissions and the store all read these.
 
-The store's limits (kinds, name length, default prefix length, JSON depth) live in `prefix_store.limits`, the
-lowest layer that needs them, and are re-exported here.
+The store's limits (kind names, name length, default prefix length, JSON depth) live in
+`prefix_store.limits`, the lowest layer that needs them, and are re-exported here.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from prefix_store.limits import (
     DEFAULT_MAX_PREFIX_LEN,
     KIND_NTK,
     KIND_PREFIX_KV,
-    KINDS,
     MAX_JSON_DEPTH,
     MAX_NAME_LEN,
     VISIBILITIES,
@@ -19,7 +18,6 @@ from prefix_store.limits import (
 
 __all__ = [
     "DEFAULT_MAX_PREFIX_LEN",
-    "KINDS",
     "KIND_NTK",
     "KIND_PREFIX_KV",
     "MAX_CHOICES",

@@ -19,15 +19,24 @@ from .auth import Unauthorized
 from .engine import AsyncEngine, EngineClient
 from .engine.wire import EngineStats
 from .errors import PrefixServeError
+from .settings import ServerSettings
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    """Who may read /metrics and what it shows (ServerSettings.metrics_config())."""
+    """Who may read /metrics and what it shows."""
 
     key: str = ""  # set: only `Authorization: Bearer <key>` reads /metrics, from anywhere
     loopback_only: bool = False  # no key: only loopback clients read it (on whenever auth is on)
     tenant_labels: bool = False  # False: tenant names appear only as pseudonyms (`tenant_label`)
+
+    @classmethod
+    def from_settings(cls, settings: ServerSettings) -> MetricsConfig:
+        return cls(
+            key=settings.metrics_key,
+            loopback_only=settings.auth_enabled,
+            tenant_labels=settings.metrics_tenant_labels,
+        )
 
 
 NO_TENANT = "-"  # the label of requests that never authenticated (401s, /health, ...)

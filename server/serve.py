@@ -164,7 +164,7 @@ def run_worker(settings: ServerSettings) -> None:
     from .compile import bind_model
     from .loading import load_configured_model
     from .training.jobs import RedisJobQueue
-    from .training.worker import Worker
+    from .training.worker import Worker, WorkerConfig
     from .usage import UsageMeter
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -180,7 +180,7 @@ def run_worker(settings: ServerSettings) -> None:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     queue = RedisJobQueue(settings.redis_url, settings.job_reclaim_s, health)
     usage = UsageMeter(service.store)  # the jobs' work, counted (and written) as each one succeeds
-    Worker(queue, service, settings.worker_config(), usage=usage).run(stop)
+    Worker(queue, service, WorkerConfig.from_settings(settings), usage=usage).run(stop)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,9 @@ from prefix_store.limits import longest_usable_prefix
 from prefix_store.redis_health import RedisConfig
 from prefix_store.service import StoreConfig
 
-from .dense import QUANTIZE
-from .engine import EngineConfig
 from .limits import DEFAULT_MAX_PREFIX_LEN
-from .metrics import MetricsConfig
 from .protocol import ConnectionLimits
 from .tenants import LIMIT_NAMES, Limits, parse_config_keys
-from .training.worker import WorkerConfig
 
 ENV_PREFIX = "PREFIXSERVE_"
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -166,28 +162,6 @@ class ServerSettings:
         text = Path(self.api_keys_file).read_text() if self.api_keys_file else None
         return parse_config_keys(self.api_keys, text)
 
-    def engine_config(self) -> EngineConfig:
-        if self.quantize not in ("", *QUANTIZE):
-            raise ValueError(
-                f"{ENV_PREFIX}QUANTIZE: expected one of {list(QUANTIZE)} or empty, got {self.quantize!r}"
-            )
-        if self.cpu_threads < 0:
-            raise ValueError(
-                f"{ENV_PREFIX}CPU_THREADS: expected 0 (fitted) or a thread count, got {self.cpu_threads}"
-            )
-        return EngineConfig(
-            max_running=self.max_running or None,
-            max_tokens_per_step=self.max_tokens_per_step or None,
-            max_waiting=self.max_waiting,
-            max_seq_len=self.max_seq_len or None,
-            kv_cache_tokens=self.kv_cache_tokens or None,
-            block_size=self.kv_block_size,
-            cuda_graphs=None if self.cuda_graphs else False,  # None: on CUDA only
-            packed_gemm=self.cpu_packed,
-            cpu_threads=self.cpu_threads,
-            quantize=self.quantize or None,
-        )
-
     def redis_config(self) -> RedisConfig | None:
         """The one Redis configuration every client of the process is built from (None: no Redis)."""
         if not self.redis_url:
@@ -214,15 +188,4 @@ class ServerSettings:
             header_timeout_s=self.client_header_timeout_s,
             body_timeout_s=self.client_body_timeout_s,
             body_min_bytes_per_s=self.client_body_min_bytes_per_s,
-        )
-
-    def worker_config(self) -> WorkerConfig:
-        """The training worker's, wherever it runs (a thread of the server, or `prefixserve worker`)."""
-        return WorkerConfig(save_every_s=self.job_progress_s)
-
-    def metrics_config(self) -> MetricsConfig:
-        return MetricsConfig(
-            key=self.metrics_key,
-            loopback_only=self.auth_enabled,
-            tenant_labels=self.metrics_tenant_labels,
         )

@@ -155,21 +155,21 @@ def test_streaming_sends_token_events_then_done(api):
 
 
 @pytest.mark.parametrize(
-    ("body", "needle"),
+    ("body", "needle", "status"),
     [
-        ({"input": "x", "max_new_tokens": 300}, "= 301 exceeds the model's n_positions of 256"),
-        ({"input": "x", "top_p": 0}, "top_p"),
-        ({"input": "x", "temperature": -1}, "temperature"),
-        ({"input": ""}, "input"),
-        ({"input": "x", "unknown": 1}, "unknown"),
-        ({"input": "x", "stop": [""]}, "stop"),
-        ({"max_new_tokens": 3}, "input"),
-        ({"input": "x", "prefix_id": "pfx-nope"}, "not found"),
+        ({"input": "x", "max_new_tokens": 300}, "= 301 exceeds the model's n_positions of 256", 422),
+        ({"input": "x", "top_p": 0}, "top_p", 422),
+        ({"input": "x", "temperature": -1}, "temperature", 422),
+        ({"input": ""}, "input", 422),
+        ({"input": "x", "unknown": 1}, "unknown", 422),
+        ({"input": "x", "stop": [""]}, "stop", 422),
+        ({"max_new_tokens": 3}, "input", 422),
+        ({"input": "x", "prefix_id": "pfx-nope"}, "not found", 404),
     ],
 )
-def test_bad_requests_are_4xx_with_a_clear_reason(api, body, needle):
+def test_bad_requests_are_4xx_with_a_clear_reason(api, body, needle, status):
     r = httpx.post(api.url + "/generate", json=body, headers=A)
-    assert r.status_code in (404, 422), r.text
+    assert r.status_code == status, r.text
     assert needle in r.json()["error"]["message"]
 
 
@@ -341,10 +341,9 @@ def test_a_waiting_request_watches_its_client_without_polling():
         request = Request({"type": "http", "method": "POST", "headers": []}, conn.receive)
         waiting = asyncio.ensure_future(asyncio.sleep(30))
         asyncio.get_running_loop().call_later(0.1, conn.closed.set)  # the client leaves
-        t0 = time.monotonic()
         with pytest.raises(ClientGone, match="the client left"):  # a 499, not a traceback in the log
             await while_connected(request, waiting)
-        assert time.monotonic() - t0 < 1 and waiting.cancelled()  # noticed at once; the wait ended
+        assert waiting.cancelled()  # noticed while the 30 s wait still ran, which it then ended
 
         with pytest.raises(DeadlineExceeded):
             await while_connected(Request({"type": "http"}, _Connection().receive), asyncio.sleep(5), 0.1)

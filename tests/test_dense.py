@@ -164,5 +164,8 @@ def test_quantize_refuses_what_it_cannot_run(tiny_model, tiny_model_dir):
     with pytest.raises(InvalidRequest, match="quantize"):
         EngineCore(tiny_model, EngineConfig(quantize="int4"))
     with pytest.raises(ValueError, match="PREFIXSERVE_QUANTIZE"):
-        ServerSettings.from_env({"PREFIXSERVE_QUANTIZE": "fp8"}).engine_config()
-    assert ServerSettings.from_env({"PREFIXSERVE_QUANTIZE": "int8"}).engine_config().quantize == "int8"
+        EngineConfig.from_settings(ServerSettings.from_env({"PREFIXSERVE_QUANTIZE": "fp8"}))
+    assert (
+        EngineConfig.from_settings(ServerSettings.from_env({"PREFIXSERVE_QUANTIZE": "int8"})).quantize
+        == "int8"
+    )

@@ -131,7 +131,7 @@ def ntk_tensors(model: LoadedModel, rank: int = 0, seed: int = 3) -> dict[str, t
 
 @pytest.fixture
 def expect(tiny_model):
-    from prefix_store.format import Expect
+    from prefix_store.bounds import Expect
 
     return Expect(tiny_model.spec, tiny_model.fingerprint, max_prefix_len=64, max_bytes=1 << 20)
 

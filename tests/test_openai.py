@@ -53,6 +53,20 @@ def test_models_list_names_the_model_ready_names(api, prefix):
     assert ids[0] == model_name(api) and prefix in ids
 
 
+def test_a_prefix_cards_created_time_is_its_stored_utc_time_in_any_time_zone(api, prefix, monkeypatch):
+    from datetime import UTC, datetime
+
+    stored = httpx.get(f"{api.url}/prefixes/{prefix}", headers=A).json()["created_at"]
+    want = int(datetime.fromisoformat(stored).astimezone(UTC).timestamp())
+    for zone in ("Asia/Kolkata", "America/New_York", "UTC"):  # the server shares this process's zone
+        monkeypatch.setenv("TZ", zone)
+        time.tzset()
+        cards = {m["id"]: m for m in httpx.get(api.url + "/v1/models", headers=A).json()["data"]}
+        assert cards[prefix]["created"] == want, zone
+    monkeypatch.undo()
+    time.tzset()
+
+
 @pytest.mark.parametrize("use_prefix", [False, True], ids=["bare", "text-prefix"])
 def test_echo_logprobs_score_the_prompt_as_hf_does(api, prefix, tiny_model, hf_model, use_prefix):
     """lm-eval's loglikelihood request: echo, logprobs 1, max_tokens 0 or 1, several prompts at once."""

@@ -22,9 +22,9 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
+from prefix_store.bounds import MagnitudeBounds
 from prefix_store.format import (
     InvalidPrefixFile,
-    MagnitudeBounds,
     PrefixMeta,
     check_magnitudes,
     decode_prefix,
@@ -76,7 +76,7 @@ def test_the_bound_is_the_documented_one_in_every_serving_dtype(tiny_model, tiny
 def test_the_models_own_keys_and_values_are_always_within_the_bound(tmp_path):
     """Where the worst case is tighter than what the model itself produces (large weights), the bound
     falls back to OWN_MARGIN x the model's own K/V, so a text prefix (the model's own K/V) uploads."""
-    from prefix_store.format import OWN_MARGIN
+    from prefix_store.bounds import OWN_MARGIN
     from prefixserve.tiny import TinyModelConfig, write_tiny_model
 
     model = load_model(write_tiny_model(tmp_path / "wide", TinyModelConfig(initializer_range=8.0)))

@@ -187,20 +187,20 @@ def test_slow_redis_times_out_to_the_store(service_factory, tiny_model, own_redi
     )
     blocker.start()  # the server stops answering for 1.5 s
     time.sleep(0.1)
-    t0 = time.monotonic()
     assert svc.load_bytes(meta.id) == svc.store.get(meta.id)
-    assert time.monotonic() - t0 < 1.0 and svc.stats.get("redis", "errors") == 1
+    assert blocker.is_alive()  # served from the store while Redis still slept: it did not wait for it
+    assert svc.stats.get("redis", "errors") == 1
     blocker.join()
 
 
 def test_slow_or_absent_redis_never_fails_a_load(service_factory, tiny_model):
     svc = service_factory(redis_url="redis://127.0.0.1:1/0")  # nothing listens there
     meta = svc.add_tensor(kv_for(tiny_model, 4), owner="alice")
-    t0 = time.monotonic()
     for _ in range(5):
         assert svc.load_bytes(meta.id) == svc.store.get(meta.id)
-    assert time.monotonic() - t0 < 2.0  # one failed attempt, then the back-off skips Redis
-    assert svc.stats.get("redis", "errors") >= 1 and svc.stats.get("redis", "skipped") >= 1
+    # one failed attempt (the upload's cache write), then the back-off skips Redis without trying it:
+    # each load's lookup and its cache fill
+    assert (svc.stats.get("redis", "errors"), svc.stats.get("redis", "skipped")) == (1, 5 * 2)
 
 
 def test_embedded_default_uses_the_in_process_cache(service_factory, tiny_model):

@@ -122,7 +122,9 @@ def test_the_engine_steps_on_its_team_and_its_tokens_do_not_depend_on_the_width(
 
 def test_a_negative_thread_count_is_refused():
     with pytest.raises(ValueError, match="PREFIXSERVE_CPU_THREADS: expected 0"):
-        ServerSettings(cpu_threads=-1).engine_config()
+        EngineConfig.from_settings(ServerSettings(cpu_threads=-1))
     with pytest.raises(ValueError, match="cpu_threads"):
         ThreadGovernor.for_this_process(-2)
-    assert ServerSettings.from_env({"PREFIXSERVE_CPU_THREADS": "3"}).engine_config().cpu_threads == 3
+    assert (
+        EngineConfig.from_settings(ServerSettings.from_env({"PREFIXSERVE_CPU_THREADS": "3"})).cpu_threads == 3
+    )

@@ -1,9 +1,10 @@
 """The prefix kinds, registered here and nowhere else (format, validation, device layout, attention).
 
-Adding a kind: a module with one class following `base.PrefixKind`, its name in `limits.KINDS`, and
-its class in `KIND_CLASSES` below. Files, the device pool and the engine then know it. A kind attaches
-at attention (`plan` + `attend`: prefix_kv, ntk) or, with `weight_side`, at the linear layers (`plan` +
-`apply` at its `sites`: lora, adapter; weights.py).
+Adding a kind: a module with one class following `base.PrefixKind` (its `name` a constant in
+`limits.py`) and its class in `KIND_CLASSES` below. Files, the device pool and the engine then know it
+(`KINDS`, `WEIGHT_KINDS` follow from the classes). A kind attaches at attention (`plan` + `attend`:
+prefix_kv, ntk) or, with `weight_side`, at the linear layers (`plan` + `apply` at its `sites`: lora,
+adapter; weights.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import PrefixServeError
+from ..state import PrefixState
 from .base import PrefixKind
 from .bottleneck import BottleneckKind
 from .kv import KvPrefixKind
@@ -19,12 +21,16 @@ from .ntk import NtkPrefixKind
 
 KIND_CLASSES: tuple[type[PrefixKind], ...] = (KvPrefixKind, NtkPrefixKind, LoraKind, BottleneckKind)
 BY_NAME: dict[str, type[PrefixKind]] = {cls.name: cls for cls in KIND_CLASSES}
+KINDS = tuple(BY_NAME)  # every kind's name, as files and the API spell it
+WEIGHT_KINDS = tuple(cls.name for cls in KIND_CLASSES if cls.weight_side)  # at the linear layers
 TENSOR_SETS = {cls.name: cls.tensor_sets for cls in KIND_CLASSES}  # a file's tensors, per kind
 
 __all__ = [
     "BY_NAME",
+    "KINDS",
     "KIND_CLASSES",
     "TENSOR_SETS",
+    "WEIGHT_KINDS",
     "BottleneckKind",
     "KvPrefixKind",
     "LoraKind",
@@ -32,6 +38,8 @@ __all__ = [
     "PrefixKind",
     "kind_of",
     "kind_with_tensors",
+    "prefix_length",
+    "prefix_nbytes",
 ]
 
 
@@ -47,3 +55,13 @@ def kind_of(state: Any) -> type[PrefixKind]:
         if cls.owns(state):
             return cls
     raise PrefixServeError(f"not a prefix state of any known kind: {type(state).__name__}")
+
+
+def prefix_length(state: PrefixState) -> int:
+    """Positions the prefix occupies before a row's own tokens (its kind says; NTK: none)."""
+    return kind_of(state).length(state)
+
+
+def prefix_nbytes(state: PrefixState) -> int:
+    """Bytes the prefix's tensors hold."""
+    return kind_of(state).nbytes(state)

@@ -20,7 +20,7 @@ from ..spec import ModelSpec
 from ..staging import StepInputs
 
 if TYPE_CHECKING:  # format.py imports the kinds; these are its types
-    from ..format import Expect, MagnitudeBounds
+    from ..bounds import Expect, MagnitudeBounds
 
 
 class PrefixKind(Protocol):

@@ -24,7 +24,7 @@ from .base import StackCache
 from .weights import WeightPlan, check_abs, check_shape, finite, plan_groups, stacked
 
 if TYPE_CHECKING:
-    from ..format import Expect, MagnitudeBounds
+    from ..bounds import Expect, MagnitudeBounds
 
 PARTS = ("down", "down_bias", "up", "up_bias")
 

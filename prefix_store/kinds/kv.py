@@ -24,7 +24,7 @@ from ..staging import StepInputs
 from .base import StackCache, check_peaks
 
 if TYPE_CHECKING:
-    from ..format import Expect, MagnitudeBounds
+    from ..bounds import Expect, MagnitudeBounds
 
 TENSOR_NAME = "past_key_values"
 PAD_LIMIT = 64  # prefixes up to this long share one padded call; longer ones get a call each

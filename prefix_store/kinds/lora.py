@@ -23,7 +23,7 @@ from .base import StackCache
 from .weights import WeightPlan, check_abs, check_shape, finite, plan_groups, stacked
 
 if TYPE_CHECKING:
-    from ..format import Expect, MagnitudeBounds
+    from ..bounds import Expect, MagnitudeBounds
 
 MAX_RANK = 256
 

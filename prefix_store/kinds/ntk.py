@@ -30,11 +30,12 @@ from ..limits import KIND_NTK
 from ..spec import ModelSpec
 from ..staging import StepInputs
 from ..state import NtkPrefix
-from . import ntk_triton
 from .base import StackCache, check_peaks
+from .ntk_triton import available as fused_kernel_available
+from .ntk_triton import ntk_decode as fused_ntk_decode
 
 if TYPE_CHECKING:
-    from ..format import Expect, MagnitudeBounds
+    from ..bounds import Expect, MagnitudeBounds
 
 
 def phi(q: torch.Tensor) -> torch.Tensor:
@@ -188,7 +189,7 @@ class NtkPrefixKind:
     # ---- the fused CUDA decode kernel --------------------------------------------------------------
     @staticmethod
     def fused_available(device: torch.device) -> bool:
-        return ntk_triton.available(device)
+        return fused_kernel_available(device)
 
     def fused_decode(
         self,
@@ -210,7 +211,7 @@ class NtkPrefixKind:
             z[g.tokens], kv[g.tokens] = plan.z[g.group_of, layer], plan.k[g.group_of, layer]
         for toks, state in plan.singles:
             z[toks], kv[toks] = state.z[layer], state.k[layer]
-        return ntk_triton.ntk_decode(q, k, v, lens, z, kv, scale)
+        return fused_ntk_decode(q, k, v, lens, z, kv, scale)
 
 
 def _stack(states: list[NtkPrefix]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ from typing import TypeVar
 from fastapi import Request
 
 from prefix_store.format import PrefixMeta
-from prefix_store.limits import WEIGHT_KINDS
+from prefix_store.kinds import WEIGHT_KINDS
 
 from ..engine import FinishReason, RequestOutput, SamplingParams
 from ..engine.request import Request as EngineRequest

@@ -17,6 +17,7 @@ from prefix_store.limits import MIN_REQUEST_TOKENS as MIN_REQUEST_TOKENS
 from prefix_store.limits import longest_usable_prefix as longest_usable_prefix
 from prefix_store.staging import Readback
 
+from ..dense import QUANTIZE
 from ..errors import (
     EngineFault,
     EngineOverloaded,
@@ -26,6 +27,7 @@ from ..errors import (
     QuotaExceeded,
 )
 from ..model import LoadedModel, ModelSpec
+from ..settings import ENV_PREFIX, ServerSettings
 from .arena import KvArena
 from .blocks import blocks_for
 from .detokenizer import Detokenizer
@@ -78,6 +80,30 @@ class EngineConfig:
     crowded_prompt_tokens: int | None = None
     record_logits: bool = False  # attach each step's logits to the outputs (tests, debugging)
     detokenize: bool = True  # False: outputs carry token ids only (text and stop strings done by the caller)
+
+    @classmethod
+    def from_settings(cls, settings: ServerSettings) -> EngineConfig:
+        """The server's engine, as its settings (PREFIXSERVE_*) configure it. ValueError names a bad one."""
+        if settings.quantize not in ("", *QUANTIZE):
+            raise ValueError(
+                f"{ENV_PREFIX}QUANTIZE: expected one of {list(QUANTIZE)} or empty, got {settings.quantize!r}"
+            )
+        if settings.cpu_threads < 0:
+            raise ValueError(
+                f"{ENV_PREFIX}CPU_THREADS: expected 0 (fitted) or a thread count, got {settings.cpu_threads}"
+            )
+        return cls(
+            max_running=settings.max_running or None,
+            max_tokens_per_step=settings.max_tokens_per_step or None,
+            max_waiting=settings.max_waiting,
+            max_seq_len=settings.max_seq_len or None,
+            kv_cache_tokens=settings.kv_cache_tokens or None,
+            block_size=settings.kv_block_size,
+            cuda_graphs=None if settings.cuda_graphs else False,  # None: on CUDA only
+            packed_gemm=settings.cpu_packed,
+            cpu_threads=settings.cpu_threads,
+            quantize=settings.quantize or None,
+        )
 
     def resolved(self, device: torch.device, max_seq_len: int, fits: int | None = None) -> EngineConfig:
         """The configuration with every default filled in for this device and row length. `fits`: the

@@ -20,8 +20,8 @@ from typing import Protocol
 
 import torch
 
-from prefix_store.kinds import kind_of
-from prefix_store.state import PrefixState, prefix_length, prefix_nbytes
+from prefix_store.kinds import kind_of, prefix_length, prefix_nbytes
+from prefix_store.state import PrefixState
 
 from ..errors import InvalidPrefix, PrefixNotFound, PrefixServeError
 from ..model import ModelSpec

@@ -31,7 +31,7 @@ import msgspec
 import zmq
 
 from ..errors import EngineFault, PrefixServeError
-from .core import EngineCore, RequestOutput
+from .core import EngineConfig, EngineCore, RequestOutput
 from .request import FinishReason
 from .wire import (
     HEARTBEAT_S,
@@ -190,7 +190,9 @@ def main() -> None:
     redis_cfg = settings.redis_config()
     health = RedisHealth(redis_cfg) if redis_cfg is not None else None
     service = PrefixService(bind_model(model), settings.store_config(), redis_health=health)
-    core = EngineCore(model, replace(settings.engine_config(), detokenize=False), prefixes=service.pool)
+    core = EngineCore(
+        model, replace(EngineConfig.from_settings(settings), detokenize=False), prefixes=service.pool
+    )
     loop = EngineLoop(core, address, service.pool.evict, service.stats.snapshot)
 
     def stop(*_: object) -> None:

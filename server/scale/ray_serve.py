@@ -45,7 +45,7 @@ from prefix_store.redis_health import RedisHealth
 from prefix_store.service import PrefixService
 
 from ..compile import bind_model
-from ..engine import AsyncEngine, EngineCore
+from ..engine import AsyncEngine, EngineConfig, EngineCore
 from ..engine.async_engine import EngineStopped
 from ..engine.client import EngineClient
 from ..engine.detokenizer import Detokenizer
@@ -95,7 +95,9 @@ class EngineReplica:
         redis_cfg = self.settings.redis_config()
         health = RedisHealth(redis_cfg) if redis_cfg is not None else None
         self.service = PrefixService(bind_model(model), self.settings.store_config(), redis_health=health)
-        config = replace(self.settings.engine_config(), detokenize=False)  # the ingress makes the text
+        config = replace(
+            EngineConfig.from_settings(self.settings), detokenize=False
+        )  # the ingress makes the text
         self.engine = AsyncEngine(EngineCore(model, config, prefixes=self.service.pool))
         self.engine.start()
         self.max_prefixes = max_prefixes

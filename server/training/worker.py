@@ -33,6 +33,7 @@ from prefix_store.store import PrefixExists
 from ..compile import BoundModel
 from ..errors import PrefixServeError
 from ..model import LoadedModel, load_hf_model
+from ..settings import ServerSettings
 from ..usage import UsageMeter
 from .checkpoint import CheckpointMismatch, decode_checkpoint, encode_checkpoint
 from .evaluate import METRICS, EvalConfig, Evaluation, evaluate
@@ -57,6 +58,11 @@ class WorkerConfig:
     heartbeat_s: float = 5.0  # keeps a running job from being reclaimed (must be < the queue's reclaim_s)
     save_every_s: float = 1.0  # progress written to the job record at most this often
     poll_s: float = 1.0
+
+    @classmethod
+    def from_settings(cls, settings: ServerSettings) -> WorkerConfig:
+        """The training worker's, wherever it runs (a thread of the server, or `prefixserve worker`)."""
+        return cls(save_every_s=settings.job_progress_s)
 
 
 def read_pairs(data: bytes) -> list[tuple[str, str]]:

@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Request
@@ -216,9 +217,15 @@ async def models(request: Request, tenant: str = Depends(tenant_of)) -> ModelLis
     state = get_state(request)
     cards = [ModelCard(id=base_model_name(state), created=0, owned_by="prefixserve")]
     for meta in await asyncio.to_thread(state.service.list, tenant):  # disk: off the event loop
-        created = int(time.mktime(time.strptime(meta.created_at[:19], "%Y-%m-%dT%H:%M:%S")))
-        cards.append(ModelCard(id=meta.id, created=created, owned_by=meta.owner))
+        cards.append(ModelCard(id=meta.id, created=unix_seconds(meta.created_at), owned_by=meta.owner))
     return ModelList(data=cards)
+
+
+def unix_seconds(stamp: str) -> int:
+    """A stored ISO 8601 time ("2026-12-07T22:33:00+00:00"; one without an offset is UTC, as the store
+    writes them) -> seconds since the epoch, whatever this machine's time zone."""
+    moment = datetime.fromisoformat(stamp)
+    return int((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp())
 
 
 @dataclass
