@@ -39,7 +39,7 @@ def own_kv_peaks(model: LoadedModel) -> torch.Tensor:
 
 
 def magnitude_bounds(model: LoadedModel) -> MagnitudeBounds:
-    """The loaded model's upload magnitude bounds (README, 'Magnitudes')."""
+    """The loaded model's upload magnitude bounds (docs/prefixes.md, 'Magnitudes')."""
     return MagnitudeBounds.derive(model.spec, model.weights.layers, own_kv_peaks(model))
 
 

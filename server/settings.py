@@ -1,4 +1,4 @@
-"""Server settings: one object, read from `PREFIXSERVE_*` environment variables (see README table)."""
+"""Server settings: one object, read from `PREFIXSERVE_*` environment variables (docs/settings.md)."""
 
 from __future__ import annotations
 

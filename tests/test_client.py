@@ -109,7 +109,7 @@ def test_every_sdk_call(client, tiny_model, tmp_path, capsys):
 
 
 def test_training_from_a_jsonl_path_and_cancel(client):
-    data = ROOT / "examples" / "data.jsonl"  # the README's example dataset
+    data = ROOT / "examples" / "data.jsonl"  # the example dataset of the README and docs/training.md
     job = client.prefixes.train(data, epochs=100, prefix_len=4, hidden=16, batch_size=4)
     assert job.state.n_examples == len(data.read_text().splitlines()) == 60
     deadline = time.monotonic() + 30

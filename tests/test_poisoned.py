@@ -1,6 +1,6 @@
 """Poisoned prefixes and rows fail alone (architecture.md invariant 10).
 
-Upload validation bounds prefix magnitudes from the served model (`MagnitudeBounds`, README
+Upload validation bounds prefix magnitudes from the served model (`MagnitudeBounds`, docs/prefixes.md
 "Magnitudes"), so attention cannot overflow in float16, bfloat16 or float32. The engine guards per row
 anyway: a row whose numbers turn NaN/Inf ends alone with `prefix_error`, and every other row's tokens
 (greedy and seeded sampling) and logits are what they are without it; a step that raises ends only its
