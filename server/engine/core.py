@@ -59,8 +59,9 @@ class EngineConfig:
     # memory. At least max_seq_len.
     kv_cache_tokens: int | None = None
     block_size: int = 16  # tokens per KV block
-    # on the CPU (float32), decode rows read their KV blocks in place with a compiled kernel
-    # (cpu_kernels.py); False, or no C compiler: the blocks are gathered per layer (slower, same numbers)
+    # decode rows read their KV blocks in place: a compiled C kernel on the CPU (cpu_kernels.py), a Triton
+    # kernel on CUDA (triton_decode.py); False, or neither available: the blocks are gathered per layer
+    # (slower, same numbers)
     paged_kernel: bool = True
     # on the CPU, the dense layers also packed once for oneDNN's GEMM, run by decode-sized steps (dense.py);
     # False: addmm on the plain layout alone (one copy of the weights less)

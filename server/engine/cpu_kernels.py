@@ -101,7 +101,7 @@ def _check_layout(q, k, v, table, lens, out, lse, prefix, dtypes: frozenset) -> 
     bad = layout_problems(q, k, v, table, lens, out, lse, prefix)
     names = sorted(str(dt).removeprefix("torch.") for dt in dtypes)
     bad += [] if q.dtype in dtypes else [f"tensors of one of {', '.join(names)}"]
-    bad += [] if k.shape[2] == heads else ["pools of the query's heads"]
+    bad += [] if k.dim() == 4 and k.shape[2] == heads else ["pools of the query's heads"]
     if not bad and rows:  # the layout is sound: the bounds can be read
         slots = k.shape[0] * k.shape[1]
         if not (int(lens.min()) >= 1 and int(lens.max()) <= table.shape[1] * k.shape[1]):
