@@ -208,7 +208,7 @@ def _check_offsets(header: dict, buffer_len: int) -> None:
         if name == "__metadata__":
             continue
         off = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(off, list) and len(off) == 2 and all(isinstance(x, int) for x in off)):
+        if not (isinstance(off, list) and len(off) == 2 and all(type(x) is int for x in off)):  # (no bools)
             raise InvalidPrefixFile(f"tensor {name!r} has no valid data_offsets [begin, end], got {off!r}")
         if not 0 <= off[0] <= off[1] <= buffer_len:
             raise InvalidPrefixFile(
@@ -302,7 +302,8 @@ def tensor_layout(header: dict, name: str) -> tuple[torch.dtype, list[int]]:
     """A tensor's dtype (one of DTYPES: float types only) and shape (non-negative integers), from a
     header that `parse_header` has checked; shared by native files and PEFT weights."""
     info = header[name]
-    dtype = DTYPES.get(info.get("dtype"))
+    named = info.get("dtype")
+    dtype = DTYPES.get(named) if isinstance(named, str) else None  # (a list or an object is no name)
     if dtype is None:
         raise InvalidPrefixFile(f"dtype must be one of {sorted(DTYPES)}, got {info.get('dtype')!r}")
     shape = info.get("shape")
