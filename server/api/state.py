@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from prefix_store.format import InvalidPrefixFile, PrefixMeta
 from prefix_store.redis_health import RedisHealth
@@ -77,7 +78,7 @@ class State:
 
 
 def get_state(request: Request) -> State:
-    """The app's State (a dependency: `state: State = Depends(get_state)`)."""
+    """The app's State (a route's dependency: `state: AppState`)."""
     return request.app.state.s
 
 
@@ -94,3 +95,8 @@ async def admin_of(request: Request) -> None:
     """Authenticate the admin key (the dependency of every /admin route): 401 without it, 403 for a
     tenant's key or when the server has no admin key."""
     get_state(request).auth.admin(request.headers.get("authorization"))
+
+
+# what a route declares it needs: `state: AppState, tenant: TenantName`
+AppState = Annotated[State, Depends(get_state)]  # the server's state
+TenantName = Annotated[str, Depends(tenant_of)]  # the authenticated caller's tenant

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query
 
 from ...limits import MAX_USAGE_DAYS
 from ...schemas import (
@@ -26,7 +26,7 @@ from ...schemas import (
 )
 from ...tenants import ApiKey, Tenant, TenantNotFound
 from ..errors import ERRORS, BoundedJsonRoute
-from ..state import State, admin_of, get_state
+from ..state import AppState, State, admin_of
 
 router = APIRouter(
     prefix="/admin", tags=["admin"], route_class=BoundedJsonRoute, dependencies=[Depends(admin_of)]
@@ -62,67 +62,60 @@ def known(state: State, name: str) -> Tenant:
 
 
 @router.post("/tenants", status_code=201, response_model=TenantInfo, responses=ADMIN_ERRORS)
-async def create_tenant(body: TenantCreate, request: Request) -> TenantInfo:
+async def create_tenant(state: AppState, body: TenantCreate) -> TenantInfo:
     """Add a tenant (409 if it exists); then issue it a key (`POST /admin/tenants/{name}/keys`)."""
-    state = get_state(request)
     limits = body.limits.model_dump(exclude_none=True)
     tenant = await asyncio.to_thread(state.registry.create, body.name, body.status, body.weight, limits)
     return tenant_info(state, tenant)
 
 
 @router.get("/tenants", response_model=TenantList, responses=ADMIN_ERRORS)
-async def list_tenants(request: Request) -> TenantList:
+async def list_tenants(state: AppState) -> TenantList:
     """Every tenant: those in the registry and those known only from configured keys."""
-    state = get_state(request)
     return TenantList(tenants=[tenant_info(state, t) for t in state.registry.tenants()])
 
 
 @router.get("/tenants/{name}", response_model=TenantInfo, responses=ADMIN_ERRORS)
-async def get_tenant(name: str, request: Request) -> TenantInfo:
-    state = get_state(request)
+async def get_tenant(state: AppState, name: str) -> TenantInfo:
     return tenant_info(state, known(state, name))
 
 
 @router.patch("/tenants/{name}", response_model=TenantInfo, responses=ADMIN_ERRORS)
-async def update_tenant(name: str, body: TenantPatch, request: Request) -> TenantInfo:
+async def update_tenant(state: AppState, name: str, body: TenantPatch) -> TenantInfo:
     """Change a tenant's status (`disabled`: its keys are refused by every replica within seconds),
     weight or limits (only the limits given change; null resets one to the server's default)."""
-    state = get_state(request)
     limits = body.limits.model_dump(exclude_unset=True) if body.limits is not None else None
     tenant = await asyncio.to_thread(state.registry.update, name, body.status, body.weight, limits)
     return tenant_info(state, tenant)
 
 
 @router.post("/tenants/{name}/keys", status_code=201, response_model=KeyCreated, responses=ADMIN_ERRORS)
-async def issue_key(name: str, request: Request, body: KeyCreate | None = None) -> KeyCreated:
+async def issue_key(state: AppState, name: str, body: KeyCreate | None = None) -> KeyCreated:
     """A new API key for the tenant. The key is in this answer only: the server keeps its digest."""
-    state = get_state(request)
     record, key = await asyncio.to_thread(state.registry.issue_key, name, (body or KeyCreate()).name)
     return KeyCreated(**key_info(record).model_dump(), key=key)
 
 
 @router.get("/tenants/{name}/keys", response_model=KeyList, responses=ADMIN_ERRORS)
-async def list_keys(name: str, request: Request) -> KeyList:
+async def list_keys(state: AppState, name: str) -> KeyList:
     """The tenant's issued keys (ids and labels, never the keys)."""
-    state = get_state(request)
     known(state, name)
     keys = [key_info(k) for k in state.registry.keys_of(name)]
     return KeyList(keys=keys, config_keys=state.registry.config_keys_of(name))
 
 
 @router.delete("/tenants/{name}/keys/{key_id}", status_code=204, responses=ADMIN_ERRORS)
-async def revoke_key(name: str, key_id: str, request: Request) -> None:
+async def revoke_key(state: AppState, name: str, key_id: str) -> None:
     """Revoke a key: refused by every replica within seconds."""
-    await asyncio.to_thread(get_state(request).registry.revoke_key, name, key_id)
+    await asyncio.to_thread(state.registry.revoke_key, name, key_id)
 
 
 @router.get("/usage", response_model=AdminUsage, responses=ADMIN_ERRORS)
 async def all_usage(
-    request: Request,
+    state: AppState,
     days: int = Query(7, ge=1, le=MAX_USAGE_DAYS, description="this many days back, today included"),
     tenant: str | None = Query(None, description="one tenant only"),
 ) -> AdminUsage:
     """Every tenant's usage per day (requests, tokens, training and evaluation work, bytes stored)."""
-    state = get_state(request)
     rows = await state.usage.read(days, tenant)
     return AdminUsage(days=[UsageDay(**row) for row in rows])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from ...engine import SamplingParams
@@ -21,7 +21,7 @@ from ..generation import (
     token_scores,
     usage,
 )
-from ..state import get_state, tenant_of
+from ..state import AppState, TenantName
 
 router = APIRouter(tags=["generate"], route_class=BoundedJsonRoute)
 
@@ -31,7 +31,7 @@ router = APIRouter(tags=["generate"], route_class=BoundedJsonRoute)
     response_model=GenerateResponse,
     responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}},
 )
-async def generate(body: GenerateRequest, request: Request, tenant: str = Depends(tenant_of)):
+async def generate(body: GenerateRequest, request: Request, state: AppState, tenant: TenantName):
     """Generate text from the frozen model steered by one prefix (`prefix_id` null: the bare model) of
     any kind (prefix_kv, ntk, or a LoRA / bottleneck adapter), and optionally an adapter beside a prefix
     (`adapter_id`).
@@ -39,7 +39,6 @@ async def generate(body: GenerateRequest, request: Request, tenant: str = Depend
     With `stream: true` the answer is Server-Sent Events: one `token` event per token, then a `done`
     event with `finish_reason` and `usage` (or an `error` event if generation fails midway).
     """
-    state = get_state(request)
     rid = f"gen-{uuid.uuid4().hex[:16]}"
     _, outputs = await start_generation(
         state, tenant, body.input, body.sampling_params(), body.prefix_id, rid, adapter_id=body.adapter_id
@@ -52,10 +51,9 @@ async def generate(body: GenerateRequest, request: Request, tenant: str = Depend
 
 
 @router.post("/score", response_model=ScoreResponse, responses=ERRORS)
-async def score(body: ScoreRequest, request: Request, tenant: str = Depends(tenant_of)) -> ScoreResponse:
+async def score(body: ScoreRequest, request: Request, state: AppState, tenant: TenantName) -> ScoreResponse:
     """The log-probability of `continuation` after `input` (and the prefix; a trained prefix's
     separator between them, as in training), token by token. Nothing is generated."""
-    state = get_state(request)
     metas = await steering(state, tenant, body.prefix_id, body.adapter_id)
     context = body.input + input_suffix(metas)
     encode = state.engine.preparer.tokenizer.encode

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query
 
 from ...limits import MAX_JOBS_LISTED
 from ...schemas import JobInfo, JobList
 from ...training.jobs import Job, JobNotFound, cancel
 from ..errors import ERRORS, BoundedJsonRoute
-from ..state import State, get_state, tenant_of
+from ..state import AppState, State, TenantName
 
 router = APIRouter(tags=["jobs"], route_class=BoundedJsonRoute)
 
@@ -24,24 +24,23 @@ async def _own_job(state: State, job_id: str, tenant: str) -> Job:
 
 @router.get("/jobs", response_model=JobList, responses=ERRORS)
 async def list_jobs(
-    request: Request,
-    tenant: str = Depends(tenant_of),
+    state: AppState,
+    tenant: TenantName,
     limit: int = Query(50, ge=1, le=MAX_JOBS_LISTED, description="at most this many, newest first"),
 ) -> JobList:
     """Your training and evaluation jobs, newest first (the web console's Jobs page)."""
-    jobs = await asyncio.to_thread(get_state(request).jobs.list, tenant, limit)
+    jobs = await asyncio.to_thread(state.jobs.list, tenant, limit)
     return JobList(jobs=[JobInfo.of(job) for job in jobs])
 
 
 @router.get("/jobs/{job_id}", response_model=JobInfo, responses=ERRORS)
-async def get_job(job_id: str, request: Request, tenant: str = Depends(tenant_of)) -> JobInfo:
+async def get_job(state: AppState, job_id: str, tenant: TenantName) -> JobInfo:
     """A training job's status, progress and loss curve (your own jobs only)."""
-    return JobInfo.of(await _own_job(get_state(request), job_id, tenant))
+    return JobInfo.of(await _own_job(state, job_id, tenant))
 
 
 @router.delete("/jobs/{job_id}", response_model=JobInfo, responses=ERRORS)
-async def cancel_job(job_id: str, request: Request, tenant: str = Depends(tenant_of)) -> JobInfo:
+async def cancel_job(state: AppState, job_id: str, tenant: TenantName) -> JobInfo:
     """Cancel a job: a queued one ends now, a running one within about a second."""
-    state = get_state(request)
     await _own_job(state, job_id, tenant)
     return JobInfo.of(await asyncio.to_thread(cancel, state.jobs, job_id))

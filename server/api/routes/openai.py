@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal, TypeVar
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -44,7 +44,7 @@ from ...limits import (
 from ...schemas import stop_strings
 from ..errors import ERRORS, BoundedJsonRoute, error_event
 from ..generation import Answer, first_output, gather_answer, model_ids, start_generation
-from ..state import State, get_state, tenant_of
+from ..state import AppState, State, TenantName
 
 router = APIRouter(tags=["openai"], route_class=BoundedJsonRoute)
 
@@ -212,9 +212,8 @@ def _openai_reason(reason: FinishReason) -> Literal["stop", "length"]:
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERRORS)
-async def models(request: Request, tenant: str = Depends(tenant_of)) -> ModelList:
+async def models(state: AppState, tenant: TenantName) -> ModelList:
     """The base model and every prefix this tenant may use, as OpenAI model cards."""
-    state = get_state(request)
     cards = [ModelCard(id=base_model_name(state), created=0, owned_by="prefixserve")]
     for meta in await asyncio.to_thread(state.service.list, tenant):  # disk: off the event loop
         cards.append(ModelCard(id=meta.id, created=unix_seconds(meta.created_at), owned_by=meta.owner))
@@ -241,10 +240,9 @@ class _Choice:
     response_model=Completion,
     responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}},
 )
-async def completions(body: CompletionRequest, request: Request, tenant: str = Depends(tenant_of)):
+async def completions(body: CompletionRequest, request: Request, state: AppState, tenant: TenantName):
     """OpenAI text completions; `model` is a prefix id (of any kind: a LoRA or adapter id serves the row
     with that adapter), "PREFIX+ADAPTER" for a row carrying both, or the base model's name."""
-    state = get_state(request)
     steer = await model_ids(state, body.model, tenant)
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
     choices = await _start(state, tenant, body, steer, rid)

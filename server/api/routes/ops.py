@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ...schemas import ErrorResponse, ServerStats, TierLoads
 from ..errors import ERRORS, BoundedJsonRoute, Draining, error_response
-from ..state import State, get_state, tenant_of
+from ..state import AppState, State, TenantName
 
 router = APIRouter(tags=["ops"], route_class=BoundedJsonRoute)
 
@@ -50,20 +50,19 @@ async def ready(request: Request):
     response_class=PlainTextResponse,
     responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
 )
-async def metrics(request: Request) -> PlainTextResponse:
+async def metrics(request: Request, state: AppState) -> PlainTextResponse:
     """Prometheus metrics. With PREFIXSERVE_METRICS_KEY set, only for `Authorization: Bearer <that
     key>`; otherwise, when auth is on, only for loopback clients (401 / 403). Tenant labels are
     pseudonyms unless PREFIXSERVE_METRICS_TENANT_LABELS=true."""
-    metrics = get_state(request).metrics
+    metrics = state.metrics
     metrics.access.check(request.headers.get("authorization"), request.client and request.client.host)
     return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/server/stats", response_model=ServerStats, responses=ERRORS)
-async def server_stats(request: Request, tenant: str = Depends(tenant_of)) -> ServerStats:
+async def server_stats(state: AppState, tenant: TenantName) -> ServerStats:
     """Batch occupancy, throughput, queue depth, device-pool residency and prefix-cache hit rates, for
     any tenant's key: aggregate figures only (no prefix ids, no tenant names; those stay in /metrics)."""
-    state = get_state(request)
     metrics, engine = state.metrics, state.engine.stats()
     return ServerStats(
         model=state.model.served_name,

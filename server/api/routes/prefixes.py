@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import FormData
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -40,7 +40,7 @@ from ...training.evaluate import EvalConfig, check_examples
 from ...training.jobs import Job, JobNotFound
 from ..errors import ERRORS, BoundedJsonRoute, ClientGone, Forbidden, PayloadTooLarge
 from ..quotas import check_job, prefix_admission
-from ..state import State, get_state, tenant_of
+from ..state import AppState, State, TenantName
 
 router = APIRouter(tags=["prefixes"], route_class=BoundedJsonRoute)
 
@@ -101,7 +101,7 @@ _UPLOAD_DOC = {
     responses={**ERRORS, 202: {"model": JobInfo, "description": "a training job was queued"}},
     openapi_extra=_UPLOAD_DOC,
 )
-async def add_prefix(request: Request, tenant: str = Depends(tenant_of)):
+async def add_prefix(request: Request, state: AppState, tenant: TenantName):
     """Add a prefix or adapter: upload a native `.safetensors` file of any kind (`file`: prefix_kv, ntk,
     lora, adapter) or a PEFT adapter (`adapter_config` + `adapter_model`: prefix tuning, prompt tuning or
     LoRA) as multipart, compile a text prompt (JSON `{"text"}`), or train one: JSON `{"train":
@@ -112,7 +112,6 @@ async def add_prefix(request: Request, tenant: str = Depends(tenant_of)):
     same request within `PREFIXSERVE_IDEMPOTENCY_TTL_S` gets the first answer again (same status,
     same id, `Idempotent-Replayed: true`), even across a server restart; the same key with a
     different request is 422."""
-    state = get_state(request)
     state.admit()
     creation = _Creation(state, tenant, parse_key(request.headers.get("idempotency-key")))
     ctype = request.headers.get("content-type", "")
@@ -148,17 +147,16 @@ _EVALUATION_DOC = {
 
 
 @router.get("/prefixes", response_model=PrefixList, responses=ERRORS)
-async def list_prefixes(request: Request, tenant: str = Depends(tenant_of)) -> PrefixList:
+async def list_prefixes(state: AppState, tenant: TenantName) -> PrefixList:
     """Your own prefixes and every public one."""
-    service = get_state(request).service
+    service = state.service
     metas = await asyncio.to_thread(service.list, tenant)
     return PrefixList(prefixes=[PrefixInfo.of(m, size_bytes=service.size(m.id)) for m in metas])
 
 
 @router.get("/prefixes/{prefix_id}", response_model=PrefixInfo, responses=ERRORS)
-async def get_prefix(prefix_id: str, request: Request, tenant: str = Depends(tenant_of)) -> PrefixInfo:
+async def get_prefix(state: AppState, prefix_id: str, tenant: TenantName) -> PrefixInfo:
     """One prefix, with your evaluations of it."""
-    state = get_state(request)
     meta = await state.visible(prefix_id, tenant)
     stored = await asyncio.to_thread(state.service.store.evaluations, prefix_id, tenant)  # disk: off the loop
     records = sorted(
@@ -175,13 +173,14 @@ async def get_prefix(prefix_id: str, request: Request, tenant: str = Depends(ten
     responses=ERRORS,
     openapi_extra=_EVALUATION_DOC,
 )
-async def evaluate_prefix(prefix_id: str, request: Request, tenant: str = Depends(tenant_of)) -> JSONResponse:
+async def evaluate_prefix(
+    prefix_id: str, request: Request, state: AppState, tenant: TenantName
+) -> JSONResponse:
     """Evaluate a prefix on examples: greedy generation through the engine, then the metrics asked
     (BLEU, ROUGE-L, exact match, mean per-token loss), as a job on the training queue -> 202 with the
     job; its result is stored with the prefix (GET /prefixes/{id}) and in the job. JSON
     `{"examples": [{"input", "output"}], "metrics", "max_new_tokens"}`, or a multipart `examples`
     JSONL file (+ `config` as JSON)."""
-    state = get_state(request)
     meta = await state.visible(prefix_id, tenant)
     body = await _evaluation_request(request, state)
     cfg = EvalConfig(tuple(body.metrics), body.max_new_tokens, meta.input_suffix)
@@ -216,9 +215,8 @@ async def _evaluation_request(request: Request, state: State) -> EvaluationReque
 
 
 @router.delete("/prefixes/{prefix_id}", status_code=204, responses={**ERRORS, 403: {}})
-async def delete_prefix(prefix_id: str, request: Request, tenant: str = Depends(tenant_of)) -> None:
+async def delete_prefix(state: AppState, prefix_id: str, tenant: TenantName) -> None:
     """Delete one of your prefixes (public ones too); others' prefixes cannot be deleted."""
-    state = get_state(request)
     meta = await state.visible(prefix_id, tenant)
     if meta.owner != tenant:
         raise Forbidden(

@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...inputs import Text
 from ...limits import MAX_INPUT_CHARS, MAX_MODEL_CHARS
 from ..errors import ERRORS, BoundedJsonRoute
 from ..generation import model_ids
-from ..state import get_state, tenant_of
+from ..state import AppState, TenantName
 
 router = APIRouter(tags=["tokenizer"], route_class=BoundedJsonRoute)
 
@@ -54,10 +54,9 @@ class TokenizerInfo(BaseModel):
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
 async def tokenize(
-    body: TokenizeRequest, request: Request, tenant: str = Depends(tenant_of)
+    body: TokenizeRequest, request: Request, state: AppState, tenant: TenantName
 ) -> TokenizeResponse:
     """The prompt's token ids as the engine tokenizes a request's input (no separator added)."""
-    state = get_state(request)
     await model_ids(state, body.model, tenant)
     tokenizer = state.engine.preparer.tokenizer
     ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
@@ -68,21 +67,17 @@ async def tokenize(
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
-async def detokenize(
-    body: DetokenizeRequest, request: Request, tenant: str = Depends(tenant_of)
-) -> DetokenizeResponse:
+async def detokenize(state: AppState, body: DetokenizeRequest, tenant: TenantName) -> DetokenizeResponse:
     """The text of token ids (each must be in the vocabulary)."""
-    state = get_state(request)
     await model_ids(state, body.model, tenant)
     ids = state.engine.preparer.token_ids(body.tokens, "tokens")
     return DetokenizeResponse(prompt=state.engine.preparer.tokenizer.decode(ids))
 
 
 @router.get("/tokenizer_info", response_model=TokenizerInfo, responses=ERRORS)
-async def tokenizer_info(request: Request, tenant: str = Depends(tenant_of)) -> TokenizerInfo:
+async def tokenizer_info(state: AppState, tenant: TenantName) -> TokenizerInfo:
     """What a client needs to tokenize as the server does."""
     del tenant  # (authenticated like every route)
-    state = get_state(request)
     tok = state.engine.preparer.tokenizer
     return TokenizerInfo(
         tokenizer_class=type(tok).__name__,

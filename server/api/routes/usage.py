@@ -4,27 +4,26 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query
 
 from ...limits import MAX_USAGE_DAYS
 from ...schemas import StoredNow, UsageDay, UsageReport
 from ...usage import totals
 from ..errors import ERRORS, BoundedJsonRoute
-from ..state import get_state, tenant_of
+from ..state import AppState, TenantName
 
 router = APIRouter(tags=["usage"], route_class=BoundedJsonRoute)
 
 
 @router.get("/usage", response_model=UsageReport, responses=ERRORS)
 async def usage(
-    request: Request,
-    tenant: str = Depends(tenant_of),
+    state: AppState,
+    tenant: TenantName,
     days: int = Query(7, ge=1, le=MAX_USAGE_DAYS, description="this many days back, today included"),
 ) -> UsageReport:
     """Your usage per UTC day (newest first): requests, prompt / prefix / generated tokens, training
     examples x epochs, evaluation examples and bytes of prefixes added; their totals; the prefixes you
     store now; and the limits that apply to you (0: unlimited)."""
-    state = get_state(request)
     rows = await state.usage.read(days, tenant)
     count, size = await asyncio.to_thread(state.service.owned, tenant)
     return UsageReport(
