@@ -40,7 +40,9 @@ static const int SIZE[] = {4, 2, 2};
 
 /* n elements of dtype at src -> float32 at dst. */
 static void widen(int dtype, const void *src, float *dst, int n) {
-    if (dtype == BF16) {
+    if (dtype == F32) {
+        memcpy(dst, src, (size_t)n * 4);
+    } else if (dtype == BF16) {
         const uint16_t *h = src;
         for (int i = 0; i < n; i++) {
             const uint32_t u = (uint32_t)h[i] << 16;
@@ -123,8 +125,7 @@ static void attend_row(const Job *j, int r, float *s, float *inv, float *o, floa
     const int H = j->heads, D = j->dim, p = prefix_len(j, r), n = p + j->lens[r];
     const char *qr = j->q + (int64_t)r * j->q_stride * SIZE[j->dtype];
     float *q = o; /* the query, widened into o's place (o is written only after the scores) */
-    if (j->dtype == F32) memcpy(q, qr, sizeof(float) * H * D);
-    else widen(j->dtype, qr, q, H * D);
+    widen(j->dtype, qr, q, H * D);
     for (int t = 0; t < n; t++) {
         const float *kt = token(j, j->k, r, t, p, row);
         for (int h = 0; h < H; h++) s[h * n + t] = dot(q + h * D, kt + h * D, D) * j->scale;

@@ -149,7 +149,8 @@ class TritonPagedDecode:
         the pool's flat slots `slot[r] ..`. No host synchronisation."""
         rows, heads, dim = q.shape
         bad = layout_problems(q, k, v, table, lens, out, lse, prefix)
-        if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or heads % k.shape[2]:
+        grouped = k.dim() == 4 and k.shape[2] > 0 and heads % k.shape[2] == 0
+        if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not grouped:
             bad.append("float32/float16/bfloat16 tensors with heads a multiple of the pool's KV heads")
         if bad:
             raise ValueError(f"paged_decode: expected {', '.join(bad)}")
