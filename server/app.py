@@ -11,7 +11,6 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
 
@@ -24,7 +23,7 @@ from .api.routes import ROUTERS
 from .api.state import State
 from .auth import Authenticator
 from .compile import bind_model
-from .engine import AsyncEngine, EngineClient, EngineConfig, EngineCore
+from .engine import AsyncEngine, EngineClient, EngineConfig, EngineCore, ProcessClient
 from .engine.prepare import RequestPreparer
 from .engine.process import EngineProcess, engine_address
 from .idempotency import Idempotency
@@ -50,7 +49,7 @@ async def start_engine_process(settings: ServerSettings, loaded: LoadedModel) ->
         owner.start()
     spec = loaded.spec
     max_seq_len = min(settings.max_seq_len or spec.n_positions, spec.n_positions)
-    client = EngineClient(
+    client = ProcessClient(
         address, RequestPreparer(loaded.tokenizer, spec, max_seq_len), loaded.tokenizer, owner
     )
     try:
@@ -64,7 +63,7 @@ async def start_engine_process(settings: ServerSettings, loaded: LoadedModel) ->
 def create_app(
     settings: ServerSettings | None = None,
     model: LoadedModel | None = None,
-    engine_factory: Callable[[ServerSettings, LoadedModel], Awaitable[Any]] | None = None,
+    engine_factory: Callable[[ServerSettings, LoadedModel], Awaitable[EngineClient]] | None = None,
 ) -> FastAPI:
     """The app: the parts are built in its lifespan (`model`: an already loaded one, else the
     configured one is loaded on a thread; `engine_factory`: where the engine is, when it is neither
@@ -80,6 +79,7 @@ def create_app(
         service = await asyncio.to_thread(
             PrefixService, bind_model(loaded), settings.store_config(), redis_health=redis_health
         )
+        engine: EngineClient
         if engine_factory is not None:
             engine = await engine_factory(settings, loaded)
         elif model is None and settings.engine_process:

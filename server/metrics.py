@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prefix_store.service import PrefixService
 
 from .auth import Unauthorized
-from .engine import AsyncEngine, EngineClient
+from .engine import EngineClient
 from .engine.wire import EngineStats
 from .errors import PrefixServeError
 from .settings import ServerSettings
@@ -108,7 +108,7 @@ class TokenRate:
 
 class Metrics:
     def __init__(
-        self, engine: AsyncEngine | EngineClient, service: PrefixService, config: MetricsConfig | None = None
+        self, engine: EngineClient, service: PrefixService, config: MetricsConfig | None = None
     ) -> None:
         self.config = config or MetricsConfig()
         self.access = MetricsAccess(self.config)

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 import pytest
 
-from prefixserve.engine import AsyncEngine, EngineConfig, EngineCore, FinishReason, SamplingParams
+from prefixserve.engine import (
+    AsyncEngine,
+    EngineConfig,
+    EngineCore,
+    FinishReason,
+    SamplingParams,
+)
 from prefixserve.errors import EngineOverloaded, InvalidRequest
 
 from .test_engine_reference import PROMPTS, collect, make_prefixes
@@ -135,3 +142,27 @@ def test_stopping_the_engine_ends_open_streams(tiny_model):
 
     asyncio.run(main())
     assert FinishReason.CANCELLED.value == "cancelled"
+
+
+def test_the_text_is_the_front_ends_and_a_stop_string_aborts_the_row_in_the_core(engine, tiny_model):
+    """The core makes token ids only; the front-end makes the text, finds the stop string, ends the
+    stream with STOP and aborts the row, so the core holds nothing once the stream has ended."""
+    params = SamplingParams(max_new_tokens=60, ignore_eos=True)
+    ids_only = EngineCore(tiny_model)  # the core alone: no text at all
+    rid = ids_only.add_request(PROMPTS[0], params)
+    assert {o.text for o in ids_only.run_to_completion()[rid]} == {""}
+    sizes: list[int] = []
+    engine.on_step = sizes.append
+
+    async def main():
+        full = "".join([o.text async for o in engine.generate(PROMPTS[0], params)])
+        stop = full[len(full) // 2 : len(full) // 2 + 3]
+        outs = [o async for o in engine.generate(PROMPTS[0], replace(params, stop=(stop,)))]
+        await wait_for(lambda: engine.core.num_live == 0)
+        return full, stop, outs
+
+    full, stop, outs = asyncio.run(main())
+    assert "".join(o.text for o in outs) == full[: full.index(stop)]
+    assert outs[-1].finish_reason == FinishReason.STOP and len(outs) < 60
+    assert set(sizes) == {1}  # one row sampled per step: the histogram counts rows, not outputs
+    assert len(sizes) - 60 <= len(outs) + 2  # the row ended with its stream, not 60 tokens later

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from prefixserve.engine import EngineConfig, EngineCore, FinishReason, SamplingParams
+from prefixserve.engine import EngineConfig, EngineCore, FinishReason, OfflineEngine, SamplingParams
 from prefixserve.engine.sampling import filter_logits
 from prefixserve.errors import ContextTooLong, EngineOverloaded, InvalidPrefix, InvalidRequest, PrefixNotFound
 
@@ -104,12 +104,12 @@ def test_filters_keep_only_the_allowed_tokens():
 
 # ---- finishing: length, stop strings, EOS --------------------------------------------------------
 def test_stop_string_truncates_text_and_is_never_streamed(tiny_model, prefixes):
-    engine = new_engine(tiny_model, prefixes)
+    engine = OfflineEngine(new_engine(tiny_model, prefixes))  # (text and stop strings: a front-end's)
     rid = engine.add_request(PROMPTS[2], SamplingParams(max_new_tokens=40), prefix_id="p6")
     full = text_of(engine.run_to_completion()[rid])
     stop = full[15:19]
     assert len(full) > 25 and stop.strip(), full
-    engine = new_engine(tiny_model, prefixes)
+    engine = OfflineEngine(new_engine(tiny_model, prefixes))
     params = SamplingParams(max_new_tokens=40, stop=("never-produced-xyz", stop))
     rid = engine.add_request(PROMPTS[2], params, prefix_id="p6")
     outs = engine.run_to_completion()[rid]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
+from prefixserve.engine import EngineConfig, EngineCore, OfflineEngine, SamplingParams
 
 from .test_engine_reference import PROMPTS, collect
 from .test_poisoned import sse_events
@@ -40,7 +40,7 @@ def engine_pid(api_pid: int) -> int:
 
 
 def test_answers_equal_the_in_process_engine(tiny_model, tiny_model_dir, tmp_path):
-    core = EngineCore(tiny_model, EngineConfig(max_running=8))
+    core = OfflineEngine(EngineCore(tiny_model, EngineConfig(max_running=8)))
     cases = [(p, SamplingParams(max_new_tokens=12)) for p in PROMPTS[:3]]
     cases.append((PROMPTS[1], SamplingParams(max_new_tokens=40, temperature=0.8, seed=3)))
     rid = core.add_request(PROMPTS[0], SamplingParams(max_new_tokens=60, ignore_eos=True))
@@ -152,7 +152,7 @@ def test_the_engine_loop_drops_malformed_frames_and_answers_in_one_message_per_s
     from prefixserve.engine.process import EngineLoop
     from prefixserve.engine.wire import Add, Hello, Step, Welcome, encode, from_engine
 
-    core = EngineCore(tiny_model, EngineConfig(max_running=4, detokenize=False))
+    core = EngineCore(tiny_model, EngineConfig(max_running=4))
     address = f"ipc://{tmp_path}/engine.sock"
     loop = EngineLoop(core, address, evict=lambda pid: None)
     thread = threading.Thread(target=loop.run, daemon=True)

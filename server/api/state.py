@@ -14,7 +14,7 @@ from prefix_store.redis_health import RedisHealth
 from prefix_store.service import PrefixService
 
 from ..auth import Authenticator
-from ..engine import AsyncEngine, EngineClient
+from ..engine import EngineClient
 from ..engine.request import Tenancy
 from ..errors import PrefixNotFound
 from ..idempotency import Idempotency
@@ -33,7 +33,7 @@ class State:
     settings: ServerSettings
     model: LoadedModel
     service: PrefixService
-    engine: AsyncEngine | EngineClient  # in this process, or in its own (engine/process.py)
+    engine: EngineClient  # in this process, in its own (engine/process.py), or on Ray Serve
     auth: Authenticator  # keys -> tenants (its registry holds the tenants, their weights and limits)
     limiter: RateLimiter
     metrics: Metrics

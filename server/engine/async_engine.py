@@ -1,4 +1,5 @@
-"""AsyncEngine: the EngineCore stepping in a background thread, results streamed to asyncio callers.
+"""AsyncEngine: the EngineCore stepping in a background thread, results streamed to asyncio callers
+(a front-end: frontend.py makes the text).
 
 Callers never touch the core's state directly: `generate` validates in the caller's thread
 (`EngineCore.prepare` reads only immutable state), then posts the request to an inbox that the engine
@@ -17,10 +18,13 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from transformers import PreTrainedTokenizerBase
+
 from ..errors import PrefixServeError
-from .core import EngineCore, RequestOutput
+from .core import EngineCore, sampled_rows
+from .frontend import EngineStopped, Frontend
 from .prepare import RequestPreparer
-from .request import Request, SamplingParams
+from .request import Request, RequestOutput, SamplingParams
 from .wire import EngineStats
 
 log = logging.getLogger(__name__)
@@ -32,12 +36,7 @@ class _Stream:
     queue: asyncio.Queue[RequestOutput | BaseException]
 
 
-class EngineStopped(PrefixServeError):
-    kind = "unavailable"
-    status = 503
-
-
-class AsyncEngine:
+class AsyncEngine(Frontend):
     def __init__(self, core: EngineCore) -> None:
         self.core = core
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
@@ -76,6 +75,10 @@ class AsyncEngine:
         """Validation and tokenization (safe from any thread), as the API process does it."""
         return self.core.preparer
 
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.core.model.tokenizer
+
     def evict(self, prefix_id: str) -> None:
         """Nothing to do: the store's device pool is this engine's (PrefixService.delete evicted it)."""
 
@@ -88,15 +91,16 @@ class AsyncEngine:
         request_id: str | None = None,
         adapter_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs (one per new token); the last one has a finish_reason."""
+        """Stream a request's outputs (one per new token, with text); the last one has a finish_reason."""
         request = self.core.prepare(input, params, prefix_id, request_id, adapter_id)
         async for out in self.stream(request):
             yield out
 
-    async def stream(self, request: Request) -> AsyncIterator[RequestOutput]:
-        """Submit a prepared request (`EngineCore.prepare`) and stream its outputs."""
+    async def outputs(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """Submit a prepared request (`EngineCore.prepare`); its outputs as the core makes them (token
+        ids; an error output ends them). Closed early, it aborts the request."""
         if not self.running:
-            raise EngineStopped("the engine is not running")
+            raise EngineStopped("the engine is not running; retry shortly")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._submit(request, stream)
         done = False
@@ -105,9 +109,6 @@ class AsyncEngine:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                if item.error is not None:  # e.g. its prefix failed to load
-                    done = True
-                    raise item.error
                 done = item.finished
                 yield item
         finally:
@@ -141,8 +142,8 @@ class AsyncEngine:
                 for rid in self.core.fail_all():
                     self._deliver(rid, exc)
                 continue
-            if self.on_step is not None and outputs:
-                self.on_step(len(outputs))
+            if self.on_step is not None and (sampled := sampled_rows(outputs)):
+                self.on_step(sampled)
             for out in outputs:
                 self._deliver(out.request_id, out)
         for rid in self.core.fail_all():

@@ -1,9 +1,8 @@
-"""EngineClient: the API process's side of an engine running in its own process (process.py).
+"""ProcessClient: the API process's side of an engine running in its own process (process.py).
 
-It offers what the API uses of `AsyncEngine` (preparer, stream, abort, stats, running) over one
-ZeroMQ DEALER socket on the event loop: requests go out as they come, each engine step comes back as
-one message with this client's new tokens, and the text is made here (incremental detokenization
-and stop strings: a stop string found here aborts the request in the engine and ends the stream).
+A front-end (frontend.py: an `EngineClient`, its text made here) over one ZeroMQ DEALER socket on the
+event loop: requests go out as they come, each engine step comes back as one message with this
+client's new tokens.
 
 Liveness: the engine answers `Hello` with `Welcome` and sends a heartbeat while idle. If the owned
 engine process has exited (or nothing has been heard for DEAD_AFTER_S), every stream in flight ends with
@@ -19,19 +18,16 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 
 import msgspec
 import zmq
 import zmq.asyncio
 from transformers import PreTrainedTokenizerBase
 
-from .async_engine import EngineStopped
-from .core import RequestOutput
-from .detokenizer import Detokenizer
+from .frontend import EngineStopped, Frontend
 from .prepare import RequestPreparer
 from .process import EngineProcess
-from .request import FinishReason, Request, SamplingParams
+from .request import Request, RequestOutput
 from .wire import (
     HEARTBEAT_S,
     Abort,
@@ -40,7 +36,6 @@ from .wire import (
     Evict,
     Hello,
     Output,
-    RemoteError,
     Step,
     Welcome,
     encode,
@@ -54,13 +49,7 @@ log = logging.getLogger(__name__)
 DEAD_AFTER_S = {True: 30.0, False: 10.0}  # by: this process owns the engine
 
 
-@dataclass
-class _Stream:
-    queue: asyncio.Queue[Output | BaseException]
-    detok: Detokenizer
-
-
-class EngineClient:
+class ProcessClient(Frontend):
     def __init__(
         self,
         address: str,
@@ -71,7 +60,7 @@ class EngineClient:
         self.address, self.preparer, self.tokenizer, self.owner = address, preparer, tokenizer, owner
         self._sock: zmq.asyncio.Socket | None = None
         self._ns = uuid.uuid4().hex[:12] + ":"  # request ids on the wire: unique across API processes
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, asyncio.Queue[Output | BaseException]] = {}  # by request id on the wire
         self._stats = EngineStats()
         self._engine_id: str | None = None
         self._alive = False
@@ -115,63 +104,30 @@ class EngineClient:
         return {"0": self.stats()}
 
     # ---- requests ------------------------------------------------------------------------------
-    async def generate(
-        self, input: str | list[int], params: SamplingParams | None = None
-    ) -> AsyncIterator[RequestOutput]:
-        """Stream a request without a prefix (the warm-up)."""
-        async for out in self.stream(self.preparer.prepare(input, params, None, 0)):
-            yield out
-
-    async def stream(self, request: Request) -> AsyncIterator[RequestOutput]:
-        """Send a prepared request and stream its outputs (one per new token, text made here)."""
+    async def outputs(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """Send a prepared request; its outputs as the engine makes them (token ids; an error output ends
+        them). Closed early, it aborts the request in the engine."""
         if not self._alive:
             raise EngineStopped("the engine is not running; retry shortly")
         rid = self._ns + request.request_id
-        stream = _Stream(asyncio.Queue(), Detokenizer(self.tokenizer, request.params.stop))
-        self._streams[rid] = stream
+        queue: asyncio.Queue[Output | BaseException] = asyncio.Queue()
+        self._streams[rid] = queue
         self._send(Add.of(request, rid))
         done = False
         try:
             while not done:
-                item = await stream.queue.get()
+                item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                if item.error is not None:
-                    done = True
-                    raise RemoteError(item.error.kind, item.error.status, item.error.message)
-                out = self.output(item, stream.detok, request.request_id)
-                done = out.finished
-                if done and item.finish_reason is None:  # a stop string, found here
-                    self._send(Abort(rid))
-                yield out
+                done = item.finish_reason is not None
+                yield item.result(request.request_id)
         finally:
             if not done:
                 self.abort(rid)
             self._streams.pop(rid, None)
 
-    @staticmethod
-    def output(item: Output, detok: Detokenizer, request_id: str) -> RequestOutput:
-        """An engine's output for one request, with its text made here (and a stop string found)."""
-        reason = None if item.finish_reason is None else FinishReason(item.finish_reason)
-        for token in item.token_ids:
-            if reason != FinishReason.EOS:  # the EOS token itself is not text
-                detok.add(token)
-        if reason is None and detok.stopped:
-            reason = FinishReason.STOP
-        return RequestOutput(
-            request_id=request_id,
-            token_ids=list(item.token_ids),
-            text=detok.emit(final=reason is not None),
-            finish_reason=reason,
-            prefix_tokens=item.prefix_tokens,
-            prompt_tokens=item.prompt_tokens,
-            completion_tokens=item.completion_tokens,
-            logprobs=item.logprobs,
-            prompt_logprobs=item.prompt_logprobs,
-        )
-
     def abort(self, request_id: str) -> None:
-        """Cancel a request (by its id on the wire, as `stream` sent it)."""
+        """Cancel a request (by its id on the wire, as `outputs` sent it)."""
         self._send(Abort(request_id))
 
     def evict(self, prefix_id: str) -> None:
@@ -204,9 +160,9 @@ class EngineClient:
         if self.on_step is not None and step.sampled:
             self.on_step(step.sampled)
         for out in step.outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is not None:
-                stream.queue.put_nowait(out)
+            queue = self._streams.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
 
     def _welcome(self, msg: Welcome) -> None:
         if self._engine_id is not None and msg.engine_id != self._engine_id:
@@ -232,5 +188,5 @@ class EngineClient:
         return silent or (owned and not self.owner.alive)
 
     def _fail_all(self, error: BaseException) -> None:
-        for stream in list(self._streams.values()):
-            stream.queue.put_nowait(error)
+        for queue in list(self._streams.values()):
+            queue.put_nowait(error)

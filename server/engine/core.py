@@ -1,12 +1,15 @@
-"""EngineCore: validation, then the step cycle schedule -> execute -> sample -> update -> detokenize.
+"""EngineCore: validation, then the step cycle schedule -> execute -> sample -> update.
 
-Synchronous and single-threaded; `AsyncEngine` drives it from a background thread.
+Synchronous and single-threaded; it makes token ids, never text. A front-end (frontend.py: in a thread,
+in an engine process, on Ray Serve, or `OfflineEngine` in the caller's own thread) makes the text and
+finds stop strings, and aborts a row that reached one (as vLLM v1 splits them).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import torch
 
@@ -30,10 +33,9 @@ from ..model import LoadedModel, ModelSpec
 from ..settings import ENV_PREFIX, ServerSettings
 from .arena import KvArena
 from .blocks import blocks_for
-from .detokenizer import Detokenizer
 from .prefixes import PrefixProvider, PrefixState, PrefixTable
 from .prepare import RequestPreparer
-from .request import FinishReason, Request, SamplingParams, Tenancy, TokenLogprob
+from .request import FinishReason, Request, RequestOutput, SamplingParams, Tenancy, TokenLogprob
 from .runner import ModelRunner, RowInput, Scores, StepOutput, log_probs
 from .sampling import first_maxima, make_generator, plain_greedy, sample_rows
 from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, Sequence
@@ -80,7 +82,6 @@ class EngineConfig:
     # the CPU, where a step's time grows with its tokens; unbounded on CUDA, where it hardly does
     crowded_prompt_tokens: int | None = None
     record_logits: bool = False  # attach each step's logits to the outputs (tests, debugging)
-    detokenize: bool = True  # False: outputs carry token ids only (text and stop strings done by the caller)
 
     @classmethod
     def from_settings(cls, settings: ServerSettings) -> EngineConfig:
@@ -138,34 +139,10 @@ class EngineConfig:
 
 
 @dataclass
-class RequestOutput:
-    """What one step produced for one request (a delta: new tokens and text)."""
-
-    request_id: str
-    token_ids: list[int]
-    text: str
-    finish_reason: FinishReason | None = None
-    prefix_tokens: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    logits: list[torch.Tensor] = field(default_factory=list)  # [V] per new token, when recorded
-    error: PrefixServeError | None = None  # set with finish_reason ERROR
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # per new token, when asked (params.logprobs)
-    # when asked (params.prompt_logprobs), on the request's first output: one per prompt token, the
-    # first None (nothing before it to predict it from)
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-
-@dataclass
 class _Live:
     """Engine-side state of a request while it is in the engine."""
 
     request: Request
-    detok: Detokenizer | None  # None: the caller detokenizes (an API process; engine/client.py)
     generator: torch.Generator | None
     pinned: list[str]  # held from `add` until the request ends: its rows read the resident prefix/adapter
     prefix: PrefixState | None = None  # the resident prefix, once the row is admitted
@@ -281,12 +258,7 @@ class EngineCore:
                 weight=tenancy.weight,
             )
         )
-        self._live[request.request_id] = _Live(
-            request,
-            Detokenizer(self.model.tokenizer, params.stop) if self.config.detokenize else None,
-            make_generator(params, self.model.device),
-            pinned,
-        )
+        self._live[request.request_id] = _Live(request, make_generator(params, self.model.device), pinned)
         return ended
 
     def _make_room(self, tenancy: Tenancy) -> list[RequestOutput]:
@@ -540,7 +512,7 @@ class EngineCore:
     ) -> RequestOutput:
         try:
             return self._output(rid, token, row, logits, finished, logprob)
-        except Exception as exc:  # e.g. detokenizing: this row's fault alone
+        except Exception as exc:  # this row's fault alone
             log.exception("emitting a token of request %s failed; ending it", rid)
             error = EngineFault(f"emitting its token failed ({type(exc).__name__}, logged)")
             return self._end(rid, error, scrub=False)
@@ -631,16 +603,10 @@ class EngineCore:
         req = live.request
         req.output_ids.append(token)
         reason = finished.get(rid)
-        detok = live.detok
-        if detok is not None and reason != FinishReason.EOS:  # the EOS token itself is not text
-            detok.add(token)
-        if reason is None and detok is not None and detok.stopped:
-            self.scheduler.finish(rid, FinishReason.STOP)
-            reason = FinishReason.STOP
         out = RequestOutput(
             request_id=rid,
             token_ids=[token],
-            text=detok.emit(final=reason is not None) if detok is not None else "",
+            text="",  # (made by the front-end)
             finish_reason=reason,
             prefix_tokens=req.prefix_len,
             prompt_tokens=len(req.prompt_ids),
@@ -685,11 +651,30 @@ class EngineCore:
 
     def run_to_completion(self) -> dict[str, list[RequestOutput]]:
         """Step until idle; every output grouped by request (tests, benchmarks, batch jobs)."""
-        outputs: dict[str, list[RequestOutput]] = {}
-        while self.has_work:
-            for out in self.step():
-                outputs.setdefault(out.request_id, []).append(out)
-        return outputs
+        return drain(self)
+
+
+class Stepped(Protocol):
+    """An engine stepped by its caller: the core, or `frontend.OfflineEngine` around it."""
+
+    @property
+    def has_work(self) -> bool: ...
+
+    def step(self) -> list[RequestOutput]: ...
+
+
+def drain(engine: Stepped) -> dict[str, list[RequestOutput]]:
+    """Step until idle; every output grouped by request."""
+    outputs: dict[str, list[RequestOutput]] = {}
+    while engine.has_work:
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    return outputs
+
+
+def sampled_rows(outputs: list[RequestOutput]) -> int:
+    """Rows that sampled a token in a step (the batch-size histogram, the same in every front-end)."""
+    return sum(1 for out in outputs if out.token_ids)
 
 
 def _prefix_ids(seqs: list[Sequence]) -> list[str]:

@@ -3,12 +3,16 @@
 Decoding only a small window of recent tokens each step keeps the cost per token constant; a token
 that ends in the middle of a UTF-8 character is held until the character is complete. Text that
 could still become the start of a stop string is held back from the stream, so a client never sees
-part of a stop string.
+part of a stop string. Front-ends only (frontend.py): the engine core makes token ids.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from transformers import PreTrainedTokenizerBase
+
+from .request import FinishReason, RequestOutput
 
 
 class Detokenizer:
@@ -22,6 +26,16 @@ class Detokenizer:
         self.text = ""  # all text so far (truncated at a stop string once one is found)
         self._sent = 0  # characters of self.text already streamed
         self.stopped = False
+
+    def apply(self, out: RequestOutput) -> RequestOutput:
+        """An engine's output (token ids) with its text; a stop string found here finishes it (STOP)."""
+        reason = out.finish_reason
+        for token in out.token_ids:
+            if reason != FinishReason.EOS:  # the EOS token itself is not text
+                self.add(token)
+        if reason is None and self.stopped:
+            reason = FinishReason.STOP
+        return replace(out, text=self.emit(final=reason is not None), finish_reason=reason)
 
     def add(self, token_id: int) -> None:
         """Append one generated token; sets `stopped` when a stop string appears."""

@@ -2,10 +2,10 @@
 Each step is launched, then the socket is drained while the device runs it (on CUDA the launch returns
 before the step ends), then it is finished and its tokens are sent.
 
-The API process(es) do HTTP, auth, validation, tokenization, detokenization, stop strings and SSE,
-and talk to this process over one ZeroMQ ROUTER socket (wire.py: MessagePack, no pickle). Each step's
-new tokens go back as one message per client. While idle the engine sends a heartbeat, so a client
-notices within a couple of seconds when the engine is gone.
+The API process(es) do HTTP, auth, validation, tokenization, detokenization, stop strings and SSE
+(their front-end: client.py), and talk to this process over one ZeroMQ ROUTER socket (wire.py:
+MessagePack, no pickle). Each step's new tokens go back as one message per client. While idle the
+engine sends a heartbeat, so a client notices within a couple of seconds when the engine is gone.
 
 `EngineProcess` (in the process that owns the engine: the API process, or `prefixserve serve` with
 several API workers) starts it as `python -m prefixserve.engine` and starts it again when it dies.
@@ -31,8 +31,8 @@ import msgspec
 import zmq
 
 from ..errors import EngineFault, PrefixServeError
-from .core import EngineConfig, EngineCore, RequestOutput
-from .request import FinishReason
+from .core import EngineConfig, EngineCore, sampled_rows
+from .request import FinishReason, RequestOutput
 from .wire import (
     HEARTBEAT_S,
     Abort,
@@ -136,7 +136,7 @@ class EngineLoop:
             log.exception("engine step failed; failing %d requests", self.core.num_live)
             fault = EngineFault(f"the engine step failed ({type(exc).__name__}, logged)")
             outputs = [_failed(rid, fault) for rid in self.core.fail_all()]
-        self._send(outputs, sampled=sum(1 for out in outputs if out.token_ids))
+        self._send(outputs, sampled=sampled_rows(outputs))
 
     def _send(self, outputs: list[RequestOutput], sampled: int) -> None:
         """Outputs to the clients that sent their requests: one message per client."""
@@ -147,7 +147,7 @@ class EngineLoop:
             client = self.owner.get(out.request_id)
             if client is None:
                 continue
-            by_client.setdefault(client, []).append(wire_output(out))
+            by_client.setdefault(client, []).append(Output.of(out))
             if out.finished:
                 del self.owner[out.request_id]
         stats = self.stats()
@@ -157,21 +157,6 @@ class EngineLoop:
 
 def _failed(rid: str, error: PrefixServeError) -> RequestOutput:
     return RequestOutput(rid, [], "", finish_reason=FinishReason.ERROR, error=error)
-
-
-def wire_output(out: RequestOutput) -> Output:
-    """A request's output as it crosses a process boundary (token ids only: text is made on the API side)."""
-    return Output(
-        out.request_id,
-        out.token_ids,
-        None if out.finish_reason is None else str(out.finish_reason),
-        out.prefix_tokens,
-        out.prompt_tokens,
-        out.completion_tokens,
-        None if out.error is None else RemoteError.wire(out.error),
-        out.logprobs,
-        out.prompt_logprobs,
-    )
 
 
 def main() -> None:
@@ -190,9 +175,7 @@ def main() -> None:
     redis_cfg = settings.redis_config()
     health = RedisHealth(redis_cfg) if redis_cfg is not None else None
     service = PrefixService(bind_model(model), settings.store_config(), redis_health=health)
-    core = EngineCore(
-        model, replace(EngineConfig.from_settings(settings), detokenize=False), prefixes=service.pool
-    )
+    core = EngineCore(model, EngineConfig.from_settings(settings), prefixes=service.pool)
     loop = EngineLoop(core, address, service.pool.evict, service.stats.snapshot)
 
     def stop(*_: object) -> None:

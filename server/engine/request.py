@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, PrefixServeError
 from ..limits import (
     MAX_LOGIT_BIAS,
     MAX_LOGIT_BIAS_TOKENS,
@@ -16,6 +17,9 @@ from ..limits import (
     MAX_TEMPERATURE,
     stop_problem,
 )
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 GREEDY_BELOW = 1e-5
 
@@ -181,3 +185,26 @@ class Request:
     def resident_ids(self) -> list[str]:
         """What the request needs on the device: its prefix and its adapter (either may be absent)."""
         return [i for i in (self.prefix_id, self.adapter_id) if i is not None]
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (a delta: new tokens and text)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None = None
+    prefix_tokens: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    logits: list[Tensor] = field(default_factory=list)  # [V] per new token, when recorded (record_logits)
+    error: PrefixServeError | None = None  # set with finish_reason ERROR
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per new token, when asked (params.logprobs)
+    # when asked (params.prompt_logprobs), on the request's first output: one per prompt token, the
+    # first None (nothing before it to predict it from)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

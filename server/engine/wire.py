@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from ..errors import PrefixServeError
-from .request import Request, SamplingParams, Tenancy, TokenLogprob
+from .request import FinishReason, Request, RequestOutput, SamplingParams, Tenancy, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,30 @@ class Output(msgspec.Struct, array_like=True):
     error: Error | None = None
     logprobs: list[TokenLogprob] = []
     prompt_logprobs: list[TokenLogprob | None] | None = None
+
+    @staticmethod
+    def of(out: RequestOutput) -> Output:
+        """An engine's output as it crosses a process boundary (token ids only: no text yet)."""
+        reason = None if out.finish_reason is None else str(out.finish_reason)
+        error = None if out.error is None else RemoteError.wire(out.error)
+        counts = (out.prefix_tokens, out.prompt_tokens, out.completion_tokens)
+        logprobs = (out.logprobs, out.prompt_logprobs)
+        return Output(out.request_id, out.token_ids, reason, *counts, error, *logprobs)
+
+    def result(self, request_id: str) -> RequestOutput:
+        """The output again on the front-end's side, for its request id there (an error as RemoteError)."""
+        return RequestOutput(
+            request_id=request_id,
+            token_ids=list(self.token_ids),
+            text="",
+            finish_reason=None if self.finish_reason is None else FinishReason(self.finish_reason),
+            prefix_tokens=self.prefix_tokens,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            error=None if self.error is None else RemoteError(*msgspec.structs.astuple(self.error)),
+            logprobs=self.logprobs,
+            prompt_logprobs=self.prompt_logprobs,
+        )
 
 
 class Step(msgspec.Struct, tag="step"):

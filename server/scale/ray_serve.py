@@ -3,8 +3,8 @@
 Two deployments make the application:
 
   PrefixServeAPI   the ingress: the same app as `prefixserve serve` (auth, validation, tokenization,
-                   detokenization, stop strings, SSE), with a `RayEngineClient` where the engine
-                   client was; one or more replicas.
+                   detokenization, stop strings, SSE), with a `RayEngineClient` (a front-end,
+                   engine/frontend.py) where the engine client was; one or more replicas.
   PrefixEngine     an engine replica: the EngineCore on a thread (AsyncEngine), its device pool, the
                    shared store (S3 or any fsspec URL) and the shared Redis (cache, limits, queue).
 
@@ -46,12 +46,9 @@ from prefix_store.service import PrefixService
 
 from ..compile import bind_model
 from ..engine import AsyncEngine, EngineConfig, EngineCore
-from ..engine.async_engine import EngineStopped
-from ..engine.client import EngineClient
-from ..engine.detokenizer import Detokenizer
+from ..engine.frontend import EngineStopped, Frontend
 from ..engine.prepare import RequestPreparer
-from ..engine.process import wire_output
-from ..engine.request import Request, SamplingParams
+from ..engine.request import Request, RequestOutput
 from ..engine.wire import Add, EngineStats, Output, RemoteError, encode
 from ..errors import PrefixServeError
 from ..loading import load_configured_model
@@ -95,9 +92,7 @@ class EngineReplica:
         redis_cfg = self.settings.redis_config()
         health = RedisHealth(redis_cfg) if redis_cfg is not None else None
         self.service = PrefixService(bind_model(model), self.settings.store_config(), redis_health=health)
-        config = replace(
-            EngineConfig.from_settings(self.settings), detokenize=False
-        )  # the ingress makes the text
+        config = EngineConfig.from_settings(self.settings)  # (the ingress makes the text)
         self.engine = AsyncEngine(EngineCore(model, config, prefixes=self.service.pool))
         self.engine.start()
         self.max_prefixes = max_prefixes
@@ -142,9 +137,9 @@ class EngineReplica:
         if add.prefix_id is not None:
             await self.get_prefix(add.prefix_id)  # multiplexed: resident here from now on
         try:
-            async for out in self.engine.stream(add.request()):
-                yield encode(wire_output(out))
-        except PrefixServeError as exc:
+            async for out in self.engine.outputs(add.request()):
+                yield encode(Output.of(out))
+        except PrefixServeError as exc:  # refused at admission, or the engine stopped
             error = RemoteError.wire(exc)
             yield encode(Output(add.request_id, [], "error", add.prefix_len, len(add.prompt_ids), 0, error))
 
@@ -193,9 +188,9 @@ def engine_deployment(settings: ServerSettings, max_prefixes: int):
 
 
 # ---- the ingress's engine client ---------------------------------------------------------------
-class RayEngineClient:
-    """What the API uses of an engine (`preparer`, `stream`, `stats`, `running`, ...), over a Ray Serve
-    deployment handle: each request is one streaming call with its prefix as the multiplexed model id."""
+class RayEngineClient(Frontend):
+    """A front-end (an `EngineClient`, its text made here) over a Ray Serve deployment handle: each
+    request is one streaming call with its prefix as the multiplexed model id."""
 
     def __init__(
         self, handles: list, preparer: RequestPreparer, tokenizer, watcher: ReplicaWatcher | None
@@ -225,39 +220,26 @@ class RayEngineClient:
         """The replicas' stats summed (their residency lists merged)."""
         return merge_stats(list(self.replica_stats().values()))
 
-    async def generate(self, input: str | list[int], params: SamplingParams | None = None):
-        async for out in self.stream(self.preparer.prepare(input, params, None, 0)):
-            yield out
-
-    async def stream(self, request: Request) -> AsyncIterator:
-        """Send a prepared request to an engine replica (by prefix affinity) and stream its outputs."""
+    async def outputs(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """Send a prepared request to an engine replica (by prefix affinity); its outputs as the replica
+        makes them (token ids). Closed early, it cancels the call (the replica aborts the request)."""
         handle = random.choice(self.handles).options(
             multiplexed_model_id=request.prefix_id or "", stream=True
         )
-        detok = Detokenizer(self.tokenizer, request.params.stop)
         wire_id = uuid.uuid4().hex[:12] + ":" + request.request_id
         responses = handle.generate.remote(encode(Add.of(request, wire_id)))
-        finished = False
+        done = False
         try:
             async for frame in responses:
                 item = _decode_output.decode(frame)
-                if item.error is not None:
-                    finished = True
-                    raise RemoteError(item.error.kind, item.error.status, item.error.message)
-                out = EngineClient.output(item, detok, request.request_id)
-                finished = item.finish_reason is not None
-                yield out
-                if out.finished:  # (a stop string found here ends it before the engine does)
-                    return
+                done = item.finish_reason is not None
+                yield item.result(request.request_id)
         except (RayError, BackPressureError, DeploymentUnavailableError) as exc:  # retryable
             log.warning("an engine replica failed a request: %s", type(exc).__name__)
             raise EngineStopped("the engine replica serving this request stopped; retry the request") from exc
         finally:
-            if not finished:
+            if not done:
                 responses.cancel()
-
-    def abort(self, request_id: str) -> None:  # streams are cancelled through their response
-        pass
 
     def evict(self, prefix_id: str) -> None:
         """A deleted prefix: the ingress no longer lets requests name it (the store says it is gone), and

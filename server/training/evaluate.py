@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from ..engine import EngineConfig, EngineCore, SamplingParams
+from ..engine import EngineConfig, EngineCore, OfflineEngine, SamplingParams
 from ..engine.prefixes import PrefixState
 from ..errors import InvalidRequest
 from ..model import LoadedModel
@@ -84,12 +84,13 @@ def evaluate(
     on_progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> tuple[dict[str, float], list[str]]:
     """Generate for every example, score every reference; returns the metrics and the predictions."""
-    engine = EngineCore(model, EngineConfig(max_running=EVAL_ROWS, max_waiting=len(pairs) * 2 + 1))
+    core = EngineCore(model, EngineConfig(max_running=EVAL_ROWS, max_waiting=len(pairs) * 2 + 1))
     if prefix_id is not None:
-        engine.prefixes.register(prefix_id, prefix)
+        core.prefixes.register(prefix_id, prefix)
+    engine = OfflineEngine(core)  # (its text made as the server's front-ends make it)
     score = SamplingParams(max_new_tokens=0, prompt_logprobs=0)
     wants_loss = "loss" in cfg.metrics
-    room = engine.max_seq_len - (0 if prefix is None else engine.prefixes.length(prefix_id))
+    room = core.max_seq_len - (0 if prefix is None else core.prefixes.length(prefix_id))
     spans: dict[str, int] = {}  # score request -> index of the first labelled token
     for i, (x, y) in enumerate(pairs):
         prompt = model.tokenizer.encode(x + cfg.separator, add_special_tokens=False)
