@@ -56,7 +56,8 @@ from prefix_store.pool import DevicePool
 from prefix_store.state import PrefixState
 from prefixserve.engine import EngineConfig, EngineCore, SamplingParams, Scheduler
 from prefixserve.engine.blocks import blocks_for
-from prefixserve.engine.scheduler import Sequence
+from prefixserve.engine.request import Request
+from prefixserve.engine.sequence import Sequence
 from prefixserve.model import LoadedModel, hf_cache_kwargs, load_hf_model, load_model, parse_dtype
 from prefixserve.tiny import TinyModelConfig, write_tiny_model
 
@@ -311,7 +312,8 @@ def rows_at_budget(model: LoadedModel) -> tuple[int | None, int]:
     )
     sched = Scheduler(cfg.resolved(model.device, spec.n_positions).scheduler_config(), lambda pid: True)
     for i in range(tries):
-        sched.add(Sequence(f"r{i}", None, BUDGET_ROW_TOKENS, 1, None))
+        request = Request(f"r{i}", [5] * BUDGET_ROW_TOKENS, SamplingParams(max_new_tokens=1))
+        sched.add(Sequence(request, None))
     sched.schedule()
     return sched.num_running, fixed
 

@@ -20,15 +20,16 @@ from prefixserve.engine import (
     Scheduler,
     SchedulerConfig,
 )
-from prefixserve.engine.request import Tenancy
-from prefixserve.engine.scheduler import Sequence
+from prefixserve.engine.request import Request, Tenancy
+from prefixserve.engine.sequence import Sequence
 from prefixserve.errors import EngineOverloaded, QuotaExceeded
 
 EOS = 0
 
 
 def seq(rid: str, tenant: str, prompt: int = 4, max_new: int = 8, weight: float = 1.0) -> Sequence:
-    return Sequence(rid, None, prompt, max_new, None, tenant=tenant, weight=weight)
+    params = SamplingParams(max_new_tokens=max_new)
+    return Sequence(Request(rid, [5] * prompt, params, tenancy=Tenancy(tenant, weight)), None)
 
 
 def make(max_running: int = 4, budget: int = 64, blocks: int | None = None, block_size: int = 4) -> Scheduler:

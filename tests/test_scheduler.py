@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from prefixserve.engine import FinishReason, Scheduler, SchedulerConfig
-from prefixserve.engine.scheduler import Sequence
+from prefixserve.engine import FinishReason, SamplingParams, Scheduler, SchedulerConfig
+from prefixserve.engine.request import Request
+from prefixserve.engine.sequence import Sequence
 
 EOS = 0
 
@@ -13,7 +14,8 @@ EOS = 0
 def seq(
     rid: str, prompt: int = 4, max_new: int = 3, prefix: str | None = None, eos: int | None = EOS
 ) -> Sequence:
-    return Sequence(rid, prefix, prompt, max_new, eos)
+    params = SamplingParams(max_new_tokens=max_new)
+    return Sequence(Request(rid, [5] * prompt, params, prefix_id=prefix), eos)
 
 
 def make(max_running: int = 4, budget: int = 64, ready: set[str] | None = None) -> Scheduler:

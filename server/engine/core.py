@@ -38,7 +38,8 @@ from .prepare import RequestPreparer
 from .request import FinishReason, Request, RequestOutput, SamplingParams, Tenancy, TokenLogprob
 from .runner import ModelRunner, RowInput, Scores, StepOutput, log_probs
 from .sampling import first_maxima, make_generator, plain_greedy, sample_rows
-from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, Sequence
+from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig
+from .sequence import Sequence
 from .threads import ThreadGovernor
 from .wire import EngineStats
 
@@ -139,19 +140,6 @@ class EngineConfig:
 
 
 @dataclass
-class _Live:
-    """Engine-side state of a request while it is in the engine."""
-
-    request: Request
-    generator: torch.Generator | None
-    pinned: list[str]  # held from `add` until the request ends: its rows read the resident prefix/adapter
-    prefix: PrefixState | None = None  # the resident prefix, once the row is admitted
-    prefix_slot: int | None = None  # its first slot in the KV pool, when it is a KV prefix placed there
-    adapter: PrefixState | None = None  # the resident weight-side adapter, likewise
-    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=lambda: [None])  # scored so far
-
-
-@dataclass
 class LaunchedStep:
     """A step between `EngineCore.launch` and `finish`."""
 
@@ -192,7 +180,7 @@ class EngineCore:
         self.readback = Readback(model.device)  # each step's flags and greedy picks: one transfer
         cpu = model.device.type == "cpu"
         self.threads = ThreadGovernor.for_this_process(self.config.cpu_threads) if cpu else None
-        self._live: dict[str, _Live] = {}
+        self._live: dict[str, Sequence] = {}  # the requests in the engine (the scheduler's own objects)
         self._ended: list[RequestOutput] = []  # requests `add_request` ended, out with the next step
         self.num_steps = 0  # forward passes run (the stats' `steps`)
         self.preparer = RequestPreparer(model.tokenizer, spec, self.max_seq_len)
@@ -246,19 +234,9 @@ class EngineCore:
             raise
         params = request.params
         eos = None if params.ignore_eos else self.model.eos_token_id
-        self.scheduler.add(
-            Sequence(
-                request.request_id,
-                request.prefix_id,
-                len(request.prompt_ids),
-                params.max_new_tokens,
-                eos,
-                adapter_id=request.adapter_id,
-                tenant=tenancy.name,
-                weight=tenancy.weight,
-            )
-        )
-        self._live[request.request_id] = _Live(request, make_generator(params, self.model.device), pinned)
+        seq = Sequence(request, eos, generator=make_generator(params, self.model.device), pinned=pinned)
+        self.scheduler.add(seq)
+        self._live[request.request_id] = seq
         return ended
 
     def _make_room(self, tenancy: Tenancy) -> list[RequestOutput]:
@@ -305,8 +283,8 @@ class EngineCore:
         return True
 
     def _drop(self, request_id: str) -> None:
-        live = self._live.pop(request_id)
-        for resident_id in live.pinned:
+        seq = self._live.pop(request_id)
+        for resident_id in seq.pinned:
             self.prefixes.release(resident_id)
 
     @property
@@ -400,10 +378,10 @@ class EngineCore:
         """Keep the prompt tokens' log-probabilities a step computed (a recomputed chunk, after a
         preemption, finds them already kept)."""
         for row in rows:
-            got, live = scores.get(row.request_id), self._live.get(row.request_id)
-            if got is None or live is None:
+            got, seq = scores.get(row.request_id), self._live.get(row.request_id)
+            if got is None or seq is None:
                 continue
-            kept = live.prompt_logprobs
+            kept = seq.prompt_logprobs
             for i, entry in enumerate(_token_logprobs(row.targets, got, [row.top] * len(row.targets))):
                 if row.start + 1 + i == len(kept):  # position start+i predicts prompt token start+1+i
                     kept.append(entry)
@@ -413,12 +391,12 @@ class EngineCore:
     ) -> dict[str, TokenLogprob]:
         """The sampled tokens' log-probabilities for the rows that asked (one log_softmax for them all);
         `row_of`: each request's row of `logits`."""
-        asked = [(row_of[rid], rid) for rid in sampled if self._live[rid].request.params.logprobs is not None]
+        asked = [(row_of[rid], rid) for rid in sampled if self._live[rid].params.logprobs is not None]
         if not asked:
             return {}
         dev = logits.device
         targets = [sampled[rid] for _, rid in asked]
-        tops = [self._live[rid].request.params.logprobs for _, rid in asked]
+        tops = [self._live[rid].params.logprobs for _, rid in asked]
         rows = torch.tensor([i for i, _ in asked], device=dev)
         scores = Scores(*log_probs(logits[rows], torch.tensor(targets, device=dev), max(tops)))
         entries = _token_logprobs(targets, scores, tops)
@@ -428,7 +406,7 @@ class EngineCore:
         """The chunk's row input; a first chunk looks its resident prefix up here, so a prefix that
         does not fit ends its own request (appended to `out`) and nothing else."""
         rid = chunk.request_id
-        prefix_id = self._live[rid].request.prefix_id
+        prefix_id = self._live[rid].prefix_id
         try:
             if chunk.first:
                 self._open(rid)
@@ -472,32 +450,31 @@ class EngineCore:
         return [self._end(rid, self._nonfinite_error(rid, dtype)) for rid in bad]
 
     def _nonfinite_error(self, rid: str, dtype: str) -> PrefixError:
-        req = self._live[rid].request
-        when = f"at new token {len(req.output_ids) + 1}" if req.output_ids else "while reading the input"
+        seq = self._live[rid]
+        n = seq.num_generated
+        when = f"at new token {n + 1}" if n else "while reading the input"
         problem = f"the model's activations turned NaN/Inf {when} (serving dtype {dtype})"
-        if req.prefix_id is not None:
+        if seq.prefix_id is not None:
             problem += ", so its values are unusable with this model"
-        return PrefixError(req.prefix_id, problem)
+        return PrefixError(seq.prefix_id, problem)
 
     def _sample(
         self, ids: list[str], logits: torch.Tensor, maxima: dict[int, int], out: list[RequestOutput]
     ) -> dict[str, int]:
         """One token per row of `logits [n, V]` (`maxima`: each row's first maximum, read back with the
         step: a plain greedy row's token); a row whose draw fails ends alone (into `out`)."""
-        lives = [self._live[rid] for rid in ids]
-        params, gens = [lv.request.params for lv in lives], [lv.generator for lv in lives]
+        seqs = [self._live[rid] for rid in ids]
+        params, gens = [seq.params for seq in seqs], [seq.generator for seq in seqs]
         greedy = {i: maxima[i] for i, p in enumerate(params) if plain_greedy(p)}
         try:
-            tokens, failed = sample_rows(
-                logits, params, gens, [lv.request.output_ids for lv in lives], greedy
-            )
+            tokens, failed = sample_rows(logits, params, gens, lambda i: seqs[i].generated(), greedy)
         except Exception as exc:  # the shared read-back of the draws: no one row explains it
             log.exception("sampling failed for a whole step; ending its %d rows", len(ids))
             error = EngineFault(f"sampling this step failed ({type(exc).__name__}, logged)")
             out += [self._end(rid, error) for rid in ids]
             return {}
         for i, exc in failed.items():
-            prefix_id = lives[i].request.prefix_id
+            prefix_id = seqs[i].prefix_id
             out.append(self._end(ids[i], PrefixError(prefix_id, f"sampling from its logits failed: {exc}")))
         return {rid: tok for i, (rid, tok) in enumerate(zip(ids, tokens, strict=True)) if i not in failed}
 
@@ -520,22 +497,20 @@ class EngineCore:
     def _end(self, rid: str, error: PrefixServeError, scrub: bool = True) -> RequestOutput:
         """End a request with `error` now. `scrub`: its numbers may be bad, so its KV blocks (if it holds
         any) are zeroed before they are freed."""
-        live = self._live.get(rid)
-        req = live.request if live is not None else None
-        seq = self.scheduler.get(rid)
+        seq = self._live.get(rid)
         if scrub and seq is not None:
             self.runner.zero_blocks(seq.blocks)
         self.scheduler.finish(rid, FinishReason.ERROR)
-        if live is not None:
+        if seq is not None:
             self._drop(rid)
         return RequestOutput(
             request_id=rid,
             token_ids=[],
             text="",
             finish_reason=FinishReason.ERROR,
-            prefix_tokens=req.prefix_len if req else 0,
-            prompt_tokens=len(req.prompt_ids) if req else 0,
-            completion_tokens=len(req.output_ids) if req else 0,
+            prefix_tokens=seq.request.prefix_len if seq else 0,
+            prompt_tokens=seq.num_prompt_tokens if seq else 0,
+            completion_tokens=seq.num_generated if seq else 0,
             error=error,
         )
 
@@ -549,46 +524,42 @@ class EngineCore:
         return out
 
     def _row(self, rid: str, chunk: ScheduledChunk) -> RowInput:
-        live = self._live[rid]
-        req, start, n = live.request, chunk.start, chunk.num_tokens
-        p, out = req.prompt_ids, req.output_ids  # a chunk reads the prompt, then what it generated
-        tokens = p[start : start + n] + out[max(start - len(p), 0) : max(start + n - len(p), 0)]
-        if len(tokens) != n:
-            raise RuntimeError(
-                f"chunk [{start}, {start + n}) of {rid} lies past its {len(p) + len(out)} tokens"
-            )
-        top = req.params.prompt_logprobs
+        seq = self._live[rid]
+        start, end = chunk.start, chunk.start + chunk.num_tokens
+        tokens = seq.token_ids[start:end]  # [n] the prompt's, then those it generated
+        top = seq.params.prompt_logprobs
         if top is None:
             return RowInput(
-                rid, tokens, start, chunk.blocks, live.prefix, chunk.sample, adapter=live.adapter,
-                prefix_slot=live.prefix_slot,
+                rid, tokens, start, chunk.blocks, seq.prefix, chunk.sample, adapter=seq.adapter,
+                prefix_slot=seq.prefix_slot,
             )  # fmt: skip
-        targets = p[start + 1 : start + n + 1]  # prompt tokens only: the first new token is sampled
+        # the prompt tokens this chunk predicts (the first new token is sampled, not scored)
+        targets = seq.token_ids[start + 1 : min(end + 1, seq.num_prompt_tokens)]
         return RowInput(
-            rid, tokens, start, chunk.blocks, live.prefix, chunk.sample, targets, top, live.adapter,
-            live.prefix_slot,
+            rid, tokens, start, chunk.blocks, seq.prefix, chunk.sample, targets, top, seq.adapter,
+            seq.prefix_slot,
         )  # fmt: skip
 
     def _open(self, request_id: str) -> None:
         """Look the row's resident prefix and adapter up (pinned, so resident, until the request ends):
         every step reads them in place. A weight-side state named as the prefix is the row's adapter."""
-        live = self._live[request_id]
-        req = live.request
-        if live.prefix is not None or live.adapter is not None:  # (a preempted row keeps what it had)
+        seq = self._live[request_id]
+        if seq.prefix is not None or seq.adapter is not None:  # (a preempted row keeps what it had)
             return
-        states = [self.prefixes.get(i) for i in req.resident_ids]
+        states = [self.prefixes.get(i) for i in seq.resident_ids]
         adapters = [s for s in states if kind_of(s).weight_side]
         prefixes = [s for s in states if not kind_of(s).weight_side]
         if len(adapters) > 1 or len(prefixes) > 1:
             raise ValueError(
                 "a row carries at most one prefix (prefix_kv, ntk) and one adapter (lora, adapter)"
             )
-        if prefixes and (problem := _misfit(prefixes[0], self.model.spec, req.prefix_len)) is not None:
-            raise ValueError(problem)
-        live.prefix = prefixes[0] if prefixes else None
-        live.adapter = adapters[0] if adapters else None
-        if live.prefix is not None and kind_of(live.prefix).placed:
-            live.prefix_slot = self.arena.first_slot(live.prefix)
+        misfit = _misfit(prefixes[0], self.model.spec, seq.request.prefix_len) if prefixes else None
+        if misfit is not None:
+            raise ValueError(misfit)
+        seq.prefix = prefixes[0] if prefixes else None
+        seq.adapter = adapters[0] if adapters else None
+        if seq.prefix is not None and kind_of(seq.prefix).placed:
+            seq.prefix_slot = self.arena.first_slot(seq.prefix)
 
     def _output(
         self,
@@ -599,44 +570,41 @@ class EngineCore:
         finished: dict[str, FinishReason],
         logprob: TokenLogprob | None,
     ) -> RequestOutput:
-        live = self._live[rid]
-        req = live.request
-        req.output_ids.append(token)
+        seq = self._live[rid]  # (its token_ids already end with `token`: Scheduler.update)
         reason = finished.get(rid)
         out = RequestOutput(
             request_id=rid,
             token_ids=[token],
             text="",  # (made by the front-end)
             finish_reason=reason,
-            prefix_tokens=req.prefix_len,
-            prompt_tokens=len(req.prompt_ids),
-            completion_tokens=len(req.output_ids),
+            prefix_tokens=seq.request.prefix_len,
+            prompt_tokens=seq.num_prompt_tokens,
+            completion_tokens=seq.num_generated,
             logits=[logits[row]] if logits is not None else [],
             logprobs=[logprob] if logprob is not None else [],
-            prompt_logprobs=self._prompt_logprobs(live) if len(req.output_ids) == 1 else None,
+            prompt_logprobs=self._prompt_logprobs(seq) if seq.num_generated == 1 else None,
         )
         if reason is not None:
             self._drop(rid)
         return out
 
     @staticmethod
-    def _prompt_logprobs(live: _Live) -> list[TokenLogprob | None] | None:
-        return live.prompt_logprobs if live.request.params.prompt_logprobs is not None else None
+    def _prompt_logprobs(seq: Sequence) -> list[TokenLogprob | None] | None:
+        return seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None
 
     def _scored(self, rid: str) -> RequestOutput:
         """The one output of a request that scored its prompt without generating (max_new_tokens 0)."""
-        live = self._live[rid]
-        req = live.request
+        seq = self._live[rid]
         self._drop(rid)
         return RequestOutput(
             request_id=rid,
             token_ids=[],
             text="",
             finish_reason=FinishReason.LENGTH,
-            prefix_tokens=req.prefix_len,
-            prompt_tokens=len(req.prompt_ids),
+            prefix_tokens=seq.request.prefix_len,
+            prompt_tokens=seq.num_prompt_tokens,
             completion_tokens=0,
-            prompt_logprobs=self._prompt_logprobs(live),
+            prompt_logprobs=self._prompt_logprobs(seq),
         )
 
     def fail_all(self) -> list[str]:

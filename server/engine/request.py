@@ -1,4 +1,4 @@
-"""What a caller asks of the engine, validated before it is queued."""
+"""What a caller asks of the engine (validated before it is queued), and what it answers, step by step."""
 
 from __future__ import annotations
 
@@ -177,7 +177,6 @@ class Request:
     params: SamplingParams
     prefix_id: str | None = None
     prefix_len: int = 0
-    output_ids: list[int] = field(default_factory=list)
     adapter_id: str | None = None  # a weight-side adapter (LoRA, bottleneck) beside the prefix
     tenancy: Tenancy = Tenancy()
 

@@ -8,6 +8,7 @@ sort their logits (sorting 50k logits per row per step is expensive).
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 
 import torch
 
@@ -70,14 +71,15 @@ def sample_rows(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
-    generated: list[list[int]],
+    generated: Callable[[int], list[int]],
     greedy: dict[int, int],
 ) -> tuple[list[int], dict[int, Exception]]:
-    """Pick one token per row. logits `[B, V]` (finite: the engine drops rows that are not), each row's
-    tokens generated so far (penalties), and the plain greedy rows' picks already made (row -> token:
-    one max over all of them on the device, read back with the step's other results); returns B token
-    ids and, by row index, the rows whose pick raised (their token is meaningless). Rows with penalties
-    or biases, and sampling rows, pick alone, so one that fails costs no other row anything."""
+    """Pick one token per row. logits `[B, V]` (finite: the engine drops rows that are not), row i's
+    tokens generated so far as `generated(i)` (asked only for rows with penalties), and the plain greedy
+    rows' picks already made (row -> token: one max over all of them on the device, read back with the
+    step's other results); returns B token ids and, by row index, the rows whose pick raised (their
+    token is meaningless). Rows with penalties or biases, and sampling rows, pick alone, so one that
+    fails costs no other row anything."""
     out = [greedy.get(i, 0) for i in range(len(params))]
     failed: dict[int, Exception] = {}
     picks: dict[int, torch.Tensor] = {}  # row -> its token [1], on the device until read back at once
@@ -85,7 +87,7 @@ def sample_rows(
         if i in greedy:
             continue
         try:
-            row = adjust_logits(logits[i], p, generated[i]) if p.adjusts_logits else logits[i]
+            row = adjust_logits(logits[i], p, generated(i)) if p.adjusts_logits else logits[i]
             picks[i] = row.argmax().view(1) if p.greedy else sample_one(row, p, generators[i])
         except Exception as exc:  # whatever it is, it is this row's alone
             failed[i] = exc

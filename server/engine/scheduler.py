@@ -41,11 +41,11 @@ from __future__ import annotations
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 
 from .blocks import BlockAllocator, blocks_for
 from .fairness import TenantCounters
 from .request import FinishReason
+from .sequence import Sequence, Status
 
 
 @dataclass(frozen=True)
@@ -79,47 +79,6 @@ class SchedulerConfig:
                 f"max_tokens_per_step ({self.max_tokens_per_step}) must be >= "
                 f"max_running ({self.max_running}) so that every running sequence can decode in each step"
             )
-
-
-class Status(Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-@dataclass(eq=False)  # identity semantics: `seq in list` compares objects, not fields
-class Sequence:
-    """The scheduler's view of one request: counts only."""
-
-    request_id: str
-    prefix_id: str | None
-    num_prompt_tokens: int
-    max_new_tokens: int
-    eos_token_id: int | None  # None: never stop on EOS
-    num_tokens: int = 0  # prompt + generated so far
-    num_computed: int = 0  # tokens whose K/V are in the row's blocks
-    status: Status = Status.WAITING
-    finish_reason: FinishReason | None = None
-    blocks: list[int] = field(default_factory=list)  # the row's block table
-    num_preemptions: int = 0
-    adapter_id: str | None = None  # a weight-side adapter it waits for too
-    tenant: str = ""  # whose request it is ("": the engine's own callers, one anonymous tenant)
-    weight: float = 1.0  # the tenant's weight in fair scheduling
-    arrival: int = 0  # when it arrived, on the scheduler's clock (set by `add`)
-    admitted: int = 0  # when it was last admitted to the batch, on the same clock
-    num_charged: int = 0  # prompt tokens counted as the tenant's service (a recompute is not counted)
-
-    @property
-    def resident_ids(self) -> list[str]:
-        """Its prefix and its adapter (either may be absent): what must be on the device."""
-        return [i for i in (self.prefix_id, self.adapter_id) if i is not None]
-
-    def __post_init__(self) -> None:
-        self.num_tokens = self.num_prompt_tokens
-
-    @property
-    def num_generated(self) -> int:
-        return self.num_tokens - self.num_prompt_tokens
 
 
 @dataclass(frozen=True)
@@ -566,7 +525,7 @@ class Scheduler:
             if not chunk.sample:
                 continue
             token = sampled[chunk.request_id]
-            seq.num_tokens += 1
+            seq.token_ids.append(token)
             reason = self._finish_reason(seq, token)
             if reason is not None:
                 self.finish(seq.request_id, reason)
