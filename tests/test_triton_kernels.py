@@ -222,7 +222,7 @@ def test_engine_decodes_through_the_triton_kernel_as_through_gathered_blocks(tin
 
 
 def test_fused_ntk_decode_kernel_in_the_engine_matches_the_eager_path(tiny_model_dir, hf_model):
-    from prefix_store.kinds import ntk_triton
+    from prefix_store.kinds import NtkPrefixKind, ntk_triton
     from prefixserve.model import load_model
 
     from .reference import ntk_generate
@@ -234,8 +234,8 @@ def test_fused_ntk_decode_kernel_in_the_engine_matches_the_eager_path(tiny_model
     results = {}
     for fused in (True, False):
         engine = new_engine(model, 512, ntk)
-        assert engine.runner.fused_ntk
-        engine.runner.fused_ntk = fused
+        assert engine.runner.fused_kinds == {NtkPrefixKind}
+        engine.runner.fused_kinds = {NtkPrefixKind} if fused else set()
         results[fused] = run(engine, NTK_ONLY)
     for i, (pid, _, max_new, _) in enumerate(NTK_ONLY):
         (tokens, logits, prompt), (eager_tokens, eager_logits, _) = (

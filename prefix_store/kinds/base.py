@@ -30,13 +30,9 @@ class PrefixKind(Protocol):
     # its device state is per-token K/V `[L, 2, H, P, D]` that may live in the engine's paged KV pool
     placed: ClassVar[bool]
     tensor_sets: ClassVar[tuple[list[str], ...]]  # the tensors (sorted names) a file of this kind holds
+    state_type: ClassVar[type]  # what a loaded prefix of this kind is: `kind_of` looks its type up
 
     # ---- format and validation (class-level: the store uses them without an engine) -------------
-    @staticmethod
-    def owns(state: Any) -> bool:
-        """Whether a loaded prefix state is of this kind."""
-        ...
-
     @staticmethod
     def check_shapes(shapes: dict[str, list[int]], prefix_len: int, expect: Expect) -> None:
         """Raise InvalidPrefixFile unless a file's tensor shapes fit the model (and its metadata)."""
@@ -84,6 +80,25 @@ class PrefixKind(Protocol):
     def attend(self, layer: int, q: torch.Tensor, plan: Any, scale: float) -> tuple[torch.Tensor, Partial]:
         """Per layer: q `[N, H, D]` (every token of the step) -> the planned tokens' indices `[T]` and
         their partial state over the prefix."""
+        ...
+
+    def fuses(self, device: torch.device) -> bool:
+        """Whether, on this device, a decode step whose every row has a prefix of this kind runs each
+        layer's whole attention (own keys and prefix together) in `fused_decode`: one kernel."""
+        ...
+
+    def fused_decode(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        lens: torch.Tensor,
+        plan: Any,
+        scale: float,
+    ) -> torch.Tensor:
+        """That fused attention: q `[B, H, D]` (one token per row), each row's own keys and values k/v
+        `[B, H, S, D]` (gathered), lens `[B]` int32 -> `[B, H, D]`."""
         ...
 
 

@@ -45,15 +45,12 @@ class BottleneckKind:
     placed: ClassVar[bool] = False
     sites: ClassVar[tuple[str, ...]] = ADAPTER_SITES
     tensor_sets: ClassVar[tuple[list[str], ...]] = (tensor_names(["mlp"]), tensor_names(ADAPTER_SITES))
+    state_type: ClassVar[type] = BottleneckAdapter  # what a loaded prefix of this kind is (kind_of)
 
     def __init__(self) -> None:
         self._stacks = StackCache()
 
     # ---- format and validation -------------------------------------------------------------------
-    @staticmethod
-    def owns(state: object) -> bool:
-        return isinstance(state, BottleneckAdapter)
-
     @staticmethod
     def check_shapes(shapes: dict[str, list[int]], prefix_len: int, expect: Expect) -> None:
         spec = expect.spec

@@ -51,15 +51,12 @@ class KvPrefixKind:
     weight_side: ClassVar[bool] = False  # attaches at attention
     placed: ClassVar[bool] = True  # resident in a run of the engine's KV blocks (unified paging)
     tensor_sets: ClassVar[tuple[list[str], ...]] = ([TENSOR_NAME],)
+    state_type: ClassVar[type] = torch.Tensor  # what a loaded prefix of this kind is (kind_of)
 
     def __init__(self) -> None:
         self._stacks = StackCache()
 
     # ---- format and validation -------------------------------------------------------------------
-    @staticmethod
-    def owns(state: object) -> bool:
-        return isinstance(state, torch.Tensor)
-
     @staticmethod
     def check_shapes(shapes: dict[str, list[int]], prefix_len: int, expect: Expect) -> None:
         shape = shapes[TENSOR_NAME]
@@ -156,6 +153,12 @@ class KvPrefixKind:
             tokens.append(toks)
             parts.append(Partial.softmax(out[0].transpose(0, 1), lse[0].transpose(0, 1)))
         return torch.cat(tokens) if len(tokens) > 1 else tokens[0], Partial.cat(parts)
+
+    def fuses(self, device: torch.device) -> bool:
+        return False  # (its rows' prefix part is merged with their own keys' by the engine)
+
+    def fused_decode(self, *args: object) -> torch.Tensor:
+        raise NotImplementedError("prefix_kv has no fused decode: its part is merged (fuses() is False)")
 
 
 def _stack(states: list[torch.Tensor]) -> _Stack:

@@ -46,15 +46,12 @@ class LoraKind:
     tensor_sets: ClassVar[tuple[list[str], ...]] = tuple(
         tensor_names(ms) for n in range(1, 5) for ms in itertools.combinations(LORA_MODULES, n)
     )
+    state_type: ClassVar[type] = LoraAdapter  # what a loaded prefix of this kind is (kind_of)
 
     def __init__(self) -> None:
         self._stacks = StackCache()
 
     # ---- format and validation -------------------------------------------------------------------
-    @staticmethod
-    def owns(state: object) -> bool:
-        return isinstance(state, LoraAdapter)
-
     @staticmethod
     def check_shapes(shapes: dict[str, list[int]], prefix_len: int, expect: Expect) -> None:
         spec = expect.spec

@@ -92,15 +92,12 @@ class NtkPrefixKind:
     weight_side: ClassVar[bool] = False  # attaches at attention
     placed: ClassVar[bool] = False  # a fixed-size state, not per-token K/V
     tensor_sets: ClassVar[tuple[list[str], ...]] = (["ntk_k", "ntk_z"], ["ntk_k", "ntk_z_a", "ntk_z_b"])
+    state_type: ClassVar[type] = NtkPrefix  # what a loaded prefix of this kind is (kind_of)
 
     def __init__(self) -> None:
         self._stacks = StackCache()
 
     # ---- format and validation -------------------------------------------------------------------
-    @staticmethod
-    def owns(state: object) -> bool:
-        return isinstance(state, NtkPrefix)
-
     @staticmethod
     def check_shapes(shapes: dict[str, list[int]], prefix_len: int, expect: Expect) -> None:
         spec = expect.spec
@@ -187,9 +184,8 @@ class NtkPrefixKind:
         return torch.cat(tokens) if len(tokens) > 1 else tokens[0], Partial.cat(parts)
 
     # ---- the fused CUDA decode kernel --------------------------------------------------------------
-    @staticmethod
-    def fused_available(device: torch.device) -> bool:
-        return fused_kernel_available(device)
+    def fuses(self, device: torch.device) -> bool:
+        return fused_kernel_available(device)  # (Triton: CUDA, or CPU tensors under its interpreter)
 
     def fused_decode(
         self,

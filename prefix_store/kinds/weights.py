@@ -24,6 +24,10 @@ from ..limits import ADAPTER_MAX_ABS
 from ..staging import StepInputs
 from .base import StackCache
 
+# where a weight-side kind may attach, in a layer's order: a linear module's output (its input read), or a
+# sublayer's output (attention's, the MLP's: read and added to). A kind declares its own (`sites`); the
+# engine calls `apply` at each of them and checks at start-up that a kind names no other.
+SITES = ("attn.c_attn", "attn.c_proj", "attn", "mlp.c_fc", "mlp.c_proj", "mlp")
 PAD_TOKENS = 8  # adapters read by at most this many tokens share one padded call ...
 PAD_WASTE = 1.25  # ... and so do all of a step's adapters when padding adds at most 25% of their tokens
 

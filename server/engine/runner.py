@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from prefix_store.attention import Partial, attention_lse
-from prefix_store.kinds import KIND_CLASSES, NtkPrefixKind, PrefixKind, kind_of
+from prefix_store.kinds import KIND_CLASSES, PrefixKind, kind_of
+from prefix_store.kinds.weights import SITES
 from prefix_store.staging import StepInputs
 from prefix_store.triton_env import runs_on as triton_runs_on
 
@@ -112,7 +113,8 @@ class _Batch:
     last_idx: torch.Tensor  # [B] token index of each row's last token
     sample_rows: torch.Tensor | None  # [n_sample] the rows (of B) whose logits are returned; None: all
     kinds: list[tuple[PrefixKind, object]] = field(default_factory=list)  # (kind, its plan) per kind present
-    fused: object | None = None  # the NTK plan, when every row decodes with an NTK prefix on CUDA
+    # (kind, its plan) when every row decodes with a prefix of one kind that fuses (PrefixKind.fuses)
+    fused: tuple[PrefixKind, object] | None = None
     adapters: list[tuple[PrefixKind, object]] = field(default_factory=list)  # weight-side (kind, plan)
     targets: dict[str, torch.Tensor] = field(default_factory=dict)  # scoring rows' targets [M] by request
 
@@ -168,7 +170,11 @@ class ModelRunner:
         # each kind keeps its own stack cache; attention-side kinds attend, weight-side ones apply
         self.kinds: list[PrefixKind] = [cls() for cls in KIND_CLASSES if not cls.weight_side]
         self.adapters: list[PrefixKind] = [cls() for cls in KIND_CLASSES if cls.weight_side]
-        self.fused_ntk = NtkPrefixKind.fused_available(self.device)  # one Triton kernel per layer on CUDA
+        for kind in self.adapters:  # (the sites `_adapted_block` calls, in order)
+            if unknown := set(kind.sites) - set(SITES):
+                raise ValueError(f"kind {kind.name!r} declares sites {sorted(unknown)}; there are {SITES}")
+        # the attention-side kinds whose decode steps run own and prefix attention in one kernel here
+        self.fused_kinds = {type(k) for k in self.kinds if k.fuses(self.device)}  # (NTK on CUDA)
         self._gathered = [self.kv.new_empty(0, *shape[3:]) for _ in range(2)]  # K, V: [n, bs, H, D]
         # decode rows read their blocks in place (Triton on CUDA, C on the CPU), or they are gathered
         self._paged_decode = _in_place_decode(self.device, self.dtype) if paged_kernel else None
@@ -314,9 +320,8 @@ class ModelRunner:
             [(k, k.plan(members[type(k)], states[type(k)], inputs)) for k in ks if type(k) in members]
             for ks in (self.kinds, self.adapters)
         )
-        ntk_tokens = sum(len(t) for t in members.get(NtkPrefixKind, {}).values())
-        all_ntk = not prefill and len(kinds) == 1 and ntk_tokens == len(decode)
-        fused = kinds[0][1] if self.fused_ntk and all_ntk else None
+        decoding = not prefill and len(kinds) == 1
+        fused = kinds[0] if decoding and self._fusing(kinds[0][0], members, len(decode)) else None
         batch = _Batch(
             ids=inputs.put(ids),
             pos=inputs.put(pos),
@@ -332,6 +337,10 @@ class ModelRunner:
         inputs.upload()  # every index tensor of the step, in one transfer
         self._masks(parts)
         return batch, order
+
+    def _fusing(self, kind: PrefixKind, members: dict[type, dict[int, list[int]]], tokens: int) -> bool:
+        """Whether a step's one attention-side kind fuses here and all of its `tokens` attend to it."""
+        return type(kind) in self.fused_kinds and sum(map(len, members[type(kind)].values())) == tokens
 
     def _pool_prefix(self, r: RowInput) -> int:
         """Positions of the row's prefix read in place as its first keys (0: none): a KV prefix of at
@@ -467,10 +476,10 @@ class ModelRunner:
         """Each token's attention: over its row's own keys, merged with its prefix's part.
         q `[N, H, D]` -> out `[N, H, D]`."""
         scale = self.spec.attn_scale(layer)
-        if b.fused is not None:  # every row decodes with an NTK prefix: one kernel does both parts
+        if b.fused is not None:  # every row decodes with a prefix of one kind: its kernel does both parts
+            kind, plan = b.fused
             k, v = self._gather(layer, b.parts[0])
-            ntk = self.kinds[KIND_CLASSES.index(NtkPrefixKind)]
-            out.copy_(ntk.fused_decode(layer, q, k, v, b.parts[0].lens, b.fused, scale))
+            out.copy_(kind.fused_decode(layer, q, k, v, b.parts[0].lens, plan, scale))
             return
         lse = self._own_attention(layer, q, b, scale, out, with_lse=bool(b.kinds))
         for kind, plan in b.kinds:

@@ -3,7 +3,8 @@
 Each encoder holds only the adapter's parameters and attaches to the frozen model with forward hooks for
 the length of one forward pass (`attached`), adding its delta where the engine adds it at serving time
 (prefix_store/kinds: lora.py at a linear module's output, bottleneck.py at a sublayer's output).
-`tensors()` is what the store keeps: the served kind's file tensors.
+`loss(...)` is a batch's loss with the adapter attached; `tensors()` is what the store keeps: the served
+kind's file tensors.
 
 AdaMix (Wang et al. 2022, "AdaMix: Mixture-of-Adaptations"): M down- and M up-projections per layer
 and site; each training step picks a random down and a random up projection (stochastic routing), runs
@@ -28,6 +29,15 @@ from prefix_store.kinds.bottleneck import BottleneckKind, bottleneck
 from prefix_store.state import LORA_MODULES, BottleneckAdapter
 
 ADAPTER_SITE_SETS = {"houlsby": ("attn", "mlp"), "pfeiffer": ("mlp",)}
+IGNORE = -100  # the label of a token without loss (HF's ignore_index)
+
+
+def lm_loss(
+    model: GPT2LMHeadModel, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, **extra
+) -> torch.Tensor:
+    """The frozen model's mean loss over the labelled tokens of ids, labels, mask `[B, T]` (with whatever
+    hooks are attached; `extra`: more of the forward's arguments, e.g. a prefix as past keys/values)."""
+    return model(input_ids=ids, attention_mask=mask, labels=labels, **extra).loss
 
 
 def _module(model: GPT2LMHeadModel, layer: int, name: str) -> nn.Module:
@@ -80,6 +90,17 @@ class LoraEncoder(nn.Module):
             self.a[_key(m)] = nn.Parameter(a)
             self.b[_key(m)] = nn.Parameter(torch.zeros(n_layer, rank, fout))
 
+    def loss(
+        self,
+        model: GPT2LMHeadModel,
+        ids: torch.Tensor,
+        labels: torch.Tensor,
+        mask: torch.Tensor,
+        step: int | None,
+    ) -> torch.Tensor:
+        with self.attached(model):
+            return lm_loss(model, ids, labels, mask)
+
     def attached(self, model: GPT2LMHeadModel):
         handles = []
         for m in self.modules_:
@@ -104,15 +125,43 @@ class BottleneckEncoder(nn.Module):
     M > 1: AdaMix). down ~ N(0, 0.01) (near identity, as Houlsby), up and the biases zero."""
 
     def __init__(
-        self, n_layer: int, n_embd: int, size: int, sites: tuple[str, ...], experts: int = 1
+        self,
+        n_layer: int,
+        n_embd: int,
+        size: int,
+        sites: tuple[str, ...],
+        experts: int = 1,
+        seed: int = 0,  # AdaMix: the routes' seed
+        consistency: float = 1.0,  # AdaMix: the weight of the symmetric KL between the routed passes
     ) -> None:
         super().__init__()
         self.sites, self.n_layer, self.experts = sites, n_layer, experts
+        self.seed, self.consistency = seed, consistency
         e, n, c, m = experts, n_layer, n_embd, size
         self.down = nn.ParameterDict({s: nn.Parameter(torch.randn(e, n, c, m) * 0.01) for s in sites})
         self.down_bias = nn.ParameterDict({s: nn.Parameter(torch.zeros(e, n, m)) for s in sites})
         self.up = nn.ParameterDict({s: nn.Parameter(torch.zeros(e, n, m, c)) for s in sites})
         self.up_bias = nn.ParameterDict({s: nn.Parameter(torch.zeros(e, n, c)) for s in sites})
+
+    def loss(
+        self,
+        model: GPT2LMHeadModel,
+        ids: torch.Tensor,
+        labels: torch.Tensor,
+        mask: torch.Tensor,
+        step: int | None,
+    ) -> torch.Tensor:
+        """A plain adapter's loss; AdaMix while training (`step`): two randomly routed passes and their
+        consistency; AdaMix evaluated (step None): its merged adapter's."""
+        if self.experts == 1 or step is None:
+            with self.attached(model):
+                return lm_loss(model, ids, labels, mask)
+        outs = []
+        for pick in self.routes(self.seed, step):
+            with self.attached(model, pick):
+                outs.append(model(input_ids=ids, attention_mask=mask, labels=labels))
+        consistency = symmetric_kl(outs[0].logits, outs[1].logits, labels, IGNORE)
+        return (outs[0].loss + outs[1].loss) / 2 + self.consistency * consistency
 
     def attached(self, model: GPT2LMHeadModel, pick: tuple[int, int] | None = None):
         """Hooks for one forward pass: with `pick` (down expert, up expert) that routed pair, else the

@@ -33,11 +33,7 @@ from prefix_store.limits import KIND_PREFIX_KV
 from prefix_store.state import LORA_MODULES
 from prefixserve.model import hf_cache_kwargs
 
-from .adapters import ADAPTER_SITE_SETS, BottleneckEncoder, LoraEncoder, symmetric_kl
-
-IGNORE = -100
-# what a job may train: the two prefix kinds, LoRA, a bottleneck adapter, or AdaMix (stored as an adapter)
-TRAIN_KINDS = ("prefix_kv", "ntk", "lora", "adapter", "adamix")
+from .adapters import ADAPTER_SITE_SETS, IGNORE, BottleneckEncoder, LoraEncoder, lm_loss
 
 
 @dataclass(frozen=True)
@@ -125,8 +121,9 @@ class Interrupted(Exception):
 class PrefixEncoder(nn.Module):
     """P' and the MLP; `forward()` returns PEFT-layout prompt embeddings `[P, n_layer*2*n_embd]`."""
 
-    def __init__(self, prefix_len: int, n_embd: int, hidden: int, n_layer: int) -> None:
+    def __init__(self, prefix_len: int, n_embd: int, hidden: int, n_layer: int, n_head: int) -> None:
         super().__init__()
+        self.prefix_len, self.n_layer, self.n_head = prefix_len, n_layer, n_head
         self.embedding = nn.Embedding(prefix_len, n_embd)
         self.transform = nn.Sequential(
             nn.Linear(n_embd, hidden), nn.Tanh(), nn.Linear(hidden, n_layer * 2 * n_embd)
@@ -135,6 +132,29 @@ class PrefixEncoder(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return self.transform(self.embedding(self.tokens))  # [P, L*2*C]
+
+    def loss(
+        self,
+        model: GPT2LMHeadModel,
+        ids: torch.Tensor,
+        labels: torch.Tensor,
+        mask: torch.Tensor,
+        step: int | None,
+    ) -> torch.Tensor:
+        """The prefix as every layer's past keys and values (positions 0..P-1), ids after it."""
+        b, p = ids.shape[0], self.prefix_len
+        kv = self().view(p, self.n_layer * 2, self.n_head, -1).permute(1, 2, 0, 3)  # [L*2, H, P, D]
+        layers = [
+            (kv[2 * i].expand(b, -1, -1, -1), kv[2 * i + 1].expand(b, -1, -1, -1))
+            for i in range(self.n_layer)
+        ]
+        full_mask = torch.cat([torch.ones(b, p, dtype=mask.dtype, device=mask.device), mask], dim=1)
+        return lm_loss(model, ids, labels, full_mask, **hf_cache_kwargs(model, layers))
+
+    @torch.no_grad()
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The canonical prefix `past_key_values [L, 2, H, P, D]` (the MLP is not needed any more)."""
+        return {"past_key_values": peft_to_canonical(self().float().cpu(), self.n_layer, self.n_head)}
 
 
 class NtkEncoder(nn.Module):
@@ -154,6 +174,16 @@ class NtkEncoder(nn.Module):
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.z_a @ self.z_b if self.rank else self.z
         return z, F.softplus(self.k_raw)
+
+    def loss(
+        self,
+        model: GPT2LMHeadModel,
+        ids: torch.Tensor,
+        labels: torch.Tensor,
+        mask: torch.Tensor,
+        step: int | None,
+    ) -> torch.Tensor:
+        return ntk_lm_loss(model, ids, labels, mask, *self())
 
     @torch.no_grad()
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -265,30 +295,7 @@ class PrefixTrainer:
     ) -> torch.Tensor:
         """Mean loss over the labelled tokens of a batch `[B, T]` with the current prefix or adapter.
         `step`: the optimizer step being trained (AdaMix routes by it); None: evaluation."""
-        cfg = self.config
-        if cfg.kind == "ntk":
-            return ntk_lm_loss(self.model, ids, labels, mask, *self.encoder())
-        if cfg.kind == "adamix" and step is not None:  # two randomly routed passes + consistency
-            outs = []
-            for pick in self.encoder.routes(cfg.seed, step):
-                with self.encoder.attached(self.model, pick):
-                    outs.append(self.model(input_ids=ids, attention_mask=mask, labels=labels))
-            consistency = symmetric_kl(outs[0].logits, outs[1].logits, labels, IGNORE)
-            return (outs[0].loss + outs[1].loss) / 2 + cfg.adamix_consistency * consistency
-        if cfg.kind in ("lora", "adapter", "adamix"):  # (adamix evaluates its merged adapter)
-            with self.encoder.attached(self.model):
-                return self.model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        b, p = ids.shape[0], self.config.prefix_len
-        kv = self.encoder().view(p, self.n_layer * 2, self.n_head, -1).permute(1, 2, 0, 3)  # [L*2, H, P, D]
-        cache = hf_cache_kwargs(
-            self.model,
-            [
-                (kv[2 * i].expand(b, -1, -1, -1), kv[2 * i + 1].expand(b, -1, -1, -1))
-                for i in range(self.n_layer)
-            ],
-        )
-        full_mask = torch.cat([torch.ones(b, p, dtype=mask.dtype, device=mask.device), mask], dim=1)
-        return self.model(input_ids=ids, attention_mask=full_mask, labels=labels, **cache).loss
+        return self.encoder.loss(self.model, ids, labels, mask, step)
 
     def train(
         self,
@@ -375,25 +382,40 @@ class PrefixTrainer:
             [encode_example(self.tok, x, y, self.config.separator) for x, y in pairs]
         )
 
-    @torch.no_grad()
     def tensors(self) -> dict[str, torch.Tensor]:
-        """What the store keeps: the canonical prefix `past_key_values [L, 2, H, P, D]` (the MLP is
-        not needed any more), or an NTK prefix's, LoRA's or bottleneck adapter's tensors (AdaMix: its
-        experts averaged into one bottleneck adapter)."""
-        if self.config.kind != KIND_PREFIX_KV:
-            return self.encoder.tensors()
-        return {"past_key_values": peft_to_canonical(self.encoder().float().cpu(), self.n_layer, self.n_head)}
+        """What the store keeps: the kind's file tensors (a prefix's canonical K/V, an NTK prefix's, LoRA's
+        or a bottleneck adapter's; AdaMix: its experts averaged into one bottleneck adapter)."""
+        return self.encoder.tensors()
+
+
+# The trainable part of each kind a job may train (the two prefix kinds, LoRA, a bottleneck adapter, or
+# AdaMix, stored as an adapter), built from the config and the model's (n_layer, n_head, n_embd): every one
+# computes a batch's loss with itself attached to the frozen model (`loss`) and gives the store its file's
+# tensors (`tensors`), so the trainer does not branch on the kind.
+ENCODERS: dict[str, Callable[[TrainConfig, int, int, int], nn.Module]] = {
+    KIND_PREFIX_KV: lambda cfg, n_layer, n_head, n_embd: PrefixEncoder(
+        cfg.prefix_len, n_embd, cfg.hidden, n_layer, n_head
+    ),
+    "ntk": lambda cfg, n_layer, n_head, n_embd: NtkEncoder(n_layer, n_head, n_embd // n_head, cfg.ntk_rank),
+    "lora": lambda cfg, n_layer, n_head, n_embd: LoraEncoder(
+        n_layer, n_embd, cfg.lora_rank, cfg.lora_alpha, list(cfg.lora_modules)
+    ),
+    "adapter": lambda cfg, n_layer, n_head, n_embd: BottleneckEncoder(
+        n_layer, n_embd, cfg.adapter_size, ADAPTER_SITE_SETS[cfg.adapter_sites]
+    ),
+    "adamix": lambda cfg, n_layer, n_head, n_embd: BottleneckEncoder(
+        n_layer,
+        n_embd,
+        cfg.adapter_size,
+        ADAPTER_SITE_SETS[cfg.adapter_sites],
+        cfg.adamix_experts,
+        cfg.seed,
+        cfg.adamix_consistency,
+    ),
+}
+TRAIN_KINDS = tuple(ENCODERS)
 
 
 def _encoder(cfg: TrainConfig, n_layer: int, n_head: int, n_embd: int) -> nn.Module:
     """The trainable part for the config's kind (everything else is the frozen model)."""
-    if cfg.kind == "ntk":
-        return NtkEncoder(n_layer, n_head, n_embd // n_head, cfg.ntk_rank)
-    if cfg.kind == "lora":
-        return LoraEncoder(n_layer, n_embd, cfg.lora_rank, cfg.lora_alpha, list(cfg.lora_modules))
-    if cfg.kind in ("adapter", "adamix"):
-        experts = cfg.adamix_experts if cfg.kind == "adamix" else 1
-        return BottleneckEncoder(
-            n_layer, n_embd, cfg.adapter_size, ADAPTER_SITE_SETS[cfg.adapter_sites], experts
-        )
-    return PrefixEncoder(cfg.prefix_len, n_embd, cfg.hidden, n_layer)
+    return ENCODERS[cfg.kind](cfg, n_layer, n_head, n_embd)
