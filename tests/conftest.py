@@ -16,8 +16,12 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
+from prefix_store.service import PrefixService, StoreConfig
+from prefixserve.compile import bind_model
 from prefixserve.model import LoadedModel, load_model
 from prefixserve.tiny import write_tiny_model
+
+from .live import LiveServer, LiveServers
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +64,45 @@ def own_redis():
     server = RedisServer().start()
     yield server
     server.kill()
+
+
+# ---- live servers: the real app on uvicorn ----------------------------------------------------------
+@pytest.fixture
+def live_server(tiny_model, tmp_path_factory):
+    """A factory: `live_server(**overrides)` starts a live server (the tiny model, the tests' settings
+    with `overrides`, a fresh data directory; or `model=`, `settings=`, `data_dir=`), stopped at the
+    test's end."""
+    servers = LiveServers(lambda: tmp_path_factory.mktemp("live"), tiny_model)
+    yield servers
+    servers.stop()
+
+
+@pytest.fixture(scope="module")
+def module_live_server(tiny_model, tmp_path_factory):
+    """The same factory for a module's shared servers, stopped after the module's last test."""
+    servers = LiveServers(lambda: tmp_path_factory.mktemp("live"), tiny_model)
+    yield servers
+    servers.stop()
+
+
+@pytest.fixture(scope="module")
+def api(module_live_server) -> LiveServer:
+    """A module's live server with the tests' usual settings (tenants alice and bob)."""
+    return module_live_server()
+
+
+# ---- the prefix store ---------------------------------------------------------------------------
+@pytest.fixture
+def service_factory(tmp_path, tiny_model):
+    """A factory of prefix services over one store directory (closed at the test's end)."""
+    made: list[PrefixService] = []
+
+    def make(redis_url: str | None = None, **over) -> PrefixService:
+        cfg = StoreConfig(url=str(tmp_path / "store"), redis_url=redis_url, max_prefix_len=64, **over)
+        svc = PrefixService(bind_model(tiny_model), cfg)
+        made.append(svc)
+        return svc
+
+    yield make
+    for svc in made:
+        svc.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 
@@ -13,6 +15,8 @@ from prefixserve.app import create_app
 from prefixserve.model import LoadedModel
 from prefixserve.serve import DrainingServer, uvicorn_config
 from prefixserve.settings import ServerSettings
+
+from .helpers import settings_for
 
 
 class LiveServer:
@@ -49,3 +53,30 @@ class LiveServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+class LiveServers:
+    """Starts live servers for a fixture (`live_server`, `module_live_server` in conftest) and stops them
+    all when the fixture's scope ends."""
+
+    def __init__(self, new_dir: Callable[[], Path], model: LoadedModel) -> None:
+        self.new_dir, self.model = new_dir, model
+        self.started: list[LiveServer] = []
+
+    def __call__(
+        self,
+        model: LoadedModel | None = None,
+        settings: ServerSettings | None = None,
+        data_dir: Path | None = None,
+        **overrides,
+    ) -> LiveServer:
+        """A started server on `model` (default: the tiny model) with `settings`, or the tests' usual
+        settings (helpers.settings_for) in `data_dir` (default: a fresh directory) with `overrides`."""
+        settings = settings or settings_for(data_dir or self.new_dir(), **overrides)
+        server = LiveServer(settings, model or self.model).start()
+        self.started.append(server)
+        return server
+
+    def stop(self) -> None:
+        for server in reversed(self.started):
+            server.stop()

@@ -19,7 +19,8 @@ from prefixserve.training.synthetic import table_to_text
 from prefixserve.training.trainer import PrefixTrainer, TrainConfig, _batches, encode_example
 from prefixserve.training.worker import Worker, WorkerConfig
 
-from .test_training import submit, train_peft
+from .helpers import submit
+from .test_training import train_peft
 
 MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 

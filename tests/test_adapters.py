@@ -26,8 +26,8 @@ from prefix_store.state import BottleneckAdapter, LoraAdapter, NtkPrefix
 from prefixserve.compile import bind_model
 from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
 
+from .helpers import collect
 from .reference import prefix_cache
-from .test_engine_reference import collect
 
 LORA_SPECS = {  # name -> (r, lora_alpha, target modules)
     "l0": (4, 8, ["c_attn", "c_proj", "c_fc"]),
@@ -292,70 +292,66 @@ def test_adapters_are_stored_validated_and_loaded_like_prefixes(tiny_model, peft
         service.close()
 
 
-def test_adapters_over_http_alone_composed_and_refused(tiny_model, peft_model, tmp_path):
+def test_adapters_over_http_alone_composed_and_refused(live_server, peft_model):
     import httpx
 
-    from .live import LiveServer
-    from .test_api import A, B, settings_for, text_prefix
+    from .helpers import A, B, text_prefix
 
-    server = LiveServer(settings_for(tmp_path), tiny_model).start()
-    try:
-        config, weights = peft_files(peft_model, "l0")
-        files = {
-            "adapter_config": ("adapter_config.json", config),
-            "adapter_model": ("m.safetensors", weights),
-        }
-        up = httpx.post(server.url + "/prefixes", files=files, data={"name": "lora"}, headers=A)
-        assert up.status_code == 201, up.text
-        lora = up.json()
-        assert (lora["kind"], lora["prefix_len"], lora["source"]) == ("lora", 0, "peft")
-        kv = text_prefix(server, A)["id"]
+    server = live_server()
+    config, weights = peft_files(peft_model, "l0")
+    files = {
+        "adapter_config": ("adapter_config.json", config),
+        "adapter_model": ("m.safetensors", weights),
+    }
+    up = httpx.post(server.url + "/prefixes", files=files, data={"name": "lora"}, headers=A)
+    assert up.status_code == 201, up.text
+    lora = up.json()
+    assert (lora["kind"], lora["prefix_len"], lora["source"]) == ("lora", 0, "peft")
+    kv = text_prefix(server, A)["id"]
 
-        def generate(**body):
-            body = {"input": "name : Aromi", "max_new_tokens": 6, **body}
-            return httpx.post(server.url + "/generate", json=body, headers=A, timeout=60)
+    def generate(**body):
+        body = {"input": "name : Aromi", "max_new_tokens": 6, **body}
+        return httpx.post(server.url + "/generate", json=body, headers=A, timeout=60)
 
-        texts = {}
-        for label, body in {
-            "bare": {},
-            "lora": {"prefix_id": lora["id"]},
-            "kv": {"prefix_id": kv},
-            "kv+lora": {"prefix_id": kv, "adapter_id": lora["id"]},
-        }.items():
-            r = generate(**body)
-            assert r.status_code == 200, (label, r.text)
-            texts[label] = r.json()["text"]
-        assert texts["kv+lora"] not in (texts["kv"], texts["lora"])  # both steer the row
-        scores = [
-            httpx.post(
-                server.url + "/score",
-                json={"input": "name : Aromi", "continuation": " is a pub.", **steer},
-                headers=A,
-                timeout=60,
-            )
-            for steer in ({"prefix_id": kv}, {"prefix_id": kv, "adapter_id": lora["id"]})
-        ]
-        assert all(r.status_code == 200 for r in scores), [r.text for r in scores]
-        assert scores[0].json()["total_logprob"] != scores[1].json()["total_logprob"]  # the adapter counts
-        body = {"model": f"{kv}+{lora['id']}", "prompt": "name : Aromi", "max_tokens": 6, "temperature": 0}
-        r = httpx.post(server.url + "/v1/completions", json=body, headers=A, timeout=60)
-        assert r.status_code == 200 and r.json()["choices"][0]["text"] == texts["kv+lora"]
-        for body, status, expected in [
-            ({"adapter_id": kv}, 422, "adapter_id: pfx-"),  # a prefix is not an adapter
-            (
-                {"prefix_id": lora["id"], "adapter_id": lora["id"]},
-                422,
-                "beside adapter_id it must be a prefix",
-            ),
-        ]:
-            r = generate(**body)
-            assert r.status_code == status and expected in r.text, r.text
-        other = httpx.post(
-            server.url + "/generate", json={"input": "x", "adapter_id": lora["id"]}, headers=B, timeout=60
+    texts = {}
+    for label, body in {
+        "bare": {},
+        "lora": {"prefix_id": lora["id"]},
+        "kv": {"prefix_id": kv},
+        "kv+lora": {"prefix_id": kv, "adapter_id": lora["id"]},
+    }.items():
+        r = generate(**body)
+        assert r.status_code == 200, (label, r.text)
+        texts[label] = r.json()["text"]
+    assert texts["kv+lora"] not in (texts["kv"], texts["lora"])  # both steer the row
+    scores = [
+        httpx.post(
+            server.url + "/score",
+            json={"input": "name : Aromi", "continuation": " is a pub.", **steer},
+            headers=A,
+            timeout=60,
         )
-        assert other.status_code == 404  # another tenant's private adapter is not found
-    finally:
-        server.stop()
+        for steer in ({"prefix_id": kv}, {"prefix_id": kv, "adapter_id": lora["id"]})
+    ]
+    assert all(r.status_code == 200 for r in scores), [r.text for r in scores]
+    assert scores[0].json()["total_logprob"] != scores[1].json()["total_logprob"]  # the adapter counts
+    body = {"model": f"{kv}+{lora['id']}", "prompt": "name : Aromi", "max_tokens": 6, "temperature": 0}
+    r = httpx.post(server.url + "/v1/completions", json=body, headers=A, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == texts["kv+lora"]
+    for body, status, expected in [
+        ({"adapter_id": kv}, 422, "adapter_id: pfx-"),  # a prefix is not an adapter
+        (
+            {"prefix_id": lora["id"], "adapter_id": lora["id"]},
+            422,
+            "beside adapter_id it must be a prefix",
+        ),
+    ]:
+        r = generate(**body)
+        assert r.status_code == status and expected in r.text, r.text
+    other = httpx.post(
+        server.url + "/generate", json={"input": "x", "adapter_id": lora["id"]}, headers=B, timeout=60
+    )
+    assert other.status_code == 404  # another tenant's private adapter is not found
 
 
 def test_a_span_is_found_only_for_consecutive_tokens():

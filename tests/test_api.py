@@ -13,61 +13,13 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from prefix_store.format import PrefixMeta, encode_prefix
 from prefixserve.api.errors import ClientGone, DeadlineExceeded
 from prefixserve.metrics import tenant_label
 from prefixserve.settings import ServerSettings
 
+from .helpers import ALICE, BOB, A, B, native_file, settings_for, text_prefix, wait_until
 from .live import LiveServer
 from .reference import hf_greedy
-
-ALICE, BOB = "alice-key-0123456789", "bob-key-0123456789ab"
-A = {"Authorization": f"Bearer {ALICE}"}
-B = {"Authorization": f"Bearer {BOB}"}
-
-
-def settings_for(tmp_path, **over) -> ServerSettings:
-    base = dict(
-        data_dir=str(tmp_path),
-        api_keys=f"alice:{ALICE},bob:{BOB}",
-        max_running=4,
-        max_waiting=4,
-        max_upload_bytes=256 * 1024,
-        max_prefix_len=64,
-    )
-    return ServerSettings(**{**base, **over})
-
-
-@pytest.fixture(scope="module")
-def api(tiny_model, tmp_path_factory):
-    server = LiveServer(settings_for(tmp_path_factory.mktemp("api")), tiny_model).start()
-    yield server
-    server.stop()
-
-
-def wait_until(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
-
-
-def wait_job(api, job_id: str, headers=A, timeout: float = 120) -> dict:
-    """Poll a job until it leaves queued/running; -> its last state."""
-    deadline = time.monotonic() + timeout
-    while (job := httpx.get(api.url + f"/jobs/{job_id}", headers=headers).json())["status"] in (
-        "queued",
-        "running",
-    ):
-        assert time.monotonic() < deadline, job
-        time.sleep(0.05)
-    return job
-
-
-def text_prefix(api, headers, text="Answer briefly.\n", visibility="private") -> dict:
-    r = httpx.post(api.url + "/prefixes", json={"text": text, "visibility": visibility}, headers=headers)
-    assert r.status_code == 201, r.text
-    return r.json()
 
 
 # ---- ops and auth ----------------------------------------------------------------------------
@@ -180,14 +132,6 @@ def test_not_json_and_wrong_types_are_422(api):
     assert r.status_code == 422
     r = httpx.post(api.url + "/generate", json={"input": "x", "max_new_tokens": "many"}, headers=A)
     assert r.status_code == 422 and "max_new_tokens" in r.json()["error"]["message"]
-
-
-# ---- prefixes ------------------------------------------------------------------------------------
-def native_file(model, p=4) -> bytes:
-    meta = PrefixMeta(
-        id="pfx-upload", model_fingerprint=model.fingerprint, prefix_len=p, dtype="float32", owner="z"
-    )
-    return encode_prefix(torch.randn(model.spec.prefix_shape(p)), meta)
 
 
 def test_upload_native_and_peft_and_errors(api, tiny_model):
@@ -380,41 +324,35 @@ def test_overload_answers_429_with_retry_after_never_5xx(api):
     assert int(limited.headers["retry-after"]) >= 1 and limited.json()["error"]["type"] == "overloaded"
 
 
-def test_per_tenant_rate_limit(tiny_model, tmp_path):
-    server = LiveServer(settings_for(tmp_path, requests_per_minute=2), tiny_model).start()
-    try:
-        if time.time() % 60 > 50:  # the limiter's windows are whole minutes: not across a boundary
-            time.sleep(60.5 - time.time() % 60)
-        ok = [
-            httpx.post(server.url + "/generate", json={"input": "x", "max_new_tokens": 1}, headers=A)
-            for _ in range(2)
-        ]
-        assert [r.status_code for r in ok] == [200, 200]
-        r = httpx.post(server.url + "/generate", json={"input": "x", "max_new_tokens": 1}, headers=A)
-        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limited"
-        assert 1 <= int(r.headers["retry-after"]) <= 60
-        other = httpx.post(server.url + "/generate", json={"input": "x", "max_new_tokens": 1}, headers=B)
-        assert other.status_code == 200  # limits are per tenant
-    finally:
-        server.stop()
+def test_per_tenant_rate_limit(live_server):
+    server = live_server(requests_per_minute=2)
+    if time.time() % 60 > 50:  # the limiter's windows are whole minutes: not across a boundary
+        time.sleep(60.5 - time.time() % 60)
+    ok = [
+        httpx.post(server.url + "/generate", json={"input": "x", "max_new_tokens": 1}, headers=A)
+        for _ in range(2)
+    ]
+    assert [r.status_code for r in ok] == [200, 200]
+    r = httpx.post(server.url + "/generate", json={"input": "x", "max_new_tokens": 1}, headers=A)
+    assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limited"
+    assert 1 <= int(r.headers["retry-after"]) <= 60
+    other = httpx.post(server.url + "/generate", json={"input": "x", "max_new_tokens": 1}, headers=B)
+    assert other.status_code == 200  # limits are per tenant
 
 
-def test_redis_killed_during_a_load_still_serves(tiny_model, tmp_path, own_redis):
-    server = LiveServer(settings_for(tmp_path, redis_url=own_redis.url), tiny_model).start()
-    try:
-        p = text_prefix(server, A, "name : Zizzi\n")
-        server.state.service.pool.evict(p["id"])  # cold: the next request loads it through the tiers
-        own_redis.kill()
-        r = httpx.post(
-            server.url + "/generate",
-            json={"prefix_id": p["id"], "input": "x", "max_new_tokens": 3},
-            headers=A,
-        )
-        assert r.status_code == 200, r.text
-        assert httpx.get(server.url + "/ready").status_code == 200
-        assert httpx.get(server.url + "/prefixes", headers=A).status_code == 200
-    finally:
-        server.stop()
+def test_redis_killed_during_a_load_still_serves(live_server, own_redis):
+    server = live_server(redis_url=own_redis.url)
+    p = text_prefix(server, A, "name : Zizzi\n")
+    server.state.service.pool.evict(p["id"])  # cold: the next request loads it through the tiers
+    own_redis.kill()
+    r = httpx.post(
+        server.url + "/generate",
+        json={"prefix_id": p["id"], "input": "x", "max_new_tokens": 3},
+        headers=A,
+    )
+    assert r.status_code == 200, r.text
+    assert httpx.get(server.url + "/ready").status_code == 200
+    assert httpx.get(server.url + "/prefixes", headers=A).status_code == 200
 
 
 def test_openapi_documents_every_endpoint(api):
@@ -477,27 +415,19 @@ def test_openai_endpoint_keeps_tenants_apart(api):
         bob.completions.create(model=private["id"], prompt="x", max_tokens=2)
 
 
-def test_deadline_and_auth_off_and_keys_file(tiny_model, tmp_path):
+def test_deadline_and_auth_off_and_keys_file(live_server, tmp_path):
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps({"carol": ["carol-key-0123456789"]}))
-    server = LiveServer(
-        settings_for(tmp_path, api_keys="", api_keys_file=str(keys), request_timeout_s=0.02), tiny_model
-    ).start()
-    try:
-        carol = {"Authorization": "Bearer carol-key-0123456789"}
-        assert httpx.get(server.url + "/prefixes", headers=carol).status_code == 200
-        assert httpx.get(server.url + "/prefixes", headers=A).status_code == 401  # not in the file
-        r = httpx.post(server.url + "/generate", json={"input": "x", "max_new_tokens": 240}, headers=carol)
-        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
-        wait_until(lambda: server.state.engine.core.num_live == 0)  # the sequence was aborted
-    finally:
-        server.stop()
-    open_server = LiveServer(settings_for(tmp_path / "open", auth=False), tiny_model).start()
-    try:
-        r = httpx.post(open_server.url + "/prefixes", json={"text": "no keys here\n"})
-        assert r.status_code == 201 and r.json()["owner"] == "default"
-    finally:
-        open_server.stop()
+    server = live_server(api_keys="", api_keys_file=str(keys), request_timeout_s=0.02)
+    carol = {"Authorization": "Bearer carol-key-0123456789"}
+    assert httpx.get(server.url + "/prefixes", headers=carol).status_code == 200
+    assert httpx.get(server.url + "/prefixes", headers=A).status_code == 401  # not in the file
+    r = httpx.post(server.url + "/generate", json={"input": "x", "max_new_tokens": 240}, headers=carol)
+    assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
+    wait_until(lambda: server.state.engine.core.num_live == 0)  # the sequence was aborted
+    open_server = live_server(settings=settings_for(tmp_path / "open", auth=False))
+    r = httpx.post(open_server.url + "/prefixes", json={"text": "no keys here\n"})
+    assert r.status_code == 201 and r.json()["owner"] == "default"
 
 
 def test_rate_limits_are_shared_across_replicas_through_redis(tiny_model, tmp_path, redis_url):
@@ -524,21 +454,18 @@ def test_rate_limits_are_shared_across_replicas_through_redis(tiny_model, tmp_pa
             r.stop()
 
 
-def test_error_after_streaming_began_is_an_error_event(tiny_model, tmp_path):
-    server = LiveServer(settings_for(tmp_path), tiny_model).start()
-    try:
-        req = {"input": "The Mill", "max_new_tokens": 240, "stream": True}
-        with httpx.stream("POST", server.url + "/generate", json=req, headers=A) as r:
-            lines = r.iter_lines()
-            assert next(lines).startswith("event: token")
-            server.state.engine.stop()  # the engine goes away mid-stream
-            rest = list(lines)
-        kinds = [line[7:] for line in rest if line.startswith("event: ")]
-        assert kinds[-1] == "error" and "done" not in kinds
-        error = json.loads([line for line in rest if line.startswith("data: ")][-1][6:])
-        assert error["error"]["type"] == "unavailable" and "engine stopped" in error["error"]["message"]
-    finally:
-        server.stop()
+def test_error_after_streaming_began_is_an_error_event(live_server):
+    server = live_server()
+    req = {"input": "The Mill", "max_new_tokens": 240, "stream": True}
+    with httpx.stream("POST", server.url + "/generate", json=req, headers=A) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("event: token")
+        server.state.engine.stop()  # the engine goes away mid-stream
+        rest = list(lines)
+    kinds = [line[7:] for line in rest if line.startswith("event: ")]
+    assert kinds[-1] == "error" and "done" not in kinds
+    error = json.loads([line for line in rest if line.startswith("data: ")][-1][6:])
+    assert error["error"]["type"] == "unavailable" and "engine stopped" in error["error"]["message"]
 
 
 def test_auto_model_falls_back_to_the_offline_tiny_model(tmp_path, caplog):
@@ -551,18 +478,15 @@ def test_auto_model_falls_back_to_the_offline_tiny_model(tmp_path, caplog):
     assert "OFFLINE TINY MODEL" in caplog.text
 
 
-def test_ignore_eos_generates_past_the_end_of_text_token(tiny_model, hf_model, tmp_path):
+def test_ignore_eos_generates_past_the_end_of_text_token(live_server, tiny_model, hf_model):
     import dataclasses
 
     ids = tiny_model.tokenizer.encode("The Mill")
     first, _ = hf_greedy(hf_model, ids, None, 1)
     eos_model = dataclasses.replace(tiny_model, eos_token_id=first[0])  # greedy's first token ends it
-    server = LiveServer(settings_for(tmp_path), eos_model).start()
-    try:
-        req = {"input": "The Mill", "max_new_tokens": 6}
-        stopped = httpx.post(server.url + "/generate", json=req, headers=A).json()
-        assert stopped["finish_reason"] == "eos" and stopped["usage"]["completion_tokens"] == 1
-        full = httpx.post(server.url + "/generate", json={**req, "ignore_eos": True}, headers=A).json()
-        assert full["finish_reason"] == "length" and full["usage"]["completion_tokens"] == 6
-    finally:
-        server.stop()
+    server = live_server(eos_model)
+    req = {"input": "The Mill", "max_new_tokens": 6}
+    stopped = httpx.post(server.url + "/generate", json=req, headers=A).json()
+    assert stopped["finish_reason"] == "eos" and stopped["usage"]["completion_tokens"] == 1
+    full = httpx.post(server.url + "/generate", json={**req, "ignore_eos": True}, headers=A).json()
+    assert full["finish_reason"] == "length" and full["usage"]["completion_tokens"] == 6

@@ -17,7 +17,7 @@ from prefixserve.engine import (
 )
 from prefixserve.errors import EngineOverloaded, InvalidRequest
 
-from .test_engine_reference import PROMPTS, collect, make_prefixes
+from .helpers import PROMPTS, collect, make_prefixes
 
 
 @pytest.fixture

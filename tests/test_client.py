@@ -31,18 +31,15 @@ from safetensors.torch import save as st_save
 from prefix_store.format import PrefixMeta, encode_prefix
 from prefixserve.training.synthetic import table_to_text
 
-from .live import LiveServer
-from .test_api import ALICE, BOB, settings_for, wait_until
+from .helpers import ALICE, BOB, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_TRAIN = {"epochs": 2, "prefix_len": 4, "hidden": 16, "batch_size": 8, "learning_rate": 5e-3}
 
 
 @pytest.fixture(scope="module")
-def live(tiny_model, tmp_path_factory):
-    server = LiveServer(settings_for(tmp_path_factory.mktemp("sdk")), tiny_model).start()
-    yield server
-    server.stop()
+def live(module_live_server):
+    return module_live_server()
 
 
 @pytest.fixture
@@ -144,7 +141,7 @@ def test_each_error_type(live, client):
         live.state.draining = False
 
 
-def test_retries_on_429_honouring_retry_after(tmp_path):
+def test_retries_on_429_honouring_retry_after(live_server, tmp_path):
     from prefixserve.model import load_model
     from prefixserve.tiny import TinyModelConfig, write_tiny_model
 
@@ -153,36 +150,32 @@ def test_retries_on_429_honouring_retry_after(tmp_path):
             tmp_path / "slow", TinyModelConfig(n_layer=8, n_head=8, n_embd=384, n_positions=1024)
         )
     )
-    server = LiveServer(settings_for(tmp_path, max_running=1, max_waiting=1), slow).start()
-    try:
-        # fill the one slot and the one queue place (each for about a second), then ask again
-        long = {"input": "x", "max_new_tokens": 400}
-        blockers = [
-            threading.Thread(
-                target=httpx.post,
-                args=(server.url + "/generate",),
-                kwargs={"json": long, "headers": {"Authorization": f"Bearer {ALICE}"}, "timeout": 60},
-            )
-            for _ in range(2)
-        ]
-        sched = server.state.engine.core.scheduler
-        deadline = time.monotonic() + 10
-        for t, (running, waiting) in zip(blockers, [(1, 0), (1, 1)], strict=True):
-            t.start()  # one at a time: a second one still pending would itself be refused
-            while not (sched.num_running == running and sched.num_waiting == waiting):
-                assert time.monotonic() < deadline
-                time.sleep(0.002)
-        with Client(server.url, api_key=ALICE, max_retries=0) as impatient, pytest.raises(Overloaded) as ov:
-            impatient.generate(None, "x", max_new_tokens=1)
-        assert ov.value.retry_after >= 1
-        with Client(server.url, api_key=ALICE, max_retries=20) as patient:
-            assert patient.generate(None, "x", max_new_tokens=1).usage.completion_tokens == 1
-        for t in blockers:
-            t.join()
-        metrics = httpx.get(server.url + "/metrics").text
-        assert 'endpoint="/generate",status="429"' in metrics
-    finally:
-        server.stop()
+    server = live_server(slow, max_running=1, max_waiting=1)
+    long = {"input": "x", "max_new_tokens": 400}
+    blockers = [
+        threading.Thread(
+            target=httpx.post,
+            args=(server.url + "/generate",),
+            kwargs={"json": long, "headers": {"Authorization": f"Bearer {ALICE}"}, "timeout": 60},
+        )
+        for _ in range(2)
+    ]
+    sched = server.state.engine.core.scheduler
+    deadline = time.monotonic() + 10
+    for t, (running, waiting) in zip(blockers, [(1, 0), (1, 1)], strict=True):
+        t.start()  # one at a time: a second one still pending would itself be refused
+        while not (sched.num_running == running and sched.num_waiting == waiting):
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+    with Client(server.url, api_key=ALICE, max_retries=0) as impatient, pytest.raises(Overloaded) as ov:
+        impatient.generate(None, "x", max_new_tokens=1)
+    assert ov.value.retry_after >= 1
+    with Client(server.url, api_key=ALICE, max_retries=20) as patient:
+        assert patient.generate(None, "x", max_new_tokens=1).usage.completion_tokens == 1
+    for t in blockers:
+        t.join()
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'endpoint="/generate",status="429"' in metrics
 
 
 def recording_keys(client: Client | AsyncClient, on_request=None) -> list[str | None]:

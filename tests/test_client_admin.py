@@ -29,18 +29,15 @@ from prefixserve_client.cli import main
 
 from prefixserve.training.synthetic import table_to_text
 
-from .live import LiveServer
-from .test_api import wait_until
+from .helpers import wait_until
 from .test_tenants import ADMIN, CONFIGURED, settings_for
 
 INPUT = "name : Aromi"
 
 
 @pytest.fixture(scope="module")
-def live(tiny_model, tmp_path_factory):
-    server = LiveServer(settings_for(tmp_path_factory.mktemp("sdk-admin")), tiny_model).start()
-    yield server
-    server.stop()
+def live(module_live_server, tmp_path_factory):
+    return module_live_server(settings=settings_for(tmp_path_factory.mktemp("sdk-admin")))
 
 
 @pytest.fixture

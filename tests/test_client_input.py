@@ -15,8 +15,7 @@ from safetensors.torch import save as st_save
 
 from prefixserve.inputs import MAX_JSON_DEPTH, JsonTooDeep, parse_json
 
-from .live import LiveServer
-from .test_api import A, native_file, settings_for
+from .helpers import A, native_file
 
 DEEP = "[" * 100_000 + "]" * 100_000  # past the parser's recursion limit
 JUST_TOO_DEEP = "[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1)  # parses, then fails the depth check
@@ -25,12 +24,9 @@ JSONL_LINE = b'{"input": "name : Aromi", "output": "Aromi."}\n'
 
 
 @pytest.fixture(scope="module")
-def live(tiny_model, tmp_path_factory):
+def live(module_live_server):
     """max_prefix_len above what the tiny model's 256 positions can serve, room for long uploads."""
-    settings = settings_for(tmp_path_factory.mktemp("input"), max_prefix_len=512, max_upload_bytes=1 << 20)
-    server = LiveServer(settings, tiny_model).start()
-    yield server
-    server.stop()
+    return module_live_server(max_prefix_len=512, max_upload_bytes=1 << 20)
 
 
 def post_json(live, path: str, raw: str | bytes) -> httpx.Response:

@@ -21,8 +21,8 @@ from prefixserve.idempotency import RECORD_KIND, IdempotencyRecords, Reservation
 from prefixserve.metrics import tenant_label
 from prefixserve.training.synthetic import table_to_text
 
+from .helpers import ALICE, A, B, settings_for, wait_until
 from .live import LiveServer
-from .test_api import ALICE, A, B, settings_for, wait_until
 
 QUICK_TRAIN = {"epochs": 1, "prefix_len": 2, "hidden": 8, "batch_size": 4}
 
@@ -43,13 +43,8 @@ def read_until_closed(sock: socket.socket) -> tuple[bytes, float]:
 
 # ---- slow clients ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def guarded(tiny_model, tmp_path_factory):
-    settings = settings_for(
-        tmp_path_factory.mktemp("guarded"), client_header_timeout_s=1.0, client_body_timeout_s=1.0
-    )
-    server = LiveServer(settings, tiny_model).start()
-    yield server
-    server.stop()
+def guarded(module_live_server):
+    return module_live_server(client_header_timeout_s=1.0, client_body_timeout_s=1.0)
 
 
 def test_slowloris_headers_are_cut_off_while_others_are_served(guarded):
@@ -129,29 +124,23 @@ def test_metrics_are_loopback_only_with_auth_on_and_show_no_tenant_names(guarded
         assert error["type"] == "forbidden" and "203.0.113.7" in error["message"]
 
 
-def test_metrics_key_and_tenant_names_when_configured(tiny_model, tmp_path):
+def test_metrics_key_and_tenant_names_when_configured(live_server, tmp_path):
     key = "metrics-key-0123456789"
     settings = settings_for(tmp_path, metrics_key=key, metrics_tenant_labels=True)
-    server = LiveServer(settings, tiny_model).start()
-    try:
-        httpx.post(server.url + "/prefixes", json={"text": "count me\n"}, headers=B)
-        for headers in ({}, A, {"Authorization": "Bearer wrong-metrics-key-000"}):
-            refused = httpx.get(server.url + "/metrics", headers=headers)  # loopback is not enough
-            assert refused.status_code == 401 and refused.json()["error"]["type"] == "unauthorized"
-        remote = {"Authorization": f"Bearer {key}", "X-Forwarded-For": "203.0.113.7"}
-        allowed = httpx.get(server.url + "/metrics", headers=remote)
-        assert allowed.status_code == 200 and 'tenant="bob"' in allowed.text
-    finally:
-        server.stop()
+    server = live_server(settings=settings)
+    httpx.post(server.url + "/prefixes", json={"text": "count me\n"}, headers=B)
+    for headers in ({}, A, {"Authorization": "Bearer wrong-metrics-key-000"}):
+        refused = httpx.get(server.url + "/metrics", headers=headers)  # loopback is not enough
+        assert refused.status_code == 401 and refused.json()["error"]["type"] == "unauthorized"
+    remote = {"Authorization": f"Bearer {key}", "X-Forwarded-For": "203.0.113.7"}
+    allowed = httpx.get(server.url + "/metrics", headers=remote)
+    assert allowed.status_code == 200 and 'tenant="bob"' in allowed.text
 
 
-def test_metrics_stay_open_with_auth_off(tiny_model, tmp_path):
-    server = LiveServer(settings_for(tmp_path, api_keys="", auth=False), tiny_model).start()
-    try:
-        headers = {"X-Forwarded-For": "203.0.113.7"}
-        assert httpx.get(server.url + "/metrics", headers=headers).status_code == 200
-    finally:
-        server.stop()
+def test_metrics_stay_open_with_auth_off(live_server):
+    server = live_server(api_keys="", auth=False)
+    headers = {"X-Forwarded-For": "203.0.113.7"}
+    assert httpx.get(server.url + "/metrics", headers=headers).status_code == 200
 
 
 # ---- Idempotency-Key -----------------------------------------------------------------------------------
@@ -201,10 +190,8 @@ def idem_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def idem(tiny_model, idem_dir):
-    server = LiveServer(settings_for(idem_dir), tiny_model).start()
-    yield server
-    server.stop()
+def idem(module_live_server, idem_dir):
+    return module_live_server(data_dir=idem_dir)
 
 
 def post(server: LiveServer, headers: dict, key: str | None, **kwargs) -> httpx.Response:
@@ -255,7 +242,9 @@ def test_a_failed_creation_can_be_retried_with_its_key(idem):
     assert fixed.status_code == 201 and "idempotent-replayed" not in fixed.headers
 
 
-def test_the_same_id_after_a_server_restart_even_when_the_reply_was_lost(tiny_model, idem_dir, idem):
+def test_the_same_id_after_a_server_restart_even_when_the_reply_was_lost(
+    live_server, tiny_model, idem_dir, idem
+):
     forms = creation_forms(tiny_model)
     first = {f: post(idem, A, f"restart-{f}", **forms[f]) for f in ("text", "native", "train_json")}
     records = IdempotencyRecords(idem.state.service.store, ttl_s=3600)
@@ -264,19 +253,16 @@ def test_the_same_id_after_a_server_restart_even_when_the_reply_was_lost(tiny_mo
     # a crash after reserving but before publishing: a reservation whose planned id does not exist
     planned = Reservation("alice", fingerprint_of_text("reserved only\n"), "pfx-planned00000001", time.time())
     records.reserve(record_name("alice", "restart-reserved"), planned)
-    second = LiveServer(settings_for(idem_dir), tiny_model).start()  # the same store, a new process state
-    try:
-        for form, response in first.items():
-            again = post(second, A, f"restart-{form}", **forms[form])
-            assert (again.status_code, again.json()["id"]) == (response.status_code, response.json()["id"])
-            assert again.headers["idempotent-replayed"] == "true"
-        resumed = post(second, A, "restart-reserved", json={"text": "reserved only\n"})
-        assert resumed.status_code == 201 and resumed.json()["id"] == "pfx-planned00000001"
-        assert post(second, A, "restart-reserved", json={"text": "reserved only\n"}).json()["id"] == (
-            "pfx-planned00000001"
-        )
-    finally:
-        second.stop()
+    second = live_server(settings=settings_for(idem_dir))
+    for form, response in first.items():
+        again = post(second, A, f"restart-{form}", **forms[form])
+        assert (again.status_code, again.json()["id"]) == (response.status_code, response.json()["id"])
+        assert again.headers["idempotent-replayed"] == "true"
+    resumed = post(second, A, "restart-reserved", json={"text": "reserved only\n"})
+    assert resumed.status_code == 201 and resumed.json()["id"] == "pfx-planned00000001"
+    assert post(second, A, "restart-reserved", json={"text": "reserved only\n"}).json()["id"] == (
+        "pfx-planned00000001"
+    )
 
 
 def fingerprint_of_text(text: str) -> str:

@@ -26,8 +26,8 @@ from prefixserve.training.jobs import RedisJobQueue
 from prefixserve.training.synthetic import table_to_text
 from prefixserve.training.worker import Worker, WorkerConfig
 
+from .helpers import ALICE, settings_for
 from .live import LiveServer
-from .test_api import ALICE, settings_for
 
 pytestmark = pytest.mark.slow
 
@@ -71,13 +71,13 @@ def browser_context_args():
 
 
 @pytest.fixture(scope="module")
-def live(tiny_model, tmp_path_factory):
+def live(module_live_server, tiny_model, tmp_path_factory):
     """A live server on a real Redis (queue, cache, limits) with one training worker beside it."""
     if shutil.which("redis-server") is None:
         pytest.fail("the console tests need a redis-server (scripts/setup.sh --test installs it)")
     redis = RedisServer().start()
     settings = settings_for(tmp_path_factory.mktemp("console"), redis_url=redis.url, max_running=8)
-    server = LiveServer(settings, tiny_model).start()
+    server = module_live_server(settings=settings)
     service = PrefixService(bind_model(tiny_model), StoreConfig(url=server.state.service.config.url))
     worker = Worker(RedisJobQueue(redis.url), service, WorkerConfig(poll_s=0.2, save_every_s=0.2))
     stop = threading.Event()
@@ -88,7 +88,6 @@ def live(tiny_model, tmp_path_factory):
     stop.set()
     thread.join(30)
     service.close()
-    server.stop()
     redis.kill()
 
 

@@ -32,11 +32,10 @@ TENANT_LINKS = ("prefixes", "jobs", "playground", "server")
 
 
 @pytest.fixture(scope="module")
-def live(tiny_model, tmp_path_factory):
-    server = LiveServer(settings_for(tmp_path_factory.mktemp("console-admin")), tiny_model).start()
+def live(module_live_server, tmp_path_factory):
+    server = module_live_server(settings=settings_for(tmp_path_factory.mktemp("console-admin")))
     SHOTS.mkdir(parents=True, exist_ok=True)
-    yield server
-    server.stop()
+    return server
 
 
 def log_in_as_admin(page, live: LiveServer) -> None:

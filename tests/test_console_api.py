@@ -10,8 +10,7 @@ import torch
 
 from prefixserve.training.jobs import BY_TENANT, MAX_LISTED, Job, LocalJobQueue, RedisJobQueue
 
-from .test_api import A, B, api, text_prefix, wait_job  # noqa: F401  (api: the module's live server)
-from .test_faults import train_body
+from .helpers import A, B, text_prefix, train_body, wait_job
 
 
 def check_listing(queue) -> None:
@@ -40,7 +39,7 @@ def test_redis_job_lists_are_per_tenant_and_newest_first_and_keep_the_newest(own
     assert [j.id for j in queue.list("busy", 5)] == ["job-new"]  # ids without records are skipped
 
 
-def test_get_jobs_over_http(api):  # noqa: F811
+def test_get_jobs_over_http(api):
     job_id = httpx.post(api.url + "/prefixes", json=train_body(), headers=A).json()["id"]
     wait_job(api, job_id)
     mine = httpx.get(api.url + "/jobs", headers=A).json()["jobs"]
@@ -52,7 +51,7 @@ def test_get_jobs_over_http(api):  # noqa: F811
         assert r.status_code == 422 and "limit" in r.text
 
 
-def test_server_stats_are_aggregates_for_any_tenant(api):  # noqa: F811
+def test_server_stats_are_aggregates_for_any_tenant(api):
     assert httpx.get(api.url + "/server/stats").status_code == 401
     before = httpx.get(api.url + "/server/stats", headers=B).json()
     prefix = text_prefix(api, A)
@@ -77,7 +76,7 @@ def test_server_stats_are_aggregates_for_any_tenant(api):  # noqa: F811
     assert "prefixserve_engine_cuda_graphs 0.0" in metrics
 
 
-def test_docs_and_console_come_from_this_server(api):  # noqa: F811
+def test_docs_and_console_come_from_this_server(api):
     for path in ("/docs", "/redoc"):
         page = httpx.get(api.url + path).text
         assets = re.findall(r'(?:src|href)="([^"]+)"', page)
@@ -90,7 +89,7 @@ def test_docs_and_console_come_from_this_server(api):  # noqa: F811
     assert httpx.get(api.url + "/ui/../app.py").status_code == 404  # no way out of the console's folder
 
 
-def test_prefixes_carry_their_stored_size(api):  # noqa: F811
+def test_prefixes_carry_their_stored_size(api):
     made = text_prefix(api, A)
     listed = {p["id"]: p for p in httpx.get(api.url + "/prefixes", headers=A).json()["prefixes"]}
     one = httpx.get(api.url + f"/prefixes/{made['id']}", headers=A).json()

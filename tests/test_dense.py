@@ -13,8 +13,8 @@ from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
 from prefixserve.errors import InvalidRequest
 from prefixserve.settings import ServerSettings
 
+from .helpers import PROMPTS, collect, make_prefixes
 from .test_adapters import LORA_SPECS, engine_for, lora_of, peft_model, random_bottleneck, random_ntk, run
-from .test_engine_reference import PROMPTS, collect, make_prefixes
 
 __all__ = ["peft_model"]  # the fixture, shared with test_adapters
 

@@ -11,8 +11,8 @@ from prefixserve.engine import EngineConfig, EngineCore, FinishReason, OfflineEn
 from prefixserve.engine.sampling import filter_logits
 from prefixserve.errors import ContextTooLong, EngineOverloaded, InvalidPrefix, InvalidRequest, PrefixNotFound
 
+from .helpers import PROMPTS, collect, make_prefixes
 from .reference import hf_greedy
-from .test_engine_reference import PROMPTS, collect, make_prefixes
 
 
 @pytest.fixture

@@ -13,9 +13,7 @@ import httpx
 
 from prefixserve.engine import EngineConfig, EngineCore, OfflineEngine, SamplingParams
 
-from .test_engine_reference import PROMPTS, collect
-from .test_poisoned import sse_events
-from .test_serve import start_server
+from .helpers import PROMPTS, collect, sse_events, start_server
 
 
 def children(pid: int) -> list[int]:

@@ -8,29 +8,9 @@ import pytest
 import torch
 
 from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
-from prefixserve.model import LoadedModel
 
+from .helpers import PROMPTS, collect, make_prefixes
 from .reference import hf_greedy
-
-PROMPTS = [
-    "name : Aromi | food : Italian | area : riverside",
-    "The Eagle",
-    "Blue Spice is a cheap restaurant in the north. It is",
-    "x",
-    "price : high | name : Zizzi",
-    "Cotto serves French food near the city centre and",
-]
-
-
-def make_prefixes(model: LoadedModel, lengths: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {f"p{n}": torch.randn(model.spec.prefix_shape(n), generator=g) for n in lengths}
-
-
-def collect(outputs) -> tuple[list[int], list[torch.Tensor], str]:
-    tokens = [t for o in outputs for t in o.token_ids]
-    logits = [lg for o in outputs for lg in o.logits]
-    return tokens, logits, "".join(o.text for o in outputs)
 
 
 # graphs: each layer's dense pieces on the bucketed static buffers (graphs.py; captured on CUDA)

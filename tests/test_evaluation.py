@@ -14,8 +14,7 @@ from prefixserve.training.evaluate import compute_metrics
 from prefixserve.training.synthetic import table_to_text
 from prefixserve.training.trainer import IGNORE, encode_example
 
-from .live import LiveServer
-from .test_api import ALICE, A, B, settings_for, text_prefix, wait_job
+from .helpers import ALICE, A, B, text_prefix, wait_job
 
 PREFIX_TEXT = "name : The Punter | food : English\nThe Punter is a pub.\n"
 EXAMPLES = [
@@ -23,13 +22,6 @@ EXAMPLES = [
     {"input": "name : Zizzi | food : French", "output": "Zizzi serves French food."},
     {"input": "name : Cotto | area : riverside", "output": "Cotto is by the river."},
 ]
-
-
-@pytest.fixture(scope="module")
-def api(tiny_model, tmp_path_factory):
-    server = LiveServer(settings_for(tmp_path_factory.mktemp("evaluate")), tiny_model).start()
-    yield server
-    server.stop()
 
 
 @torch.inference_mode()

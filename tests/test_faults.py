@@ -20,19 +20,12 @@ from prefix_store.redis_health import RedisConfig, RedisHealth, RedisUnavailable
 from prefix_store.service import PrefixService, StoreConfig
 from prefixserve.compile import bind_model
 from prefixserve.training.jobs import GROUP, STREAM, RedisJobQueue
-from prefixserve.training.synthetic import table_to_text
 from prefixserve.training.worker import Worker, WorkerConfig
 
+from .helpers import A, settings_for, text_prefix, train_body, wait_job, wait_until
 from .live import LiveServer
-from .test_api import A, settings_for, text_prefix, wait_job, wait_until
 
 HEALTH_LOG = "prefix_store.redis_health"
-TRAIN = {"epochs": 1, "prefix_len": 2, "hidden": 8, "batch_size": 4}
-
-
-def train_body(n: int = 8, **hyper) -> dict:
-    examples = [{"input": x, "output": y} for x, y in table_to_text(n)]
-    return {"train": {"examples": examples, **TRAIN, **hyper}}
 
 
 def outage_lines(caplog: pytest.LogCaptureFixture) -> tuple[list[str], list[str]]:
@@ -185,29 +178,26 @@ def test_redis_down_fails_open_once_logged_and_job_calls_answer_503(tiny_model, 
         server.stop()
 
 
-def test_server_starts_with_redis_down_and_reconnects_by_itself(tiny_model, tmp_path, own_redis):
+def test_server_starts_with_redis_down_and_reconnects_by_itself(live_server, tmp_path, own_redis):
     own_redis.kill()
     settings = settings_for(tmp_path, redis_url=own_redis.url, requests_per_minute=1000, redis_retry_s=0.5)
-    server = LiveServer(settings, tiny_model).start()
-    try:
-        assert redis_state(server) == "down"
-        prefix = text_prefix(server, A, "name : Zizzi\n")["id"]  # stored durably; the cache is skipped
-        server.state.service.pool.evict(prefix)  # cold: loads from the durable store
-        body = {"prefix_id": prefix, "input": "x", "max_new_tokens": 3}
-        assert httpx.post(server.url + "/generate", json=body, headers=A).status_code == 200
-        assert httpx.post(server.url + "/prefixes", json=train_body(), headers=A).status_code == 503
-        own_redis.start()
-        wait_until(lambda: redis_state(server) == "up", 10)
-        client = redis.Redis.from_url(own_redis.url)
-        r = httpx.post(server.url + "/prefixes", json=train_body(), headers=A)
-        assert r.status_code == 202, r.text
-        assert client.xlen(STREAM) == 1 and client.xinfo_groups(STREAM)[0]["name"] == GROUP.encode()
-        server.state.service.pool.evict(prefix)
-        assert httpx.post(server.url + "/generate", json=body, headers=A).status_code == 200
-        assert client.keys("prefixserve:rl:*")  # rate limits use Redis again
-        assert client.exists(f"prefixserve:prefix:{prefix}")  # and the cache
-    finally:
-        server.stop()
+    server = live_server(settings=settings)
+    assert redis_state(server) == "down"
+    prefix = text_prefix(server, A, "name : Zizzi\n")["id"]  # stored durably; the cache is skipped
+    server.state.service.pool.evict(prefix)  # cold: loads from the durable store
+    body = {"prefix_id": prefix, "input": "x", "max_new_tokens": 3}
+    assert httpx.post(server.url + "/generate", json=body, headers=A).status_code == 200
+    assert httpx.post(server.url + "/prefixes", json=train_body(), headers=A).status_code == 503
+    own_redis.start()
+    wait_until(lambda: redis_state(server) == "up", 10)
+    client = redis.Redis.from_url(own_redis.url)
+    r = httpx.post(server.url + "/prefixes", json=train_body(), headers=A)
+    assert r.status_code == 202, r.text
+    assert client.xlen(STREAM) == 1 and client.xinfo_groups(STREAM)[0]["name"] == GROUP.encode()
+    server.state.service.pool.evict(prefix)
+    assert httpx.post(server.url + "/generate", json=body, headers=A).status_code == 200
+    assert client.keys("prefixserve:rl:*")  # rate limits use Redis again
+    assert client.exists(f"prefixserve:prefix:{prefix}")  # and the cache
 
 
 def test_job_queue_works_again_after_flushall_without_restarts(tiny_model, tmp_path, own_redis):
@@ -278,58 +268,52 @@ def temp_files(store: Path) -> list[str]:
     return [name for name in os.listdir(store) if name.startswith(".tmp-")]
 
 
-def test_full_disk_answers_507_and_publishes_nothing(tiny_model, tmp_path, small_disk):
+def test_full_disk_answers_507_and_publishes_nothing(live_server, small_disk):
     store = small_disk / "prefixes"
-    server = LiveServer(settings_for(tmp_path, store_url=str(store)), tiny_model).start()
-    try:
-        kept = text_prefix(server, A, "name : Aromi\n")
-        native = (store / f"{kept['id']}.safetensors").read_bytes()
-        filler = fill(small_disk)
-        attempts = [
-            httpx.post(server.url + "/prefixes", json={"text": "name : Cotto\n"}, headers=A),
-            httpx.post(server.url + "/prefixes", files={"file": ("p.safetensors", native)}, headers=A),
-            httpx.post(server.url + "/prefixes", json=train_body(), headers=A),
-        ]
-        for r in attempts:
-            assert r.status_code == 507, r.text
-            error = r.json()["error"]
-            assert error["type"] == "insufficient_storage" and "ENOSPC" in error["message"], error
-            assert "nothing was published" in error["message"]
-        listed = httpx.get(server.url + "/prefixes", headers=A).json()["prefixes"]
-        assert [p["id"] for p in listed] == [kept["id"]]
-        assert temp_files(store) == [] and os.listdir(store / "training") == []
-        body = {"prefix_id": kept["id"], "input": "x", "max_new_tokens": 2}
-        assert httpx.post(server.url + "/generate", json=body, headers=A).status_code == 200  # reads work
-        filler.unlink()  # space again: the same request succeeds
-        r = httpx.post(server.url + "/prefixes", json={"text": "name : Cotto\n"}, headers=A)
-        assert r.status_code == 201, r.text
-    finally:
-        server.stop()
+    server = live_server(store_url=str(store))
+    kept = text_prefix(server, A, "name : Aromi\n")
+    native = (store / f"{kept['id']}.safetensors").read_bytes()
+    filler = fill(small_disk)
+    attempts = [
+        httpx.post(server.url + "/prefixes", json={"text": "name : Cotto\n"}, headers=A),
+        httpx.post(server.url + "/prefixes", files={"file": ("p.safetensors", native)}, headers=A),
+        httpx.post(server.url + "/prefixes", json=train_body(), headers=A),
+    ]
+    for r in attempts:
+        assert r.status_code == 507, r.text
+        error = r.json()["error"]
+        assert error["type"] == "insufficient_storage" and "ENOSPC" in error["message"], error
+        assert "nothing was published" in error["message"]
+    listed = httpx.get(server.url + "/prefixes", headers=A).json()["prefixes"]
+    assert [p["id"] for p in listed] == [kept["id"]]
+    assert temp_files(store) == [] and os.listdir(store / "training") == []
+    body = {"prefix_id": kept["id"], "input": "x", "max_new_tokens": 2}
+    assert httpx.post(server.url + "/generate", json=body, headers=A).status_code == 200  # reads work
+    filler.unlink()  # space again: the same request succeeds
+    r = httpx.post(server.url + "/prefixes", json={"text": "name : Cotto\n"}, headers=A)
+    assert r.status_code == 201, r.text
 
 
-def test_training_publish_on_a_full_disk_fails_the_job_with_the_reason(tiny_model, tmp_path, small_disk):
+def test_training_publish_on_a_full_disk_fails_the_job_with_the_reason(live_server, small_disk):
     """The dataset fits, the trained prefix does not: the job fails naming the full disk, and nothing
     (prefix, checkpoint or temp file) is left published."""
     store = small_disk / "prefixes"
-    server = LiveServer(settings_for(tmp_path, store_url=str(store)), tiny_model).start()
-    try:
-        (store / "training").mkdir()
-        fill(small_disk, leave=4096)  # one page: room for the dataset only
-        r = httpx.post(server.url + "/prefixes", json=train_body(epochs=2), headers=A)
-        assert r.status_code == 202, r.text
-        job_id = r.json()["id"]
-        job = wait_job(server, job_id)
-        assert job["status"] == "failed" and job["prefix_id"] is None, job
-        assert "InsufficientStorage" in job["error"] and "ENOSPC" in job["error"], job["error"]
-        assert httpx.get(server.url + "/prefixes", headers=A).json()["prefixes"] == []
-        assert not any(name.endswith(".safetensors") for name in os.listdir(store))
-        checkpoints = store / "checkpoints"
-        assert temp_files(store) == [] and (not checkpoints.exists() or not os.listdir(checkpoints))
-    finally:
-        server.stop()
+    server = live_server(store_url=str(store))
+    (store / "training").mkdir()
+    fill(small_disk, leave=4096)  # one page: room for the dataset only
+    r = httpx.post(server.url + "/prefixes", json=train_body(epochs=2), headers=A)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    job = wait_job(server, job_id)
+    assert job["status"] == "failed" and job["prefix_id"] is None, job
+    assert "InsufficientStorage" in job["error"] and "ENOSPC" in job["error"], job["error"]
+    assert httpx.get(server.url + "/prefixes", headers=A).json()["prefixes"] == []
+    assert not any(name.endswith(".safetensors") for name in os.listdir(store))
+    checkpoints = store / "checkpoints"
+    assert temp_files(store) == [] and (not checkpoints.exists() or not os.listdir(checkpoints))
 
 
-def test_leftover_temp_files_are_swept_at_start_up(tiny_model, tmp_path):
+def test_leftover_temp_files_are_swept_at_start_up(live_server, tmp_path):
     """A process killed mid-write leaves a temp file (never published: the id appears only by link).
     The next server start removes it; a young one, maybe another replica's write in progress, stays."""
     store = tmp_path / "prefixes"
@@ -339,9 +323,6 @@ def test_leftover_temp_files_are_swept_at_start_up(tiny_model, tmp_path):
     young.write_bytes(b"being written")
     hour_ago = time.time() - 3600
     os.utime(old, (hour_ago, hour_ago))
-    server = LiveServer(settings_for(tmp_path), tiny_model).start()
-    try:
-        assert temp_files(store) == [young.name]
-        assert httpx.get(server.url + "/prefixes", headers=A).json()["prefixes"] == []
-    finally:
-        server.stop()
+    server = live_server(data_dir=tmp_path)
+    assert temp_files(store) == [young.name]
+    assert httpx.get(server.url + "/prefixes", headers=A).json()["prefixes"] == []

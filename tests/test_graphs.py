@@ -20,8 +20,7 @@ from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
 from prefixserve.engine.graphs import BUCKETS, PiecewiseGraphs
 from prefixserve.model import load_model
 
-from .test_engine_reference import PROMPTS, collect, make_prefixes
-from .test_ntk import make_ntk
+from .helpers import PROMPTS, collect, make_ntk, make_prefixes
 
 MIX = [("p3", 12), (None, 9), ("n1", 15), ("p9", 10), ("p3", 6)]
 

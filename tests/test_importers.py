@@ -20,8 +20,8 @@ from prefix_store.importers import import_peft
 from prefixserve.compile import bind_model, text_to_kv
 from prefixserve.engine import EngineCore, SamplingParams
 
+from .helpers import PROMPTS, collect
 from .reference import hf_greedy
-from .test_engine_reference import PROMPTS, collect
 
 MAX_BYTES = 1 << 20
 NEW_TOKENS = 12

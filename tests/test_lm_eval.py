@@ -13,8 +13,7 @@ import httpx
 import pytest
 import torch
 
-from .live import LiveServer
-from .test_api import ALICE, settings_for, text_prefix
+from .helpers import ALICE, text_prefix
 
 lm_eval = pytest.importorskip("lm_eval")  # the test extra installs it; only a bare `pip install .` lacks it
 
@@ -55,10 +54,8 @@ def _task_dir(tmp_path) -> str:
 
 
 @pytest.fixture(scope="module")
-def live(tiny_model, tmp_path_factory):
-    server = LiveServer(settings_for(tmp_path_factory.mktemp("lm-eval"), max_running=8), tiny_model).start()
-    yield server
-    server.stop()
+def live(module_live_server):
+    return module_live_server(max_running=8)
 
 
 @torch.inference_mode()

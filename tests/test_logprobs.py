@@ -12,9 +12,8 @@ from transformers import GPT2LMHeadModel
 from prefixserve.engine import EngineConfig, EngineCore, FinishReason, SamplingParams
 from prefixserve.errors import InvalidRequest
 
+from .helpers import PROMPTS, make_ntk, make_prefixes
 from .reference import ntk_logits, prefix_cache
-from .test_engine_reference import PROMPTS, make_prefixes
-from .test_ntk import make_ntk
 
 
 @torch.inference_mode()

@@ -13,17 +13,8 @@ from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
 from prefixserve.errors import InvalidPrefix
 from prefixserve.model import LoadedModel
 
+from .helpers import PROMPTS, collect, make_ntk, make_prefixes
 from .reference import hf_greedy, ntk_generate
-from .test_engine_reference import PROMPTS, collect, make_prefixes
-
-
-def make_ntk(model: LoadedModel, seed: int) -> NtkPrefix:
-    """Values of the size a trained state has: the NTK term is comparable to attention's own."""
-    s = model.spec
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(s.n_layer, s.n_head, s.head_dim, s.head_dim, generator=g) * 0.3  # [L, H, D, D]
-    k = torch.rand(s.n_layer, s.n_head, s.head_dim, generator=g) * 0.2  # [L, H, D]
-    return NtkPrefix(z, k)
 
 
 def run(engine: EngineCore, plan: list[tuple[str | None, str, int, int]]) -> dict[str, tuple]:

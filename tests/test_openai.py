@@ -12,18 +12,15 @@ import httpx
 import pytest
 import torch
 
-from .live import LiveServer
-from .test_api import A, B, settings_for, text_prefix
+from .helpers import A, B, text_prefix
 
 PROMPT = "name : Aromi | food : Italian"
 PREFIX_TEXT = "name : The Punter | food : English\n"
 
 
 @pytest.fixture(scope="module")
-def api(tiny_model, tmp_path_factory):
-    server = LiveServer(settings_for(tmp_path_factory.mktemp("openai"), max_running=8), tiny_model).start()
-    yield server
-    server.stop()
+def api(module_live_server):
+    return module_live_server(max_running=8)
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,8 @@ import torch
 from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
 from prefixserve.engine.cpu_kernels import load_paged_decode
 
+from .helpers import PROMPTS, collect, kv_for, make_ntk, make_prefixes
 from .reference import hf_greedy
-from .test_engine_reference import PROMPTS, collect, make_prefixes
-from .test_ntk import make_ntk
-from .test_store import kv_for, service_factory  # noqa: F401  (a fixture)
 
 GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
 SEEDED = SamplingParams(max_new_tokens=40, ignore_eos=True, temperature=0.9, top_p=0.9, seed=7)
@@ -95,7 +93,7 @@ def test_rows_sharing_a_prefix_read_it_in_place_and_match_hf(tiny_model, hf_mode
         assert torch.equal(engine.prefixes.get(pid), kv)
 
 
-def test_a_prefix_is_evicted_only_when_no_row_references_it(service_factory, tiny_model, hf_model):  # noqa: F811
+def test_a_prefix_is_evicted_only_when_no_row_references_it(service_factory, tiny_model, hf_model):
     kvs = [kv_for(tiny_model, 6, seed=i) for i in range(3)]
     one = kvs[0].numel() * 4
     svc = service_factory(device_pool_bytes=one + one // 2)  # room for one prefix at a time

@@ -3,8 +3,9 @@ file (safetensors header and every metadata value in it), PEFT's adapter_config.
 variant), and JSONL training data. Whatever the bytes (arbitrary binary, arbitrary JSON of any nesting,
 text of every Unicode category, numbers in every spelling, sizes at and past each limit), the answer is
 the parser's own 4xx error naming what was wrong, never another exception (which the API would turn
-into a 500), and nothing is stored. The JSON bodies of the HTTP API are covered by schemathesis
-(tests/test_schema.py)."""
+into a 500), and nothing is stored. Over HTTP: multipart uploads, and the OpenAI completions body (any
+JSON, every field's value at and past its limit, unknown fields) answered or refused with a 4xx naming
+the field. The native API's JSON bodies are also covered by schemathesis (tests/test_schema.py)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,6 @@ from prefix_store.importers import MAX_CONFIG_BYTES, parse_peft_config, peft_typ
 from prefixserve.compile import bind_model
 from prefixserve.errors import InvalidRequest
 from prefixserve.training.data import parse_jsonl
-
-from .test_api import api  # noqa: F401  (a fixture: a live server)
-from .test_store import service_factory  # noqa: F401  (a fixture)
 
 SETTINGS = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -118,7 +116,7 @@ def with_header(data: bytes, header_text: str) -> bytes:
     return struct.pack("<Q", len(head)) + head + data[8 + n :]
 
 
-def test_any_prefix_file_is_stored_or_refused_as_invalid(service_factory, tiny_model):  # noqa: F811
+def test_any_prefix_file_is_stored_or_refused_as_invalid(service_factory, tiny_model):
     svc = service_factory()
     data, header = a_prefix_file(tiny_model)
     meta = header["__metadata__"]
@@ -209,10 +207,10 @@ def multipart_bodies(draw) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def test_any_multipart_upload_is_a_4xx_naming_the_problem_and_stores_nothing(api):  # noqa: F811
+def test_any_multipart_upload_is_a_4xx_naming_the_problem_and_stores_nothing(api):
     import httpx
 
-    from .test_api import A
+    from .helpers import A
 
     def listed() -> set[str]:
         return {p["id"] for p in httpx.get(api.url + "/prefixes", headers=A).json()["prefixes"]}
@@ -235,7 +233,7 @@ def test_any_multipart_upload_is_a_4xx_naming_the_problem_and_stores_nothing(api
     check()
 
 
-def test_what_the_properties_found_is_refused_by_name(service_factory, tiny_model):  # noqa: F811
+def test_what_the_properties_found_is_refused_by_name(service_factory, tiny_model):
     """Found by the file property above: a tensor's dtype given as a list raised TypeError (a 500);
     JSON booleans passed as data_offsets (they are ints in Python)."""
     svc = service_factory()
@@ -251,3 +249,65 @@ def test_what_the_properties_found_is_refused_by_name(service_factory, tiny_mode
     with pytest.raises(InvalidPrefixFile, match="no valid data_offsets"):
         svc.add_file(bad_offsets, owner="alice")
     assert svc.list("alice") == []
+
+
+# ---- the OpenAI completions body, over HTTP ----------------------------------------------------
+OPENAI_FIELDS = [
+    "model", "prompt", "suffix", "max_tokens", "temperature", "top_p", "n", "best_of", "stream",
+    "stream_options", "logprobs", "echo", "stop", "presence_penalty", "frequency_penalty", "logit_bias",
+    "seed", "user",
+]  # fmt: skip
+# values at and past the limits (limits.py): input characters, new tokens, choices, logprobs, stop strings
+AT_LIMITS = st.sampled_from(
+    ["a" * 100_000, "a" * 100_001, "x" * 257, 4096, 4097, 64, 65, 5, 6, 2**63, -(2**63) - 1, [1] * 17,
+     ["s"] * 16, ["s"] * 17, [[50256]], [[]], [], {"include_usage": True}, {"50256": 100.5}, {"x": 1}]
+)  # fmt: skip
+
+
+@st.composite
+def completion_bodies(draw, model: str) -> str:
+    """A /v1/completions body: a valid one with fields replaced by arbitrary JSON, text of every Unicode
+    category, values at and past the limits, numbers spelt oddly, or unknown fields; or any JSON."""
+    if draw(st.integers(0, 9)) == 0:
+        return json_text(draw(JSON_VALUES))
+    body = {"model": model, "prompt": "name : Aromi", "max_tokens": 2}
+    for key in draw(st.lists(st.sampled_from(OPENAI_FIELDS) | TEXT, max_size=4)):
+        body[key] = draw(JSON_VALUES | AT_LIMITS | TEXT)
+    text = json_text(body)
+    for key, number in draw(st.lists(st.tuples(st.sampled_from(sorted(body)), NUMBERS), max_size=2)):
+        text = text.replace(json_text(key) + ": " + json_text(body[key]), json_text(key) + ": " + number, 1)
+    return text
+
+
+def sent_keys(body: str) -> list[str]:
+    try:
+        sent = json.loads(body)
+    except ValueError:  # an odd number spelling: not JSON
+        return []
+    return list(sent) if isinstance(sent, dict) else []
+
+
+def test_any_openai_completions_body_is_answered_or_a_4xx_naming_the_field(api):
+    import httpx
+
+    from .helpers import A
+
+    model = httpx.get(api.url + "/v1/models", headers=A).json()["data"][0]["id"]
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(completion_bodies(model))
+    def check(body: str) -> None:
+        headers = {**A, "content-type": "application/json"}
+        r = httpx.post(
+            api.url + "/v1/completions",
+            content=body.encode("utf-8", "surrogatepass"),
+            headers=headers,
+            timeout=60,
+        )
+        assert r.status_code < 500, (body[:300], r.text[:300])
+        if r.status_code >= 400:
+            message = r.json()["error"]["message"]
+            named = ["body", *OPENAI_FIELDS, *(k for k in sent_keys(body) if k)]
+            assert any(name in message for name in named), (body[:300], message)
+
+    check()

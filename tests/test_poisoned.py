@@ -41,9 +41,7 @@ from prefixserve.errors import EngineFault, PrefixError
 from prefixserve.model import LoadedModel, load_model
 from prefixserve.settings import ServerSettings
 
-from .live import LiveServer
-from .test_engine_reference import PROMPTS, collect, make_prefixes
-from .test_ntk import make_ntk
+from .helpers import PROMPTS, collect, make_ntk, make_prefixes, sse_events
 
 NAN, HUGE = float("nan"), 3e38
 ALICE, BOB = "alice-key-0123456789", "bob-key-0123456789ab"
@@ -424,103 +422,83 @@ def test_a_prefix_that_cannot_be_placed_ends_only_its_own_request(tiny_model, se
     assert outputs[ok][-1].finish_reason == FinishReason.LENGTH and service.pool.pins(odd.id) == 0
 
 
-# ---- over live HTTP --------------------------------------------------------------------------------
-def sse_events(lines) -> list[tuple[str, dict]]:
-    events, kind = [], None
-    for line in lines:
-        if line.startswith("event: "):
-            kind = line[7:]
-        elif line.startswith("data: "):
-            events.append((kind, json.loads(line[6:])))
-    return events
-
-
 def test_over_http_the_poisoned_prefix_gets_prefix_error_and_another_tenant_is_untouched(
-    tiny_model, tmp_path
+    live_server, tiny_model, tmp_path
 ):
     settings = ServerSettings(
         data_dir=str(tmp_path), api_keys=f"alice:{ALICE},bob:{BOB}", max_running=4, max_prefix_len=64
     )
-    server = LiveServer(settings, tiny_model).start()
-    try:
-        url = server.url
-        # an upload over the bound is a 422 naming the tensor, the value and the bound
-        kv = torch.randn(tiny_model.spec.prefix_shape(4))
-        kv[2, 1, 0, 0, 0] = HUGE
-        r = httpx.post(
-            url + "/prefixes",
+    server = live_server(settings=settings)
+    url = server.url
+    # an upload over the bound is a 422 naming the tensor, the value and the bound
+    kv = torch.randn(tiny_model.spec.prefix_shape(4))
+    kv[2, 1, 0, 0, 0] = HUGE
+    r = httpx.post(
+        url + "/prefixes",
+        headers=A,
+        files={"file": ("p.safetensors", native(tiny_model, {"past_key_values": kv}, torch.float32))},
+    )
+    assert r.status_code == 422 and r.json()["error"]["type"] == "invalid_prefix"
+    assert "past_key_values values: largest |value| at layer 2 is 3e+38" in r.json()["error"]["message"]
+    assert "bound of 2100" in r.json()["error"]["message"]
+
+    mine = httpx.post(url + "/prefixes", headers=A, json={"text": "Answer briefly.\n"}).json()["id"]
+    theirs = httpx.post(url + "/prefixes", headers=B, json={"text": "Be kind.\n"}).json()["id"]
+    bob = {"prefix_id": theirs, "input": "The Mill", "max_new_tokens": 120, "ignore_eos": True}
+    alone = httpx.post(url + "/generate", headers=B, json=bob, timeout=60).json()["text"]
+
+    pool = server.state.service.pool
+    poisoned = torch.full(tiny_model.spec.prefix_shape(server.state.service.length(mine)), NAN)
+    pool.put(mine, poisoned)  # past validation, straight into the device pool
+    alice = {"prefix_id": mine, "input": "The Eagle", "max_new_tokens": 20}
+    with httpx.stream("POST", url + "/generate", headers=B, json={**bob, "stream": True}, timeout=60) as r:
+        lines = r.iter_lines()
+        first = next(lines)
+        assert first.startswith("event: token")
+        plain = httpx.post(url + "/generate", headers=A, json=alice, timeout=60)
+        streamed = httpx.post(url + "/generate", headers=A, json={**alice, "stream": True}, timeout=60)
+        openai = httpx.post(
+            url + "/v1/completions",
             headers=A,
-            files={"file": ("p.safetensors", native(tiny_model, {"past_key_values": kv}, torch.float32))},
+            json={"model": mine, "prompt": "The Eagle", "max_tokens": 5},
         )
-        assert r.status_code == 422 and r.json()["error"]["type"] == "invalid_prefix"
-        assert "past_key_values values: largest |value| at layer 2 is 3e+38" in r.json()["error"]["message"]
-        assert "bound of 2100" in r.json()["error"]["message"]
+        events = sse_events([first, *lines])
+    for answer in (plain, streamed, openai):  # before the first token: a plain 422
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["error"]["type"] == "prefix_error" and mine in answer.json()["error"]["message"]
+    assert "".join(e["text"] for kind, e in events if kind == "token") == alone
+    assert events[-1][0] == "done" and events[-1][1]["finish_reason"] == "length"
 
-        mine = httpx.post(url + "/prefixes", headers=A, json={"text": "Answer briefly.\n"}).json()["id"]
-        theirs = httpx.post(url + "/prefixes", headers=B, json={"text": "Be kind.\n"}).json()["id"]
-        bob = {"prefix_id": theirs, "input": "The Mill", "max_new_tokens": 120, "ignore_eos": True}
-        alone = httpx.post(url + "/generate", headers=B, json=bob, timeout=60).json()["text"]
+    # a row that goes bad mid-stream: an `error` event, and the other tenant's text is unchanged
+    pool.evict(mine)  # loads again from the store, valid
+    runner = server.state.engine.core.runner
+    with httpx.stream("POST", url + "/generate", headers=B, json={**bob, "stream": True}, timeout=60) as rb:
+        bob_lines = rb.iter_lines()
+        bob_first = next(bob_lines)
+        long = {**alice, "max_new_tokens": 100, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", url + "/generate", headers=A, json=long, timeout=60) as ra:
+            alice_lines = ra.iter_lines()
+            head = next(alice_lines), next(alice_lines)
+            rid = json.loads(head[1][6:])["id"]
+            first_block = server.state.engine.core.scheduler.get(rid).blocks[0]
+            runner.kv[:, 1, first_block, :2] = NAN  # the row's values go bad while it decodes
+            alice_events = sse_events([*head, *alice_lines])
+        bob_events = sse_events([bob_first, *bob_lines])
+    assert alice_events[0][0] == "token" and alice_events[-1][0] == "error"
+    assert (
+        alice_events[-1][1]["error"]["type"] == "prefix_error"
+        and "NaN/Inf" in alice_events[-1][1]["error"]["message"]
+    )
+    assert "".join(e["text"] for kind, e in bob_events if kind == "token") == alone
+    assert httpx.post(url + "/generate", headers=B, json=bob, timeout=60).json()["text"] == alone
+    # the SDK raises it as what it is: the prefix's data is unusable (a 422), not a server error
+    from prefixserve_client import Client, ValidationError
 
-        pool = server.state.service.pool
-        poisoned = torch.full(tiny_model.spec.prefix_shape(server.state.service.length(mine)), NAN)
-        pool.put(mine, poisoned)  # past validation, straight into the device pool
-        alice = {"prefix_id": mine, "input": "The Eagle", "max_new_tokens": 20}
-        with httpx.stream(
-            "POST", url + "/generate", headers=B, json={**bob, "stream": True}, timeout=60
-        ) as r:
-            lines = r.iter_lines()
-            first = next(lines)
-            assert first.startswith("event: token")
-            plain = httpx.post(url + "/generate", headers=A, json=alice, timeout=60)
-            streamed = httpx.post(url + "/generate", headers=A, json={**alice, "stream": True}, timeout=60)
-            openai = httpx.post(
-                url + "/v1/completions",
-                headers=A,
-                json={"model": mine, "prompt": "The Eagle", "max_tokens": 5},
-            )
-            events = sse_events([first, *lines])
-        for answer in (plain, streamed, openai):  # before the first token: a plain 422
-            assert answer.status_code == 422, answer.text
-            assert (
-                answer.json()["error"]["type"] == "prefix_error" and mine in answer.json()["error"]["message"]
-            )
-        assert "".join(e["text"] for kind, e in events if kind == "token") == alone
-        assert events[-1][0] == "done" and events[-1][1]["finish_reason"] == "length"
-
-        # a row that goes bad mid-stream: an `error` event, and the other tenant's text is unchanged
-        pool.evict(mine)  # loads again from the store, valid
-        runner = server.state.engine.core.runner
-        with httpx.stream(
-            "POST", url + "/generate", headers=B, json={**bob, "stream": True}, timeout=60
-        ) as rb:
-            bob_lines = rb.iter_lines()
-            bob_first = next(bob_lines)
-            long = {**alice, "max_new_tokens": 100, "ignore_eos": True, "stream": True}
-            with httpx.stream("POST", url + "/generate", headers=A, json=long, timeout=60) as ra:
-                alice_lines = ra.iter_lines()
-                head = next(alice_lines), next(alice_lines)
-                rid = json.loads(head[1][6:])["id"]
-                first_block = server.state.engine.core.scheduler.get(rid).blocks[0]
-                runner.kv[:, 1, first_block, :2] = NAN  # the row's values go bad while it decodes
-                alice_events = sse_events([*head, *alice_lines])
-            bob_events = sse_events([bob_first, *bob_lines])
-        assert alice_events[0][0] == "token" and alice_events[-1][0] == "error"
-        assert (
-            alice_events[-1][1]["error"]["type"] == "prefix_error"
-            and "NaN/Inf" in alice_events[-1][1]["error"]["message"]
-        )
-        assert "".join(e["text"] for kind, e in bob_events if kind == "token") == alone
-        assert httpx.post(url + "/generate", headers=B, json=bob, timeout=60).json()["text"] == alone
-        # the SDK raises it as what it is: the prefix's data is unusable (a 422), not a server error
-        from prefixserve_client import Client, ValidationError
-
-        with Client(url, api_key=ALICE, max_retries=0) as client:
-            pieces = client.stream(mine, "The Eagle", max_new_tokens=100, ignore_eos=True)
-            next(pieces)
-            (only,) = server.state.engine.core.scheduler.running()
-            runner.kv[:, 1, only.blocks[0], :2] = NAN  # the only running row goes bad
-            with pytest.raises(ValidationError) as raised:
-                list(pieces)
-        assert raised.value.status == 422 and raised.value.type == "prefix_error"
-    finally:
-        server.stop()
+    with Client(url, api_key=ALICE, max_retries=0) as client:
+        pieces = client.stream(mine, "The Eagle", max_new_tokens=100, ignore_eos=True)
+        next(pieces)
+        (only,) = server.state.engine.core.scheduler.running()
+        runner.kv[:, 1, only.blocks[0], :2] = NAN  # the only running row goes bad
+        with pytest.raises(ValidationError) as raised:
+            list(pieces)
+    assert raised.value.status == 422 and raised.value.type == "prefix_error"

@@ -10,9 +10,8 @@ from prefix_store.redis_server import free_port
 from prefix_store.service import PrefixService, StoreConfig
 from prefixserve.compile import bind_model
 
+from .helpers import ALICE, kv_for, settings_for
 from .live import LiveServer
-from .test_api import ALICE, settings_for
-from .test_store import kv_for
 
 moto_server = pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")

@@ -15,8 +15,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode, checks
 
-from .live import LiveServer
-from .test_api import ALICE, settings_for
+from .helpers import ALICE
 
 AUTH = {"Authorization": f"Bearer {ALICE}"}
 # No 5xx, and every response matches what the schema documents (status code, content type, headers,
@@ -33,10 +32,8 @@ EXAMPLES = 40
 
 
 @pytest.fixture(scope="module")
-def live(tiny_model, tmp_path_factory):
-    server = LiveServer(settings_for(tmp_path_factory.mktemp("schema")), tiny_model).start()
-    yield server
-    server.stop()
+def live(module_live_server):
+    return module_live_server()
 
 
 def test_api_conforms_to_its_schema(live):

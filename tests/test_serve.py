@@ -12,8 +12,9 @@ import time
 import httpx
 import pytest
 
-from prefix_store.redis_server import free_port
 from prefixserve.tiny import TinyModelConfig, write_tiny_model
+
+from .helpers import start_server
 
 
 @pytest.fixture(scope="module")
@@ -21,39 +22,6 @@ def slow_model_dir(tmp_path_factory):
     """Big enough that a long generation takes seconds, small enough to build in one."""
     cfg = TinyModelConfig(n_layer=8, n_head=8, n_embd=384, n_positions=1024)
     return write_tiny_model(tmp_path_factory.mktemp("slow-gpt2"), cfg)
-
-
-def start_server(model_dir, tmp_path, **env_over) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "PREFIXSERVE_MODEL": str(model_dir),
-        "PREFIXSERVE_AUTH": "false",
-        "PREFIXSERVE_DATA_DIR": str(tmp_path),
-        "PREFIXSERVE_PORT": str(port),
-        "PREFIXSERVE_SHUTDOWN_GRACE_S": "30",
-        "HF_HUB_OFFLINE": "1",
-        **env_over,
-    }
-    env = {k: v for k, v in env.items() if v is not None}  # None: leave the variable unset
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefixserve.cli", "serve"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("server did not start:\n" + proc.stdout.read().decode(errors="replace"))
-        time.sleep(0.1)
 
 
 def assert_refused_while_draining(response: httpx.Response) -> None:

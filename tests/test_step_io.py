@@ -10,8 +10,7 @@ import torch
 from prefix_store.staging import Readback, StepInputs
 from prefixserve.engine import SamplingParams
 
-from .test_engine_reference import PROMPTS, collect, make_prefixes
-from .test_ntk import make_ntk
+from .helpers import PROMPTS, collect, make_ntk, make_prefixes
 from .test_paged_engine import GREEDY, SEEDED, engine_with, run_mix
 
 

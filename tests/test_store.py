@@ -11,18 +11,12 @@ import torch
 
 from prefix_store.cache import KEY_PREFIX, LocalByteCache
 from prefix_store.format import InvalidPrefixFile, PrefixMeta, encode_prefix
-from prefix_store.service import PrefixService, StoreConfig
 from prefix_store.store import DurableStore, PrefixExists
-from prefixserve.compile import bind_model
 from prefixserve.engine import EngineConfig, EngineCore, FinishReason, SamplingParams
 from prefixserve.errors import PrefixNotFound
 
+from .helpers import PROMPTS, collect, kv_for
 from .reference import hf_greedy
-from .test_engine_reference import PROMPTS, collect
-
-
-def kv_for(model, p: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(model.spec.prefix_shape(p), generator=torch.Generator().manual_seed(seed))
 
 
 def file_for(model, p: int = 4) -> bytes:
@@ -73,21 +67,6 @@ def test_store_works_on_any_fsspec_url(tiny_model):
 
 
 # ---- service: tiers --------------------------------------------------------------------------
-@pytest.fixture
-def service_factory(tmp_path, tiny_model):
-    made: list[PrefixService] = []
-
-    def make(redis_url: str | None = None, **over) -> PrefixService:
-        cfg = StoreConfig(url=str(tmp_path / "store"), redis_url=redis_url, max_prefix_len=64, **over)
-        svc = PrefixService(bind_model(tiny_model), cfg)
-        made.append(svc)
-        return svc
-
-    yield make
-    for svc in made:
-        svc.close()
-
-
 def test_service_add_list_visibility_delete(service_factory, tiny_model):
     svc = service_factory()
     a = svc.add_tensor(kv_for(tiny_model, 5), owner="alice", name="mine")

@@ -21,8 +21,6 @@ from prefixserve.settings import ServerSettings
 from prefixserve.tenants import TenantExists, TenantNotFound, TenantRegistry
 from prefixserve.tiny import TinyModelConfig, write_tiny_model
 
-from .live import LiveServer
-
 ADMIN = "admin-key-0123456789abcdef"
 ADM = {"Authorization": f"Bearer {ADMIN}"}
 CONFIGURED = "cfg-key-0123456789abcd"
@@ -111,10 +109,8 @@ def test_authenticator_refuses_disabled_tenants_the_admin_key_and_tenant_keys_on
 
 # ---- the admin API over HTTP ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def api(tiny_model, tmp_path_factory):
-    server = LiveServer(settings_for(tmp_path_factory.mktemp("tenants")), tiny_model).start()
-    yield server
-    server.stop()
+def api(module_live_server, tmp_path_factory):
+    return module_live_server(settings=settings_for(tmp_path_factory.mktemp("tenants")))
 
 
 def test_admin_flow_create_issue_use_revoke_disable(api):
@@ -239,26 +235,23 @@ def test_rate_concurrency_and_job_quotas_answer_429_naming_the_quota(api):
         httpx.delete(api.url + f"/jobs/{job['id']}", headers=limited)
 
 
-def test_max_concurrent_over_http(tmp_path):
+def test_max_concurrent_over_http(live_server, tmp_path):
     """A model slow enough that a long generation is still running when the next request arrives."""
     slow = load_model(
         write_tiny_model(
             tmp_path / "slow", TinyModelConfig(n_layer=8, n_head=8, n_embd=384, n_positions=1024)
         )
     )
-    server = LiveServer(settings_for(tmp_path), slow).start()
-    try:
-        capped = new_tenant(server, "capped", max_concurrent=1)
-        body = {"input": "name : Aromi", "max_new_tokens": 600, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", server.url + "/generate", json=body, headers=capped, timeout=60) as first:
-            assert first.status_code == 200
-            lines = first.iter_lines()  # (kept: a dropped iterator closes the stream, which aborts it)
-            next(lines)
-            r = httpx.post(server.url + "/generate", json={**body, "stream": False}, headers=capped)
-            assert r.status_code == 429 and r.json()["error"]["type"] == "quota_exceeded"
-            assert "max_concurrent quota (1 requests in the engine; the limit is 1)" in r.text
-    finally:
-        server.stop()
+    server = live_server(slow, settings=settings_for(tmp_path))
+    capped = new_tenant(server, "capped", max_concurrent=1)
+    body = {"input": "name : Aromi", "max_new_tokens": 600, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.url + "/generate", json=body, headers=capped, timeout=60) as first:
+        assert first.status_code == 200
+        lines = first.iter_lines()  # (kept: a dropped iterator closes the stream, which aborts it)
+        next(lines)
+        r = httpx.post(server.url + "/generate", json={**body, "stream": False}, headers=capped)
+        assert r.status_code == 429 and r.json()["error"]["type"] == "quota_exceeded"
+        assert "max_concurrent quota (1 requests in the engine; the limit is 1)" in r.text
 
 
 def test_a_tenants_first_training_job_starts_right_after_the_running_one(api):
@@ -286,52 +279,46 @@ def test_a_tenants_first_training_job_starts_right_after_the_running_one(api):
 
 
 # ---- usage ------------------------------------------------------------------------------------------
-def test_usage_is_exact_after_a_restart(tiny_model, tmp_path):
+def test_usage_is_exact_after_a_restart(live_server, tmp_path):
     settings = settings_for(tmp_path)
-    server = LiveServer(settings, tiny_model).start()
-    try:
-        key = new_tenant(server, "metered")
-        outs = [
-            httpx.post(
-                server.url + "/generate",
-                json={"input": f"name : {w}", "max_new_tokens": n, "ignore_eos": True},
-                headers=key,
-            ).json()
-            for w, n in (("Aromi", 3), ("Cotto", 5))
-        ]
-        score = httpx.post(
-            server.url + "/score", json={"input": "name : Aromi", "continuation": "a pub"}, headers=key
-        ).json()
-        idem = {**key, "Idempotency-Key": "once"}
-        created = [
-            httpx.post(server.url + "/prefixes", json={"text": "Be brief.\n"}, headers=idem) for _ in range(2)
-        ]
-        assert [r.status_code for r in created] == [201, 201] and created[1].headers[
-            "idempotent-replayed"
-        ] == "true"
-        size = created[0].json()["size_bytes"]
+    server = live_server(settings=settings)
+    key = new_tenant(server, "metered")
+    outs = [
         httpx.post(
-            server.url + "/generate", json={"input": "x"}, headers=bearer("wrong-key-0123456789")
-        )  # not counted
-    finally:
-        server.stop()
+            server.url + "/generate",
+            json={"input": f"name : {w}", "max_new_tokens": n, "ignore_eos": True},
+            headers=key,
+        ).json()
+        for w, n in (("Aromi", 3), ("Cotto", 5))
+    ]
+    score = httpx.post(
+        server.url + "/score", json={"input": "name : Aromi", "continuation": "a pub"}, headers=key
+    ).json()
+    idem = {**key, "Idempotency-Key": "once"}
+    created = [
+        httpx.post(server.url + "/prefixes", json={"text": "Be brief.\n"}, headers=idem) for _ in range(2)
+    ]
+    assert [r.status_code for r in created] == [201, 201] and created[1].headers[
+        "idempotent-replayed"
+    ] == "true"
+    size = created[0].json()["size_bytes"]
+    httpx.post(
+        server.url + "/generate", json={"input": "x"}, headers=bearer("wrong-key-0123456789")
+    )  # not counted
     expected = {
         "requests": 3,
         "prompt_tokens": sum(o["usage"]["prompt_tokens"] for o in outs) + score["usage"]["prompt_tokens"],
         "generated_tokens": 8,
         "stored_bytes": size,
     }
-    server = LiveServer(settings_for(tmp_path), tiny_model).start()  # a new process's view: the store's
-    try:
-        report = httpx.get(server.url + "/usage", headers=key).json()
-        assert {k: report["totals"][k] for k in expected} == expected
-        assert report["stored"] == {"prefixes": 1, "bytes": size} and len(report["days"]) == 1
-        admin = httpx.get(server.url + "/admin/usage?tenant=metered", headers=ADM).json()["days"]
-        assert [(d["tenant"], d["requests"]) for d in admin] == [("metered", 3)]
-        metrics = httpx.get(server.url + "/metrics").text
-        assert "prefixserve_usage_total" in metrics
-    finally:
-        server.stop()
+    server = live_server(settings=settings_for(tmp_path))
+    report = httpx.get(server.url + "/usage", headers=key).json()
+    assert {k: report["totals"][k] for k in expected} == expected
+    assert report["stored"] == {"prefixes": 1, "bytes": size} and len(report["days"]) == 1
+    admin = httpx.get(server.url + "/admin/usage?tenant=metered", headers=ADM).json()["days"]
+    assert [(d["tenant"], d["requests"]) for d in admin] == [("metered", 3)]
+    metrics = httpx.get(server.url + "/metrics").text
+    assert "prefixserve_usage_total" in metrics
 
 
 # ---- two server processes on one Redis ----------------------------------------------------------------

@@ -36,8 +36,7 @@ from prefixserve.training.synthetic import table_to_text
 from prefixserve.training.trainer import PrefixTrainer, TrainConfig, _batches, bare_model_loss, encode_example
 from prefixserve.training.worker import Worker, WorkerConfig
 
-from .live import LiveServer
-from .test_api import A, B, settings_for
+from .helpers import A, B, submit
 
 FAST = TrainConfig(prefix_len=10, hidden=64, epochs=6, batch_size=8, learning_rate=5e-3, seed=0)
 
@@ -161,17 +160,6 @@ def test_loss_curve_and_prefix_match_peft(tiny_model_dir, tiny_model, tmp_path):
     )
 
 
-# ---- jobs ------------------------------------------------------------------------------------------
-def submit(service: PrefixService, queue, pairs, config: TrainConfig, tenant: str = "alice") -> Job:
-    job = Job(
-        id=f"job-{random.getrandbits(48):012x}", tenant=tenant, config=config.to_dict(), n_examples=len(pairs)
-    )
-    data = "\n".join(json.dumps({"input": x, "output": y}) for x, y in pairs).encode()
-    service.store.put_training_data(job.id, data)
-    queue.submit(job)
-    return job
-
-
 def test_failing_job_ends_failed_after_max_attempts_and_rerun_publishes_once(tiny_model, tmp_path):
     service = PrefixService(bind_model(tiny_model), StoreConfig(url=str(tmp_path / "store")))
     queue = LocalJobQueue()
@@ -229,56 +217,53 @@ NTK_FAST = {"kind": "ntk", "ntk_rank": 8, "epochs": 12, "batch_size": 8, "learni
 
 
 @pytest.mark.parametrize("kind", ["prefix_kv", "ntk"])
-def test_submit_wait_generate_through_the_http_api(tiny_model, tmp_path, kind):
+def test_submit_wait_generate_through_the_http_api(live_server, kind):
     """The embedded default: no Redis, the server trains in-process. The same job API trains an
     NTK-Attention prefix when asked for `kind: ntk`."""
-    server = LiveServer(settings_for(tmp_path), tiny_model).start()
-    try:
-        pairs = table_to_text(60)
-        hyper = (
-            {
-                k: v
-                for k, v in FAST.to_dict().items()
-                if k in ("prefix_len", "hidden", "epochs", "batch_size", "learning_rate", "seed")
-            }
-            if kind == "prefix_kv"
-            else NTK_FAST
-        )
-        body = {"train": {"examples": [{"input": x, "output": y} for x, y in pairs], **hyper}, "name": "e2e"}
-        r = httpx.post(server.url + "/prefixes", json=body, headers=A)
-        assert r.status_code == 202, r.text
-        job_id = r.json()["id"]
-        assert r.headers["location"] == f"/jobs/{job_id}" and r.json()["status"] == "queued"
-        assert r.json()["job_id"] == job_id
-        assert httpx.get(server.url + f"/jobs/{job_id}", headers=B).status_code == 404  # another tenant's
-        deadline = time.monotonic() + 60
-        while (job := httpx.get(server.url + f"/jobs/{job_id}", headers=A).json())["status"] not in (
-            "succeeded",
-            "failed",
-        ):
-            assert time.monotonic() < deadline, job
-            time.sleep(0.05)
-        assert job["status"] == "succeeded", job
-        steps = 48 if kind == "prefix_kv" else 96
-        assert job["step"] == job["total_steps"] == steps and len(job["losses"]) == steps
-        prefix = httpx.get(server.url + f"/prefixes/{job['prefix_id']}", headers=A).json()
-        positions = 10 if kind == "prefix_kv" else 0
-        assert prefix["source"] == "train" and prefix["owner"] == "alice" and prefix["kind"] == kind
-        assert prefix["prefix_len"] == positions
-        x = pairs[0][0]
-        out = httpx.post(
-            server.url + "/generate",
-            headers=A,
-            json={"prefix_id": job["prefix_id"], "input": x, "max_new_tokens": 12},
-        ).json()
-        assert out["usage"]["prefix_tokens"] == positions
-        bare = httpx.post(server.url + "/generate", headers=A, json={"input": x, "max_new_tokens": 12}).json()
-        assert out["text"] != bare["text"]
-        assert " restaurant in " in out["text"]  # the trained template
-        assert kind == "ntk" or " is a " in out["text"]  # (the NTK state learns it less completely)
-        assert " restaurant in " not in bare["text"]
-    finally:
-        server.stop()
+    server = live_server()
+    pairs = table_to_text(60)
+    hyper = (
+        {
+            k: v
+            for k, v in FAST.to_dict().items()
+            if k in ("prefix_len", "hidden", "epochs", "batch_size", "learning_rate", "seed")
+        }
+        if kind == "prefix_kv"
+        else NTK_FAST
+    )
+    body = {"train": {"examples": [{"input": x, "output": y} for x, y in pairs], **hyper}, "name": "e2e"}
+    r = httpx.post(server.url + "/prefixes", json=body, headers=A)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    assert r.headers["location"] == f"/jobs/{job_id}" and r.json()["status"] == "queued"
+    assert r.json()["job_id"] == job_id
+    assert httpx.get(server.url + f"/jobs/{job_id}", headers=B).status_code == 404  # another tenant's
+    deadline = time.monotonic() + 60
+    while (job := httpx.get(server.url + f"/jobs/{job_id}", headers=A).json())["status"] not in (
+        "succeeded",
+        "failed",
+    ):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+    assert job["status"] == "succeeded", job
+    steps = 48 if kind == "prefix_kv" else 96
+    assert job["step"] == job["total_steps"] == steps and len(job["losses"]) == steps
+    prefix = httpx.get(server.url + f"/prefixes/{job['prefix_id']}", headers=A).json()
+    positions = 10 if kind == "prefix_kv" else 0
+    assert prefix["source"] == "train" and prefix["owner"] == "alice" and prefix["kind"] == kind
+    assert prefix["prefix_len"] == positions
+    x = pairs[0][0]
+    out = httpx.post(
+        server.url + "/generate",
+        headers=A,
+        json={"prefix_id": job["prefix_id"], "input": x, "max_new_tokens": 12},
+    ).json()
+    assert out["usage"]["prefix_tokens"] == positions
+    bare = httpx.post(server.url + "/generate", headers=A, json={"input": x, "max_new_tokens": 12}).json()
+    assert out["text"] != bare["text"]
+    assert " restaurant in " in out["text"]  # the trained template
+    assert kind == "ntk" or " is a " in out["text"]  # (the NTK state learns it less completely)
+    assert " restaurant in " not in bare["text"]
 
 
 @pytest.mark.parametrize(
@@ -330,10 +315,8 @@ def test_jsonl_upload_submits_a_job_and_bad_lines_are_named(api_for_training):
 
 
 @pytest.fixture(scope="module")
-def api_for_training(tiny_model, tmp_path_factory):
-    server = LiveServer(settings_for(tmp_path_factory.mktemp("train-api")), tiny_model).start()
-    yield server
-    server.stop()
+def api_for_training(module_live_server):
+    return module_live_server()
 
 
 # ---- a worker process killed with SIGKILL ---------------------------------------------------------

@@ -197,8 +197,7 @@ def test_engine_decodes_through_the_triton_kernel_as_through_gathered_blocks(tin
     from prefixserve.engine import SamplingParams
     from prefixserve.model import load_model
 
-    from .test_engine_reference import PROMPTS, collect, make_prefixes
-    from .test_ntk import make_ntk
+    from .helpers import PROMPTS, collect, make_ntk, make_prefixes
     from .test_paged_engine import engine_with
 
     greedy = SamplingParams(max_new_tokens=10, ignore_eos=True)
@@ -225,8 +224,9 @@ def test_fused_ntk_decode_kernel_in_the_engine_matches_the_eager_path(tiny_model
     from prefix_store.kinds import NtkPrefixKind, ntk_triton
     from prefixserve.model import load_model
 
+    from .helpers import make_ntk
     from .reference import ntk_generate
-    from .test_ntk import NTK_ONLY, make_ntk, new_engine, run
+    from .test_ntk import NTK_ONLY, new_engine, run
 
     model = load_model(tiny_model_dir, device=DEVICE)
     assert ntk_triton.available(model.device)

@@ -18,9 +18,8 @@ from prefix_store.pool import DevicePool
 from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
 from prefixserve.engine.blocks import BlockAllocator, blocks_for
 
+from .helpers import PROMPTS, collect, make_ntk, make_prefixes
 from .reference import hf_greedy
-from .test_engine_reference import PROMPTS, collect, make_prefixes
-from .test_ntk import make_ntk
 
 # a small pool: blocks of 4 tokens, rows of at most 64 tokens (16 blocks)
 SMALL = dict(block_size=4, max_seq_len=64, max_prefix_len=32)
