@@ -37,7 +37,7 @@ from prefix_store.service import PrefixService, StoreConfig
 from prefixserve.compile import bind_model
 from prefixserve.errors import PrefixServeError
 from prefixserve.model import LoadedModel, hf_cache_kwargs, load_hf_model, load_model
-from prefixserve.schemas import GenerateRequest
+from prefixserve.schemas.native import GenerateRequest
 
 MODES = ("sequential", "grouped")
 

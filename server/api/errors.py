@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import reprlib
 
 from fastapi import FastAPI, Request
@@ -23,7 +24,7 @@ from prefix_store.store import NO_SPACE, InsufficientStorage
 from ..errors import PrefixServeError
 from ..inputs import parse_json
 from ..metrics import CountRequests
-from ..schemas import ErrorResponse
+from ..schemas.native import ErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +81,12 @@ def error_response(exc: Exception) -> JSONResponse:
     return JSONResponse({"error": {"type": kind, "message": message}}, status, headers=headers)
 
 
-def error_event(exc: Exception) -> str:
-    """An error after a stream's headers went out: an SSE `error` event with the same body."""
+def error_event(exc: Exception, event: str | None = "error") -> str:
+    """An error after a stream's headers went out: an SSE event with the same body, named `event` (None:
+    an unnamed `data:` event, as OpenAI's streams carry errors)."""
     _, _, kind, message = _describe(exc)
-    return f"event: error\ndata: {json.dumps({'error': {'type': kind, 'message': message}})}\n\n"
+    head = "" if event is None else f"event: {event}\n"
+    return f"{head}data: {json.dumps({'error': {'type': kind, 'message': message}})}\n\n"
 
 
 class CatchUnhandled:
@@ -170,6 +173,9 @@ def _invalid(errors: list) -> JSONResponse:
     return JSONResponse({"error": {"type": "invalid_request", "message": message}}, 422)
 
 
+_NAMES_A_FIELD = re.compile(r"[a-z_][a-z0-9_]*(\.[a-z0-9_]+)*: ")
+
+
 def _validation_message(err: dict) -> str:
     """One pydantic/FastAPI error as `field: expected ..., got ...` (what was found: for type errors)."""
     if err.get("type") == "json_invalid":  # FastAPI's: loc is ("body", character offset)
@@ -177,8 +183,11 @@ def _validation_message(err: dict) -> str:
         where = f" (at character {at})" if at else ""
         return f"body: invalid JSON{where}: {err.get('ctx', {}).get('error')}"
     where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-    message = str(err.get("msg"))
+    message = str(err.get("msg")).removeprefix("Value error, ")  # (our validators' messages name it)
     if str(err.get("type", "")).endswith("_type"):  # e.g. int_type: "3", 2.0 or true for an integer
         found = err.get("input")
         message += f", got {type(found).__name__} {reprlib.repr(found)}"
-    return f"{where}: {message}" if where else message
+    if where:
+        return f"{where}: {message}"
+    # the body as a whole: a model validator's message names its field already; else it is the body's
+    return message if _NAMES_A_FIELD.match(message) else f"body: {message}"

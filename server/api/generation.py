@@ -19,7 +19,7 @@ from ..engine import FinishReason, RequestOutput, SamplingParams
 from ..engine.request import Request as EngineRequest
 from ..engine.request import TokenLogprob
 from ..errors import InvalidRequest
-from ..schemas import Alternative, GenerateResponse, TokenScore, Usage
+from ..schemas.native import Alternative, GenerateResponse, TokenScore, Usage
 from .errors import ClientGone, DeadlineExceeded, Draining, error_event
 from .state import State
 

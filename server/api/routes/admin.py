@@ -12,7 +12,7 @@ import asyncio
 from fastapi import APIRouter, Depends, Query
 
 from ...limits import MAX_USAGE_DAYS
-from ...schemas import (
+from ...schemas.native import (
     AdminUsage,
     KeyCreate,
     KeyCreated,

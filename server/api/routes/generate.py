@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from ...engine import SamplingParams
-from ...schemas import GenerateRequest, GenerateResponse, ScoreRequest, ScoreResponse, Usage
+from ...schemas.native import GenerateRequest, GenerateResponse, ScoreRequest, ScoreResponse, Usage
 from ..errors import ERRORS, BoundedJsonRoute
 from ..generation import (
     collect,

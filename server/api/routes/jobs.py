@@ -7,7 +7,7 @@ import asyncio
 from fastapi import APIRouter, Query
 
 from ...limits import MAX_JOBS_LISTED
-from ...schemas import JobInfo, JobList
+from ...schemas.native import JobInfo, JobList
 from ...training.jobs import Job, JobNotFound, cancel
 from ..errors import ERRORS, BoundedJsonRoute
 from ..state import AppState, State, TenantName

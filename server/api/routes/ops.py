@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ...schemas import ErrorResponse, ServerStats, TierLoads
+from ...schemas.native import ErrorResponse, ServerStats, TierLoads
 from ..errors import ERRORS, BoundedJsonRoute, Draining, error_response
 from ..state import AppState, State, TenantName
 

@@ -7,7 +7,7 @@ import asyncio
 from fastapi import APIRouter, Query
 
 from ...limits import MAX_USAGE_DAYS
-from ...schemas import StoredNow, UsageDay, UsageReport
+from ...schemas.native import StoredNow, UsageDay, UsageReport
 from ...usage import totals
 from ..errors import ERRORS, BoundedJsonRoute
 from ..state import AppState, TenantName

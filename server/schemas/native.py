@@ -1,4 +1,4 @@
-"""HTTP request and response bodies (pydantic v2). Field limits here are the API's contract."""
+"""The native API's request and response bodies (pydantic v2). Field limits here are the API's contract."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from prefix_store.format import PREFIX_ID, PrefixMeta
 
-from .engine import SamplingParams
-from .inputs import Text, check_text
-from .limits import (
+from ..engine import SamplingParams
+from ..inputs import Text, check_text
+from ..limits import (
     MAX_INPUT_CHARS,
     MAX_LOGPROBS,
     MAX_NAME_LEN,
@@ -22,7 +22,7 @@ from .limits import (
     VISIBILITIES,
     stop_problem,
 )
-from .tenants import MAX_WEIGHT, TENANT_NAME
+from ..tenants import MAX_WEIGHT, TENANT_NAME
 
 
 def stop_strings(value: list[str] | str | None, max_count: int = MAX_STOP_STRINGS) -> list[str] | None:
