@@ -312,3 +312,20 @@ def test_any_openai_completions_body_is_answered_or_a_4xx_naming_the_field(api):
             assert r.status_code in (400, 404, 422) and names_one, (body[:300], message)
 
     check()
+
+
+def test_what_the_openai_property_found_is_named(api):
+    """Found by the OpenAI body property: a body that is not a JSON object, and a model validator's
+    complaint, were 422s that named no field ('Input should be a valid dictionary ...', 'Value error,
+    ...')."""
+    import httpx
+
+    from .helpers import A
+
+    headers = {**A, "content-type": "application/json"}
+    for raw, message in [
+        ("null", "body: Input should be a valid dictionary"),
+        ('{"model": "m", "prompt": "x", "max_tokens": 0}', "max_tokens: 0 is only allowed with echo: true"),
+    ]:
+        r = httpx.post(api.url + "/v1/completions", content=raw, headers=headers)
+        assert r.status_code == 422 and r.json()["error"]["message"].startswith(message), r.text
