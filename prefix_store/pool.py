@@ -31,7 +31,7 @@ import torch
 from .cache import Stats
 from .errors import PrefixServeError
 from .kinds import kind_of, prefix_length, prefix_nbytes
-from .state import PrefixState
+from .state import KvPrefix, PrefixState, as_state
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +198,10 @@ class DevicePool:
         entry = self._entries.get(prefix_id)
         return 0 if entry is None else entry.pins
 
-    def put(self, prefix_id: str, kv: PrefixState) -> None:
-        """Make a prefix resident now (e.g. right after it was created on this server)."""
+    def put(self, prefix_id: str, kv: PrefixState | torch.Tensor) -> None:
+        """Make a prefix resident now (e.g. right after it was created on this server); a bare K/V
+        tensor is a KV prefix."""
+        kv = as_state(kv)
         tensor = kv if self._placeable(kv) else kind_of(kv).to(kv, self.device, self.dtype)
         with self._lock:
             entry = self._entries.setdefault(prefix_id, _Entry(prefix_length(kv)))
@@ -237,7 +239,7 @@ class DevicePool:
     # ---- loading (worker threads) ----------------------------------------------------------------
     def _load_into_pool(self, prefix_id: str) -> None:
         try:
-            state = self._load(prefix_id)
+            state = as_state(self._load(prefix_id))  # (a loader may give a bare K/V tensor)
             # its device layout (a KV prefix going to the arena is copied there as it is)
             tensor = state if self._placeable(state) else kind_of(state).to(state, self.device, self.dtype)
         except PrefixServeError as exc:
@@ -277,7 +279,7 @@ class DevicePool:
         else:
             self._resident(prefix_id, entry, tensor)
 
-    def _settle(self, prefix_id: str, entry: _Entry, state: torch.Tensor) -> None:
+    def _settle(self, prefix_id: str, entry: _Entry, state: KvPrefix) -> None:
         """Copy a KV prefix into a run of arena blocks (lock held), evicting unpinned placed prefixes
         when that can make room; without room it stays pending, loaded, until blocks are freed."""
         arena, need = self._arena, self._arena.blocks_needed(state)

@@ -11,6 +11,22 @@ from dataclasses import dataclass
 import torch
 
 
+@dataclass(frozen=True, eq=False)  # identity: the rows reading one prefix share its reads
+class KvPrefix:
+    """A KV prefix (Li & Liang 2021) as the engine holds it: per-layer keys and values
+    kv `[n_layer, 2, n_head, P, head_dim]`, in an object whose type names its kind, as every state's does."""
+
+    kv: torch.Tensor  # [L, 2, H, P, D]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.kv.shape
+
+    @property
+    def length(self) -> int:
+        return self.kv.shape[3]
+
+
 @dataclass(frozen=True)
 class NtkPrefix:
     """One NTK prefix: z `[n_layer, n_head, D, D]` and k `[n_layer, n_head, D]`."""
@@ -82,4 +98,10 @@ class BottleneckAdapter:
 
 # What a provider hands the runner: K/V `[n_layer, 2, n_head, P, head_dim]`, an NTK prefix (length 0), or
 # a weight-side adapter (LoRA, bottleneck; length 0)
-PrefixState = torch.Tensor | NtkPrefix | LoraAdapter | BottleneckAdapter
+PrefixState = KvPrefix | NtkPrefix | LoraAdapter | BottleneckAdapter
+
+
+def as_state(state: PrefixState | torch.Tensor) -> PrefixState:
+    """A loaded prefix's state; a bare K/V tensor `[L, 2, H, P, D]` (what a file or a compilation gives)
+    is a KvPrefix."""
+    return KvPrefix(state) if isinstance(state, torch.Tensor) else state

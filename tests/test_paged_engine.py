@@ -75,7 +75,7 @@ def test_rows_sharing_a_prefix_read_it_in_place_and_match_hf(tiny_model, hf_mode
     short = make_prefixes(tiny_model, [1, 2, 5, 7], seed=4)
     prefixes = {"long": long, **short}
     engine = engine_with(tiny_model, prefixes, max_running=16, record_logits=True)
-    before = {pid: engine.prefixes.get(pid).clone() for pid in prefixes}
+    before = {pid: engine.prefixes.get(pid).kv.clone() for pid in prefixes}
     mix = ["long"] * 6 + list(short) + [None, None]
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
     rids = {}
@@ -90,7 +90,7 @@ def test_rows_sharing_a_prefix_read_it_in_place_and_match_hf(tiny_model, hf_mode
         for a, b in zip(logits, ref_logits, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     for pid, kv in before.items():  # read in place, never written
-        assert torch.equal(engine.prefixes.get(pid), kv)
+        assert torch.equal(engine.prefixes.get(pid).kv, kv)
 
 
 def test_a_prefix_is_evicted_only_when_no_row_references_it(service_factory, tiny_model, hf_model):

@@ -32,7 +32,7 @@ from prefix_store.format import (
     encode_tensors,
 )
 from prefix_store.service import PrefixService, StoreConfig
-from prefix_store.state import NtkPrefix
+from prefix_store.state import KvPrefix, NtkPrefix
 from prefixserve.compile import bind_model, magnitude_bounds
 from prefixserve.dense import Dense
 from prefixserve.engine import EngineConfig, EngineCore, FinishReason, SamplingParams
@@ -341,7 +341,7 @@ def register_poison(engine: EngineCore, model: LoadedModel, kind: str, value: fl
         "bad", torch.randn(model.spec.prefix_shape(6)) if kind == "kv" else make_ntk(model, 5)
     )
     resident = engine.prefixes.get("bad")
-    (resident if isinstance(resident, torch.Tensor) else resident.z).fill_(value)
+    (resident.kv if isinstance(resident, KvPrefix) else resident.z).fill_(value)
 
 
 @pytest.mark.parametrize("budget", [512, 7])  # 7: the poisoned prompt is prefilled in chunks

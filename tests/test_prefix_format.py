@@ -56,7 +56,7 @@ def test_roundtrip_keeps_tensor_and_metadata(tiny_model, expect):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         kv, data = good_file(tiny_model, 7, dtype, name="support bot", visibility="public", source="text")
         back, meta = decode_prefix(data, expect)
-        assert torch.equal(back, kv) and back.dtype == dtype
+        assert torch.equal(back.kv, kv) and back.kv.dtype == dtype
         assert (meta.prefix_len, meta.name, meta.visibility, meta.source, meta.kind) == (
             7,
             "support bot",

@@ -57,7 +57,7 @@ def test_two_services_on_one_bucket_see_each_others_prefixes(s3, tiny_model):
         meta = one.add_tensor(kv_for(tiny_model, 5), owner="alice", name="on-s3")
         assert two.visible(meta.id, "alice").name == "on-s3"
         assert [m.id for m in two.list("alice")] == [meta.id]
-        assert bool((two.load_state(meta.id).cpu() == kv_for(tiny_model, 5)).all())
+        assert bool((two.load_state(meta.id).kv.cpu() == kv_for(tiny_model, 5)).all())
         assert two.delete(meta.id)
         assert one.list("alice") == []
     finally:

@@ -15,6 +15,7 @@ import torch
 
 from prefix_store.kinds import KvPrefixKind
 from prefix_store.pool import DevicePool
+from prefix_store.state import KvPrefix
 from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
 from prefixserve.engine.blocks import BlockAllocator, blocks_for
 
@@ -40,7 +41,7 @@ def prefix_blocks(engine: EngineCore) -> int:
     pool, bs = engine.prefixes, engine.scheduler.config.block_size
     placed = [pool.get(pid) for pid in pool.resident()]
     kv = engine.runner.kv.untyped_storage().data_ptr()
-    in_pool = [s for s in placed if isinstance(s, torch.Tensor) and s.untyped_storage().data_ptr() == kv]
+    in_pool = [s.kv for s in placed if isinstance(s, KvPrefix) and s.kv.untyped_storage().data_ptr() == kv]
     held = sum(blocks_for(s.shape[3], bs) for s in in_pool)
     assert engine.arena.prefix_blocks == held
     return held
@@ -128,7 +129,7 @@ def test_kv_prefixes_live_in_the_kv_pool_and_rows_read_them_there(tiny_model, hf
 
     kv_storage = engine.runner.kv.untyped_storage().data_ptr()
     for pid in ("p5", "p9", "p30"):
-        view = pool.get(pid)
+        view = pool.get(pid).kv
         assert view.untyped_storage().data_ptr() == kv_storage  # in the KV pool, no tensor of its own
         torch.testing.assert_close(view, states[pid])
     assert pool.get("n1").z.untyped_storage().data_ptr() != kv_storage  # NTK keeps its own
@@ -284,7 +285,7 @@ def test_prefixes_longer_than_the_pools_prefix_share_keep_a_tensor_of_their_own(
     got = run(engine, [("p6", PROMPTS[0], SamplingParams(max_new_tokens=6, ignore_eos=True))])
     prompt = tiny_model.tokenizer.encode(PROMPTS[0])
     assert got["r0"] == hf_greedy(hf_model, prompt, states["p6"], 6)[0]
-    assert pool.get("p6").untyped_storage().data_ptr() != engine.runner.kv.untyped_storage().data_ptr()
+    assert pool.get("p6").kv.untyped_storage().data_ptr() != engine.runner.kv.untyped_storage().data_ptr()
     assert engine.scheduler.blocks.num_free == engine.scheduler.blocks.capacity
 
 

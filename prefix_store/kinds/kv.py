@@ -21,6 +21,7 @@ from ..errors import InvalidPrefixFile
 from ..limits import KIND_PREFIX_KV
 from ..spec import ModelSpec
 from ..staging import StepInputs
+from ..state import KvPrefix
 from .base import StackCache, check_peaks
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ class KvPrefixKind:
     weight_side: ClassVar[bool] = False  # attaches at attention
     placed: ClassVar[bool] = True  # resident in a run of the engine's KV blocks (unified paging)
     tensor_sets: ClassVar[tuple[list[str], ...]] = ([TENSOR_NAME],)
-    state_type: ClassVar[type] = torch.Tensor  # what a loaded prefix of this kind is (kind_of)
+    state_type: ClassVar[type] = KvPrefix  # what a loaded prefix of this kind is (kind_of)
 
     def __init__(self) -> None:
         self._stacks = StackCache()
@@ -84,11 +85,12 @@ class KvPrefixKind:
         check_peaks(f"{TENSOR_NAME} values", peaks[:, 1], bounds.value)
 
     @staticmethod
-    def from_tensors(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        return tensors[TENSOR_NAME]
+    def from_tensors(tensors: dict[str, torch.Tensor]) -> KvPrefix:
+        return KvPrefix(tensors[TENSOR_NAME])
 
     @staticmethod
-    def check(state: torch.Tensor, spec: ModelSpec, max_len: int) -> str | None:
+    def check(prefix: KvPrefix, spec: ModelSpec, max_len: int) -> str | None:
+        state = prefix.kv  # [L, 2, H, P, D]
         if state.dim() != 5:
             return f"prefix must have 5 dims [n_layer, 2, n_head, P, head_dim], got shape {list(state.shape)}"
         expected = spec.prefix_shape(state.shape[3])
@@ -103,32 +105,30 @@ class KvPrefixKind:
         return None
 
     @staticmethod
-    def length(state: torch.Tensor) -> int:
-        return state.shape[3]
+    def length(state: KvPrefix) -> int:
+        return state.kv.shape[3]
 
     @staticmethod
-    def nbytes(state: torch.Tensor) -> int:
-        return state.numel() * state.element_size()
+    def nbytes(state: KvPrefix) -> int:
+        return state.kv.numel() * state.kv.element_size()
 
     @staticmethod
-    def to(state: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        return state.detach().to(device=device, dtype=dtype).contiguous()  # [L, 2, H, P, D]
+    def to(state: KvPrefix, device: torch.device, dtype: torch.dtype) -> KvPrefix:
+        return KvPrefix(state.kv.detach().to(device=device, dtype=dtype).contiguous())  # [L, 2, H, P, D]
 
     # ---- attention -------------------------------------------------------------------------------
     def idle(self) -> None:
         self._stacks.clear()
 
-    def plan(
-        self, members: dict[int, list[int]], states: dict[int, torch.Tensor], inputs: StepInputs
-    ) -> _Plan:
+    def plan(self, members: dict[int, list[int]], states: dict[int, KvPrefix], inputs: StepInputs) -> _Plan:
         short = {
             key: toks
             for key, toks in members.items()
-            if states[key].shape[3] <= PAD_LIMIT and len(toks) <= PAD_TOKENS
+            if states[key].length <= PAD_LIMIT and len(toks) <= PAD_TOKENS
         }
         if len(short) < 2:  # one call per prefix is as good as a batch of one
             short = {}
-        singles = [(inputs.put(toks), states[key]) for key, toks in members.items() if key not in short]
+        singles = [(inputs.put(toks), states[key].kv) for key, toks in members.items() if key not in short]
         if not short:
             self._stacks.clear()
             return _Plan(None, None, singles)
@@ -161,9 +161,10 @@ class KvPrefixKind:
         raise NotImplementedError("prefix_kv has no fused decode: its part is merged (fuses() is False)")
 
 
-def _stack(states: list[torch.Tensor]) -> _Stack:
+def _stack(prefixes: list[KvPrefix]) -> _Stack:
     """Pad prefixes of different lengths into one tensor.
     -> kv `[G, L, 2, H, Pmax, D]`, bias `[G, 1, 1, Pmax]`."""
+    states = [p.kv for p in prefixes]  # [L, 2, H, P, D] each
     lengths = [s.shape[3] for s in states]
     top, first = max(lengths), states[0]
     kv = first.new_zeros(len(states), *first.shape[:3], top, first.shape[4])

@@ -15,6 +15,8 @@ import threading
 
 import torch
 
+from prefix_store.state import KvPrefix
+
 from .blocks import BlockAllocator, blocks_for
 
 
@@ -29,9 +31,9 @@ class KvArena:
         self._runs: dict[int, tuple[int, int]] = {}  # view's data_ptr -> (first block, blocks)
         self._lock = threading.Lock()
 
-    def blocks_needed(self, state: torch.Tensor) -> int:
-        """Blocks a prefix `[L, 2, H, P, D]` takes."""
-        return blocks_for(state.shape[3], self.blocks.block_size)
+    def blocks_needed(self, prefix: KvPrefix) -> int:
+        """Blocks a prefix of P positions takes."""
+        return blocks_for(prefix.length, self.blocks.block_size)
 
     def fits(self, blocks: int) -> bool:
         """Whether a prefix of `blocks` blocks can ever be placed (under the cap)."""
@@ -49,10 +51,11 @@ class KvArena:
     def generation(self) -> int:
         return self.blocks.generation
 
-    def place(self, state: torch.Tensor) -> torch.Tensor | None:
-        """Copy a prefix `[L, 2, H, P, D]` (any device and dtype) into a run of free blocks: -> its view
-        in the pool, `[L, 2, H, P, D]`, or None when no run of free blocks is long enough now."""
-        n = self.blocks_needed(state)
+    def place(self, prefix: KvPrefix) -> KvPrefix | None:
+        """Copy a prefix (its K/V on any device, in any dtype) into a run of free blocks: -> the prefix
+        read in place there (a view `[L, 2, H, P, D]` of the pool), or None when no run of free blocks
+        is long enough now."""
+        n = self.blocks_needed(prefix)
         with self._lock:
             if n > self.room():
                 return None
@@ -62,25 +65,25 @@ class KvArena:
             self.prefix_blocks += n
         L, _, _, bs, H, D = self.kv.shape
         run = self.kv[:, :, first : first + n].view(L, 2, n * bs, H, D)  # [L, 2, n*bs, H, D]
-        p = state.shape[3]
+        p = prefix.length
         run[:, :, p:].zero_()  # the last block's tail: never read, kept finite
         view = run[:, :, :p].transpose(2, 3)  # [L, 2, H, P, D]
-        view.copy_(state)
+        view.copy_(prefix.kv)
         with self._lock:
             self._runs[view.data_ptr()] = (first, n)
-        return view
+        return KvPrefix(view)
 
-    def first_slot(self, state: torch.Tensor) -> int | None:
+    def first_slot(self, prefix: KvPrefix) -> int | None:
         """The pool slot (block * block_size) holding a placed prefix's first position; None for a
-        state not placed here. Its positions are the slots that follow (one run of blocks)."""
+        prefix not placed here. Its positions are the slots that follow (one run of blocks)."""
         with self._lock:
-            run = self._runs.get(state.data_ptr())
+            run = self._runs.get(prefix.kv.data_ptr())
         return None if run is None else run[0] * self.blocks.block_size
 
-    def release(self, state: torch.Tensor) -> None:
-        """Give a placed prefix's blocks back (nothing may read the view afterwards)."""
+    def release(self, prefix: KvPrefix) -> None:
+        """Give a placed prefix's blocks back (nothing may read its view afterwards)."""
         with self._lock:
-            first, n = self._runs.pop(state.data_ptr())
+            first, n = self._runs.pop(prefix.kv.data_ptr())
             self.prefix_blocks -= n
             self.blocks.free_run(first, n)
 

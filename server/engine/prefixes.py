@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 
 from prefix_store.kinds import kind_of, prefix_length, prefix_nbytes
-from prefix_store.state import PrefixState
+from prefix_store.state import PrefixState, as_state
 
 from ..errors import InvalidPrefix, PrefixNotFound, PrefixServeError
 from ..model import ModelSpec
@@ -91,8 +91,10 @@ class PrefixTable:
         self.spec, self.dtype, self.device, self.max_len = spec, dtype, device, max_len
         self._entries: dict[str, _Entry] = {}
 
-    def register(self, prefix_id: str, state: PrefixState) -> None:
-        """Make a prefix resident (validated by its kind, in the model's dtype, on its device)."""
+    def register(self, prefix_id: str, state: PrefixState | torch.Tensor) -> None:
+        """Make a prefix resident (validated by its kind, in the model's dtype, on its device); a bare
+        K/V tensor `[L, 2, H, P, D]` is a KV prefix."""
+        state = as_state(state)
         kind = kind_of(state)
         if (problem := kind.check(state, self.spec, self.max_len)) is not None:
             raise InvalidPrefix(problem)
