@@ -11,6 +11,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from fastapi import FastAPI
 
@@ -60,6 +61,16 @@ async def start_engine_process(settings: ServerSettings, loaded: LoadedModel) ->
     return client
 
 
+def api_model_settings(settings: ServerSettings, engine_elsewhere: bool) -> ServerSettings:
+    """How this process loads its copy of the model. It runs it for uploads (a text prefix's compilation,
+    the magnitude bounds, once), training-data checks and, in the embedded default, the training worker.
+    With the engine elsewhere (its own process, Ray replicas) and training in worker processes (Redis),
+    the copy stays on the CPU, in float32: the accelerator's memory is the engine's alone."""
+    if engine_elsewhere and settings.redis_config() is not None:
+        return replace(settings, device="cpu", dtype="float32")
+    return settings
+
+
 def create_app(
     settings: ServerSettings | None = None,
     model: LoadedModel | None = None,
@@ -72,7 +83,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loaded = model or await asyncio.to_thread(load_configured_model, settings)
+        engine_elsewhere = engine_factory is not None or (model is None and settings.engine_process)
+        mine = api_model_settings(settings, engine_elsewhere)
+        loaded = model or await asyncio.to_thread(load_configured_model, mine)
         redis_cfg = settings.redis_config()
         redis_health = RedisHealth(redis_cfg) if redis_cfg is not None else None  # one per process
         # the store sweeps leftover temp files as it opens: disk work, so off the event loop
