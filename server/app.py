@@ -48,11 +48,8 @@ async def start_engine_process(settings: ServerSettings, loaded: LoadedModel) ->
     owner = None if settings.engine_address else EngineProcess(settings, address)
     if owner is not None:
         owner.start()
-    spec = loaded.spec
-    max_seq_len = min(settings.max_seq_len or spec.n_positions, spec.n_positions)
-    client = ProcessClient(
-        address, RequestPreparer(loaded.tokenizer, spec, max_seq_len), loaded.tokenizer, owner
-    )
+    preparer = RequestPreparer.serving(loaded.tokenizer, loaded.spec, settings.max_seq_len)
+    client = ProcessClient(address, preparer, owner)
     try:
         await client.start()
     except BaseException:

@@ -220,7 +220,7 @@ def test_streaming_client_disconnect_frees_the_slot(api):
     wait_until(lambda: core.num_running == 0 and core.num_live == 0)
 
 
-def test_streaming_client_that_leaves_while_queued_is_dropped_from_the_queue(tmp_path):
+def test_streaming_client_that_leaves_while_queued_is_dropped_from_the_queue(live_server, tmp_path):
     from prefixserve.model import load_model
     from prefixserve.tiny import TinyModelConfig, write_tiny_model
 
@@ -229,24 +229,21 @@ def test_streaming_client_that_leaves_while_queued_is_dropped_from_the_queue(tmp
             tmp_path / "slow", TinyModelConfig(n_layer=8, n_head=8, n_embd=384, n_positions=1024)
         )
     )
-    server = LiveServer(settings_for(tmp_path, max_running=1), slow).start()
+    server = live_server(slow, max_running=1)
     core = server.state.engine.core
-    try:
-        long = {"input": "The Mill", "max_new_tokens": 1000, "stream": True, "ignore_eos": True}
-        with httpx.stream("POST", server.url + "/generate", json=long, headers=A) as r:
-            lines = r.iter_lines()  # kept: a dropped iterator closes the stream
-            assert next(lines).startswith("event: token")  # holds the one running slot
-            quick = httpx.Timeout(5, read=0.3)  # a second stream waits in the queue, then leaves
-            with (
-                pytest.raises(httpx.ReadTimeout),
-                httpx.stream("POST", server.url + "/generate", json=long, headers=A, timeout=quick),
-            ):
-                pass
-            wait_until(lambda: core.num_live == 1, timeout=2)  # gone from the queue within moments
-            assert core.num_running == 1 and next(lines).startswith("data: ")  # the first still runs
-        wait_until(lambda: core.num_live == 0 and core.num_running == 0)
-    finally:
-        server.stop()
+    long = {"input": "The Mill", "max_new_tokens": 1000, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/generate", json=long, headers=A) as r:
+        lines = r.iter_lines()  # kept: a dropped iterator closes the stream
+        assert next(lines).startswith("event: token")  # holds the one running slot
+        quick = httpx.Timeout(5, read=0.3)  # a second stream waits in the queue, then leaves
+        with (
+            pytest.raises(httpx.ReadTimeout),
+            httpx.stream("POST", server.url + "/generate", json=long, headers=A, timeout=quick),
+        ):
+            pass
+        wait_until(lambda: core.num_live == 1, timeout=2)  # gone from the queue within moments
+        assert core.num_running == 1 and next(lines).startswith("data: ")  # the first still runs
+    wait_until(lambda: core.num_live == 0 and core.num_running == 0)
 
 
 def generated_tokens(api, tenant: str) -> float:

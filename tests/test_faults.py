@@ -141,41 +141,38 @@ def test_health_and_generation_keep_going_while_redis_sleeps(tiny_model, tmp_pat
 
 
 # ---- Redis killed, restarted empty -----------------------------------------------------------------
-def test_redis_down_fails_open_once_logged_and_job_calls_answer_503(tiny_model, tmp_path, own_redis, caplog):
+def test_redis_down_fails_open_once_logged_and_job_calls_answer_503(live_server, tmp_path, own_redis, caplog):
     caplog.set_level(logging.INFO, logger=HEALTH_LOG)
     settings = settings_for(tmp_path, redis_url=own_redis.url, requests_per_minute=1000, redis_retry_s=0.5)
-    server = LiveServer(settings, tiny_model).start()
+    server = live_server(settings=settings)
     training = Path(server.state.service.store.root) / "training"
-    try:
-        queued = httpx.post(server.url + "/prefixes", json=train_body(), headers=A)
-        assert queued.status_code == 202, queued.text
-        job = queued.json()["id"]
-        own_redis.kill()
-        body = {"input": "name : Aromi", "max_new_tokens": 2}
-        codes = [httpx.post(server.url + "/generate", json=body, headers=A).status_code for _ in range(30)]
-        assert codes == [200] * 30  # rate limiting fails open (counted on this replica)
-        warnings, _ = outage_lines(caplog)
-        assert len(warnings) == 1 and "fail open" in warnings[0], warnings  # one line, not one per request
-        r = httpx.post(server.url + "/prefixes", json=train_body(), headers=A)
-        assert r.status_code == 503 and r.json()["error"]["type"] == "unavailable", r.text
-        assert int(r.headers["retry-after"]) >= 1 and "Redis" in r.json()["error"]["message"]
-        assert sorted(os.listdir(training)) == [f"{job}.jsonl"]  # no orphan dataset
-        for method in ("GET", "DELETE"):
-            r = httpx.request(method, server.url + f"/jobs/{job}", headers=A)
-            assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, (method, r.text)
-        assert redis_state(server) == "down"
-        own_redis.start()  # the same port, empty (no persistence)
-        wait_until(lambda: redis_state(server) == "up", 10)
-        _, infos = outage_lines(caplog)
-        assert len([m for m in infos if "back" in m]) == 1, infos
-        again = httpx.post(server.url + "/prefixes", json=train_body(), headers=A)
-        assert again.status_code == 202, again.text  # the queue's group was recreated on the empty Redis
-        assert httpx.get(server.url + f"/jobs/{again.json()['id']}", headers=A).status_code == 200
-        assert httpx.post(server.url + "/generate", json=body, headers=A).status_code == 200
-        assert redis.Redis.from_url(own_redis.url).keys("prefixserve:rl:*")  # limits shared again
-        assert len(outage_lines(caplog)[0]) == 1
-    finally:
-        server.stop()
+    queued = httpx.post(server.url + "/prefixes", json=train_body(), headers=A)
+    assert queued.status_code == 202, queued.text
+    job = queued.json()["id"]
+    own_redis.kill()
+    body = {"input": "name : Aromi", "max_new_tokens": 2}
+    codes = [httpx.post(server.url + "/generate", json=body, headers=A).status_code for _ in range(30)]
+    assert codes == [200] * 30  # rate limiting fails open (counted on this replica)
+    warnings, _ = outage_lines(caplog)
+    assert len(warnings) == 1 and "fail open" in warnings[0], warnings  # one line, not one per request
+    r = httpx.post(server.url + "/prefixes", json=train_body(), headers=A)
+    assert r.status_code == 503 and r.json()["error"]["type"] == "unavailable", r.text
+    assert int(r.headers["retry-after"]) >= 1 and "Redis" in r.json()["error"]["message"]
+    assert sorted(os.listdir(training)) == [f"{job}.jsonl"]  # no orphan dataset
+    for method in ("GET", "DELETE"):
+        r = httpx.request(method, server.url + f"/jobs/{job}", headers=A)
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, (method, r.text)
+    assert redis_state(server) == "down"
+    own_redis.start()  # the same port, empty (no persistence)
+    wait_until(lambda: redis_state(server) == "up", 10)
+    _, infos = outage_lines(caplog)
+    assert len([m for m in infos if "back" in m]) == 1, infos
+    again = httpx.post(server.url + "/prefixes", json=train_body(), headers=A)
+    assert again.status_code == 202, again.text  # the queue's group was recreated on the empty Redis
+    assert httpx.get(server.url + f"/jobs/{again.json()['id']}", headers=A).status_code == 200
+    assert httpx.post(server.url + "/generate", json=body, headers=A).status_code == 200
+    assert redis.Redis.from_url(own_redis.url).keys("prefixserve:rl:*")  # limits shared again
+    assert len(outage_lines(caplog)[0]) == 1
 
 
 def test_server_starts_with_redis_down_and_reconnects_by_itself(live_server, tmp_path, own_redis):

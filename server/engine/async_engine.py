@@ -18,8 +18,6 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from transformers import PreTrainedTokenizerBase
-
 from ..errors import PrefixServeError
 from .core import EngineCore, sampled_rows
 from .frontend import EngineStopped, Frontend
@@ -74,10 +72,6 @@ class AsyncEngine(Frontend):
     def preparer(self) -> RequestPreparer:
         """Validation and tokenization (safe from any thread), as the API process does it."""
         return self.core.preparer
-
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        return self.core.model.tokenizer
 
     def evict(self, prefix_id: str) -> None:
         """Nothing to do: the store's device pool is this engine's (PrefixService.delete evicted it)."""

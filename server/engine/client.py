@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Callable
 import msgspec
 import zmq
 import zmq.asyncio
-from transformers import PreTrainedTokenizerBase
 
 from .frontend import EngineStopped, Frontend
 from .prepare import RequestPreparer
@@ -50,14 +49,8 @@ DEAD_AFTER_S = {True: 30.0, False: 10.0}  # by: this process owns the engine
 
 
 class ProcessClient(Frontend):
-    def __init__(
-        self,
-        address: str,
-        preparer: RequestPreparer,
-        tokenizer: PreTrainedTokenizerBase,
-        owner: EngineProcess | None = None,
-    ) -> None:
-        self.address, self.preparer, self.tokenizer, self.owner = address, preparer, tokenizer, owner
+    def __init__(self, address: str, preparer: RequestPreparer, owner: EngineProcess | None = None) -> None:
+        self.address, self.preparer, self.owner = address, preparer, owner
         self._sock: zmq.asyncio.Socket | None = None
         self._ns = uuid.uuid4().hex[:12] + ":"  # request ids on the wire: unique across API processes
         self._streams: dict[str, asyncio.Queue[Output | BaseException]] = {}  # by request id on the wire

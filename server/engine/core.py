@@ -155,7 +155,8 @@ class EngineCore:
         self.model = model
         spec = model.spec
         config = config or EngineConfig()
-        self.max_seq_len = min(config.max_seq_len or spec.n_positions, spec.n_positions)
+        self.preparer = RequestPreparer.serving(model.tokenizer, spec, config.max_seq_len)
+        self.max_seq_len = self.preparer.max_seq_len
         self.config = config.resolved(model.device, self.max_seq_len, _tokens_that_fit(model))
         self.max_prefix_len = self.config.max_prefix_len or self.max_seq_len // 2
         self.prefixes = prefixes or PrefixTable(spec, model.dtype, model.device, self.max_prefix_len)
@@ -183,7 +184,6 @@ class EngineCore:
         self._live: dict[str, Sequence] = {}  # the requests in the engine (the scheduler's own objects)
         self._ended: list[RequestOutput] = []  # requests `add_request` ended, out with the next step
         self.num_steps = 0  # forward passes run (the stats' `steps`)
-        self.preparer = RequestPreparer(model.tokenizer, spec, self.max_seq_len)
         log.info(
             "engine on %s: decode attention %s, dense pieces %s",
             model.device,

@@ -66,10 +66,13 @@ class EngineClient(Protocol):
 
 class Frontend:
     """The part every front-end shares: text and stop strings over the engine's token ids. A subclass
-    gives `preparer`, `tokenizer`, `running` and `outputs`."""
+    gives `preparer`, `running` and `outputs`."""
 
     preparer: RequestPreparer
-    tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.preparer.tokenizer  # (the one that tokenized the request detokenizes it)
 
     @property
     def running(self) -> bool:

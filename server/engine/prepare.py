@@ -22,6 +22,14 @@ class RequestPreparer:
         self._ids = itertools.count()
         self._texts: dict[int, str] = {}  # token id -> its text alone (log-probability answers)
 
+    @classmethod
+    def serving(
+        cls, tokenizer: PreTrainedTokenizerBase, spec: ModelSpec, max_seq_len: int | None
+    ) -> RequestPreparer:
+        """The preparer of an engine configured for rows of `max_seq_len` positions (None or 0: the
+        model's n_positions; never more): the engine and every front-end make it here, so they agree."""
+        return cls(tokenizer, spec, min(max_seq_len or spec.n_positions, spec.n_positions))
+
     def prepare(
         self,
         input: str | list[int],

@@ -192,11 +192,9 @@ class RayEngineClient(Frontend):
     """A front-end (an `EngineClient`, its text made here) over a Ray Serve deployment handle: each
     request is one streaming call with its prefix as the multiplexed model id."""
 
-    def __init__(
-        self, handles: list, preparer: RequestPreparer, tokenizer, watcher: ReplicaWatcher | None
-    ) -> None:
+    def __init__(self, handles: list, preparer: RequestPreparer, watcher: ReplicaWatcher | None) -> None:
         # one handle (affinity routing), or one per single-replica deployment (random routing)
-        self.handles, self.preparer, self.tokenizer, self.watcher = handles, preparer, tokenizer, watcher
+        self.handles, self.preparer, self.watcher = handles, preparer, watcher
         self.on_step = None  # (step sizes are the replicas' own; the batch histogram stays empty)
         self._stopping: asyncio.Task | None = None
 
@@ -283,12 +281,10 @@ async def ray_engine(settings: ServerSettings, loaded: LoadedModel) -> RayEngine
     """The ingress's engine: a handle on the engine deployment of this application."""
     names = [ENGINE] if settings.ray_routing == "affinity" else _random_names(settings)
     handles = [serve.get_deployment_handle(name, app_name=APP_NAME) for name in names]
-    spec = loaded.spec
-    max_seq_len = min(settings.max_seq_len or spec.n_positions, spec.n_positions)
     redis_cfg = settings.redis_config()
     watcher = ReplicaWatcher(redis_cfg) if redis_cfg is not None else None
-    preparer = RequestPreparer(loaded.tokenizer, spec, max_seq_len)
-    client = RayEngineClient(handles, preparer, loaded.tokenizer, watcher)
+    preparer = RequestPreparer.serving(loaded.tokenizer, loaded.spec, settings.max_seq_len)
+    client = RayEngineClient(handles, preparer, watcher)
     await client.start()
     return client
 
