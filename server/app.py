@@ -14,7 +14,9 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 
 from fastapi import FastAPI
+from transformers import PreTrainedTokenizerBase
 
+from prefix_store.binding import ModelBinding
 from prefix_store.redis_health import RedisHealth
 from prefix_store.service import PrefixService
 
@@ -23,14 +25,14 @@ from .api.errors import install_error_handlers
 from .api.routes import ROUTERS
 from .api.state import State
 from .auth import Authenticator
-from .compile import bind_model
+from .compile import RemoteModel, bind_model
 from .engine import AsyncEngine, EngineClient, EngineConfig, EngineCore, ProcessClient
 from .engine.prepare import RequestPreparer
 from .engine.process import EngineProcess, engine_address
 from .idempotency import Idempotency
-from .loading import load_configured_model
+from .loading import configured_spec, configured_tokenizer, load_configured_model
 from .metrics import Metrics, MetricsConfig
-from .model import LoadedModel
+from .model import LoadedModel, ModelSpec, parse_dtype
 from .ratelimit import RateLimiter
 from .settings import ServerSettings
 from .tenants import TenantRegistry
@@ -41,14 +43,16 @@ from .usage import UsageMeter
 log = logging.getLogger(__name__)
 
 
-async def start_engine_process(settings: ServerSettings, loaded: LoadedModel) -> EngineClient:
+async def start_engine_process(
+    settings: ServerSettings, tokenizer: PreTrainedTokenizerBase, spec: ModelSpec
+) -> ProcessClient:
     """The engine core in its own process: started here (and restarted whenever it dies), or the one
     at `settings.engine_address` (API workers of `prefixserve serve --api-workers N`)."""
     address = settings.engine_address or engine_address()
     owner = None if settings.engine_address else EngineProcess(settings, address)
     if owner is not None:
         owner.start()
-    preparer = RequestPreparer.serving(loaded.tokenizer, loaded.spec, settings.max_seq_len)
+    preparer = RequestPreparer.serving(tokenizer, spec, settings.max_seq_len)
     client = ProcessClient(address, preparer, owner)
     try:
         await client.start()
@@ -58,11 +62,54 @@ async def start_engine_process(settings: ServerSettings, loaded: LoadedModel) ->
     return client
 
 
+async def start_engine(
+    settings: ServerSettings,
+    loaded: LoadedModel,
+    given: bool,
+    engine_factory: Callable[[ServerSettings, LoadedModel], Awaitable[EngineClient]] | None,
+    service: PrefixService,
+) -> EngineClient:
+    """Where the engine runs: Ray replicas (`engine_factory`), a process of its own, or, for a model
+    `given` by the caller (tests, embedding), a thread of this process on the store's device pool."""
+    if engine_factory is not None:
+        return await engine_factory(settings, loaded)
+    if not given and settings.engine_process:
+        return await start_engine_process(settings, loaded.tokenizer, loaded.spec)
+    engine = AsyncEngine(EngineCore(loaded, EngineConfig.from_settings(settings), prefixes=service.pool))
+    engine.start()
+    return engine
+
+
+def holds_no_model(settings: ServerSettings, model: LoadedModel | None, engine_factory: object) -> bool:
+    """Whether this API process works without the model's weights: the engine runs in a process of its
+    own (it compiles text prefixes and soft prompts, and sends the model's names and upload bounds) and
+    training runs in worker processes (Redis). It keeps the tokenizer and the config (`RemoteModel`)."""
+    return (
+        model is None
+        and engine_factory is None
+        and settings.engine_process
+        and settings.redis_config() is not None
+    )
+
+
+async def remote_model(settings: ServerSettings) -> tuple[RemoteModel, ProcessClient]:
+    """The model as `holds_no_model` has it, and the engine process it is read from."""
+    tokenizer = await asyncio.to_thread(configured_tokenizer, settings)
+    spec = await asyncio.to_thread(configured_spec, settings)
+    client = await start_engine_process(settings, tokenizer, spec)
+    if client.model is None:
+        client.stop()
+        raise RuntimeError(f"the engine at {client.address} did not describe its model")
+    loop, dtype = asyncio.get_running_loop(), parse_dtype(settings.dtype)
+    return RemoteModel(spec, tokenizer, dtype, client.compile, loop, client.model), client
+
+
 def api_model_settings(settings: ServerSettings, engine_elsewhere: bool) -> ServerSettings:
-    """How this process loads its copy of the model. It runs it for uploads (a text prefix's compilation,
-    the magnitude bounds, once), training-data checks and, in the embedded default, the training worker.
-    With the engine elsewhere (its own process, Ray replicas) and training in worker processes (Redis),
-    the copy stays on the CPU, in float32: the accelerator's memory is the engine's alone."""
+    """How this process loads its copy of the model when it needs one: for uploads (a text prefix's
+    compilation, the magnitude bounds, once), training-data checks and, in the embedded default, the
+    training worker. With the engine elsewhere (its own process, Ray replicas) and training in worker
+    processes (Redis), the copy stays on the CPU, in float32: the accelerator's memory is the engine's
+    alone. (An engine process of its own and Redis: no copy at all, `holds_no_model`.)"""
     if engine_elsewhere and settings.redis_config() is not None:
         return replace(settings, device="cpu", dtype="float32")
     return settings
@@ -80,25 +127,24 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine_elsewhere = engine_factory is not None or (model is None and settings.engine_process)
-        mine = api_model_settings(settings, engine_elsewhere)
-        loaded = model or await asyncio.to_thread(load_configured_model, mine)
+        engine: EngineClient | None = None
+        loaded: LoadedModel | RemoteModel
+        if holds_no_model(settings, model, engine_factory):
+            loaded, engine = await remote_model(settings)
+            binding: ModelBinding = loaded
+        else:
+            engine_elsewhere = engine_factory is not None or (model is None and settings.engine_process)
+            mine = api_model_settings(settings, engine_elsewhere)
+            loaded = model or await asyncio.to_thread(load_configured_model, mine)
+            binding = await asyncio.to_thread(bind_model, loaded)  # (a forward pass: the bounds)
         redis_cfg = settings.redis_config()
         redis_health = RedisHealth(redis_cfg) if redis_cfg is not None else None  # one per process
         # the store sweeps leftover temp files as it opens: disk work, so off the event loop
         service = await asyncio.to_thread(
-            PrefixService, bind_model(loaded), settings.store_config(), redis_health=redis_health
+            PrefixService, binding, settings.store_config(), redis_health=redis_health
         )
-        engine: EngineClient
-        if engine_factory is not None:
-            engine = await engine_factory(settings, loaded)
-        elif model is None and settings.engine_process:
-            engine = await start_engine_process(settings, loaded)
-        else:  # a model given by the caller (tests, embedding) runs here, on a thread of this process
-            engine = AsyncEngine(
-                EngineCore(loaded, EngineConfig.from_settings(settings), prefixes=service.pool)
-            )
-            engine.start()
+        if engine is None:  # (a RemoteModel's engine started first: it describes the model)
+            engine = await start_engine(settings, loaded, model is not None, engine_factory, service)
         metrics = Metrics(engine, service, MetricsConfig.from_settings(settings))
         engine.on_step = metrics.batch.observe
         registry = TenantRegistry(
@@ -147,7 +193,7 @@ def create_app(
         if watch_task is not None:  # /ready then says whether Redis is up (at most one timeout)
             await watched.wait()
         state.ready = True
-        log.info("ready: model %s (%s) on %s", loaded.name, settings.dtype, settings.device)
+        log.info("ready: model %s (%s) on %s", loaded.served_name, settings.dtype, settings.device)
         try:
             yield
         finally:

@@ -8,7 +8,7 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from transformers import GPT2Config
+from transformers import AutoTokenizer, GPT2Config, PreTrainedTokenizerBase
 
 from .model import LoadedModel, ModelSpec, hub_model_available, load_model, spec_from_config
 from .settings import ServerSettings
@@ -37,10 +37,19 @@ def load_configured_model(settings: ServerSettings) -> LoadedModel:
 
 def configured_spec(settings: ServerSettings) -> ModelSpec:
     """The configured model's dimensions from its config alone (no weights loaded)."""
+    return spec_from_config(GPT2Config.from_pretrained(_configured_path(settings)))
+
+
+def configured_tokenizer(settings: ServerSettings) -> PreTrainedTokenizerBase:
+    """The configured model's tokenizer alone (no weights loaded)."""
+    return AutoTokenizer.from_pretrained(_configured_path(settings))
+
+
+def _configured_path(settings: ServerSettings) -> str:
     name = settings.model
     if name == "auto":
         name = "gpt2" if hub_model_available("gpt2") else "tiny"
-    return spec_from_config(GPT2Config.from_pretrained(_local_name(name, settings)))
+    return _local_name(name, settings)
 
 
 def _local_name(name: str, settings: ServerSettings) -> str:

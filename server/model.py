@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from huggingface_hub import constants as hf_constants
@@ -164,6 +165,17 @@ def model_fingerprint(spec: ModelSpec, weights: GPT2Weights) -> str:
         h.update(t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
     dims = f"L{spec.n_layer}-H{spec.n_head}-C{spec.n_embd}-V{spec.vocab_size}-N{spec.n_positions}"
     return f"gpt2-{dims}-{h.hexdigest()[:32]}"
+
+
+class Tokenized(Protocol):
+    """What request and data checks read of a model: its dimensions and its tokenizer (a LoadedModel, or
+    an API process's `compile.RemoteModel`, which has no weights)."""
+
+    @property
+    def spec(self) -> ModelSpec: ...
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase: ...
 
 
 @dataclass

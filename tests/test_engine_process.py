@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 
 from prefixserve.engine import EngineConfig, EngineCore, OfflineEngine, SamplingParams
 
@@ -198,3 +199,37 @@ def test_the_api_process_copy_of_the_model_stays_on_the_cpu_when_nothing_here_se
     assert api_model_settings(shared, engine_elsewhere=False) == shared  # the engine runs on it here
     embedded = ServerSettings(device="cuda", dtype="bfloat16")  # no Redis: the training worker runs here
     assert api_model_settings(embedded, engine_elsewhere=True) == embedded
+
+
+def test_an_api_process_whose_engine_and_training_run_elsewhere_holds_no_model(
+    tiny_model, tiny_model_dir, tmp_path, redis_url
+):
+    """Engine in its own process, training on Redis workers: the API process keeps the tokenizer and the
+    config; the engine compiles text prefixes and sends the model's names and upload bounds."""
+    from prefixserve.compile import RemoteModel, bind_model, text_to_kv
+    from prefixserve.engine.runner import compile_prefix
+
+    from .helpers import A, settings_for
+    from .live import LiveServer
+
+    settings = settings_for(tmp_path, model=str(tiny_model_dir), redis_url=redis_url, engine_process=True)
+    server = LiveServer(settings, None).start()
+    try:
+        held = server.state.model
+        assert isinstance(held, RemoteModel) and not hasattr(held, "weights")
+        assert (held.fingerprint, held.served_name) == (tiny_model.fingerprint, tiny_model.served_name)
+        assert server.state.service.expect.bounds == bind_model(tiny_model).bounds  # derived by the engine
+        text = "Answer briefly and politely.\n"
+        made = httpx.post(server.url + "/prefixes", json={"text": text}, headers=A, timeout=30)
+        assert made.status_code == 201, made.text
+        stored = server.state.service.load_state(made.json()["id"]).kv
+        torch.testing.assert_close(stored, text_to_kv(text, tiny_model, 64))  # what a local model makes
+        embeds = torch.randn(5, tiny_model.spec.n_embd, generator=torch.Generator().manual_seed(1))  # [P, C]
+        torch.testing.assert_close(held.compile_embeds(embeds), compile_prefix(tiny_model, embeds=embeds))
+        too_long = httpx.post(server.url + "/prefixes", json={"text": "word " * 100}, headers=A)
+        assert too_long.status_code == 422 and "at most 64" in too_long.json()["error"]["message"]
+        body = {"input": PROMPTS[0], "prefix_id": made.json()["id"], "max_new_tokens": 4}
+        answer = httpx.post(server.url + "/generate", json=body, headers=A, timeout=30)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4, answer.text
+    finally:
+        server.stop()

@@ -14,6 +14,7 @@ from prefix_store.redis_health import RedisHealth
 from prefix_store.service import PrefixService
 
 from ..auth import Authenticator
+from ..compile import RemoteModel
 from ..engine import EngineClient
 from ..engine.request import Tenancy
 from ..errors import PrefixNotFound
@@ -31,7 +32,7 @@ from .errors import Draining
 @dataclass
 class State:
     settings: ServerSettings
-    model: LoadedModel
+    model: LoadedModel | RemoteModel  # (RemoteModel: no weights here, the engine process has them)
     service: PrefixService
     engine: EngineClient  # in this process, in its own (engine/process.py), or on Ray Serve
     auth: Authenticator  # keys -> tenants (its registry holds the tenants, their weights and limits)

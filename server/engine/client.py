@@ -20,6 +20,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 import msgspec
+import numpy as np
+import torch
 import zmq
 import zmq.asyncio
 
@@ -31,10 +33,14 @@ from .wire import (
     HEARTBEAT_S,
     Abort,
     Add,
+    Compile,
+    Compiled,
     EngineStats,
     Evict,
     Hello,
+    ModelCard,
     Output,
+    RemoteError,
     Step,
     Welcome,
     encode,
@@ -54,6 +60,8 @@ class ProcessClient(Frontend):
         self._sock: zmq.asyncio.Socket | None = None
         self._ns = uuid.uuid4().hex[:12] + ":"  # request ids on the wire: unique across API processes
         self._streams: dict[str, asyncio.Queue[Output | BaseException]] = {}  # by request id on the wire
+        self._compiling: dict[str, asyncio.Future[Compiled]] = {}  # by compile id
+        self.model: ModelCard | None = None  # the served model's names and upload bounds (the Welcome's)
         self._stats = EngineStats()
         self._engine_id: str | None = None
         self._alive = False
@@ -119,6 +127,33 @@ class ProcessClient(Frontend):
                 self.abort(rid)
             self._streams.pop(rid, None)
 
+    async def compile(
+        self, token_ids: list[int] | None = None, embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """A prefix's K/V `[n_layer, 2, n_head, P, head_dim]` (float32, CPU) made by the engine's model
+        from a text's token ids or a soft prompt's embeddings `[P, n_embd]`."""
+        if not self._alive:
+            raise EngineStopped("the engine is not running; retry shortly")
+        cid = uuid.uuid4().hex
+        if embeds is None:
+            msg = Compile(cid, list(token_ids or []))
+        else:
+            rows = embeds.detach().float().cpu().contiguous()  # [P, C]
+            msg = Compile(cid, embeds=rows.numpy().tobytes(), embeds_rows=rows.shape[0])
+        done = self._compiling[cid] = asyncio.get_running_loop().create_future()
+        self._send(msg)
+        try:
+            answer = await done
+        finally:
+            self._compiling.pop(cid, None)
+        if answer.error is not None:
+            raise RemoteError(answer.error.kind, answer.error.status, answer.error.message)
+        s = self.preparer.spec
+        kv = np.frombuffer(answer.kv, dtype=np.float32).reshape(
+            s.n_layer, 2, s.n_head, answer.length, s.head_dim
+        )
+        return torch.from_numpy(kv.copy())
+
     def abort(self, request_id: str) -> None:
         """Cancel a request (by its id on the wire, as `outputs` sent it)."""
         self._send(Abort(request_id))
@@ -127,7 +162,7 @@ class ProcessClient(Frontend):
         """A prefix was deleted: the engine drops it from its device pool."""
         self._send(Evict(prefix_id))
 
-    def _send(self, msg: Hello | Add | Abort | Evict) -> None:
+    def _send(self, msg: Hello | Add | Abort | Evict | Compile) -> None:
         if self._sock is None:
             return
         with contextlib.suppress(zmq.ZMQError):  # a closed socket (stopping): nothing to tell
@@ -143,6 +178,9 @@ class ProcessClient(Frontend):
                 log.warning("dropping a malformed message from the engine: %s", exc)
                 continue
             self._last_heard = time.monotonic()
+            if isinstance(msg, Compiled):
+                self._compiled(msg)
+                continue
             self._stats = msg.stats
             if isinstance(msg, Step):
                 self._deliver(msg)
@@ -157,11 +195,16 @@ class ProcessClient(Frontend):
             if queue is not None:
                 queue.put_nowait(out)
 
+    def _compiled(self, msg: Compiled) -> None:
+        done = self._compiling.get(msg.compile_id)
+        if done is not None and not done.done():
+            done.set_result(msg)
+
     def _welcome(self, msg: Welcome) -> None:
         if self._engine_id is not None and msg.engine_id != self._engine_id:
             log.warning("a new engine process answered: requests in flight were lost with the old one")
             self._fail_all(EngineStopped("the engine restarted; retry the request"))
-        self._engine_id, self._alive = msg.engine_id, True
+        self._engine_id, self._alive, self.model = msg.engine_id, True, msg.model
 
     async def _watch(self) -> None:
         """Say Hello until welcomed; then notice silence (or the owned process exiting)."""
@@ -183,3 +226,6 @@ class ProcessClient(Frontend):
     def _fail_all(self, error: BaseException) -> None:
         for queue in list(self._streams.values()):
             queue.put_nowait(error)
+        for done in list(self._compiling.values()):
+            if not done.done():
+                done.set_exception(error)

@@ -28,19 +28,25 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 
 import msgspec
+import numpy as np
+import torch
 import zmq
 
 from ..errors import EngineFault, PrefixServeError
 from .core import EngineConfig, EngineCore, sampled_rows
 from .request import FinishReason, RequestOutput
+from .runner import compile_prefix
 from .wire import (
     HEARTBEAT_S,
     Abort,
     Add,
     Beat,
+    Compile,
+    Compiled,
     EngineStats,
     Evict,
     Hello,
+    ModelCard,
     Output,
     RemoteError,
     Step,
@@ -62,8 +68,9 @@ class EngineLoop:
         address: str,
         evict: Callable[[str], None],
         load_counts: Callable[[], dict[str, int]] = dict,
+        card: ModelCard | None = None,
     ) -> None:
-        self.core, self.evict, self.load_counts = core, evict, load_counts
+        self.core, self.evict, self.load_counts, self.card = core, evict, load_counts, card
         self.sock = zmq.Context.instance().socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(address)
@@ -108,7 +115,7 @@ class EngineLoop:
     def _handle(self, client: bytes, msg: Hello | Add | Abort | Evict) -> None:
         if isinstance(msg, Hello):
             self.clients.add(client)
-            self.sock.send_multipart([client, encode(Welcome(self.engine_id, self.stats()))])
+            self.sock.send_multipart([client, encode(Welcome(self.engine_id, self.stats(), self.card))])
         elif isinstance(msg, Add):
             self.owner[msg.request_id] = client
             try:
@@ -124,8 +131,28 @@ class EngineLoop:
         elif isinstance(msg, Abort):
             if self.core.abort(msg.request_id):
                 self.owner.pop(msg.request_id, None)
+        elif isinstance(msg, Compile):
+            self.sock.send_multipart([client, encode(self._compile(msg))])
         else:
             self.evict(msg.prefix_id)
+
+    def _compile(self, msg: Compile) -> Compiled:
+        """A prefix's K/V from the engine's model (between steps: one forward pass of at most a prefix's
+        length); a failure is the answer's, never the engine's."""
+        model = self.core.model
+        try:
+            if msg.embeds:
+                rows = np.frombuffer(msg.embeds, dtype=np.float32).reshape(msg.embeds_rows, -1)
+                embeds = torch.from_numpy(rows.copy()).to(model.device, model.dtype)  # [P, C]
+                kv = compile_prefix(model, embeds=embeds)
+            else:
+                kv = compile_prefix(model, token_ids=list(msg.token_ids))
+        except Exception as exc:  # (the ids and shapes were checked by the caller; anything else is logged)
+            log.exception("compiling a prefix failed")
+            error = exc if isinstance(exc, PrefixServeError) else EngineFault(f"compiling failed: {exc}")
+            return Compiled(msg.compile_id, error=RemoteError.wire(error))
+        kv = kv.float().cpu().contiguous()  # [L, 2, H, P, D]
+        return Compiled(msg.compile_id, kv.numpy().tobytes(), kv.shape[3])
 
     def _step(self) -> None:
         try:
@@ -176,7 +203,8 @@ def main() -> None:
     health = RedisHealth(redis_cfg) if redis_cfg is not None else None
     service = PrefixService(bind_model(model), settings.store_config(), redis_health=health)
     core = EngineCore(model, EngineConfig.from_settings(settings), prefixes=service.pool)
-    loop = EngineLoop(core, address, service.pool.evict, service.stats.snapshot)
+    card = ModelCard(model.served_name, model.fingerprint, service.model.bounds)
+    loop = EngineLoop(core, address, service.pool.evict, service.stats.snapshot, card)
 
     def stop(*_: object) -> None:
         loop.stopping = True

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from prefix_store.bounds import MagnitudeBounds
+
 from ..errors import PrefixServeError
 from .request import FinishReason, Request, RequestOutput, SamplingParams, Tenancy, TokenLogprob
 
@@ -88,7 +90,17 @@ class Evict(msgspec.Struct, tag="evict"):
     prefix_id: str
 
 
-ToEngine = Hello | Add | Abort | Evict
+class Compile(msgspec.Struct, tag="compile"):
+    """Compile a prefix's K/V with the engine's model (an API process holds no model): a text's token ids,
+    or a soft prompt's input embeddings (float32 bytes of `[P, n_embd]`)."""
+
+    compile_id: str
+    token_ids: list[int] = []
+    embeds: bytes = b""
+    embeds_rows: int = 0
+
+
+ToEngine = Hello | Add | Abort | Evict | Compile
 
 
 # ---- engine -> API ---------------------------------------------------------------------------
@@ -142,9 +154,29 @@ class Step(msgspec.Struct, tag="step"):
     stats: EngineStats
 
 
+class ModelCard(msgspec.Struct):
+    """What an API process needs of the served model without loading it: its names, and the upload
+    magnitude bounds derived from its weights (prefix_store/bounds.py)."""
+
+    served_name: str
+    fingerprint: str
+    bounds: MagnitudeBounds | None
+
+
 class Welcome(msgspec.Struct, tag="welcome"):
     engine_id: str  # a new id per engine process: a client sees a restart
     stats: EngineStats
+    model: ModelCard | None = None
+
+
+class Compiled(msgspec.Struct, tag="compiled"):
+    """A `Compile`'s answer: K/V as float32 bytes of `[n_layer, 2, n_head, P, head_dim]` (P = `length`),
+    or the error that stopped it."""
+
+    compile_id: str
+    kv: bytes = b""
+    length: int = 0
+    error: Error | None = None
 
 
 class Beat(msgspec.Struct, tag="beat"):
@@ -153,7 +185,7 @@ class Beat(msgspec.Struct, tag="beat"):
     stats: EngineStats
 
 
-FromEngine = Step | Welcome | Beat
+FromEngine = Step | Welcome | Beat | Compiled
 HEARTBEAT_S = 0.5
 
 to_engine = msgspec.msgpack.Decoder(ToEngine)

@@ -18,7 +18,7 @@ from ..limits import (
     MAX_NEW_TOKENS,
     MAX_SEPARATOR_CHARS,
 )
-from ..model import LoadedModel
+from ..model import Tokenized
 from .evaluate import METRICS
 from .trainer import TRAIN_KINDS, TrainConfig, encode_example
 
@@ -150,7 +150,7 @@ def parse_jsonl(raw: bytes, field: str = "train") -> list[TrainExample]:
 
 
 def validate_dataset(
-    examples: list[TrainExample], cfg: TrainConfig, model: LoadedModel, max_prefix_len: int
+    examples: list[TrainExample], cfg: TrainConfig, model: Tokenized, max_prefix_len: int
 ) -> bytes:
     """Check every record against the model's limits; returns the dataset as JSONL for the store."""
     if cfg.prefix_len > max_prefix_len:

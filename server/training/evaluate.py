@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from ..engine import EngineConfig, EngineCore, OfflineEngine, SamplingParams
 from ..engine.prefixes import PrefixState
 from ..errors import InvalidRequest
-from ..model import LoadedModel
+from ..model import LoadedModel, Tokenized
 from .trainer import IGNORE, encode_example
 
 METRICS = ("bleu", "rouge_l", "exact_match", "loss")
@@ -55,9 +55,7 @@ class Evaluation:
         return asdict(self)
 
 
-def check_examples(
-    pairs: list[tuple[str, str]], model: LoadedModel, prefix_len: int, cfg: EvalConfig
-) -> None:
+def check_examples(pairs: list[tuple[str, str]], model: Tokenized, prefix_len: int, cfg: EvalConfig) -> None:
     """InvalidRequest for an example that cannot run: empty, or longer than the model's positions."""
     if not pairs:
         raise InvalidRequest("examples", "expected at least one example, got none")
