@@ -11,7 +11,6 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import replace
 
 from fastapi import FastAPI
 from transformers import PreTrainedTokenizerBase
@@ -27,6 +26,7 @@ from .api.state import State
 from .auth import Authenticator
 from .compile import RemoteModel, bind_model
 from .engine import AsyncEngine, EngineClient, EngineConfig, EngineCore, ProcessClient
+from .engine.frontend import RemoteEngine
 from .engine.prepare import RequestPreparer
 from .engine.process import EngineProcess, engine_address
 from .idempotency import Idempotency
@@ -41,6 +41,9 @@ from .training.worker import Worker, WorkerConfig
 from .usage import UsageMeter
 
 log = logging.getLogger(__name__)
+# where the engine is when it is neither here nor a process of its own (Ray Serve replicas): made from the
+# settings and what requests are prepared with (tokenizer, dimensions)
+EngineFactory = Callable[[ServerSettings, PreTrainedTokenizerBase, ModelSpec], Awaitable[EngineClient]]
 
 
 async def start_engine_process(
@@ -66,13 +69,13 @@ async def start_engine(
     settings: ServerSettings,
     loaded: LoadedModel,
     given: bool,
-    engine_factory: Callable[[ServerSettings, LoadedModel], Awaitable[EngineClient]] | None,
+    engine_factory: EngineFactory | None,
     service: PrefixService,
 ) -> EngineClient:
     """Where the engine runs: Ray replicas (`engine_factory`), a process of its own, or, for a model
     `given` by the caller (tests, embedding), a thread of this process on the store's device pool."""
     if engine_factory is not None:
-        return await engine_factory(settings, loaded)
+        return await engine_factory(settings, loaded.tokenizer, loaded.spec)
     if not given and settings.engine_process:
         return await start_engine_process(settings, loaded.tokenizer, loaded.spec)
     engine = AsyncEngine(EngineCore(loaded, EngineConfig.from_settings(settings), prefixes=service.pool))
@@ -80,45 +83,35 @@ async def start_engine(
     return engine
 
 
-def holds_no_model(settings: ServerSettings, model: LoadedModel | None, engine_factory: object) -> bool:
-    """Whether this API process works without the model's weights: the engine runs in a process of its
-    own (it compiles text prefixes and soft prompts, and sends the model's names and upload bounds) and
-    training runs in worker processes (Redis). It keeps the tokenizer and the config (`RemoteModel`)."""
-    return (
-        model is None
-        and engine_factory is None
-        and settings.engine_process
-        and settings.redis_config() is not None
-    )
+def holds_no_model(
+    settings: ServerSettings, model: LoadedModel | None, engine_factory: EngineFactory | None
+) -> bool:
+    """Whether this API process works without the model's weights: the engine runs elsewhere (a process
+    of its own, Ray replicas: it compiles text prefixes and soft prompts, and describes the model's names
+    and upload bounds) and training runs in worker processes (Redis). It keeps the tokenizer and the
+    config (`RemoteModel`)."""
+    elsewhere = engine_factory is not None or settings.engine_process
+    return model is None and elsewhere and settings.redis_config() is not None
 
 
-async def remote_model(settings: ServerSettings) -> tuple[RemoteModel, ProcessClient]:
-    """The model as `holds_no_model` has it, and the engine process it is read from."""
+async def remote_model(
+    settings: ServerSettings, engine_factory: EngineFactory | None
+) -> tuple[RemoteModel, RemoteEngine]:
+    """The model as `holds_no_model` has it, and the engine it is read from."""
     tokenizer = await asyncio.to_thread(configured_tokenizer, settings)
     spec = await asyncio.to_thread(configured_spec, settings)
-    client = await start_engine_process(settings, tokenizer, spec)
+    client: RemoteEngine = await (engine_factory or start_engine_process)(settings, tokenizer, spec)
     if client.model is None:
         client.stop()
-        raise RuntimeError(f"the engine at {client.address} did not describe its model")
+        raise RuntimeError("the engine did not describe its model")
     loop, dtype = asyncio.get_running_loop(), parse_dtype(settings.dtype)
     return RemoteModel(spec, tokenizer, dtype, client.compile, loop, client.model), client
-
-
-def api_model_settings(settings: ServerSettings, engine_elsewhere: bool) -> ServerSettings:
-    """How this process loads its copy of the model when it needs one: for uploads (a text prefix's
-    compilation, the magnitude bounds, once), training-data checks and, in the embedded default, the
-    training worker. With the engine elsewhere (its own process, Ray replicas) and training in worker
-    processes (Redis), the copy stays on the CPU, in float32: the accelerator's memory is the engine's
-    alone. (An engine process of its own and Redis: no copy at all, `holds_no_model`.)"""
-    if engine_elsewhere and settings.redis_config() is not None:
-        return replace(settings, device="cpu", dtype="float32")
-    return settings
 
 
 def create_app(
     settings: ServerSettings | None = None,
     model: LoadedModel | None = None,
-    engine_factory: Callable[[ServerSettings, LoadedModel], Awaitable[EngineClient]] | None = None,
+    engine_factory: EngineFactory | None = None,
 ) -> FastAPI:
     """The app: the parts are built in its lifespan (`model`: an already loaded one, else the
     configured one is loaded on a thread; `engine_factory`: where the engine is, when it is neither
@@ -130,12 +123,10 @@ def create_app(
         engine: EngineClient | None = None
         loaded: LoadedModel | RemoteModel
         if holds_no_model(settings, model, engine_factory):
-            loaded, engine = await remote_model(settings)
+            loaded, engine = await remote_model(settings, engine_factory)
             binding: ModelBinding = loaded
         else:
-            engine_elsewhere = engine_factory is not None or (model is None and settings.engine_process)
-            mine = api_model_settings(settings, engine_elsewhere)
-            loaded = model or await asyncio.to_thread(load_configured_model, mine)
+            loaded = model or await asyncio.to_thread(load_configured_model, settings)
             binding = await asyncio.to_thread(bind_model, loaded)  # (a forward pass: the bounds)
         redis_cfg = settings.redis_config()
         redis_health = RedisHealth(redis_cfg) if redis_cfg is not None else None  # one per process

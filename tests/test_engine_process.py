@@ -189,18 +189,6 @@ def test_the_engine_loop_drops_malformed_frames_and_answers_in_one_message_per_s
         sock.close()
 
 
-def test_the_api_process_copy_of_the_model_stays_on_the_cpu_when_nothing_here_serves_or_trains():
-    from prefixserve.app import api_model_settings
-    from prefixserve.settings import ServerSettings
-
-    shared = ServerSettings(device="cuda", dtype="bfloat16", redis_url="redis://127.0.0.1:1")
-    mine = api_model_settings(shared, engine_elsewhere=True)  # engine process, workers on Redis
-    assert (mine.device, mine.dtype, mine.redis_url) == ("cpu", "float32", shared.redis_url)
-    assert api_model_settings(shared, engine_elsewhere=False) == shared  # the engine runs on it here
-    embedded = ServerSettings(device="cuda", dtype="bfloat16")  # no Redis: the training worker runs here
-    assert api_model_settings(embedded, engine_elsewhere=True) == embedded
-
-
 def test_an_api_process_whose_engine_and_training_run_elsewhere_holds_no_model(
     tiny_model, tiny_model_dir, tmp_path, redis_url
 ):

@@ -20,7 +20,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 import msgspec
-import numpy as np
 import torch
 import zmq
 import zmq.asyncio
@@ -40,7 +39,6 @@ from .wire import (
     Hello,
     ModelCard,
     Output,
-    RemoteError,
     Step,
     Welcome,
     encode,
@@ -135,24 +133,13 @@ class ProcessClient(Frontend):
         if not self._alive:
             raise EngineStopped("the engine is not running; retry shortly")
         cid = uuid.uuid4().hex
-        if embeds is None:
-            msg = Compile(cid, list(token_ids or []))
-        else:
-            rows = embeds.detach().float().cpu().contiguous()  # [P, C]
-            msg = Compile(cid, embeds=rows.numpy().tobytes(), embeds_rows=rows.shape[0])
         done = self._compiling[cid] = asyncio.get_running_loop().create_future()
-        self._send(msg)
+        self._send(Compile.of(cid, token_ids, embeds))
         try:
             answer = await done
         finally:
             self._compiling.pop(cid, None)
-        if answer.error is not None:
-            raise RemoteError(answer.error.kind, answer.error.status, answer.error.message)
-        s = self.preparer.spec
-        kv = np.frombuffer(answer.kv, dtype=np.float32).reshape(
-            s.n_layer, 2, s.n_head, answer.length, s.head_dim
-        )
-        return torch.from_numpy(kv.copy())
+        return answer.tensor(self.preparer.spec)
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (by its id on the wire, as `outputs` sent it)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import PrefixServeError
@@ -24,7 +25,7 @@ from .core import EngineCore, drain
 from .detokenizer import Detokenizer
 from .prepare import RequestPreparer
 from .request import Request, RequestOutput, SamplingParams, Tenancy
-from .wire import EngineStats
+from .wire import EngineStats, ModelCard
 
 
 class EngineStopped(PrefixServeError):
@@ -61,6 +62,18 @@ class EngineClient(Protocol):
 
     def evict(self, prefix_id: str) -> None:
         """A prefix was deleted: the engine lets it go."""
+        ...
+
+
+class RemoteEngine(EngineClient, Protocol):
+    """An engine elsewhere that an API process without the model reads it from (compile.RemoteModel)."""
+
+    model: ModelCard | None  # its names and upload bounds, once it answered
+
+    async def compile(
+        self, token_ids: list[int] | None = None, embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """A prefix's K/V `[n_layer, 2, n_head, P, head_dim]` (float32, CPU) made by the engine's model."""
         ...
 
 

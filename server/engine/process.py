@@ -28,11 +28,10 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 
 import msgspec
-import numpy as np
-import torch
 import zmq
 
 from ..errors import EngineFault, PrefixServeError
+from ..model import LoadedModel
 from .core import EngineConfig, EngineCore, sampled_rows
 from .request import FinishReason, RequestOutput
 from .runner import compile_prefix
@@ -132,27 +131,9 @@ class EngineLoop:
             if self.core.abort(msg.request_id):
                 self.owner.pop(msg.request_id, None)
         elif isinstance(msg, Compile):
-            self.sock.send_multipart([client, encode(self._compile(msg))])
+            self.sock.send_multipart([client, encode(compile_answer(self.core.model, msg))])
         else:
             self.evict(msg.prefix_id)
-
-    def _compile(self, msg: Compile) -> Compiled:
-        """A prefix's K/V from the engine's model (between steps: one forward pass of at most a prefix's
-        length); a failure is the answer's, never the engine's."""
-        model = self.core.model
-        try:
-            if msg.embeds:
-                rows = np.frombuffer(msg.embeds, dtype=np.float32).reshape(msg.embeds_rows, -1)
-                embeds = torch.from_numpy(rows.copy()).to(model.device, model.dtype)  # [P, C]
-                kv = compile_prefix(model, embeds=embeds)
-            else:
-                kv = compile_prefix(model, token_ids=list(msg.token_ids))
-        except Exception as exc:  # (the ids and shapes were checked by the caller; anything else is logged)
-            log.exception("compiling a prefix failed")
-            error = exc if isinstance(exc, PrefixServeError) else EngineFault(f"compiling failed: {exc}")
-            return Compiled(msg.compile_id, error=RemoteError.wire(error))
-        kv = kv.float().cpu().contiguous()  # [L, 2, H, P, D]
-        return Compiled(msg.compile_id, kv.numpy().tobytes(), kv.shape[3])
 
     def _step(self) -> None:
         try:
@@ -184,6 +165,22 @@ class EngineLoop:
 
 def _failed(rid: str, error: PrefixServeError) -> RequestOutput:
     return RequestOutput(rid, [], "", finish_reason=FinishReason.ERROR, error=error)
+
+
+def compile_answer(model: LoadedModel, msg: Compile) -> Compiled:
+    """A prefix's K/V from the engine's model, for an API process that holds none (between steps: one
+    forward pass of at most a prefix's length); a failure is the answer's, never the engine's."""
+    try:
+        embeds = msg.embeddings()  # [P, C] or None
+        if embeds is not None:
+            kv = compile_prefix(model, embeds=embeds.to(model.device, model.dtype))
+        else:
+            kv = compile_prefix(model, token_ids=list(msg.token_ids))
+    except Exception as exc:  # (the ids and shapes were checked by the caller; anything else is logged)
+        log.exception("compiling a prefix failed")
+        error = exc if isinstance(exc, PrefixServeError) else EngineFault(f"compiling failed: {exc}")
+        return Compiled(msg.compile_id, error=RemoteError.wire(error))
+    return Compiled.of(msg.compile_id, kv)
 
 
 def main() -> None:

@@ -11,8 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import msgspec
+import numpy as np
+import torch
 
 from prefix_store.bounds import MagnitudeBounds
+from prefix_store.spec import ModelSpec
 
 from ..errors import PrefixServeError
 from .request import FinishReason, Request, RequestOutput, SamplingParams, Tenancy, TokenLogprob
@@ -99,6 +102,21 @@ class Compile(msgspec.Struct, tag="compile"):
     embeds: bytes = b""
     embeds_rows: int = 0
 
+    @staticmethod
+    def of(compile_id: str, token_ids: list[int] | None, embeds: torch.Tensor | None) -> Compile:
+        if embeds is None:
+            return Compile(compile_id, list(token_ids or []))
+        rows = embeds.detach().float().cpu().contiguous()  # [P, C]
+        return Compile(compile_id, embeds=rows.numpy().tobytes(), embeds_rows=rows.shape[0])
+
+    def embeddings(self) -> torch.Tensor | None:
+        """The soft prompt `[P, C]` (float32, CPU), or None for token ids."""
+        if not self.embeds:
+            return None
+        return torch.from_numpy(
+            np.frombuffer(self.embeds, dtype=np.float32).reshape(self.embeds_rows, -1).copy()
+        )
+
 
 ToEngine = Hello | Add | Abort | Evict | Compile
 
@@ -177,6 +195,18 @@ class Compiled(msgspec.Struct, tag="compiled"):
     kv: bytes = b""
     length: int = 0
     error: Error | None = None
+
+    @staticmethod
+    def of(compile_id: str, kv: torch.Tensor) -> Compiled:
+        kv = kv.float().cpu().contiguous()  # [L, 2, H, P, D]
+        return Compiled(compile_id, kv.numpy().tobytes(), kv.shape[3])
+
+    def tensor(self, spec: ModelSpec) -> torch.Tensor:
+        """The K/V `[n_layer, 2, n_head, P, head_dim]` (float32, CPU); the error raised as RemoteError."""
+        if self.error is not None:
+            raise RemoteError(self.error.kind, self.error.status, self.error.message)
+        kv = np.frombuffer(self.kv, dtype=np.float32)
+        return torch.from_numpy(kv.reshape(spec.n_layer, 2, spec.n_head, self.length, spec.head_dim).copy())
 
 
 class Beat(msgspec.Struct, tag="beat"):

@@ -37,9 +37,11 @@ from dataclasses import asdict, replace
 
 import msgspec
 import ray
+import torch
 from ray import serve
 from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from transformers import PreTrainedTokenizerBase
 
 from prefix_store.redis_health import RedisHealth
 from prefix_store.service import PrefixService
@@ -48,11 +50,12 @@ from ..compile import bind_model
 from ..engine import AsyncEngine, EngineConfig, EngineCore
 from ..engine.frontend import EngineStopped, Frontend
 from ..engine.prepare import RequestPreparer
+from ..engine.process import compile_answer
 from ..engine.request import Request, RequestOutput
-from ..engine.wire import Add, EngineStats, Output, RemoteError, encode
+from ..engine.wire import Add, Compile, Compiled, EngineStats, ModelCard, Output, RemoteError, encode
 from ..errors import PrefixServeError
 from ..loading import load_configured_model
-from ..model import LoadedModel, ModelSpec, parse_dtype
+from ..model import ModelSpec, parse_dtype
 from ..settings import ServerSettings
 from .replicas import ReplicaPublisher, ReplicaWatcher
 
@@ -65,6 +68,9 @@ LOAD_WAIT_S = 30.0  # a prefix load that takes longer is left to the request's o
 
 _decode_add = msgspec.msgpack.Decoder(Add)
 _decode_output = msgspec.msgpack.Decoder(Output)
+_decode_compile = msgspec.msgpack.Decoder(Compile)
+_decode_compiled = msgspec.msgpack.Decoder(Compiled)
+_decode_card = msgspec.msgpack.Decoder(ModelCard)
 
 
 # ---- the engine replica ------------------------------------------------------------------------
@@ -88,10 +94,11 @@ class EngineReplica:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s engine replica: %(message)s"
         )
-        model = load_configured_model(self.settings)
+        self.model = model = load_configured_model(self.settings)
         redis_cfg = self.settings.redis_config()
         health = RedisHealth(redis_cfg) if redis_cfg is not None else None
         self.service = PrefixService(bind_model(model), self.settings.store_config(), redis_health=health)
+        self.card = ModelCard(model.served_name, model.fingerprint, self.service.model.bounds)
         config = EngineConfig.from_settings(self.settings)  # (the ingress makes the text)
         self.engine = AsyncEngine(EngineCore(model, config, prefixes=self.service.pool))
         self.engine.start()
@@ -100,6 +107,14 @@ class EngineReplica:
         self.publisher = ReplicaPublisher(redis_cfg, self.replica_id, self.stats) if redis_cfg else None
         if self.publisher is not None:
             self.publisher.start()
+
+    async def describe(self) -> bytes:
+        """The served model as an ingress that holds none needs it (a `ModelCard`, MessagePack)."""
+        return encode(self.card)
+
+    async def compile(self, frame: bytes) -> bytes:
+        """A prefix's K/V made with this replica's model (a `Compile` in, a `Compiled` out, MessagePack)."""
+        return encode(await asyncio.to_thread(compile_answer, self.model, _decode_compile.decode(frame)))
 
     def stats(self) -> EngineStats:
         return replace(
@@ -195,12 +210,26 @@ class RayEngineClient(Frontend):
     def __init__(self, handles: list, preparer: RequestPreparer, watcher: ReplicaWatcher | None) -> None:
         # one handle (affinity routing), or one per single-replica deployment (random routing)
         self.handles, self.preparer, self.watcher = handles, preparer, watcher
+        self.model: ModelCard | None = None  # the served model's names and upload bounds (a replica's)
         self.on_step = None  # (step sizes are the replicas' own; the batch histogram stays empty)
         self._stopping: asyncio.Task | None = None
 
     async def start(self) -> None:
         if self.watcher is not None:
             self.watcher.start()
+        self.model = _decode_card.decode(await self.handles[0].describe.remote())
+
+    async def compile(
+        self, token_ids: list[int] | None = None, embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """A prefix's K/V `[n_layer, 2, n_head, P, head_dim]` (float32, CPU) made by an engine replica's
+        model from a text's token ids or a soft prompt's embeddings `[P, n_embd]`."""
+        frame = encode(Compile.of(uuid.uuid4().hex, token_ids, embeds))
+        try:
+            answer = _decode_compiled.decode(await random.choice(self.handles).compile.remote(frame))
+        except (RayError, BackPressureError, DeploymentUnavailableError) as exc:  # retryable
+            raise EngineStopped("the engine replica compiling this prefix stopped; retry") from exc
+        return answer.tensor(self.preparer.spec)
 
     def stop(self) -> None:
         if self.watcher is not None:
@@ -277,13 +306,15 @@ def _agreed(values: list[str], default: str) -> str:
     return (found[0] if found else default) if len(found) <= 1 else "mixed: " + ", ".join(found)
 
 
-async def ray_engine(settings: ServerSettings, loaded: LoadedModel) -> RayEngineClient:
+async def ray_engine(
+    settings: ServerSettings, tokenizer: PreTrainedTokenizerBase, spec: ModelSpec
+) -> RayEngineClient:
     """The ingress's engine: a handle on the engine deployment of this application."""
     names = [ENGINE] if settings.ray_routing == "affinity" else _random_names(settings)
     handles = [serve.get_deployment_handle(name, app_name=APP_NAME) for name in names]
     redis_cfg = settings.redis_config()
     watcher = ReplicaWatcher(redis_cfg) if redis_cfg is not None else None
-    preparer = RequestPreparer.serving(loaded.tokenizer, loaded.spec, settings.max_seq_len)
+    preparer = RequestPreparer.serving(tokenizer, spec, settings.max_seq_len)
     client = RayEngineClient(handles, preparer, watcher)
     await client.start()
     return client
@@ -305,7 +336,9 @@ def build_application(settings: ServerSettings, max_prefixes: int):
 
     values = asdict(settings)
 
-    def build_api():  # the ingress holds the model on the CPU (tokenizer, uploads): the GPUs are the engines'
+    # the ingress holds no model with Redis (the replicas compile and describe it), else a copy on the CPU
+    # for the training worker it runs: the GPUs are the engines'
+    def build_api():
         return create_app(replace(ServerSettings(**values), device="cpu"), engine_factory=ray_engine)
 
     # the ingress waits on I/O (HTTP, the engines' streams): it reserves no core, so N engine replicas of
