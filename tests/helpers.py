@@ -125,7 +125,12 @@ def sse_events(lines) -> list[tuple[str, dict]]:
     return events
 
 
-def start_server(model_dir, tmp_path, **env_over) -> tuple[subprocess.Popen, str]:
+def start_server(
+    model_dir, tmp_path, quiet: bool = False, ready_s: float = 90, **env_over
+) -> tuple[subprocess.Popen, str]:
+    """`prefixserve serve` as a subprocess on a free port, once ready: auth off unless `env_over` says
+    otherwise (a None value unsets a variable). `quiet`: its output discarded (else kept in a pipe, read
+    when it fails to start)."""
     port = free_port()
     env = {
         **os.environ,
@@ -141,11 +146,11 @@ def start_server(model_dir, tmp_path, **env_over) -> tuple[subprocess.Popen, str
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefixserve.cli", "serve"],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL if quiet else subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + ready_s
     while True:
         try:
             if httpx.get(url + "/ready", timeout=1).status_code == 200:
@@ -154,7 +159,8 @@ def start_server(model_dir, tmp_path, **env_over) -> tuple[subprocess.Popen, str
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError("server did not start:\n" + proc.stdout.read().decode(errors="replace"))
+            said = "" if quiet else proc.stdout.read().decode(errors="replace")
+            raise RuntimeError("server did not start:\n" + said)
         time.sleep(0.1)
 
 

@@ -4,22 +4,21 @@ refusals, usage metering across a restart, and revocation across two server proc
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from datetime import UTC, datetime
 
 import httpx
 import pytest
 
-from prefix_store.redis_server import free_port
 from prefix_store.store import DurableStore
 from prefixserve.auth import Authenticator, AuthForbidden, Unauthorized
 from prefixserve.model import load_model
 from prefixserve.settings import ServerSettings
 from prefixserve.tenants import TenantExists, TenantNotFound, TenantRegistry
 from prefixserve.tiny import TinyModelConfig, write_tiny_model
+
+from .helpers import start_server as serve_process
 
 ADMIN = "admin-key-0123456789abcdef"
 ADM = {"Authorization": f"Bearer {ADMIN}"}
@@ -323,33 +322,18 @@ def test_usage_is_exact_after_a_restart(live_server, tmp_path):
 
 # ---- two server processes on one Redis ----------------------------------------------------------------
 def start_server(model_dir, data_dir, redis_url: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "PREFIXSERVE_MODEL": str(model_dir),
-        "PREFIXSERVE_DATA_DIR": str(data_dir),
-        "PREFIXSERVE_REDIS_URL": redis_url,
-        "PREFIXSERVE_ADMIN_KEY": ADMIN,
-        "PREFIXSERVE_PORT": str(port),
-        "PREFIXSERVE_ENGINE_PROCESS": "false",
-        "PREFIXSERVE_REGISTRY_REFRESH_S": "0.5",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefixserve.cli", "serve"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
+    """A server process with auth on, the admin key, the engine on a thread, on the shared Redis."""
+    return serve_process(
+        model_dir,
+        data_dir,
+        quiet=True,
+        ready_s=120,
+        PREFIXSERVE_AUTH=None,
+        PREFIXSERVE_REDIS_URL=redis_url,
+        PREFIXSERVE_ADMIN_KEY=ADMIN,
+        PREFIXSERVE_ENGINE_PROCESS="false",
+        PREFIXSERVE_REGISTRY_REFRESH_S="0.5",
     )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.1)
 
 
 def refused_within(url: str, headers: dict, status: int, timeout_s: float) -> float:
