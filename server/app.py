@@ -30,7 +30,7 @@ from .engine.frontend import RemoteEngine
 from .engine.prepare import RequestPreparer
 from .engine.process import EngineProcess, engine_address
 from .idempotency import Idempotency
-from .loading import configured_spec, configured_tokenizer, load_configured_model
+from .loading import configured_tokenizer_and_spec, load_configured_model
 from .metrics import Metrics, MetricsConfig
 from .model import LoadedModel, ModelSpec, parse_dtype
 from .ratelimit import RateLimiter
@@ -98,8 +98,7 @@ async def remote_model(
     settings: ServerSettings, engine_factory: EngineFactory | None
 ) -> tuple[RemoteModel, RemoteEngine]:
     """The model as `holds_no_model` has it, and the engine it is read from."""
-    tokenizer = await asyncio.to_thread(configured_tokenizer, settings)
-    spec = await asyncio.to_thread(configured_spec, settings)
+    tokenizer, spec = await asyncio.to_thread(configured_tokenizer_and_spec, settings)
     client: RemoteEngine = await (engine_factory or start_engine_process)(settings, tokenizer, spec)
     if client.model is None:
         client.stop()

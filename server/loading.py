@@ -40,9 +40,11 @@ def configured_spec(settings: ServerSettings) -> ModelSpec:
     return spec_from_config(GPT2Config.from_pretrained(_configured_path(settings)))
 
 
-def configured_tokenizer(settings: ServerSettings) -> PreTrainedTokenizerBase:
-    """The configured model's tokenizer alone (no weights loaded)."""
-    return AutoTokenizer.from_pretrained(_configured_path(settings))
+def configured_tokenizer_and_spec(settings: ServerSettings) -> tuple[PreTrainedTokenizerBase, ModelSpec]:
+    """The configured model's tokenizer and dimensions (no weights loaded): what an API process without
+    the model prepares requests with. ("auto" is resolved once: at most one look at the hub.)"""
+    path = _configured_path(settings)
+    return AutoTokenizer.from_pretrained(path), spec_from_config(GPT2Config.from_pretrained(path))
 
 
 def _configured_path(settings: ServerSettings) -> str:

@@ -105,9 +105,7 @@ class ProcessClient(Frontend):
     # ---- requests ------------------------------------------------------------------------------
     async def outputs(self, request: Request) -> AsyncIterator[RequestOutput]:
         """Send a prepared request; its outputs as the engine makes them (token ids; an error output ends
-        them). Closed early, it aborts the request in the engine."""
-        if not self._alive:
-            raise EngineStopped("the engine is not running; retry shortly")
+        them). Closed early, it aborts the request in the engine. (`stream` checks that it is alive.)"""
         rid = self._ns + request.request_id
         queue: asyncio.Queue[Output | BaseException] = asyncio.Queue()
         self._streams[rid] = queue

@@ -6,7 +6,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ...model import parse_dtype
 from ...schemas.native import ErrorResponse, ServerStats, TierLoads
 from ..errors import ERRORS, BoundedJsonRoute, Draining, error_response
 from ..state import AppState, State, TenantName
@@ -36,7 +35,7 @@ async def ready(request: Request):
         "model": {
             "name": state.model.served_name,  # the base model's id in /v1/models
             "fingerprint": state.model.fingerprint,
-            "dtype": str(parse_dtype(state.settings.dtype)),  # served (this process's own copy may differ)
+            "dtype": str(state.model.dtype),
             "n_layer": spec.n_layer,
             "n_head": spec.n_head,
             "n_embd": spec.n_embd,
