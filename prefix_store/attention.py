@@ -62,9 +62,24 @@ def attention_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention that also returns the log-sum-exp of the scores, in one pass over K and V.
 
-    q `[B, H, Tq, D]`, k/v `[B, H, S, D]` (strided views are fine), bias additive `[B|1, 1, Tq|1, S]`
-    in q's dtype (0 or -inf) or None -> out `[B, H, Tq, D]` (q's dtype), lse `[B, H, Tq]` float32.
+    q `[B, H, Tq, D]`, k/v `[B, Hkv, S, D]` (strided views are fine; grouped-query attention when
+    Hkv < H: query head h reads KV head h // (H / Hkv)), bias additive `[B|1, 1, Tq|1, S]` in q's dtype
+    (0 or -inf) or None -> out `[B, H, Tq, D]` (q's dtype), lse `[B, H, Tq]` float32.
     """
+    b, h, tq, d = q.shape
+    if (hkv := k.shape[1]) != h:  # each KV head's query heads as one longer query: no K/V copies
+        g = h // hkv
+        q = q.reshape(b, hkv, g * tq, d)  # [B, Hkv, g*Tq, D]
+        if bias is not None and bias.shape[2] != 1:
+            bias = bias.repeat(1, 1, g, 1)  # [B|1, 1, g*Tq, S]
+        out, lse = _attention_lse(q, k, v, bias, scale)
+        return out.reshape(b, h, tq, d), lse.reshape(b, h, tq)
+    return _attention_lse(q, k, v, bias, scale)
+
+
+def _attention_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias, scale=scale

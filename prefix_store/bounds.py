@@ -31,9 +31,10 @@ class MagnitudeBounds:
     """The largest |value| a prefix may hold at each layer, so that attention cannot overflow in float16
     (nor in bfloat16 or float32, whose range is wider) whatever the input. Derived from the weights:
 
-    - Queries: layer norm's normalised vector n has ||n|| <= sqrt(C) before its affine (g, b), so head
-      h's query q = (g*n) W_h + (b W_h + c_h) has, for every input (Cauchy-Schwarz),
-      ||q|| <= Q = sigma_max(diag(g) W_h) sqrt(C) + ||b W_h + c_h||, maximised over heads.
+    - Queries: layer norm's (or RMSNorm's) normalised vector n has ||n|| <= sqrt(C) before its affine
+      (g, b; RMSNorm: b = 0), so head h's query q = (g*n) W_h + (b W_h + c_h) has, for every input
+      (Cauchy-Schwarz), ||q|| <= Q = sigma_max(diag(g) W_h) sqrt(C) + ||b W_h + c_h||, maximised over
+      heads. A rotary embedding (the Llama family) rotates q, which keeps its norm.
     - Keys: |k_i| <= B_k gives a logit |q.k| * scale <= Q sqrt(D) B_k scale; kept below F16_MAX / 4:
       B_k = F16_MAX / (4 Q sqrt(D) scale).
     - Values: attention's output is a convex combination of values, so |o_i| <= B_v, and the output
@@ -61,8 +62,9 @@ class MagnitudeBounds:
     @classmethod
     def derive(cls, spec: ModelSpec, layers: Sequence[Any], own_peaks: torch.Tensor) -> MagnitudeBounds:
         """The bounds from the frozen weights and the model's own K/V peaks. `layers`: per layer the
-        attention weights `ln1_w`, `ln1_b` `[C]`, `attn_w` `[C, 3C]`, `attn_b` `[3C]`, `proj_w` `[C, C]`
-        (attributes, as the server's `LayerWeights`); `own_peaks [L, 2]`: the largest |key| and |value|
+        attention weights `ln1_w`, `ln1_b` `[C]` (None: no bias), `attn_w` `[C, W]` (queries in the first
+        H*D columns), `attn_b` `[W]` (or None), `proj_w` `[H*D, C]` (attributes, as the server's
+        families' `LayerWeights`); `own_peaks [L, 2]`: the largest |key| and |value|
         the model gives each layer on PROBE_TEXT (measured by the server, which runs the model:
         `prefixserve.compile.magnitude_bounds`)."""
         h, d = spec.n_head, spec.head_dim
@@ -70,8 +72,9 @@ class MagnitudeBounds:
         own = own_peaks.float().cpu() * OWN_MARGIN  # [L, 2]
         key, value = [], []
         for layer, lw in enumerate(layers):
-            g, b, w, bias = (_bf16(t) for t in (lw.ln1_w, lw.ln1_b, lw.attn_w, lw.attn_b))
-            q = _query_norm_bound(g, b, w, bias, h)
+            g, w = _bf16(lw.ln1_w), _bf16(lw.attn_w)
+            b, bias = (_bf16(t) if t is not None else None for t in (lw.ln1_b, lw.attn_b))
+            q = _query_norm_bound(g, b, w, bias, h, spec.q_width)
             proj = float(_bf16(lw.proj_w).abs().sum(0).max())  # max_j ||W_o[:, j]||_1 ([in, out] layout)
             worst_k = F16_MAX / (LOGIT_HEADROOM * q * d**0.5 * spec.attn_scale(layer))
             worst_v = F16_MAX / (OUTPUT_HEADROOM * proj)
@@ -91,16 +94,26 @@ def _round_down(x: float) -> float:
 
 
 def _query_norm_bound(
-    g: torch.Tensor, b: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, n_head: int
+    g: torch.Tensor,
+    b: torch.Tensor | None,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    n_head: int,
+    q_width: int,
 ) -> float:
-    """Q: the largest query norm any input can give one head of a layer. g, b `[C]` (ln_1), w `[C, 3C]`,
-    bias `[3C]` (c_attn, queries in the first C columns)."""
+    """Q: the largest query norm any input can give one head of a layer. g, b `[C]` (the norm's affine;
+    b None: none), w `[C, W]`, bias `[W]` or None (the QKV projection, queries in the first q_width
+    columns)."""
     c = g.shape[0]
-    wq = (g[:, None] * w[:, :c]).view(c, n_head, -1).transpose(0, 1)  # [H, C, D]
+    wq = (g[:, None] * w[:, :q_width]).view(c, n_head, -1).transpose(0, 1)  # [H, C, D]
     gram = wq.transpose(1, 2) @ wq  # [H, D, D]: sigma_max(wq)^2 is its largest eigenvalue
     spread = torch.linalg.eigvalsh(gram)[:, -1].clamp(min=0).sqrt() * c**0.5  # [H]
-    offset = (b @ w[:, :c] + bias[:c]).view(n_head, -1).norm(dim=-1)  # [H]
-    return float((spread + offset).max())
+    offset = w.new_zeros(q_width)  # [H*D]
+    if b is not None:
+        offset += b @ w[:, :q_width]
+    if bias is not None:
+        offset += bias[:q_width]
+    return float((spread + offset.view(n_head, -1).norm(dim=-1)).max())
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,17 @@ from .binding import ModelBinding
 from .format import InvalidPrefixFile, all_finite, parse_header, tensor_from_raw, tensor_layout, tensor_raw
 from .inputs import parse_json
 from .limits import longest_usable_prefix
-from .state import LORA_MODULES as LORA_MODULE_DIMS
 
 PEFT_TENSOR = "prompt_embeddings"
 PEFT_TYPES = ("PREFIX_TUNING", "PROMPT_TUNING", "LORA")
-# a PEFT LoRA weight of GPT-2: transformer.h.<layer>.<module>.lora_<A|B>.weight (PEFT's save prefix optional)
+# a PEFT LoRA weight (PEFT's save prefix optional) of GPT-2: transformer.h.<layer>.<module>.lora_<A|B>.weight,
+# or of the Llama family: model.layers.<layer>.<module>.lora_<A|B>.weight
 LORA_KEY = re.compile(
-    r"^(?:base_model\.model\.)?transformer\.h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)"
+    r"^(?:base_model\.model\.)?(?:transformer\.h|model\.layers)\.(\d+)\."
+    r"(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj|self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)"
     r"\.lora_([AB])\.weight$"
 )
+LORA_LAYOUT = {"gpt2": "transformer.h", "llama": "model.layers"}  # where a family's layers are
 # LoRA options this server does not serve; each must be absent or have this (PEFT's default) value
 LORA_UNSUPPORTED = {"use_dora": False, "bias": "none", "rank_pattern": {}, "alpha_pattern": {}}
 MAX_CONFIG_BYTES = 64 * 1024
@@ -88,9 +90,15 @@ def parse_peft_config(raw: bytes, model: ModelBinding) -> dict:
 
 def _check_base_model(cfg: dict, model: ModelBinding) -> None:
     """The adapter's dimensions must be the served model's. Its `base_model_name_or_path` is only named
-    in the error: a matching model may live under any name or local path."""
+    in the error: a matching model may live under any name or local path. PEFT's prefix tuning records
+    the KV heads and their width (grouped-query attention: fewer than the query heads), prompt tuning
+    the query heads and the embedding width."""
     spec = model.spec
-    expected = {"num_layers": spec.n_layer, "num_attention_heads": spec.n_head, "token_dim": spec.n_embd}
+    if cfg["peft_type"] == "PREFIX_TUNING":
+        heads, width = spec.n_kv_head, spec.kv_width
+    else:
+        heads, width = spec.n_head, spec.n_embd
+    expected = {"num_layers": spec.n_layer, "num_attention_heads": heads, "token_dim": width}
     for key in expected:
         if type(cfg.get(key)) is not int:
             raise InvalidPrefixFile(f"adapter_config.json {key} must be an integer, got {cfg.get(key)!r}")
@@ -111,7 +119,7 @@ def import_peft(
     max_bytes: int,
     max_prefix_len: int | None = None,
 ) -> torch.Tensor:
-    """A PEFT prefix-tuning or prompt-tuning adapter -> canonical K/V `[L, 2, H, P, D]` (CPU, fp32).
+    """A PEFT prefix-tuning or prompt-tuning adapter -> canonical K/V `[L, 2, Hkv, P, D]` (CPU, fp32).
     The weights are checked like a native file (float dtype, exact shape, byte span) before use;
     `max_prefix_len` defaults to the longest prefix the model's context can still serve."""
     cfg = parse_peft_config(config_raw, model)
@@ -128,11 +136,11 @@ def import_peft(
         raise InvalidPrefixFile(
             f"adapter_model.safetensors must hold exactly ['{PEFT_TENSOR}'], found {names}"
         )
-    width = spec.n_layer * 2 * spec.n_embd if cfg["peft_type"] == "PREFIX_TUNING" else spec.n_embd
+    width = spec.n_layer * 2 * spec.kv_width if cfg["peft_type"] == "PREFIX_TUNING" else spec.n_embd
     where = f" for a {cfg['peft_type']} adapter on this model"
     emb = _peft_tensor(weights_raw, header, start, PEFT_TENSOR, [p, width], where)  # [P, width]
     if cfg["peft_type"] == "PREFIX_TUNING":
-        return peft_to_canonical(emb, spec.n_layer, spec.n_head)
+        return peft_to_canonical(emb, spec.n_layer, spec.n_kv_head)
     return model.compile_embeds(emb)
 
 
@@ -151,10 +159,11 @@ def _peft_tensor(
 
 
 def import_peft_lora(config_raw: bytes, weights_raw: bytes, model: ModelBinding, max_bytes: int) -> dict:
-    """A PEFT LoRA adapter of GPT-2 -> the `lora` kind's tensors (CPU, fp32): per module
-    `lora_a.<module>` = A^T `[L, in, r]` and `lora_b.<module>` = B^T * scaling `[L, r, out]`, with PEFT's
-    scaling lora_alpha / r (lora_alpha / sqrt(r) with use_rslora). Every layer of an adapted module must
-    be present; shapes, dtypes and byte spans are checked like a native file's before use."""
+    """A PEFT LoRA adapter of the served model (GPT-2, or the Llama family) -> the `lora` kind's tensors
+    (CPU, fp32): per module `lora_a.<module>` = A^T `[L, in, r]` and `lora_b.<module>` = B^T * scaling
+    `[L, r, out]`, with PEFT's scaling lora_alpha / r (lora_alpha / sqrt(r) with use_rslora). Every
+    layer of an adapted module must be present; shapes, dtypes and byte spans are checked like a native
+    file's before use."""
     cfg = _peft_json(config_raw)
     if cfg["peft_type"] != "LORA":
         raise InvalidPrefixFile(
@@ -173,20 +182,27 @@ def import_peft_lora(config_raw: bytes, weights_raw: bytes, model: ModelBinding,
         )
     scaling = alpha / (r**0.5 if cfg.get("use_rslora") else r)
     spec = model.spec
+    dims = spec.lora_modules()
     header, start = parse_header(weights_raw, max_bytes)
     found: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     for name in sorted(k for k in header if k != "__metadata__"):
         match = LORA_KEY.match(name)
         if match is None:
             raise InvalidPrefixFile(
-                f"adapter_model.safetensors holds {name!r}; expected only LoRA weights of GPT-2's"
-                " attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj"
-                " (transformer.h.<layer>.<module>.lora_A.weight / lora_B.weight)"
+                f"adapter_model.safetensors holds {name!r}; expected only LoRA weights of this model's"
+                f" {', '.join(dims)}"
+                f" ({LORA_LAYOUT[spec.family]}.<layer>.<module>.lora_A.weight / lora_B.weight)"
             )
         layer, module, ab = int(match[1]), match[2], match[3]
+        if module not in dims or not name.removeprefix("base_model.model.").startswith(
+            LORA_LAYOUT[spec.family]
+        ):
+            raise InvalidPrefixFile(
+                f"{name}: {module} is not a module of this model ({spec.family}); LoRA may adapt {list(dims)}"
+            )
         if layer >= spec.n_layer:
             raise InvalidPrefixFile(f"{name}: layer {layer}, but the loaded model has {spec.n_layer} layers")
-        fin, fout = (mult * spec.n_embd for mult in LORA_MODULE_DIMS[module])
+        fin, fout = dims[module]
         want = [r, fin] if ab == "A" else [fout, r]
         tensor = _peft_tensor(weights_raw, header, start, name, want, f" (r = {r}) for this model")
         found.setdefault(module, {}).setdefault(layer, {})[ab] = tensor

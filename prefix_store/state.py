@@ -54,14 +54,20 @@ def _nbytes(tensors) -> int:
 
 # GPT-2's four linear modules LoRA may adapt: name -> (in, out) as multiples of n_embd
 LORA_MODULES = {"attn.c_attn": (1, 3), "attn.c_proj": (1, 1), "mlp.c_fc": (1, 4), "mlp.c_proj": (4, 1)}
+# the Llama family's seven (PEFT's names; their widths: ModelSpec.lora_modules)
+LLAMA_LORA_MODULES = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class LoraAdapter:
-    """LoRA (Hu et al. 2021) on some of GPT-2's linear modules: per module a `[L, in, r]` and b `[L, r, out]`;
-    the module's output gains `x a b` (lora_alpha / r is folded into b). Ranks may differ per module."""
+    """LoRA (Hu et al. 2021) on some of a model's linear modules: per module a `[L, in, r]` and b
+    `[L, r, out]`; the module's output gains `x a b` (lora_alpha / r is folded into b). Ranks may differ
+    per module."""
 
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]  # LORA_MODULES name -> (a, b)
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name (ModelSpec.lora_modules) -> (a, b)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> LoraAdapter:
         return LoraAdapter(

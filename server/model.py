@@ -1,8 +1,8 @@
-"""Load a frozen GPT-2-family checkpoint once and lay its weights out for serving.
+"""Load a frozen checkpoint once and lay its weights out for serving.
 
-The Hugging Face model is used only as a loader: its weights are copied into `GPT2Weights`, laid out
-for `addmm` (GPT-2's Conv1D already stores `[in, out]`) with the LM head as a contiguous
-`[n_embd, vocab]` matrix, and the HF module is dropped.
+The Hugging Face model is used only as a loader: its weights are copied into its family's weights
+(families/: GPT-2, the Llama family), laid out for `addmm` (`[in, out]`) with the LM head as a
+contiguous `[n_embd, vocab]` matrix, and the HF module is dropped.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import hashlib
 import inspect
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -20,17 +20,20 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
     AutoTokenizer,
     DynamicCache,
-    GPT2Config,
-    GPT2LMHeadModel,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 from prefix_store.spec import ModelSpec
 
 from .dense import QUANTIZE, Dense, Int8Dense, LayerDense, packing_available, quantization_available
-from .errors import InvalidRequest, UnsupportedModel
+from .errors import InvalidRequest
+from .families import Forward, Weights, forward_of, spec_from_config, weights_from_hf
+from .families.gpt2 import Gpt2Weights as GPT2Weights  # noqa: F401 (re-exported)
+from .families.gpt2 import LayerWeights  # noqa: F401 (re-exported)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -40,8 +43,6 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-
-ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "relu")
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -65,106 +66,23 @@ def parse_device(name: str | torch.device) -> torch.device:
     return device
 
 
-def spec_from_config(config: GPT2Config) -> ModelSpec:
-    """The spec of a GPT-2-family checkpoint's config; UnsupportedModel for anything else."""
-    if config.model_type != "gpt2":
-        raise UnsupportedModel(
-            f"expected a GPT-2-family checkpoint (model_type 'gpt2'), got {config.model_type!r}"
-        )
-    if getattr(config, "add_cross_attention", False):
-        raise UnsupportedModel("GPT-2 checkpoints with cross-attention are not supported")
-    if config.activation_function not in ACTIVATIONS:
-        raise UnsupportedModel(
-            f"activation {config.activation_function!r} is not supported; expected one of {ACTIVATIONS}"
-        )
-    if config.n_embd % config.n_head:
-        raise UnsupportedModel(f"n_embd {config.n_embd} is not divisible by n_head {config.n_head}")
-    return ModelSpec(
-        n_layer=config.n_layer,
-        n_head=config.n_head,
-        n_embd=config.n_embd,
-        n_positions=config.n_positions,
-        vocab_size=config.vocab_size,
-        layer_norm_eps=config.layer_norm_epsilon,
-        activation=config.activation_function,
-        scale_attn_weights=config.scale_attn_weights,
-        scale_attn_by_inverse_layer_idx=config.scale_attn_by_inverse_layer_idx,
-    )
-
-
-@dataclass
-class LayerWeights:
-    ln1_w: torch.Tensor  # [C]
-    ln1_b: torch.Tensor  # [C]
-    attn_w: torch.Tensor  # [C, 3C]
-    attn_b: torch.Tensor  # [3C]
-    proj_w: torch.Tensor  # [C, C]
-    proj_b: torch.Tensor  # [C]
-    ln2_w: torch.Tensor  # [C]
-    ln2_b: torch.Tensor  # [C]
-    fc_w: torch.Tensor  # [C, 4C]
-    fc_b: torch.Tensor  # [4C]
-    out_w: torch.Tensor  # [4C, C]
-    out_b: torch.Tensor  # [C]
-
-
-@dataclass
-class GPT2Weights:
-    wte: torch.Tensor  # [V, C]
-    wpe: torch.Tensor  # [n_positions, C]
-    layers: list[LayerWeights]
-    lnf_w: torch.Tensor  # [C]
-    lnf_b: torch.Tensor  # [C]
-    lm_head: torch.Tensor  # [C, V] contiguous (a transposed view of wte costs ~5%)
-
-    @classmethod
-    def from_hf(cls, model: GPT2LMHeadModel) -> GPT2Weights:
-        t = model.transformer
-
-        def w(p: torch.Tensor) -> torch.Tensor:
-            return p.detach().contiguous()
-
-        layers = [
-            LayerWeights(
-                ln1_w=w(b.ln_1.weight),
-                ln1_b=w(b.ln_1.bias),
-                attn_w=w(b.attn.c_attn.weight),
-                attn_b=w(b.attn.c_attn.bias),
-                proj_w=w(b.attn.c_proj.weight),
-                proj_b=w(b.attn.c_proj.bias),
-                ln2_w=w(b.ln_2.weight),
-                ln2_b=w(b.ln_2.bias),
-                fc_w=w(b.mlp.c_fc.weight),
-                fc_b=w(b.mlp.c_fc.bias),
-                out_w=w(b.mlp.c_proj.weight),
-                out_b=w(b.mlp.c_proj.bias),
-            )
-            for b in t.h
-        ]
-        return cls(
-            wte=w(t.wte.weight),
-            wpe=w(t.wpe.weight),
-            layers=layers,
-            lnf_w=w(t.ln_f.weight),
-            lnf_b=w(t.ln_f.bias),
-            lm_head=model.lm_head.weight.detach().t().contiguous(),
-        )
-
-
-def model_fingerprint(spec: ModelSpec, weights: GPT2Weights) -> str:
+def model_fingerprint(spec: ModelSpec, weights: Weights) -> str:
     """Architecture dims + sha256 of the frozen weights (architecture.md invariant 4).
 
     The weights are hashed rounded to bfloat16, so one checkpoint served in float32, bfloat16 or
     float16 has one fingerprint (a prefix made on any of them runs on the others).
     """
     h = hashlib.sha256()
-    tensors = [weights.wte, weights.wpe, weights.lnf_w, weights.lnf_b]
-    for lw in weights.layers:
-        tensors += [getattr(lw, f.name) for f in fields(lw)]
-    for t in tensors:
+    for t in weights.hashed():
         h.update(t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
     dims = f"L{spec.n_layer}-H{spec.n_head}-C{spec.n_embd}-V{spec.vocab_size}-N{spec.n_positions}"
-    return f"gpt2-{dims}-{h.hexdigest()[:32]}"
+    if spec.family != "gpt2":  # (GPT-2's fingerprints predate families and stay as they were)
+        s = spec
+        dims = (
+            f"L{s.n_layer}-H{s.n_head}-K{s.n_kv_head}-D{s.head_dim}-C{s.n_embd}-I{s.intermediate_size}"
+            f"-V{s.vocab_size}-N{s.n_positions}"
+        )
+    return f"{spec.family}-{dims}-{h.hexdigest()[:32]}"
 
 
 class Tokenized(Protocol):
@@ -180,11 +98,11 @@ class Tokenized(Protocol):
 
 @dataclass
 class LoadedModel:
-    """One frozen GPT-2, its tokenizer and its dimensions."""
+    """One frozen model (any family in `families`), its tokenizer and its dimensions."""
 
     name: str
     spec: ModelSpec
-    weights: GPT2Weights
+    weights: Weights
     tokenizer: PreTrainedTokenizerBase
     dtype: torch.dtype
     device: torch.device
@@ -214,15 +132,17 @@ class LoadedModel:
             self._dense[key] = _dense_layers(self.weights, pack, quantize)
         return self._dense[key]
 
+    def forward(self, pack: bool = True, quantize: str | None = None) -> Forward:
+        """The family's computation around attention over `dense(pack, quantize)` (engine/runner.py)."""
+        return forward_of(self.spec, self.weights, *self.dense(pack, quantize))
+
     @property
     def served_name(self) -> str:
         """The name clients see (`/ready`, `/v1/models`): a hub id as given, a local directory's name."""
         return Path(self.name).name if Path(self.name).exists() else self.name
 
 
-def _dense_layers(
-    w: GPT2Weights, pack: bool, quantize: str | None
-) -> tuple[list[LayerDense], Dense | Int8Dense]:
+def _dense_layers(w: Weights, pack: bool, quantize: str | None) -> tuple[list[LayerDense], Dense | Int8Dense]:
     """Every dense layer of the model, and its LM head, in one layout (dense.py)."""
 
     def layer(weight: torch.Tensor, bias: torch.Tensor | None, head: bool = False) -> Dense | Int8Dense:
@@ -230,31 +150,22 @@ def _dense_layers(
             return Int8Dense(weight, bias)
         return Dense.of(weight, bias, pack, keep_plain=not head)
 
-    layers = [
-        LayerDense(
-            attn=layer(lw.attn_w, lw.attn_b),
-            proj=layer(lw.proj_w, lw.proj_b),
-            fc=layer(lw.fc_w, lw.fc_b),
-            out=layer(lw.out_w, lw.out_b),
-        )
-        for lw in w.layers
-    ]
-    return layers, layer(w.lm_head, None, head=True)
+    return w.dense_layers(layer), layer(w.lm_head, None, head=True)
 
 
-def load_hf_model(name_or_path: str | Path, dtype: torch.dtype, device: torch.device) -> GPT2LMHeadModel:
+def load_hf_model(name_or_path: str | Path, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
     """The checkpoint as a frozen HF module in eval mode (used by loaders, references and baselines)."""
     config = AutoConfig.from_pretrained(str(name_or_path))
-    spec_from_config(config)  # reject non-GPT-2 checkpoints before loading weights
-    model = GPT2LMHeadModel.from_pretrained(str(name_or_path), dtype=dtype)
+    spec_from_config(config)  # reject unsupported checkpoints before loading weights
+    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
     model.to(device).eval().requires_grad_(False)
     return model
 
 
 def hf_cache_kwargs(
-    hf: GPT2LMHeadModel, layers: list[tuple[torch.Tensor, torch.Tensor]]
+    hf: PreTrainedModel, layers: list[tuple[torch.Tensor, torch.Tensor]]
 ) -> dict[str, DynamicCache]:
-    """Per-layer (key, value) `[B, H, P, D]` pairs as the keyword that hands HF GPT-2 a KV cache.
+    """Per-layer (key, value) `[B, Hkv, P, D]` pairs as the keyword that hands an HF model a KV cache.
 
     transformers 5.2x renamed `past_key_values=` to `cache=` (the old name is deprecated and goes in
     5.40); this picks the name the installed release's `forward` declares, for `forward` and `generate`.
@@ -285,12 +196,13 @@ def hub_model_available(repo_id: str, timeout_s: float = 3.0, endpoint: str | No
 def load_model(
     name_or_path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu"
 ) -> LoadedModel:
-    """Load any GPT-2-family checkpoint (hub id or local directory) once, frozen."""
+    """Load a supported checkpoint (GPT-2, or the Llama family; hub id or local directory) once, frozen."""
     torch_dtype = parse_dtype(dtype)
     torch_device = parse_device(device)
     hf = load_hf_model(name_or_path, torch_dtype, torch_device)
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
-    spec, weights = spec_from_config(hf.config), GPT2Weights.from_hf(hf)
+    spec = spec_from_config(hf.config)
+    weights = weights_from_hf(spec, hf)
     return LoadedModel(
         name=str(name_or_path),
         spec=spec,

@@ -15,7 +15,16 @@ from pathlib import Path
 
 import torch
 from tokenizers import ByteLevelBPETokenizer, Tokenizer
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2TokenizerFast,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedModel,
+    Qwen2Config,
+)
 
 EOS = "<|endoftext|>"
 
@@ -141,7 +150,11 @@ def _corpus(seed: int = 0, lines: int = 3000) -> list[str]:
 
 @dataclass(frozen=True)
 class TinyModelConfig:
-    """Dimensions of the tiny checkpoint (defaults: ~0.2M parameters, builds in about a second)."""
+    """Dimensions of the tiny checkpoint (defaults: ~0.2M parameters, builds in about a second).
+
+    `family`: "gpt2", or a Llama-family `model_type` ("llama", "qwen2", "mistral"), which have
+    grouped-query attention (`n_kv_head` KV heads) and a SwiGLU MLP of `intermediate_size`; the tiny
+    Llama also has Llama 3's rotary scaling, Qwen2 its attention biases and a tied LM head."""
 
     vocab_size: int = 512
     n_layer: int = 3
@@ -152,6 +165,9 @@ class TinyModelConfig:
     # decoding is not decided by rounding noise.
     initializer_range: float = 0.15
     seed: int = 0
+    family: str = "gpt2"
+    n_kv_head: int = 2  # (the Llama family)
+    intermediate_size: int = 160  # (the Llama family)
 
 
 def _train_bpe(vocab_size: int, seed: int = 0) -> ByteLevelBPETokenizer:
@@ -181,19 +197,72 @@ def write_tiny_model(directory: str | Path, config: TinyModelConfig | None = Non
         tokenizer_object=bpe._tokenizer, bos_token=EOS, eos_token=EOS, unk_token=EOS
     )
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
-    hf_config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=cfg.n_positions,
-        n_embd=cfg.n_embd,
-        n_layer=cfg.n_layer,
-        n_head=cfg.n_head,
-        initializer_range=cfg.initializer_range,
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-    )
     torch.manual_seed(cfg.seed)
-    model = GPT2LMHeadModel(hf_config)
+    model = _random_model(cfg, len(tokenizer), eos_id)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     bpe.save_model(str(out))  # vocab.json + merges.txt, for loaders that predate tokenizer.json
     return out
+
+
+def _random_model(cfg: TinyModelConfig, vocab: int, eos_id: int) -> PreTrainedModel:
+    """A randomly initialised model of the config's family (torch's seed set by the caller)."""
+    if cfg.family == "gpt2":
+        return GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=vocab,
+                n_positions=cfg.n_positions,
+                n_embd=cfg.n_embd,
+                n_layer=cfg.n_layer,
+                n_head=cfg.n_head,
+                initializer_range=cfg.initializer_range,
+                bos_token_id=eos_id,
+                eos_token_id=eos_id,
+            )
+        )
+    config_class, extra = LLAMA_FAMILY[cfg.family]
+    config = config_class(
+        vocab_size=vocab,
+        max_position_embeddings=cfg.n_positions,
+        hidden_size=cfg.n_embd,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head,
+        initializer_range=cfg.initializer_range,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        **extra,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # random norm gains too, so that a swapped or missing norm weight shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, cfg.initializer_range)
+    return model
+
+
+# the tiny Llama-family checkpoints: config class and what sets each apart
+LLAMA_FAMILY = {
+    "llama": (
+        LlamaConfig,
+        {
+            "tie_word_embeddings": False,
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        },
+    ),
+    "qwen2": (
+        Qwen2Config,
+        {"tie_word_embeddings": True, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
+    ),
+    "mistral": (MistralConfig, {"tie_word_embeddings": False, "sliding_window": 4096}),
+}

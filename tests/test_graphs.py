@@ -121,7 +121,8 @@ def with_capture(engine: EngineCore, capture, post=None) -> EngineCore:
     dense piece after attention, when given)."""
     r = engine.runner
     spec, max_tokens = r.spec, engine.scheduler.config.max_tokens_per_step
-    r.graphs = PiecewiseGraphs(spec.n_layer, spec.n_embd, r._pre, post or r._post, r.kv, capture, max_tokens)
+    widths = (spec.n_embd, spec.qkv_width, spec.q_width)
+    r.graphs = PiecewiseGraphs(spec.n_layer, widths, r.f.pre, post or r.f.post, r.kv, capture, max_tokens)
     return engine
 
 
@@ -144,7 +145,7 @@ def test_a_host_sync_inside_a_piece_fails_the_capture_and_is_reported(tiny_model
     prefixes = prefixes_for(tiny_model)
     eager = run(EngineCore(tiny_model, EngineConfig(max_running=8, record_logits=True)), prefixes)
     engine = EngineCore(tiny_model, EngineConfig(max_running=8, record_logits=True, cuda_graphs=True))
-    post = engine.runner._post
+    post = engine.runner.f.post
 
     def post_with_a_sync(layer, x, attn):
         if bool(attn.sum() > 0):  # a host read of a device value, as a careless edit would add

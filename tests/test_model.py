@@ -74,18 +74,19 @@ def test_bad_dtype_device_and_model_are_named(tmp_path, tiny_model_dir):
         with pytest.raises(InvalidRequest, match="no CUDA device"):
             parse_device("cuda")
     cfg = json.loads((tiny_model_dir / "config.json").read_text())
-    cfg["model_type"] = "llama"
-    bad = tmp_path / "not-gpt2"
+    cfg["model_type"] = "bert"
+    bad = tmp_path / "not-supported"
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(
-        UnsupportedModel, match=r"expected a GPT-2-family checkpoint \(model_type 'gpt2'\), got 'llama'"
+        UnsupportedModel,
+        match=r"model_type 'bert' is not supported; expected one of \['gpt2', 'llama', 'mistral', 'qwen2'\]",
     ):
         load_model(bad)
 
 
 def test_fast_gelu_is_gpt2_gelu():
-    from prefixserve.engine.runner import gelu_tanh_
+    from prefixserve.families.gpt2 import gelu_tanh_
 
     x = torch.linspace(-12, 12, 10001)
     ref = torch.nn.functional.gelu(x.double(), approximate="tanh")

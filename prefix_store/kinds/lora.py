@@ -1,6 +1,7 @@
 """Kind `lora`: LoRA (Hu et al. 2021) on any subset of GPT-2's `attn.c_attn`, `attn.c_proj`, `mlp.c_fc`
-and `mlp.c_proj`, a rank per adapter (and per module). Served per row in mixed batches: at a module the
-rows carrying adapters gain `x a b` (weights.py groups them), rows without one are untouched.
+and `mlp.c_proj`, or of the Llama family's `self_attn.{q,k,v,o}_proj` and `mlp.{gate,up,down}_proj`
+(`ModelSpec.lora_modules`), a rank per adapter (and per module). Served per row in mixed batches: at a
+module the rows carrying adapters gain `x a b` (weights.py groups them), rows without one are untouched.
 
 File: per adapted module `lora_a.<module>` `[n_layer, in, r]` and `lora_b.<module>` `[n_layer, r, out]`,
 with lora_alpha / r folded into `lora_b` (PEFT adapters are converted so on import, importers.py).
@@ -18,7 +19,7 @@ from ..errors import InvalidPrefixFile
 from ..limits import KIND_LORA
 from ..spec import ModelSpec
 from ..staging import StepInputs
-from ..state import LORA_MODULES, LoraAdapter
+from ..state import LLAMA_LORA_MODULES, LORA_MODULES, LoraAdapter
 from .base import StackCache
 from .weights import WeightPlan, check_abs, check_shape, finite, plan_groups, stacked
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from ..bounds import Expect, MagnitudeBounds
 
 MAX_RANK = 256
+ALL_MODULES = (*LORA_MODULES, *LLAMA_LORA_MODULES)  # every family's, GPT-2's first
 
 
 def tensor_names(modules) -> list[str]:
@@ -33,8 +35,11 @@ def tensor_names(modules) -> list[str]:
 
 
 def module_dims(module: str, spec: ModelSpec) -> tuple[int, int]:
-    fin, fout = LORA_MODULES[module]
-    return fin * spec.n_embd, fout * spec.n_embd
+    """A module's (in, out) widths; InvalidPrefixFile when the model has no such module."""
+    dims = spec.lora_modules()
+    if module not in dims:
+        raise InvalidPrefixFile(f"LoRA module {module!r} is not one of this model's {list(dims)}")
+    return dims[module]
 
 
 class LoraKind:
@@ -42,9 +47,12 @@ class LoraKind:
     positional: ClassVar[bool] = False
     weight_side: ClassVar[bool] = True
     placed: ClassVar[bool] = False
-    sites: ClassVar[tuple[str, ...]] = tuple(LORA_MODULES)
+    sites: ClassVar[tuple[str, ...]] = ALL_MODULES
     tensor_sets: ClassVar[tuple[list[str], ...]] = tuple(
-        tensor_names(ms) for n in range(1, 5) for ms in itertools.combinations(LORA_MODULES, n)
+        tensor_names(ms)
+        for family in (tuple(LORA_MODULES), LLAMA_LORA_MODULES)
+        for n in range(1, len(family) + 1)
+        for ms in itertools.combinations(family, n)
     )
     state_type: ClassVar[type] = LoraAdapter  # what a loaded prefix of this kind is (kind_of)
 
@@ -84,8 +92,8 @@ class LoraKind:
 
     @staticmethod
     def check(state: LoraAdapter, spec: ModelSpec, max_len: int) -> str | None:
-        if not state.modules or not set(state.modules) <= set(LORA_MODULES):
-            allowed = list(LORA_MODULES)
+        if not state.modules or not set(state.modules) <= set(spec.lora_modules()):
+            allowed = list(spec.lora_modules())
             return f"LoRA modules must be a non-empty subset of {allowed}, got {sorted(state.modules)}"
         for module, (a, b) in state.modules.items():
             fin, fout = module_dims(module, spec)
@@ -134,7 +142,7 @@ class LoraKind:
 def _stack(states: list[LoraAdapter]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """-> module: (a `[L, G, in, rmax]`, b `[L, G, rmax, out]`), for the modules any of them adapts."""
     out = {}
-    for module in LORA_MODULES:
+    for module in ALL_MODULES:
         pairs = [s.modules.get(module) for s in states]
         present = [p for p in pairs if p is not None]
         if not present:

@@ -11,8 +11,10 @@ prefix "length". As a partial state (attention.py) that is `num = phi(q) Z`, `de
 merged with the softmax part over the row's own keys. A row with an NTK prefix occupies no positions:
 its tokens start at 0.
 
-File: `ntk_k [n_layer, n_head, head_dim]` and either `ntk_z [n_layer, n_head, head_dim, head_dim]` or its
-low-rank factors `ntk_z_a [.., head_dim, s]` and `ntk_z_b [.., s, head_dim]` (multiplied out on load).
+File: `ntk_k [n_layer, n_kv_head, head_dim]` and either `ntk_z [n_layer, n_kv_head, head_dim, head_dim]`
+or its low-rank factors `ntk_z_a [.., head_dim, s]` and `ntk_z_b [.., s, head_dim]` (multiplied out on
+load). Z and k summarise keys and values, so there is one per KV head: with grouped-query attention
+(the Llama family) a KV head's Z and k serve its n_head / n_kv_head query heads, as its keys do.
 """
 
 from __future__ import annotations
@@ -45,11 +47,19 @@ def phi(q: torch.Tensor) -> torch.Tensor:
 
 def ntk_partial(q: torch.Tensor, z: torch.Tensor, k: torch.Tensor) -> Partial:
     """An NTK prefix's part of attention, in float32 (phi(q) Z could overflow float16).
-    q `[..., H, D]`, z `[..., H, D, D]`, k `[..., H, D]` (broadcast over the leading dims)."""
+    q `[..., H, D]`, z `[..., Hkv, D, D]`, k `[..., Hkv, D]` (broadcast over the leading dims; Hkv
+    divides H: grouped-query attention)."""
+    z, k = per_query_head(z, q.shape[-2], -3), per_query_head(k, q.shape[-2], -2)
     f = phi(q.float())  # [..., H, D]
     num = torch.matmul(f.unsqueeze(-2), z.float()).squeeze(-2)  # [..., H, D]
     den = (f * k.float()).sum(-1)  # [..., H]
     return Partial(num, den, torch.zeros_like(den))
+
+
+def per_query_head(t: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
+    """A per-KV-head tensor (its heads at `dim`) for `heads` query heads: KV head j serves query heads
+    j*g .. j*g+g-1 (g = heads / KV heads). The tensor itself when there is one KV head per query head."""
+    return t if t.shape[dim] == heads else t.repeat_interleave(heads // t.shape[dim], dim=dim)
 
 
 def ntk_combine(
@@ -101,7 +111,7 @@ class NtkPrefixKind:
     @staticmethod
     def check_shapes(shapes: dict[str, list[int]], prefix_len: int, expect: Expect) -> None:
         spec = expect.spec
-        lh, d = [spec.n_layer, spec.n_head], spec.head_dim
+        lh, d = [spec.n_layer, spec.n_kv_head], spec.head_dim
         want = {"ntk_k": [*lh, d], "ntk_z": [*lh, d, d]}
         if "ntk_z_a" in shapes:
             rank = shapes["ntk_z_a"][-1] if len(shapes["ntk_z_a"]) == 4 else -1
@@ -140,7 +150,7 @@ class NtkPrefixKind:
 
     @staticmethod
     def check(state: NtkPrefix, spec: ModelSpec, max_len: int) -> str | None:
-        return check_ntk(state, spec.n_layer, spec.n_head, spec.head_dim)
+        return check_ntk(state, spec.n_layer, spec.n_kv_head, spec.head_dim)
 
     @staticmethod
     def length(state: NtkPrefix) -> int:
@@ -204,9 +214,13 @@ class NtkPrefixKind:
         z = q.new_empty(rows, heads, d, d)  # [B, H, D, D] each row's Z (token i is row i)
         kv = q.new_empty(rows, heads, d)  # [B, H, D]
         if (g := plan.groups) is not None:
-            z[g.tokens], kv[g.tokens] = plan.z[g.group_of, layer], plan.k[g.group_of, layer]
+            z[g.tokens] = per_query_head(plan.z[g.group_of, layer], heads, 1)
+            kv[g.tokens] = per_query_head(plan.k[g.group_of, layer], heads, 1)
         for toks, state in plan.singles:
-            z[toks], kv[toks] = state.z[layer], state.k[layer]
+            z[toks], kv[toks] = (
+                per_query_head(state.z[layer], heads, 0),
+                per_query_head(state.k[layer], heads, 0),
+            )
         return fused_ntk_decode(q, k, v, lens, z, kv, scale)
 
 

@@ -25,9 +25,15 @@ from ..staging import StepInputs
 from .base import StackCache
 
 # where a weight-side kind may attach, in a layer's order: a linear module's output (its input read), or a
-# sublayer's output (attention's, the MLP's: read and added to). A kind declares its own (`sites`); the
-# engine calls `apply` at each of them and checks at start-up that a kind names no other.
-SITES = ("attn.c_attn", "attn.c_proj", "attn", "mlp.c_fc", "mlp.c_proj", "mlp")
+# sublayer's output (attention's, the MLP's: read and added to). GPT-2's modules, then the Llama family's
+# (PEFT's names); the two sublayers are every family's. A kind declares its own (`sites`); a family's
+# forward calls `apply` at each of its own, and the engine checks at start-up that neither names another.
+GPT2_SITES = ("attn.c_attn", "attn.c_proj", "attn", "mlp.c_fc", "mlp.c_proj", "mlp")
+LLAMA_SITES = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "attn",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "mlp",
+)  # fmt: skip
+SITES = (*GPT2_SITES, *(s for s in LLAMA_SITES if s not in GPT2_SITES))
 PAD_TOKENS = 8  # adapters read by at most this many tokens share one padded call ...
 PAD_WASTE = 1.25  # ... and so do all of a step's adapters when padding adds at most 25% of their tokens
 

@@ -81,11 +81,19 @@ class _Bucket:
     """Static buffers for `size` tokens and each layer's two pieces over them."""
 
     def __init__(
-        self, size: int, layers: int, width: int, pre: Pre, post: Post, like: torch.Tensor, capture: Capture
+        self,
+        size: int,
+        layers: int,
+        widths: tuple[int, int, int],
+        pre: Pre,
+        post: Post,
+        like: torch.Tensor,
+        capture: Capture,
     ) -> None:
+        width, qkv_width, attn_width = widths
         self.x = like.new_zeros(size, width)  # [Nb, C] the residual stream
-        self.qkv = like.new_zeros(size, 3 * width)  # [Nb, 3C]
-        self.attn = like.new_zeros(size, width)  # [Nb, C]
+        self.qkv = like.new_zeros(size, qkv_width)  # [Nb, W] queries, keys, values
+        self.attn = like.new_zeros(size, attn_width)  # [Nb, H*D]
         self.pre = [capture.piece(lambda i=i: pre(i, self.x, self.qkv)) for i in range(layers)]
         self.post = [capture.piece(lambda i=i: post(i, self.x, self.attn)) for i in range(layers)]
 
@@ -109,14 +117,15 @@ class PiecewiseGraphs:
     def __init__(
         self,
         layers: int,
-        width: int,
+        widths: tuple[int, int, int],
         pre: Pre,
         post: Post,
         like: torch.Tensor,
         capture: Capture,
         max_tokens: int,
     ) -> None:
-        self._make = lambda size: _Bucket(size, layers, width, pre, post, like, self.capture)
+        """`widths`: the residual stream's (C), the fused QKV projection's, attention's output's (H*D)."""
+        self._make = lambda size: _Bucket(size, layers, widths, pre, post, like, self.capture)
         self.capture = capture
         self.sizes = [b for b in BUCKETS if b <= max_tokens]
         self._buckets: dict[int, _Bucket] = {}

@@ -1,10 +1,14 @@
-"""The model runner: one frozen GPT-2, one batched forward pass per step, rows with different prefixes.
+"""The model runner: one frozen model, one batched forward pass per step, rows with different prefixes.
+
+What a layer computes around attention is its family's (server/families/: GPT-2, the Llama family);
+batching, the KV pool, attention and the prefix kinds are here, the same for every family.
 
 Memory (architecture.md, "engine"): a row's own tokens live in a paged KV pool
-`kv [n_layer, 2, num_blocks, block_size, n_head, head_dim]`, found through the row's block table
+`kv [n_layer, 2, num_blocks, block_size, n_kv_head, head_dim]`, found through the row's block table
 (blocks.py; the scheduler hands blocks out). Its prefix is not copied anywhere: the resident prefix
 (device pool) is read in place by every row that uses it. Positions follow invariant 2: a row's own
-token i sits at position P + i after a prefix of length P.
+token i sits at position P + i after a prefix of length P (added position embeddings for GPT-2, a
+rotation of its query and key for the Llama family; a prefix's keys are used as given).
 
 A step is flat over tokens: every linear layer runs once on `[N, C]` (decode tokens and prefill
 chunks together, no padding). Attention is the one place that looks at rows, as a merge of partial
@@ -16,14 +20,13 @@ prefix take the first part as it is.
 
 Weight-side adapters (LoRA, bottleneck adapters: prefix_store/kinds/weights.py) attach at the linear
 layers: a row may carry one beside its prefix, and in a step with any, each layer runs the adapted path
-(`_adapted_block`): every dense matmul still runs once for all tokens, and each adapter kind adds its
+(the family's `adapted`): every dense matmul still runs once for all tokens, and each adapter kind adds its
 rows' deltas at its sites (grouped batched matmuls), leaving the other rows untouched.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -32,10 +35,11 @@ import torch.nn.functional as F
 from prefix_store.attention import Partial, attention_lse
 from prefix_store.kinds import KIND_CLASSES, PrefixKind, kind_of
 from prefix_store.kinds.weights import SITES
+from prefix_store.spec import ModelSpec
 from prefix_store.staging import StepInputs
 from prefix_store.triton_env import runs_on as triton_runs_on
 
-from ..model import LayerWeights, LoadedModel, ModelSpec
+from ..model import LoadedModel
 from .blocks import NULL_BLOCK, blocks_for
 from .cpu_kernels import PagedDecode, load_paged_decode
 from .graphs import CudaGraphs, Eager, PiecewiseGraphs
@@ -60,7 +64,7 @@ class RowInput:
     tokens: list[int]
     start: int
     blocks: list[int]  # the row's block table, covering start + len(tokens) tokens
-    # the resident prefix: K/V [n_layer, 2, n_head, P, head_dim], NTK, or none. Rows given the same
+    # the resident prefix: K/V [n_layer, 2, n_kv_head, P, head_dim], NTK, or none. Rows given the same
     # object share its reads (one matmul per layer for all of them)
     prefix: PrefixState | None = None
     sample: bool = True  # return logits for the row's last token
@@ -108,6 +112,7 @@ class _Batch:
 
     ids: torch.Tensor  # [N]
     pos: torch.Tensor  # [N] absolute positions (prefix length + own index)
+    rope: object  # what the family's `rotate` reads for these positions (None: GPT-2)
     slots: torch.Tensor  # [N] where each token's K/V go in the flat pool (block * block_size + offset)
     parts: list[_Paged]
     last_idx: torch.Tensor  # [B] token index of each row's last token
@@ -119,30 +124,11 @@ class _Batch:
     targets: dict[str, torch.Tensor] = field(default_factory=dict)  # scoring rows' targets [M] by request
 
 
-_GELU_K = 2.0 * math.sqrt(2.0 / math.pi)
 SCORE_SLICE = 256  # prompt tokens scored per [M, V] block
 # KV prefixes up to this long, placed in the KV pool, are read by the in-place decode kernel as a decode
 # row's first keys (one softmax, nothing to merge); longer ones, which many rows may share, keep their
 # kind's attention (Hydragen: read once per step for all the rows that share them)
 IN_KERNEL_PREFIX = 64
-
-
-def gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
-    """GPT-2's tanh-approximate GELU, in place: 0.5x(1 + tanh(u)) == x * sigmoid(2u).
-
-    Same function as `F.gelu(x, approximate="tanh")` (within 5e-7 in fp32), about 3x faster on CPU.
-    """
-    u = torch.addcmul(x, x * x, x, value=0.044715)  # x + 0.044715 x^3
-    return x.mul_(u.mul_(_GELU_K).sigmoid_())
-
-
-def _activation(name: str):
-    """In-place activation of a fresh matmul output."""
-    if name in ("gelu_new", "gelu_pytorch_tanh"):
-        return gelu_tanh_
-    if name == "gelu":
-        return F.gelu
-    return F.relu
 
 
 class ModelRunner:
@@ -159,18 +145,16 @@ class ModelRunner:
     ) -> None:
         spec: ModelSpec = model.spec
         self.spec = spec
-        self.w = model.weights
-        # the layers' GEMMs: packed where it pays, or int8 (dense.py)
-        self.dense, self.lm_head = model.dense(pack, quantize)
+        # the family's layers over its GEMMs: packed where it pays, or int8 (dense.py)
+        self.f = model.forward(pack, quantize)
         self.device, self.dtype = model.device, model.dtype
         self.num_blocks, self.block_size = num_blocks, block_size
-        shape = (spec.n_layer, 2, num_blocks, block_size, spec.n_head, spec.head_dim)
-        self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)  # [L, 2, NB, bs, H, D]
-        self._act = _activation(spec.activation)
+        shape = (spec.n_layer, 2, num_blocks, block_size, spec.n_kv_head, spec.head_dim)
+        self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)  # [L, 2, NB, bs, Hkv, D]
         # each kind keeps its own stack cache; attention-side kinds attend, weight-side ones apply
         self.kinds: list[PrefixKind] = [cls() for cls in KIND_CLASSES if not cls.weight_side]
         self.adapters: list[PrefixKind] = [cls() for cls in KIND_CLASSES if cls.weight_side]
-        for kind in self.adapters:  # (the sites `_adapted_block` calls, in order)
+        for kind in self.adapters:  # (the sites the families' `adapted` call, in order)
             if unknown := set(kind.sites) - set(SITES):
                 raise ValueError(f"kind {kind.name!r} declares sites {sorted(unknown)}; there are {SITES}")
         # the attention-side kinds whose decode steps run own and prefix attention in one kernel here
@@ -184,9 +168,9 @@ class ModelRunner:
         self.graphs = (
             PiecewiseGraphs(
                 spec.n_layer,
-                spec.n_embd,
-                self._pre,
-                self._post,
+                (spec.n_embd, spec.qkv_width, spec.q_width),
+                self.f.pre,
+                self.f.post,
                 self.kv,
                 CudaGraphs() if self.device.type == "cuda" else Eager(),
                 max_tokens,
@@ -226,21 +210,20 @@ class ModelRunner:
         `inputs_embeds [N, C]` replaces the token embeddings (a soft prompt being compiled).
         """
         batch, order = self._prepare(rows)
-        tok = self.w.wte[batch.ids] if inputs_embeds is None else inputs_embeds.to(self.device, self.dtype)
-        x = tok + self.w.wpe[batch.pos]  # [N, C]
+        embeds = None if inputs_embeds is None else inputs_embeds.to(self.device, self.dtype)
+        x = self.f.embed(batch.ids, batch.pos, embeds)  # [N, C]
         bucket = self.graphs.bucket(x.shape[0]) if self.graphs is not None and not batch.adapters else None
         if batch.adapters:  # weight-side adapters in the step: each layer with its adapter sites
-            for layer, lw in enumerate(self.w.layers):
-                x = self._adapted_block(layer, lw, x, batch)
+            for layer in range(self.spec.n_layer):
+                x = self._adapted_block(layer, x, batch)
         elif bucket is not None:  # the dense pieces replayed, attention eager between them
             x = bucket.run(x, lambda layer, qkv, out: self._attend(layer, qkv, batch, out))
         else:
             for layer in range(self.spec.n_layer):
                 x = self._block(layer, x, batch)
-        h = x[batch.last_idx]  # [B, C]
-        h = F.layer_norm(h, (self.spec.n_embd,), self.w.lnf_w, self.w.lnf_b, self.spec.layer_norm_eps)
+        h = self.f.norm(x[batch.last_idx])  # [B, C]
         hs = h if batch.sample_rows is None else h[batch.sample_rows]  # [n_sample, C]
-        logits = self.lm_head(hs)  # [n_sample, V]
+        logits = self.f.lm_head(hs)  # [n_sample, V]
         return StepOutput(
             sample_ids=[r.request_id for r in order if r.sample],
             logits=logits,
@@ -270,8 +253,7 @@ class ModelRunner:
         self, h: torch.Tensor, target: torch.Tensor, top: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Final hidden states h `[M, C]` -> `log_probs` of their logits."""
-        h = F.layer_norm(h, (self.spec.n_embd,), self.w.lnf_w, self.w.lnf_b, self.spec.layer_norm_eps)
-        return log_probs(self.lm_head(h), target, top)
+        return log_probs(self.f.lm_head(self.f.norm(h)), target, top)
 
     def _prepare(self, rows: list[RowInput]) -> tuple[_Batch, list[RowInput]]:
         self.inputs.begin()
@@ -325,6 +307,7 @@ class ModelRunner:
         batch = _Batch(
             ids=inputs.put(ids),
             pos=inputs.put(pos),
+            rope=None,
             slots=inputs.put(slots),
             parts=parts,
             last_idx=inputs.put(last_idx),
@@ -335,6 +318,7 @@ class ModelRunner:
             targets={r.request_id: inputs.put(r.targets) for r in order if r.targets},
         )
         inputs.upload()  # every index tensor of the step, in one transfer
+        batch.rope = self.f.positions(batch.pos)
         self._masks(parts)
         return batch, order
 
@@ -414,47 +398,19 @@ class ModelRunner:
 
     def _block(self, layer: int, x: torch.Tensor, b: _Batch) -> torch.Tensor:
         """One layer, eagerly: x `[N, C]` -> `[N, C]` (updated in place)."""
-        attn = x.new_empty(x.shape)  # [N, C]
-        self._attend(layer, self._pre(layer, x), b, attn)
-        self._post(layer, x, attn)
+        attn = x.new_empty(x.shape[0], self.spec.q_width)  # [N, H*D]
+        self._attend(layer, self.f.pre(layer, x), b, attn)
+        self.f.post(layer, x, attn)
         return x
 
-    def _pre(self, layer: int, x: torch.Tensor, qkv: torch.Tensor | None = None) -> torch.Tensor:
-        """Layer norm and the QKV projection: x `[n, C]` -> qkv `[n, 3C]` (into `qkv` when given: graphs.py
-        captures this)."""
-        lw = self.w.layers[layer]
-        h = F.layer_norm(x, (x.shape[1],), lw.ln1_w, lw.ln1_b, self.spec.layer_norm_eps)
-        return self.dense[layer].attn(h, out=qkv)
-
-    def _post(self, layer: int, x: torch.Tensor, attn: torch.Tensor) -> None:
-        """Output projection, MLP and both residuals, in place on x `[n, C]` (graphs.py captures this)."""
-        lw, d = self.w.layers[layer], self.dense[layer]
-        d.proj.add_to(attn, x)
-        h = F.layer_norm(x, (x.shape[1],), lw.ln2_w, lw.ln2_b, self.spec.layer_norm_eps)
-        d.out.add_to(self._act(d.fc(h)), x)  # fc: [n, 4C]
-
-    def _adapted_block(self, layer: int, lw: LayerWeights, x: torch.Tensor, b: _Batch) -> torch.Tensor:
-        """One layer with the step's weight-side adapters at their sites: x `[N, C]` -> `[N, C]` (in
-        place). The same dense matmuls as `_block`, each sublayer's output kept apart so that LoRA can
-        add to a module's output and a bottleneck adapter can read and add to a sublayer's output."""
-        eps, d = self.spec.layer_norm_eps, self.dense[layer]
-        h = F.layer_norm(x, (x.shape[1],), lw.ln1_w, lw.ln1_b, eps)
-        qkv = d.attn(h)  # [N, 3C]
-        self._adapt("attn.c_attn", layer, h, qkv, b)
-        attn = torch.empty_like(x)  # [N, C]
-        self._attend(layer, qkv, b, attn)
-        a = d.proj(attn)  # [N, C] attention's output
-        self._adapt("attn.c_proj", layer, attn, a, b)
-        self._adapt("attn", layer, a, a, b)  # a bottleneck adapter reads the sublayer's output
-        x.add_(a)
-        h = F.layer_norm(x, (x.shape[1],), lw.ln2_w, lw.ln2_b, eps)
-        f = d.fc(h)  # [N, 4C]
-        self._adapt("mlp.c_fc", layer, h, f, b)
-        g = self._act(f)
-        m = d.out(g)  # [N, C] the MLP's output
-        self._adapt("mlp.c_proj", layer, g, m, b)
-        self._adapt("mlp", layer, m, m, b)
-        return x.add_(m)
+    def _adapted_block(self, layer: int, x: torch.Tensor, b: _Batch) -> torch.Tensor:
+        """One layer with the step's weight-side adapters at their sites (the family's `adapted`)."""
+        return self.f.adapted(
+            layer,
+            x,
+            lambda qkv, out: self._attend(layer, qkv, b, out),
+            lambda site, inp, out: self._adapt(site, layer, inp, out, b),
+        )
 
     @staticmethod
     def _adapt(site: str, layer: int, inp: torch.Tensor, out: torch.Tensor, b: _Batch) -> None:
@@ -464,13 +420,23 @@ class ModelRunner:
                 kind.apply(site, layer, inp, out, plan)
 
     def _attend(self, layer: int, qkv: torch.Tensor, b: _Batch, out: torch.Tensor) -> None:
-        """Write the step's K and V into the pool, then each token's attention into out `[N, C]`."""
+        """Rotate the step's queries and keys (rotary families), write its K and V into the pool, then
+        each token's attention into out `[N, H*D]`. qkv `[N, H*D + 2*Hkv*D]`."""
         spec = self.spec
-        n = qkv.shape[0]
-        qkv = qkv.view(n, 3, spec.n_head, spec.head_dim)  # [N, 3, H, D]
-        pool = self.kv[layer].view(2, -1, spec.n_head, spec.head_dim)  # [2, NB * bs, H, D]
-        pool[:, b.slots] = qkv[:, 1:].transpose(0, 1)  # K and V in place: [2, N, H, D]
-        self._attention(layer, qkv[:, 0], b, out.view(n, spec.n_head, spec.head_dim))
+        n, h, hkv, d = qkv.shape[0], spec.n_head, spec.n_kv_head, spec.head_dim
+        pool = self.kv[layer].view(2, -1, hkv, d)  # [2, NB * bs, Hkv, D]
+        if h == hkv and b.rope is None:  # one write for K and V
+            qkv = qkv.view(n, 3, h, d)  # [N, 3, H, D]
+            pool[:, b.slots] = qkv[:, 1:].transpose(0, 1)  # K and V in place: [2, N, H, D]
+            q = qkv[:, 0]
+        else:
+            q = qkv[:, : h * d].view(n, h, d)  # [N, H, D]
+            k = qkv[:, h * d : (h + hkv) * d].view(n, hkv, d)  # [N, Hkv, D]
+            if b.rope is not None:
+                self.f.rotate(q, k, b.rope)
+            pool[0, b.slots] = k
+            pool[1, b.slots] = qkv[:, (h + hkv) * d :].view(n, hkv, d)
+        self._attention(layer, q, b, out.view(n, h, d))
 
     def _attention(self, layer: int, q: torch.Tensor, b: _Batch, out: torch.Tensor) -> None:
         """Each token's attention: over its row's own keys, merged with its prefix's part.
@@ -509,19 +475,21 @@ class ModelRunner:
                 o, part_lse = attention_lse(qs, k, v, part.bias, scale)  # [R, H, n, D], [R, H, n]
                 lse[part.offset : end] = part_lse.transpose(1, 2).reshape(-1, q.shape[1])
             else:
-                o = F.scaled_dot_product_attention(qs, k, v, attn_mask=part.bias, scale=scale)
+                o = F.scaled_dot_product_attention(
+                    qs, k, v, attn_mask=part.bias, scale=scale, enable_gqa=k.shape[1] != qs.shape[1]
+                )
             out[part.offset : end] = o.transpose(1, 2).reshape(-1, *q.shape[1:])
         return lse
 
     def _gather(self, layer: int, part: _Paged) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows' own K and V, block by block, into two reused buffers (a fresh tensor per call
-        costs page faults as large as the copy): -> two `[R, H, S, D]` views."""
+        costs page faults as large as the copy): -> two `[R, Hkv, S, D]` views."""
         spec, n = self.spec, part.table.numel()
         out = []
         for i in (0, 1):  # K, V
             buf = self._gather_buffer(i, n)  # [n, bs, H, D]
             torch.index_select(self.kv[layer, i], 0, part.table, out=buf)
-            out.append(buf.view(part.rows, -1, spec.n_head, spec.head_dim).transpose(1, 2))
+            out.append(buf.view(part.rows, -1, spec.n_kv_head, spec.head_dim).transpose(1, 2))
         return out[0], out[1]
 
     def _gather_buffer(self, i: int, blocks: int) -> torch.Tensor:
@@ -574,7 +542,7 @@ def compile_prefix(
     model: LoadedModel, token_ids: list[int] | None = None, embeds: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Run a text (token ids) or a soft prompt (`embeds [P, C]`) through the frozen model at
-    positions 0..P-1 and return its per-layer K/V `[n_layer, 2, n_head, P, head_dim]`: the prefix
+    positions 0..P-1 and return its per-layer K/V `[n_layer, 2, n_kv_head, P, head_dim]`: the prefix
     that makes later tokens see exactly what they would see after that text or soft prompt."""
     n = len(token_ids) if token_ids is not None else embeds.shape[0]  # type: ignore[union-attr]
     block_size = 16
@@ -585,5 +553,5 @@ def compile_prefix(
     blocks = list(range(1, nb + 1))
     runner.execute([RowInput("compile", ids, 0, blocks, sample=False)], inputs_embeds=embeds)
     s = model.spec
-    kv = runner.kv[:, :, 1:].reshape(s.n_layer, 2, nb * block_size, s.n_head, s.head_dim)[:, :, :n]
-    return kv.transpose(2, 3).clone()  # [L, 2, H, P, D]
+    kv = runner.kv[:, :, 1:].reshape(s.n_layer, 2, nb * block_size, s.n_kv_head, s.head_dim)[:, :, :n]
+    return kv.transpose(2, 3).clone()  # [L, 2, Hkv, P, D]
