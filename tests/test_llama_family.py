@@ -256,3 +256,59 @@ def test_unsupported_llama_variants_are_named(tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModel, match="rope type 'dynamic' is not supported"):
         load_model(path)
+
+
+def test_a_llama_checkpoint_served_over_http_with_a_peft_prefix(tmp_path):
+    """`prefixserve serve` with PREFIXSERVE_MODEL naming a Llama-family directory: /ready names it, a PEFT
+    prefix-tuning adapter made for it uploads and steers generation exactly as PEFT's forward does, and a
+    text prefix compiles through the same forward."""
+    import httpx
+
+    from .helpers import start_server
+
+    path = write_tiny_model(tmp_path / "tiny-qwen2", TinyModelConfig(family="qwen2"))
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    torch.manual_seed(5)
+    peft = get_peft_model(
+        copy.deepcopy(hf), PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
+    ).eval()
+    with torch.no_grad():
+        peft.prompt_encoder["default"].embedding.weight.normal_(0, 0.5)
+    config = json.dumps(peft.peft_config["default"].to_dict(), default=list).encode()
+    weights = st_save({k: v.contiguous() for k, v in get_peft_model_state_dict(peft).items()})
+    proc, url = start_server(path, tmp_path / "data")
+    try:
+        ready = httpx.get(url + "/ready").json()
+        model = ready["model"]
+        assert (model["name"], model["family"], model["n_head"], model["n_kv_head"]) == (
+            "tiny-qwen2",
+            "llama",
+            4,
+            2,
+        )
+        files = {
+            "adapter_config": ("adapter_config.json", config),
+            "adapter_model": ("m.safetensors", weights),
+        }
+        up = httpx.post(url + "/prefixes", files=files, data={"name": "peft"}, timeout=60)
+        assert up.status_code == 201, up.text
+        body = {
+            "prefix_id": up.json()["id"],
+            "input": "name : Aromi",
+            "max_new_tokens": 5,
+            "ignore_eos": True,
+        }
+        r = httpx.post(url + "/generate", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        tokenizer = load_model(path).tokenizer
+        ids = tokenizer.encode("name : Aromi")
+        expect, _ = greedy(lambda x: peft(input_ids=x).logits[0, -1], ids, 5)
+        assert r.json()["text"] == tokenizer.decode(expect)
+        text = httpx.post(url + "/prefixes", json={"name": "t", "text": "Answer briefly.\n"}, timeout=60)
+        assert text.status_code == 201, text.text
+        assert text.json()["prefix_len"] == len(tokenizer.encode("Answer briefly.\n"))
+        r = httpx.post(url + "/generate", json={**body, "prefix_id": text.json()["id"]}, timeout=60)
+        assert r.status_code == 200, r.text
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -36,8 +36,10 @@ async def ready(request: Request):
             "name": state.model.served_name,  # the base model's id in /v1/models
             "fingerprint": state.model.fingerprint,
             "dtype": str(state.model.dtype),
+            "family": spec.family,  # the forward pass: "gpt2" or "llama" (Llama, Qwen2, Mistral)
             "n_layer": spec.n_layer,
             "n_head": spec.n_head,
+            "n_kv_head": spec.n_kv_head,
             "n_embd": spec.n_embd,
             "n_positions": spec.n_positions,
             "vocab_size": spec.vocab_size,
