@@ -1,9 +1,12 @@
 """Engine throughput: many prefixes in one batch vs one shared prefix vs HF generate vs the roofline.
 
     python bench/engine.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--model DIR|ID]
+                           [--family gpt2|llama]
 
 Workload (the issue's): 64 concurrent requests, 32 input tokens, 64 new tokens each (greedy, EOS
-ignored), prefix length 10, GPT-2-small dimensions (random weights unless --model names a checkpoint).
+ignored), prefix length 10, GPT-2-small dimensions (random weights unless --model names a checkpoint;
+`--family llama`: SmolLM2-135M's dimensions, a Llama-family model with grouped-query attention, and
+every JSON key prefixed with `llama_`).
 Columns, measured side by side in one run, rounds interleaved so machine noise hits all alike (every
 other round in reverse order):
 
@@ -64,6 +67,17 @@ from prefixserve.tiny import TinyModelConfig, write_tiny_model
 RESULTS = Path(__file__).resolve().parent / "results"
 GPT2_SMALL = TinyModelConfig(  # n_positions 1088: a 1000-position prefix + 32 in + 32 new fits
     vocab_size=50257, n_layer=12, n_head=12, n_embd=768, n_positions=1088, initializer_range=0.02
+)
+SMOLLM2_135M = TinyModelConfig(  # SmolLM2-135M's shape: 30 layers, 9 heads, 3 KV heads, SwiGLU 1536
+    family="llama",
+    vocab_size=49152,
+    n_layer=30,
+    n_head=9,
+    n_kv_head=3,
+    n_embd=576,
+    intermediate_size=1536,
+    n_positions=1088,
+    initializer_range=0.02,
 )
 KV_BUDGET = 2 << 30  # bytes, for kv_rows_at_budget / fixed_rows_at_budget
 BUDGET_ROW_TOKENS = 128
@@ -271,14 +285,15 @@ class Bench:
         decode-sized steps where the device has it): prefill of B*T tokens (-> first token), then
         new_tokens - 1 steps."""
         wl, dev, dt = self.wl, self.model.device, self.model.dtype
-        c = self.model.spec.n_embd
+        spec = self.model.spec
+        c, mlp = spec.n_embd, spec.intermediate_size
         layers, lm_head = self.model.dense()
 
-        def matmuls(x: torch.Tensor, logits_rows: int) -> None:  # x [N, C]
+        def matmuls(x: torch.Tensor, logits_rows: int) -> None:  # x [N, C] (H*D == C here)
             for d in layers:
-                d.attn(x)  # [N, 3C]
+                d.attn(x)  # [N, W] queries, keys, values
                 d.proj(x)  # [N, C]
-                d.out(d.fc(x))  # [N, 4C] -> [N, C]
+                d.out(d.fc(x)[:, :mlp])  # [N, 4C] (GPT-2) or [N, 2I] (SwiGLU's gate and up) -> [N, C]
             lm_head(x[:logits_rows])  # [B, V]
 
         prefill_x = torch.randn(wl.batch * wl.input_len, c, device=dev, dtype=dt)  # [B*T, C]
@@ -300,7 +315,7 @@ def rows_at_budget(model: LoadedModel) -> tuple[int | None, int]:
     """(rows of BUDGET_ROW_TOKENS own tokens the engine's scheduler admits into a KV_BUDGET paged pool,
     rows of full-length slots the same budget holds). The first is None for an engine without paging."""
     spec = model.spec
-    token_bytes = spec.n_layer * 2 * spec.n_embd * model.dtype.itemsize  # K and V of one token
+    token_bytes = spec.kv_bytes(1, model.dtype.itemsize)  # K and V of one token
     fixed = KV_BUDGET // (spec.n_positions * token_bytes)
     if not hasattr(EngineConfig, "resolved"):  # the engine before paged KV (for before/after tables)
         return None, fixed
@@ -322,6 +337,9 @@ def prepare_model(args: argparse.Namespace) -> tuple[LoadedModel, GPT2LMHeadMode
     dtype = parse_dtype(args.dtype)
     if args.model:
         path, label = args.model, args.model
+    elif args.family == "llama":
+        path = write_tiny_model(Path(tempfile.mkdtemp(prefix="bench-smollm2-")), SMOLLM2_135M)
+        label = "random SmolLM2-135M dims (Llama family, 3 KV heads)"
     else:
         path = write_tiny_model(Path(tempfile.mkdtemp(prefix="bench-gpt2-small-")), GPT2_SMALL)
         label = "random GPT-2-small dims (124M)"
@@ -337,7 +355,10 @@ def main() -> None:
     )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--model", default=None, help="a GPT-2-family checkpoint (hub id or directory)")
+    ap.add_argument("--model", default=None, help="a served checkpoint (hub id or directory)")
+    ap.add_argument(
+        "--family", default="gpt2", choices=["gpt2", "llama"], help="random weights of GPT-2-small or SmolLM2"
+    )
     ap.add_argument("--rounds", type=int, default=None, help="measured rounds (default 1 quick, 3 full)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/engine-DEVICE-DTYPE.json)")
     ap.add_argument(
@@ -421,7 +442,8 @@ def main() -> None:
     print(f"\n{'ratio':<26}{'measured':>10}{'target':>10}")
     for k, v in ratios.items():
         print(f"{k:<26}{v:>10.2f}{'>= ' + str(targets[k]):>10}  {'ok' if v >= targets[k] else 'MISSED'}")
-    summary = {f"{k}_tok_s": round(v, 1) for k, v in tok_s.items()}
+    key = "llama_" if args.family == "llama" else ""
+    summary = {f"{key}{k}_tok_s": round(v, 1) for k, v in tok_s.items()}
     summary.update(
         device=args.device,
         dtype=args.dtype,
@@ -433,9 +455,11 @@ def main() -> None:
         kv_rows_at_budget=kv_rows,
         fixed_rows_at_budget=fixed_rows,
     )
-    summary.update({k.replace("/", "_over_"): round(v, 3) for k, v in ratios.items()})
+    summary.update({key + k.replace("/", "_over_"): round(v, 3) for k, v in ratios.items()})
+    family = "-llama" if args.family == "llama" else ""
     out = Path(
-        args.out or RESULTS / f"engine-{args.device}-{args.dtype}{'-quick' if args.quick else ''}.json"
+        args.out
+        or RESULTS / f"engine{family}-{args.device}-{args.dtype}{'-quick' if args.quick else ''}.json"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")

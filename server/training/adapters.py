@@ -23,10 +23,10 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GPT2LMHeadModel
+from transformers import GPT2LMHeadModel, PreTrainedModel
 
 from prefix_store.kinds.bottleneck import BottleneckKind, bottleneck
-from prefix_store.state import LORA_MODULES, BottleneckAdapter
+from prefix_store.state import BottleneckAdapter
 
 ADAPTER_SITE_SETS = {"houlsby": ("attn", "mlp"), "pfeiffer": ("mlp",)}
 IGNORE = -100  # the label of a token without loss (HF's ignore_index)
@@ -40,16 +40,23 @@ def lm_loss(
     return model(input_ids=ids, attention_mask=mask, labels=labels, **extra).loss
 
 
-def _module(model: GPT2LMHeadModel, layer: int, name: str) -> nn.Module:
-    """`attn.c_attn` etc. of block `layer`."""
-    block = model.transformer.h[layer]
+def _block(model: PreTrainedModel, layer: int) -> nn.Module:
+    """Layer `layer` of GPT-2 (`transformer.h`) or of the Llama family (`model.layers`)."""
+    return model.transformer.h[layer] if hasattr(model, "transformer") else model.model.layers[layer]
+
+
+def _module(model: PreTrainedModel, layer: int, name: str) -> nn.Module:
+    """`attn.c_attn`, `self_attn.q_proj` etc. of layer `layer`."""
     part, leaf = name.split(".")
-    return getattr(getattr(block, part), leaf)
+    return getattr(getattr(_block(model, layer), part), leaf)
 
 
-def _site(model: GPT2LMHeadModel, layer: int, site: str) -> nn.Module:
-    block = model.transformer.h[layer]
-    return block.attn if site == "attn" else block.mlp
+def _site(model: PreTrainedModel, layer: int, site: str) -> nn.Module:
+    """A sublayer: attention (after its output projection) or the MLP."""
+    block = _block(model, layer)
+    if site == "mlp":
+        return block.mlp
+    return block.attn if hasattr(block, "attn") else block.self_attn
 
 
 @contextlib.contextmanager
@@ -64,10 +71,11 @@ def _hooks(handles: list) -> Iterator[None]:
 def _add_to_output(delta):
     """A forward hook adding delta(module input, module output) to the output (a tuple's first item)."""
 
-    def hook(module, args, out):
+    def hook(module, args, kwargs, out):
+        inp = args[0] if args else kwargs.get("hidden_states")  # (Llama's sublayers take keywords)
         if isinstance(out, tuple):
-            return (out[0] + delta(args[0], out[0]), *out[1:])
-        return out + delta(args[0], out)
+            return (out[0] + delta(inp, out[0]), *out[1:])
+        return out + delta(inp, out)
 
     return hook
 
@@ -76,12 +84,15 @@ class LoraEncoder(nn.Module):
     """LoRA on `modules`: per module a `[L, in, r]` (PEFT's init: Kaiming-uniform) and b `[L, r, out]`
     (zeros), delta = x a b * lora_alpha / r."""
 
-    def __init__(self, n_layer: int, n_embd: int, rank: int, alpha: float, modules: list[str]) -> None:
+    def __init__(
+        self, n_layer: int, dims: dict[str, tuple[int, int]], rank: int, alpha: float, modules: list[str]
+    ) -> None:
+        """`dims`: the model's LoRA modules' (in, out) widths (ModelSpec.lora_modules)."""
         super().__init__()
         self.modules_, self.scaling, self.n_layer = list(modules), alpha / rank, n_layer
         self.a, self.b = nn.ParameterDict(), nn.ParameterDict()
         for m in self.modules_:
-            fin, fout = (k * n_embd for k in LORA_MODULES[m])
+            fin, fout = dims[m]
             a = torch.empty(n_layer, fin, rank)
             for layer in range(n_layer):  # PEFT: kaiming_uniform_(A.weight [r, in], a=sqrt(5))
                 w = torch.empty(rank, fin)
@@ -107,7 +118,9 @@ class LoraEncoder(nn.Module):
             a, b = self.a[_key(m)], self.b[_key(m)]
             for layer in range(self.n_layer):
                 delta = lambda x, out, a=a[layer], b=b[layer]: (x @ a) @ b * self.scaling  # noqa: E731
-                handles.append(_module(model, layer, m).register_forward_hook(_add_to_output(delta)))
+                handles.append(
+                    _module(model, layer, m).register_forward_hook(_add_to_output(delta), with_kwargs=True)
+                )
         return _hooks(handles)
 
     @torch.no_grad()
@@ -172,7 +185,9 @@ class BottleneckEncoder(nn.Module):
             for layer in range(self.n_layer):
                 parts = (down[layer], db[layer], up[layer], ub[layer])
                 delta = lambda x, out, parts=parts: bottleneck(out, *parts)  # noqa: E731
-                handles.append(_site(model, layer, s).register_forward_hook(_add_to_output(delta)))
+                handles.append(
+                    _site(model, layer, s).register_forward_hook(_add_to_output(delta), with_kwargs=True)
+                )
         return _hooks(handles)
 
     def _weights(self, site: str, pick: tuple[int, int] | None) -> tuple[torch.Tensor, ...]:

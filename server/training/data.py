@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from prefix_store.state import LORA_MODULES
+from prefix_store.kinds.lora import ALL_MODULES
 
 from ..errors import InvalidRequest
 from ..inputs import Text, parse_json
@@ -54,8 +54,12 @@ class Hyperparameters(BaseModel):
     ntk_rank: int | None = Field(None, ge=0, le=1024, description="ntk: rank s of Z = Z_a Z_b; 0 = full Z")
     lora_rank: int | None = Field(None, ge=1, le=256, description="lora: r (default 8)")
     lora_alpha: float | None = Field(None, gt=0.0, le=4096.0, description="lora: scaling lora_alpha / r (16)")
-    lora_modules: list[Literal[tuple(LORA_MODULES)]] | None = Field(
-        None, min_length=1, max_length=4, description='lora: the modules adapted (default ["attn.c_attn"])'
+    lora_modules: list[Literal[tuple(ALL_MODULES)]] | None = Field(
+        None,
+        min_length=1,
+        max_length=len(ALL_MODULES),
+        description='lora: the modules adapted (default ["attn.c_attn"], GPT-2\'s; a Llama-family model'
+        ' names its own, e.g. ["self_attn.q_proj", "self_attn.v_proj"])',
     )
     adapter_size: int | None = Field(None, ge=1, le=4096, description="adapter, adamix: bottleneck m (64)")
     adapter_sites: Literal["houlsby", "pfeiffer"] | None = Field(
@@ -155,6 +159,13 @@ def validate_dataset(
     """Check every record against the model's limits; returns the dataset as JSONL for the store."""
     if cfg.prefix_len > max_prefix_len:
         raise InvalidRequest("prefix_len", f"expected at most {max_prefix_len}, got {cfg.prefix_len}")
+    spec = model.spec
+    if cfg.kind == "ntk" and spec.family != "gpt2":
+        raise InvalidRequest(
+            "kind", f"NTK training runs on GPT-2 models; this is a {spec.family}-family model"
+        )
+    if cfg.kind == "lora" and not set(cfg.lora_modules) <= set(spec.lora_modules()):
+        raise InvalidRequest("lora_modules", f"expected a subset of this model's {list(spec.lora_modules())}")
     if cfg.ntk_rank > model.spec.head_dim:
         raise InvalidRequest(
             "ntk_rank", f"expected at most head_dim {model.spec.head_dim}, got {cfg.ntk_rank}"

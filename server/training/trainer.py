@@ -28,9 +28,11 @@ from torch import nn
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from prefix_store.importers import peft_to_canonical
+from prefix_store.kinds.lora import ALL_MODULES
 from prefix_store.kinds.ntk import ntk_combine
 from prefix_store.limits import KIND_PREFIX_KV
-from prefix_store.state import LORA_MODULES
+from prefix_store.spec import ModelSpec
+from prefixserve.families import spec_from_config
 from prefixserve.model import hf_cache_kwargs
 
 from .adapters import ADAPTER_SITE_SETS, IGNORE, BottleneckEncoder, LoraEncoder, lm_loss
@@ -66,8 +68,8 @@ class TrainConfig:
         if self.kind not in TRAIN_KINDS:
             raise ValueError(f"kind must be one of {list(TRAIN_KINDS)}, got {self.kind!r}")
         object.__setattr__(self, "lora_modules", tuple(self.lora_modules))  # (a JSON list from a job record)
-        if not self.lora_modules or not set(self.lora_modules) <= set(LORA_MODULES):
-            raise ValueError(f"lora_modules must be a non-empty subset of {list(LORA_MODULES)}")
+        if not self.lora_modules or not set(self.lora_modules) <= set(ALL_MODULES):
+            raise ValueError(f"lora_modules must be a non-empty subset of {list(ALL_MODULES)}")
         if self.adapter_sites not in ADAPTER_SITE_SETS:
             raise ValueError(
                 f"adapter_sites must be one of {list(ADAPTER_SITE_SETS)}, got {self.adapter_sites!r}"
@@ -119,14 +121,16 @@ class Interrupted(Exception):
 
 
 class PrefixEncoder(nn.Module):
-    """P' and the MLP; `forward()` returns PEFT-layout prompt embeddings `[P, n_layer*2*n_embd]`."""
+    """P' and the MLP; `forward()` returns PEFT-layout prompt embeddings `[P, n_layer*2*W]`, W the width
+    of one layer's keys (n_kv_head * head_dim: n_embd for GPT-2; less with grouped-query attention, where
+    PEFT sizes P' and the MLP by it too)."""
 
-    def __init__(self, prefix_len: int, n_embd: int, hidden: int, n_layer: int, n_head: int) -> None:
+    def __init__(self, prefix_len: int, width: int, hidden: int, n_layer: int, n_kv_head: int) -> None:
         super().__init__()
-        self.prefix_len, self.n_layer, self.n_head = prefix_len, n_layer, n_head
-        self.embedding = nn.Embedding(prefix_len, n_embd)
+        self.prefix_len, self.n_layer, self.n_head = prefix_len, n_layer, n_kv_head
+        self.embedding = nn.Embedding(prefix_len, width)
         self.transform = nn.Sequential(
-            nn.Linear(n_embd, hidden), nn.Tanh(), nn.Linear(hidden, n_layer * 2 * n_embd)
+            nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, n_layer * 2 * width)
         )
         self.register_buffer("tokens", torch.arange(prefix_len), persistent=False)
 
@@ -143,7 +147,7 @@ class PrefixEncoder(nn.Module):
     ) -> torch.Tensor:
         """The prefix as every layer's past keys and values (positions 0..P-1), ids after it."""
         b, p = ids.shape[0], self.prefix_len
-        kv = self().view(p, self.n_layer * 2, self.n_head, -1).permute(1, 2, 0, 3)  # [L*2, H, P, D]
+        kv = self().view(p, self.n_layer * 2, self.n_head, -1).permute(1, 2, 0, 3)  # [L*2, Hkv, P, D]
         layers = [
             (kv[2 * i].expand(b, -1, -1, -1), kv[2 * i + 1].expand(b, -1, -1, -1))
             for i in range(self.n_layer)
@@ -284,11 +288,10 @@ class PrefixTrainer:
         self.model = model.eval().requires_grad_(False)  # frozen; dropout off
         self.tok = tokenizer
         self.config = config
-        c = model.config
-        self.n_layer, self.n_head, self.n_embd = c.n_layer, c.n_head, c.n_embd
+        self.spec = spec_from_config(model.config)
         self.device = next(model.parameters()).device
         torch.manual_seed(config.seed)
-        self.encoder: nn.Module = _encoder(config, c.n_layer, c.n_head, c.n_embd).to(self.device)
+        self.encoder: nn.Module = _encoder(config, self.spec).to(self.device)
 
     def loss(
         self, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, step: int | None = None
@@ -389,23 +392,23 @@ class PrefixTrainer:
 
 
 # The trainable part of each kind a job may train (the two prefix kinds, LoRA, a bottleneck adapter, or
-# AdaMix, stored as an adapter), built from the config and the model's (n_layer, n_head, n_embd): every one
-# computes a batch's loss with itself attached to the frozen model (`loss`) and gives the store its file's
-# tensors (`tensors`), so the trainer does not branch on the kind.
-ENCODERS: dict[str, Callable[[TrainConfig, int, int, int], nn.Module]] = {
-    KIND_PREFIX_KV: lambda cfg, n_layer, n_head, n_embd: PrefixEncoder(
-        cfg.prefix_len, n_embd, cfg.hidden, n_layer, n_head
+# AdaMix, stored as an adapter), built from the config and the model's spec: every one computes a batch's
+# loss with itself attached to the frozen model (`loss`) and gives the store its file's tensors
+# (`tensors`), so the trainer does not branch on the kind.
+ENCODERS: dict[str, Callable[[TrainConfig, ModelSpec], nn.Module]] = {
+    KIND_PREFIX_KV: lambda cfg, spec: PrefixEncoder(
+        cfg.prefix_len, spec.kv_width, cfg.hidden, spec.n_layer, spec.n_kv_head
     ),
-    "ntk": lambda cfg, n_layer, n_head, n_embd: NtkEncoder(n_layer, n_head, n_embd // n_head, cfg.ntk_rank),
-    "lora": lambda cfg, n_layer, n_head, n_embd: LoraEncoder(
-        n_layer, n_embd, cfg.lora_rank, cfg.lora_alpha, list(cfg.lora_modules)
+    "ntk": lambda cfg, spec: NtkEncoder(spec.n_layer, spec.n_head, spec.head_dim, cfg.ntk_rank),
+    "lora": lambda cfg, spec: LoraEncoder(
+        spec.n_layer, spec.lora_modules(), cfg.lora_rank, cfg.lora_alpha, list(cfg.lora_modules)
     ),
-    "adapter": lambda cfg, n_layer, n_head, n_embd: BottleneckEncoder(
-        n_layer, n_embd, cfg.adapter_size, ADAPTER_SITE_SETS[cfg.adapter_sites]
+    "adapter": lambda cfg, spec: BottleneckEncoder(
+        spec.n_layer, spec.n_embd, cfg.adapter_size, ADAPTER_SITE_SETS[cfg.adapter_sites]
     ),
-    "adamix": lambda cfg, n_layer, n_head, n_embd: BottleneckEncoder(
-        n_layer,
-        n_embd,
+    "adamix": lambda cfg, spec: BottleneckEncoder(
+        spec.n_layer,
+        spec.n_embd,
         cfg.adapter_size,
         ADAPTER_SITE_SETS[cfg.adapter_sites],
         cfg.adamix_experts,
@@ -416,6 +419,10 @@ ENCODERS: dict[str, Callable[[TrainConfig, int, int, int], nn.Module]] = {
 TRAIN_KINDS = tuple(ENCODERS)
 
 
-def _encoder(cfg: TrainConfig, n_layer: int, n_head: int, n_embd: int) -> nn.Module:
+def _encoder(cfg: TrainConfig, spec: ModelSpec) -> nn.Module:
     """The trainable part for the config's kind (everything else is the frozen model)."""
-    return ENCODERS[cfg.kind](cfg, n_layer, n_head, n_embd)
+    if cfg.kind == "ntk" and spec.family != "gpt2":
+        raise ValueError(f"NTK training runs on GPT-2 models; this is a {spec.family}-family model")
+    if cfg.kind == "lora" and not set(cfg.lora_modules) <= set(spec.lora_modules()):
+        raise ValueError(f"lora_modules must be a subset of this model's {list(spec.lora_modules())}")
+    return ENCODERS[cfg.kind](cfg, spec)
