@@ -46,11 +46,11 @@ class PagedDecode:
     def __init__(self, lib: ctypes.CDLL) -> None:
         fn = lib.paged_decode
         ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        # q, q_stride, k, v, table, nb, lens, pre_slot, pre_len, rows, block_size, heads, dim, scale,
-        # out, lse, threads, dtype
+        # q, q_stride, k, v, table, nb, lens, pre_slot, pre_len, rows, block_size, heads, kv_heads, dim,
+        # scale, out, lse, threads, dtype
         fn.argtypes = [
-            ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, i32, i32, i32, i32, ctypes.c_float, ptr, ptr,
-            i32, i32,
+            ptr, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, i32, i32, i32, i32, i32, ctypes.c_float, ptr,
+            ptr, i32, i32,
         ]  # fmt: skip
         fn.restype = ctypes.c_int
         self._fn = fn
@@ -70,10 +70,11 @@ class PagedDecode:
         prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         """Row r's query `q[r]` `[H, D]` over its own `lens[r]` tokens, found in the pool `k`/`v`
-        `[num_blocks, block_size, H, D]` through `table [R, nb]` (int64): writes `out [R, H, D]` and,
-        when given, `lse [R, H]` (float32, log-sum-exp of the scaled scores). On the CPU, q, the pools
-        and out in one of `self.dtypes` (every sum float32); q may be a strided view of rows (each
-        `[H, D]` contiguous), the rest contiguous.
+        `[num_blocks, block_size, H_kv, D]` through `table [R, nb]` (int64): writes `out [R, H, D]` and,
+        when given, `lse [R, H]` (float32, log-sum-exp of the scaled scores). Query head h reads KV head
+        `h // (H / H_kv)` (grouped-query attention, H_kv dividing H; GPT-2 has H_kv = H). On the CPU,
+        q, the pools and out in one of `self.dtypes` (every sum float32); q may be a strided view of
+        rows (each `[H, D]` contiguous), the rest contiguous.
 
         `prefix = (slot [R] int64, length [R] int32)`: row r's keys begin with `length[r]` prefix
         positions at the pool's flat slots `slot[r] ..` (a KV prefix placed in the pool; length 0: none)."""
@@ -84,7 +85,7 @@ class PagedDecode:
         slot, length = (None, None) if prefix is None else (prefix[0].data_ptr(), prefix[1].data_ptr())
         failed = self._fn(
             q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), table.data_ptr(), table.shape[1],
-            lens.data_ptr(), slot, length, rows, k.shape[1], heads, dim, scale, out.data_ptr(),
+            lens.data_ptr(), slot, length, rows, k.shape[1], heads, k.shape[2], dim, scale, out.data_ptr(),
             None if lse is None else lse.data_ptr(), torch.get_num_threads(), DTYPE_CODES[q.dtype],
         )  # fmt: skip
         if failed == 1:
@@ -94,14 +95,16 @@ class PagedDecode:
 
 
 def _check_layout(q, k, v, table, lens, out, lse, prefix, dtypes: frozenset) -> None:
-    """What the C code takes for granted (it reads raw memory): one of the `dtypes` it serves, one KV
-    head per query head, and every row's tokens within its block table and every block and prefix slot
-    within the pool (checked on the host: a CPU kernel has no device to wait for). ValueError otherwise."""
+    """What the C code takes for granted (it reads raw memory): one of the `dtypes` it serves, KV heads
+    that divide the query's heads, and every row's tokens within its block table and every block and
+    prefix slot within the pool (checked on the host: a CPU kernel has no device to wait for).
+    ValueError otherwise."""
     rows, heads, _ = q.shape
     bad = layout_problems(q, k, v, table, lens, out, lse, prefix)
     names = sorted(str(dt).removeprefix("torch.") for dt in dtypes)
     bad += [] if q.dtype in dtypes else [f"tensors of one of {', '.join(names)}"]
-    bad += [] if k.dim() == 4 and k.shape[2] == heads else ["pools of the query's heads"]
+    grouped = k.dim() == 4 and k.shape[2] > 0 and heads % k.shape[2] == 0
+    bad += [] if grouped else ["pools whose KV heads divide the query's heads"]
     if not bad and rows:  # the layout is sound: the bounds can be read
         slots = k.shape[0] * k.shape[1]
         if not (int(lens.min()) >= 1 and int(lens.max()) <= table.shape[1] * k.shape[1]):

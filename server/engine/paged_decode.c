@@ -2,6 +2,10 @@
  * from the paged pool through the row's block table (no gather copy), with the log-sum-exp of its
  * scores so the result merges with the row's prefix part (prefix_store/attention.py).
  *
+ * The pools may hold fewer heads than the query (grouped-query attention): with H query heads and
+ * H_kv KV heads (H_kv divides H), query head h reads KV head h / (H / H_kv), as HF's
+ * repeat_interleave of the KV heads does (GPT-2: H_kv = H).
+ *
  * A row may also name a KV prefix that lives in the same pool (unified paging: a run of consecutive
  * slots from `pre_slot`): its `pre_len` positions are then read first, as the row's first keys, and
  * the softmax covers prefix and own tokens together (no separate prefix part to merge).
@@ -86,13 +90,13 @@ static void narrow(int dtype, const float *src, void *dst, int n) {
 typedef struct {
     const char *q;        /* row r's query [H, D] at q + r * q_stride elements */
     int64_t q_stride;
-    const char *k, *v;    /* one layer's pool [num_blocks, block_size, H, D] */
+    const char *k, *v;    /* one layer's pool [num_blocks, block_size, H_kv, D] */
     const int64_t *table; /* [rows, nb] block ids */
     int64_t nb;
     const int32_t *lens;  /* [rows] own tokens per row (the new one included) */
     const int64_t *pre_slot; /* [rows] first pool slot of the row's in-pool prefix, or NULL */
     const int32_t *pre_len;  /* [rows] its positions (0: none), or NULL */
-    int block_size, heads, dim, dtype;
+    int block_size, heads, kv_heads, dim, dtype; /* heads: H (the query's), kv_heads: H_kv */
     float scale;
     char *out;            /* [rows, H, D] */
     float *lse;           /* [rows, H], or NULL */
@@ -108,10 +112,10 @@ static float dot(const float *a, const float *b, int n) {
 
 static int prefix_len(const Job *j, int r) { return j->pre_len ? j->pre_len[r] : 0; }
 
-/* Key or value t of row r in a pool [slots, H, D] as float32 ([H, D]; widened into `buf` unless the
- * pool is float32): its prefix's positions, then its own tokens. */
+/* Key or value t of row r in a pool [slots, H_kv, D] as float32 ([H_kv, D]; widened into `buf` unless
+ * the pool is float32): its prefix's positions, then its own tokens. */
 static const float *token(const Job *j, const char *pool, int r, int t, int p, float *buf) {
-    const int bs = j->block_size, width = j->heads * j->dim;
+    const int bs = j->block_size, width = j->kv_heads * j->dim;
     const int64_t slot = t < p ? j->pre_slot[r] + t : j->table[r * j->nb + (t - p) / bs] * bs + (t - p) % bs;
     const char *at = pool + slot * width * SIZE[j->dtype];
     if (j->dtype == F32) return (const float *)at;
@@ -120,15 +124,16 @@ static const float *token(const Job *j, const char *pool, int r, int t, int p, f
 }
 
 /* One row: scores s [H, n] (scratch), then softmax, then the weighted sum of V into o [H, D] (scratch,
- * float32), stored in the output's dtype. `row` is float32 scratch for a widened [H, D] row. */
+ * float32), stored in the output's dtype. `row` is float32 scratch for a widened [H_kv, D] row; query
+ * head h reads its KV head h / G. */
 static void attend_row(const Job *j, int r, float *s, float *inv, float *o, float *row) {
-    const int H = j->heads, D = j->dim, p = prefix_len(j, r), n = p + j->lens[r];
+    const int H = j->heads, G = H / j->kv_heads, D = j->dim, p = prefix_len(j, r), n = p + j->lens[r];
     const char *qr = j->q + (int64_t)r * j->q_stride * SIZE[j->dtype];
     float *q = o; /* the query, widened into o's place (o is written only after the scores) */
     widen(j->dtype, qr, q, H * D);
     for (int t = 0; t < n; t++) {
         const float *kt = token(j, j->k, r, t, p, row);
-        for (int h = 0; h < H; h++) s[h * n + t] = dot(q + h * D, kt + h * D, D) * j->scale;
+        for (int h = 0; h < H; h++) s[h * n + t] = dot(q + h * D, kt + h / G * D, D) * j->scale;
     }
     for (int h = 0; h < H; h++) {
         float *sh = s + h * n, m = -INFINITY, den = 0.f;
@@ -143,7 +148,7 @@ static void attend_row(const Job *j, int r, float *s, float *inv, float *o, floa
         for (int h = 0; h < H; h++) {
             const float w = s[h * n + t] * inv[h];
             float *oh = o + h * D;
-            const float *vh = vt + h * D;
+            const float *vh = vt + h / G * D;
             for (int d = 0; d < D; d++) oh[d] += w * vh[d];
         }
     }
@@ -153,9 +158,9 @@ static void attend_row(const Job *j, int r, float *s, float *inv, float *o, floa
 /* 0, or 1 when the scratch buffer could not be allocated. */
 static int run_job(const Job *j) {
     const size_t scores = (size_t)j->heads * j->max_len, width = (size_t)j->heads * j->dim;
-    float *s = malloc(sizeof(float) * (scores + j->heads + 2 * width));
+    float *s = malloc(sizeof(float) * (scores + j->heads + width + (size_t)j->kv_heads * j->dim));
     if (!s) return 1;
-    float *inv = s + scores, *o = inv + j->heads, *row = o + width;
+    float *inv = s + scores, *o = inv + j->heads, *row = o + width; /* o [H, D], row [H_kv, D] */
     for (int r = j->first; r < j->last; r++) attend_row(j, r, s, inv, o, row);
     free(s);
     return 0;
@@ -173,15 +178,17 @@ static void split_rows(Job *j, int rows, int64_t total, int i, int n) {
     j->last = r;
 }
 
-/* Returns 0 on success, 1 when a scratch buffer could not be allocated, 2 for a dtype this build does
+/* q [rows, H, D] (row r at q + r * q_stride elements), pools [num_blocks, block_size, H_kv, D] with
+ * H_kv = kv_heads dividing H = heads, out [rows, H, D], lse [rows, H] or NULL.
+ * Returns 0 on success, 1 when a scratch buffer could not be allocated, 2 for a dtype this build does
  * not serve (the caller raises).
  * Built with OpenMP, the rows are shared by the team of the OpenMP runtime already in the process
  * (torch's): its threads, spinning after the last matmul, pick the work up at once, and no second
  * set of threads competes with them for the cores. Built without it, one thread does all rows. */
 int paged_decode(const void *q, int64_t q_stride, const void *k, const void *v, const int64_t *table,
                  int64_t nb, const int32_t *lens, const int64_t *pre_slot, const int32_t *pre_len, int rows,
-                 int block_size, int heads, int dim, float scale, void *out, float *lse, int threads,
-                 int dtype) {
+                 int block_size, int heads, int kv_heads, int dim, float scale, void *out, float *lse,
+                 int threads, int dtype) {
     if (rows <= 0) return 0;
     if (dtype < 0 || dtype > F16 || !(paged_decode_dtypes() & (1 << dtype))) return 2;
     if (threads < 1) threads = 1;
@@ -201,8 +208,8 @@ int paged_decode(const void *q, int64_t q_stride, const void *k, const void *v, 
         i = omp_get_thread_num();
         n = omp_get_num_threads();
 #endif
-        Job j = {q, q_stride, k, v, table, nb, lens, pre_slot, pre_len, block_size, heads, dim, dtype,
-                 scale, out, lse, 0, 0, max_len};
+        Job j = {q, q_stride, k, v, table, nb, lens, pre_slot, pre_len, block_size, heads, kv_heads, dim,
+                 dtype, scale, out, lse, 0, 0, max_len};
         split_rows(&j, rows, total, i, n);
         failed |= run_job(&j);
     }
