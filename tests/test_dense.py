@@ -84,7 +84,7 @@ def test_the_engine_gives_the_same_tokens_and_logits_packed_or_not(tiny_model):
     results = []
     for packed in (True, False):
         engine = EngineCore(tiny_model, EngineConfig(max_running=4, record_logits=True, packed_gemm=packed))
-        assert (engine.runner.dense[0].attn.packed is not None) == packed
+        assert (engine.runner.f.dense[0].attn.packed is not None) == packed
         for pid, kv in prefixes.items():
             engine.prefixes.register(pid, kv)
         ids = [

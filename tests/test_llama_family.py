@@ -24,14 +24,13 @@ from prefix_store.kinds import LoraKind
 from prefix_store.kinds.bottleneck import bottleneck
 from prefix_store.state import BottleneckAdapter, NtkPrefix
 from prefixserve.compile import bind_model
-from prefixserve.engine import EngineConfig, EngineCore, SamplingParams
 from prefixserve.engine.runner import compile_prefix
 from prefixserve.errors import UnsupportedModel
 from prefixserve.model import load_model
 from prefixserve.tiny import TinyModelConfig, write_tiny_model
 
-from .helpers import collect
 from .reference import prefix_cache
+from .test_adapters import engine_for, greedy, peft_files, run
 
 FAMILIES = ("llama", "qwen2", "mistral")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -63,12 +62,6 @@ def peft_lora(family):
     return model.eval()
 
 
-def peft_files(peft_model, name: str) -> tuple[bytes, bytes]:
-    config = json.dumps(peft_model.peft_config[name].to_dict(), default=list).encode()
-    weights = {k: v.contiguous() for k, v in get_peft_model_state_dict(peft_model, adapter_name=name).items()}
-    return config, st_save(weights)
-
-
 def random_ntk(spec, seed: int = 1) -> NtkPrefix:
     g = torch.Generator().manual_seed(seed)
     lh, d = (spec.n_layer, spec.n_kv_head), spec.head_dim
@@ -88,16 +81,6 @@ def random_bottleneck(spec, m: int, seed: int = 0) -> BottleneckAdapter:
 
 
 # ---- references ----------------------------------------------------------------------------------
-def greedy(forward, prompt_ids: list[int], max_new: int) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy tokens and each step's logits from whole-sequence forwards: forward(ids [1, T]) -> [V]."""
-    seq, logits = list(prompt_ids), []
-    with torch.inference_mode():
-        for _ in range(max_new):
-            logits.append(forward(torch.tensor([seq])))
-            seq.append(int(logits[-1].argmax()))
-    return seq[len(prompt_ids) :], logits
-
-
 def with_bottleneck(hf, adapter: BottleneckAdapter):
     """HF with the adapter added to each layer's attention output (after o_proj) and MLP output (after
     down_proj), before the residual additions, by forward hooks."""
@@ -137,20 +120,6 @@ def ntk_attention(ntk: NtkPrefix):
         return (num / den).to(query.dtype).transpose(1, 2).contiguous(), None
 
     return attend
-
-
-def engine_for(model, states: dict, **config) -> EngineCore:
-    engine = EngineCore(model, EngineConfig(**{"max_running": 8, "record_logits": True, **config}))
-    for sid, state in states.items():
-        engine.prefixes.register(sid, state)
-    return engine
-
-
-def run(engine: EngineCore, rows: list[tuple]) -> dict[str, tuple]:
-    """rows: (request id, prompt ids, max_new, prefix id, adapter id) -> id: (tokens, logits)."""
-    for rid, prompt, max_new, pid, aid in rows:
-        engine.add_request(prompt, SamplingParams(max_new_tokens=max_new), pid, rid, aid)
-    return {rid: collect(outs)[:2] for rid, outs in engine.run_to_completion().items()}
 
 
 # ---- tests ----------------------------------------------------------------------------------------

@@ -131,13 +131,16 @@ def test_a_prefix_is_evicted_only_when_no_row_references_it(service_factory, tin
 
 def _reference_decode(q, k_pool, v_pool, table, lens, scale, prefix=None):
     """Gather each row's blocks (after its in-pool prefix's slots) and take softmax attention:
-    q `[R, H, D]` -> out `[R, H, D]`, lse `[R, H]`."""
+    q `[R, H, D]` over pools `[num_blocks, block_size, H_kv, D]` -> out `[R, H, D]`, lse `[R, H]`.
+    KV head `h // (H / H_kv)` serves query head h (HF's repeat_interleave of the KV heads)."""
+    group = q.shape[1] // k_pool.shape[2]
     outs, lses = [], []
     for r in range(q.shape[0]):
         n = int(lens[r])
         slots = torch.arange(0) if prefix is None else torch.arange(prefix[1][r]) + prefix[0][r]
-        k = torch.cat([k_pool.flatten(0, 1)[slots], k_pool[table[r]].flatten(0, 1)[:n]])  # [p + n, H, D]
+        k = torch.cat([k_pool.flatten(0, 1)[slots], k_pool[table[r]].flatten(0, 1)[:n]])  # [p + n, H_kv, D]
         v = torch.cat([v_pool.flatten(0, 1)[slots], v_pool[table[r]].flatten(0, 1)[:n]])
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # [p + n, H, D]
         s = torch.einsum("hd,nhd->hn", q[r], k) * scale  # [H, n]
         lses.append(torch.logsumexp(s, -1))
         outs.append(torch.einsum("hn,nhd->hd", torch.softmax(s, -1), v))
@@ -205,6 +208,70 @@ def test_decode_kernel_reads_half_precision_pools_and_sums_in_float32(dtype):
     assert (~out.flatten(1).isfinite().all(-1)).tolist() == [False, False, True, False]
     with pytest.raises(ValueError, match="one dtype"):
         kernel(q.float(), k_pool, v_pool, table, lens, out, None, 0.35)
+
+
+def _grouped_case(dtype, kv_heads, prefixes=None, heads=6, dim=16, bs=16, lens=(1, 15, 16, 17, 40, 70)):
+    """Pools `[num_blocks, bs, kv_heads, dim]` holding NaN wherever no row's key lives (so a read past
+    a row's length, of a block its table does not name or of the wrong slot shows); rows of `lens` own
+    tokens in shuffled blocks, after `prefixes[r]` in-pool prefix positions (consecutive slots, a NaN
+    block apart) -> q (a strided view) `[R, heads, dim]`, k_pool, v_pool, table, lens, prefix."""
+    g = torch.Generator().manual_seed(kv_heads)
+    rows, nb = len(lens), max(-(-n // bs) for n in lens)
+    base = rows * nb + 2  # own blocks are shuffled below it (block 0 left NaN); prefixes run on from it
+    num_blocks = base + sum(-(-p // bs) + 1 for p in prefixes or [])
+    k_pool = torch.full((num_blocks, bs, kv_heads, dim), float("nan"))
+    v_pool = torch.full_like(k_pool, float("nan"))
+    order = torch.randperm(base - 1, generator=g) + 1
+    table = torch.zeros(rows, nb, dtype=torch.int64)
+    for r, n in enumerate(lens):
+        table[r, : -(-n // bs)] = order[r * nb : r * nb + -(-n // bs)]
+        for t in range(n):  # only the row's own positions get numbers
+            b, i = table[r, t // bs], t % bs
+            k_pool[b, i], v_pool[b, i] = torch.randn(2, kv_heads, dim, generator=g)
+    prefix = None
+    if prefixes is not None:
+        slot, first = torch.zeros(rows, dtype=torch.int64), base * bs
+        for r, p in enumerate(prefixes):
+            slot[r] = first
+            k_pool.flatten(0, 1)[first : first + p] = torch.randn(p, kv_heads, dim, generator=g)
+            v_pool.flatten(0, 1)[first : first + p] = torch.randn(p, kv_heads, dim, generator=g)
+            first += (-(-p // bs) + 1) * bs
+        prefix = (slot, torch.tensor(prefixes, dtype=torch.int32))
+    qkv = torch.randn(rows, 3, heads, dim, generator=g) * 2  # q is a strided view, as in the runner
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    return qkv.to(dtype)[:, 0], k_pool.to(dtype), v_pool.to(dtype), table, lens_t, prefix
+
+
+@pytest.mark.parametrize("with_prefix", [False, True], ids=["own-tokens", "in-pool-prefix"])
+@pytest.mark.parametrize("kv_heads", [6, 3, 2, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_decode_kernel_serves_grouped_query_heads_from_pools_of_fewer_kv_heads(dtype, kv_heads, with_prefix):
+    """6 query heads over 6, 3, 2 or 1 KV heads: head h reads KV head h // (6 / H_kv), as attention over
+    repeat_interleave-d K/V heads (in float64) gives, for rows' own tokens and in-pool prefixes alike."""
+    kernel = load_paged_decode()
+    assert kernel is not None, "the CPU decode kernel did not build (is there a C compiler?)"
+    if dtype not in kernel.dtypes:
+        pytest.skip(f"this build does not serve {dtype}")
+    prefixes = [0, 1, 16, 33, 5, 64] if with_prefix else None
+    q, k_pool, v_pool, table, lens, prefix = _grouped_case(dtype, kv_heads, prefixes)
+    out, lse = torch.empty(q.shape, dtype=dtype), torch.empty(q.shape[:2])
+    kernel(q, k_pool, v_pool, table, lens, out, lse, 0.3, prefix)
+    want_out, want_lse = _reference_decode(
+        q.double(), k_pool.double(), v_pool.double(), table, lens, 0.3, prefix
+    )
+    # float32 sums throughout; a half-precision output is rounded once, the log-sum-exp stays float32
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.double(), want_out.to(dtype).double(), atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_kernel_refuses_pools_whose_kv_heads_do_not_divide_the_query_heads():
+    kernel = load_paged_decode()
+    assert kernel is not None
+    q, k_pool, v_pool, table, lens, _ = _grouped_case(torch.float32, kv_heads=4)  # 6 query heads
+    out = torch.empty(q.shape)
+    with pytest.raises(ValueError, match="pools whose KV heads divide the query's heads"):
+        kernel(q, k_pool, v_pool, table, lens, out, None, 0.3)
 
 
 def test_half_precision_engines_read_blocks_in_place_as_they_gather_them(tiny_model_dir):

@@ -384,14 +384,14 @@ def test_a_step_fault_ends_that_steps_rows_and_the_engine_keeps_serving(tiny_mod
     c = engine.add_request(PROMPTS[2], SamplingParams(max_new_tokens=6), "n1")  # waits: max_running is 2
     engine.step()
     runner = engine.runner
-    dense = runner.dense
+    dense = runner.f.dense
     broken = Dense(dense[1].proj.w[:, :-1], dense[1].proj.b)  # plain layout: no packed copy to use instead
-    runner.dense = [*dense[:1], dataclasses.replace(dense[1], proj=broken), *dense[2:]]
+    runner.f.dense = [*dense[:1], dataclasses.replace(dense[1], proj=broken), *dense[2:]]
     try:  # a genuine fault inside the forward pass (no row's data explains it)
         with caplog.at_level(logging.ERROR, logger="prefixserve.engine.core"):
             outs = {o.request_id: o for o in engine.step()}
     finally:
-        runner.dense = dense
+        runner.f.dense = dense
     assert set(outs) == {a, b}
     assert all(
         isinstance(o.error, EngineFault) and o.finish_reason == FinishReason.ERROR for o in outs.values()

@@ -124,10 +124,12 @@ static const float *token(const Job *j, const char *pool, int r, int t, int p, f
 }
 
 /* One row: scores s [H, n] (scratch), then softmax, then the weighted sum of V into o [H, D] (scratch,
- * float32), stored in the output's dtype. `row` is float32 scratch for a widened [H_kv, D] row; query
- * head h reads its KV head h / G. */
-static void attend_row(const Job *j, int r, float *s, float *inv, float *o, float *row) {
-    const int H = j->heads, G = H / j->kv_heads, D = j->dim, p = prefix_len(j, r), n = p + j->lens[r];
+ * float32), stored in the output's dtype. `row` is float32 scratch for a widened [H_kv, D] row. Query
+ * head h reads KV head h / G (G = H / H_kv query heads per KV head). Inlined into each of run_job's
+ * loops, so that the copy for G = 1 (GPT-2) folds h / G to h: its inner loops stay free of divisions. */
+static inline __attribute__((always_inline)) void attend_row(const Job *j, int r, int G, float *s, float *inv,
+                                                             float *o, float *row) {
+    const int H = j->heads, D = j->dim, p = prefix_len(j, r), n = p + j->lens[r];
     const char *qr = j->q + (int64_t)r * j->q_stride * SIZE[j->dtype];
     float *q = o; /* the query, widened into o's place (o is written only after the scores) */
     widen(j->dtype, qr, q, H * D);
@@ -161,7 +163,11 @@ static int run_job(const Job *j) {
     float *s = malloc(sizeof(float) * (scores + j->heads + width + (size_t)j->kv_heads * j->dim));
     if (!s) return 1;
     float *inv = s + scores, *o = inv + j->heads, *row = o + width; /* o [H, D], row [H_kv, D] */
-    for (int r = j->first; r < j->last; r++) attend_row(j, r, s, inv, o, row);
+    const int G = j->heads / j->kv_heads;
+    if (G == 1)
+        for (int r = j->first; r < j->last; r++) attend_row(j, r, 1, s, inv, o, row);
+    else
+        for (int r = j->first; r < j->last; r++) attend_row(j, r, G, s, inv, o, row);
     free(s);
     return 0;
 }

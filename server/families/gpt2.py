@@ -118,15 +118,21 @@ class Gpt2Weights:
 
     def dense_layers(self, layer: Callable[..., Dense | Int8Dense]) -> list[LayerDense]:
         """Each layer's four dense layers, made by `layer(weight [in, out], bias)`."""
-        return [
-            LayerDense(
-                attn=layer(lw.attn_w, lw.attn_b),
-                proj=layer(lw.proj_w, lw.proj_b),
-                fc=layer(lw.fc_w, lw.fc_b),
-                out=layer(lw.out_w, lw.out_b),
-            )
-            for lw in self.layers
-        ]
+        return dense_layers(self.layers, layer)
+
+
+def dense_layers(layers: list, layer: Callable[..., Dense | Int8Dense]) -> list[LayerDense]:
+    """Per layer (weights with GPT-2's attribute names: attn_w/_b, proj_w/_b, fc_w/_b, out_w/_b) its four
+    dense layers, made by `layer(weight [in, out], bias)`."""
+    return [
+        LayerDense(
+            attn=layer(lw.attn_w, lw.attn_b),
+            proj=layer(lw.proj_w, lw.proj_b),
+            fc=layer(lw.fc_w, lw.fc_b),
+            out=layer(lw.out_w, lw.out_b),
+        )
+        for lw in layers
+    ]
 
 
 def gelu_tanh_(x: torch.Tensor) -> torch.Tensor:

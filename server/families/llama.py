@@ -24,7 +24,7 @@ from prefix_store.spec import ModelSpec
 
 from ..dense import Dense, Int8Dense, LayerDense
 from ..errors import UnsupportedModel
-from .gpt2 import Adapt, Attend
+from .gpt2 import Adapt, Attend, dense_layers
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 # rotary variants whose frequencies do not depend on the sequence's length (dynamic NTK and LongRoPE do)
@@ -159,16 +159,8 @@ class LlamaWeights:
 
     def dense_layers(self, layer: Callable[..., Dense | Int8Dense]) -> list[LayerDense]:
         """Each layer's dense layers (attn: fused QKV, proj: o_proj, fc: fused gate and up, out:
-        down_proj)."""
-        return [
-            LayerDense(
-                attn=layer(lw.attn_w, lw.attn_b),
-                proj=layer(lw.proj_w, lw.proj_b),
-                fc=layer(lw.fc_w, lw.fc_b),
-                out=layer(lw.out_w, lw.out_b),
-            )
-            for lw in self.layers
-        ]
+        down_proj), made by `layer(weight [in, out], bias)`."""
+        return dense_layers(self.layers, layer)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
