@@ -290,7 +290,7 @@ def test_prefix_tuning_on_a_llama_matches_peft_and_every_kind_trains(family):
     from prefixserve.training.synthetic import table_to_text
     from prefixserve.training.trainer import PrefixTrainer, TrainConfig
 
-    from .test_training import train_peft
+    from .test_training import peft_from, train_peft
 
     path, model, _ = family
     tok, pairs = model.tokenizer, table_to_text(12, seed=3)
@@ -298,17 +298,7 @@ def test_prefix_tuning_on_a_llama_matches_peft_and_every_kind_trains(family):
         prefix_len=4, hidden=32, epochs=2, batch_size=3, learning_rate=1e-2, warmup_steps=1, weight_decay=0.01
     )
     ours = PrefixTrainer(AutoModelForCausalLM.from_pretrained(path), tok, cfg)
-    init = {k: v.clone() for k, v in ours.encoder.state_dict().items()}
-    peft_cfg = PrefixTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=32
-    )
-    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(path), peft_cfg)
-    encoder = peft.prompt_encoder["default"]
-    with torch.no_grad():
-        encoder.embedding.weight.copy_(init["embedding.weight"])
-        for i in (0, 2):
-            encoder.transform[i].weight.copy_(init[f"transform.{i}.weight"])
-            encoder.transform[i].bias.copy_(init[f"transform.{i}.bias"])
+    peft = peft_from(ours, AutoModelForCausalLM.from_pretrained(path))
     tensors, prog = ours.train(pairs)
     losses = train_peft(peft, tok, pairs, cfg)
     torch.testing.assert_close(torch.tensor(prog.losses), torch.tensor(losses), rtol=1e-5, atol=1e-5)

@@ -126,6 +126,24 @@ def train_peft(peft, tok, pairs, cfg: TrainConfig) -> list[float]:
     return losses
 
 
+def peft_from(ours: PrefixTrainer, model) -> torch.nn.Module:
+    """PEFT's prefix tuning with projection on `model`, sized as `ours` (a prefix_kv trainer) and
+    starting from its encoder's initial weights (copied before `ours` trains)."""
+    cfg = ours.config
+    peft_cfg = PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=cfg.prefix_len, prefix_projection=True,
+        encoder_hidden_size=cfg.hidden,
+    )  # fmt: skip
+    peft = get_peft_model(model, peft_cfg)
+    encoder, init = peft.prompt_encoder["default"], ours.encoder.state_dict()
+    with torch.no_grad():
+        encoder.embedding.weight.copy_(init["embedding.weight"])
+        for i in (0, 2):
+            encoder.transform[i].weight.copy_(init[f"transform.{i}.weight"])
+            encoder.transform[i].bias.copy_(init[f"transform.{i}.bias"])
+    return peft
+
+
 def test_loss_curve_and_prefix_match_peft(tiny_model_dir, tiny_model, tmp_path):
     """Same model, data, order, initial weights, hyperparameters (dropout off) as PEFT's
     PrefixTuningConfig(prefix_projection=True, encoder_hidden_size=k)."""
@@ -135,17 +153,7 @@ def test_loss_curve_and_prefix_match_peft(tiny_model_dir, tiny_model, tmp_path):
         prefix_len=4, hidden=32, epochs=2, batch_size=3, learning_rate=1e-2, warmup_steps=1, weight_decay=0.01
     )
     ours = PrefixTrainer(GPT2LMHeadModel.from_pretrained(tiny_model_dir), tok, cfg)
-    init = {k: v.clone() for k, v in ours.encoder.state_dict().items()}
-    peft_cfg = PrefixTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=32
-    )
-    peft = get_peft_model(GPT2LMHeadModel.from_pretrained(tiny_model_dir), peft_cfg)
-    encoder = peft.prompt_encoder["default"]
-    with torch.no_grad():
-        encoder.embedding.weight.copy_(init["embedding.weight"])
-        for i in (0, 2):
-            encoder.transform[i].weight.copy_(init[f"transform.{i}.weight"])
-            encoder.transform[i].bias.copy_(init[f"transform.{i}.bias"])
+    peft = peft_from(ours, GPT2LMHeadModel.from_pretrained(tiny_model_dir))
     tensors, prog = ours.train(pairs)
 
     losses = train_peft(peft, tok, pairs, cfg)

@@ -6,8 +6,8 @@ attention; engine/runner.py).
 - llama.py: the Llama family (`model_type` llama, qwen2, mistral; SmolLM is llama).
 
 A family module gives `MODEL_TYPES`, `SITES` (where weight-side adapters attach), `spec_from_config`,
-a weights class (`from_hf`, `hashed`, `dense_layers`) and a forward class (`embed`, `positions`,
-`rotate`, `pre`, `post`, `adapted`, `norm`, `lm_head`).
+`WEIGHTS` (its weights class: `from_hf`, `hashed`, `dense_layers`) and `FORWARD` (its forward class:
+`embed`, `positions`, `rotate`, `pre`, `post`, `adapted`, `norm`, `lm_head`).
 """
 
 from __future__ import annotations
@@ -45,17 +45,9 @@ def spec_from_config(config: PretrainedConfig) -> ModelSpec:
 
 def weights_from_hf(spec: ModelSpec, model) -> Weights:
     """A loaded HF module's frozen weights, laid out for the spec's family."""
-    family = FAMILIES[spec.family]
-    return (family.Gpt2Weights if family is gpt2 else family.LlamaWeights).from_hf(model)
+    return FAMILIES[spec.family].WEIGHTS.from_hf(model)
 
 
 def forward_of(spec: ModelSpec, weights: Weights, dense: list, lm_head) -> Forward:
     """The family's computation over the given dense layers."""
-    if spec.family == "gpt2":
-        return gpt2.Gpt2Forward(spec, weights, dense, lm_head)
-    return llama.LlamaForward(spec, weights, dense, lm_head)
-
-
-def sites(spec: ModelSpec) -> tuple[str, ...]:
-    """Where weight-side adapters attach in the spec's family."""
-    return FAMILIES[spec.family].SITES
+    return FAMILIES[spec.family].FORWARD(spec, weights, dense, lm_head)

@@ -160,8 +160,6 @@ Adapt = Callable[[str, torch.Tensor, torch.Tensor], None]  # (site, module input
 class Gpt2Forward:
     """GPT-2's computation around attention, over flat tokens x `[N, C]`."""
 
-    sites = SITES
-
     def __init__(self, spec: ModelSpec, w: Gpt2Weights, dense: list[LayerDense], lm_head: Dense) -> None:
         self.spec, self.w, self.dense, self.lm_head = spec, w, dense, lm_head
         self._act = _activation(spec.activation)
@@ -217,3 +215,6 @@ class Gpt2Forward:
         adapt("mlp.c_proj", g, m)
         adapt("mlp", m, m)
         return x.add_(m)
+
+
+WEIGHTS, FORWARD = Gpt2Weights, Gpt2Forward  # (families/__init__.py reads a family by these names)

@@ -186,8 +186,6 @@ def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
 class LlamaForward:
     """The Llama family's computation around attention, over flat tokens x `[N, C]`."""
 
-    sites = SITES
-
     def __init__(self, spec: ModelSpec, w: LlamaWeights, dense: list[LayerDense], lm_head: Dense) -> None:
         self.spec, self.w, self.dense, self.lm_head = spec, w, dense, lm_head
         self._q, self._kv, self._i = spec.q_width, spec.kv_width, spec.intermediate_size
@@ -256,3 +254,6 @@ class LlamaForward:
         adapt("mlp.down_proj", g, m)
         adapt("mlp", m, m)
         return x.add_(m)
+
+
+WEIGHTS, FORWARD = LlamaWeights, LlamaForward  # (families/__init__.py reads a family by these names)
